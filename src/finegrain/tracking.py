@@ -76,9 +76,12 @@ def default_log_with() -> list[str]:
 
 
 def progress(iterable=None, *, total=None, desc: str = "", disable: bool | None = None, **kw):
-    """A tqdm bar that stays quiet when stderr is not a terminal and FINEGRAIN_PROGRESS is unset."""
+    """A tqdm bar on stderr. FINEGRAIN_PROGRESS=1 forces it on, 0 off; by default it shows on a terminal."""
+    import sys
+
     from tqdm.auto import tqdm
 
     if disable is None:
-        disable = os.environ.get("FINEGRAIN_PROGRESS", "auto") == "0"
+        mode = os.environ.get("FINEGRAIN_PROGRESS", "auto")
+        disable = mode == "0" or (mode != "1" and not sys.stderr.isatty())
     return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, mininterval=1.0, **kw)

@@ -1,0 +1,96 @@
+"""Token and cost accounting for a run of backend calls.
+
+Prices are USD per million tokens ``[input, output]``, looked up by the longest prefix of the
+model name in a price table (the packaged ``prices.yaml``, or a user YAML of the same shape),
+unless both prices are given explicitly. Local backends cost nothing. Costs are split into what
+this run paid (``tokens`` / ``cost_usd``) and what answers served from the cache had cost when
+first paid (``cached_tokens`` / ``cached_cost_usd``, i.e. what the cache saved).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Iterable
+
+import yaml
+
+from ..errors import InputError
+
+LOCAL_BACKENDS = ("hf", "file", "sandbox")
+
+
+def load_price_table(path: str | None = None) -> dict[str, tuple[float, float]]:
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError as e:
+            raise InputError("no such price table", path=path) from e
+    else:
+        data = yaml.safe_load(resources.files("finegrain.edit").joinpath("prices.yaml").read_text(encoding="utf-8"))
+    out = {}
+    for model, pair in (data or {}).items():
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)):
+            raise InputError("expected [input_usd_per_mtok, output_usd_per_mtok]", path=path or "prices.yaml",
+                             field=str(model))
+        out[str(model)] = (float(pair[0]), float(pair[1]))
+    return out
+
+
+def lookup_price(backend: str, model: str, table: dict[str, tuple[float, float]], price_input: float | None = None,
+                 price_output: float | None = None) -> tuple[float, float] | None:
+    """``(input, output)`` USD per million tokens for ``model``, or None when unknown."""
+    if backend in LOCAL_BACKENDS:
+        return (0.0, 0.0)
+    if price_input is not None and price_output is not None:
+        return (price_input, price_output)
+    matches = [k for k in table if model.startswith(k)]
+    if not matches:
+        return None
+    found = table[max(matches, key=len)]
+    return (price_input if price_input is not None else found[0], price_output if price_output is not None else found[1])
+
+
+def cost_usd(price: tuple[float, float] | None, input_tokens: int, output_tokens: int) -> float | None:
+    if price is None:
+        return None
+    return round((input_tokens * price[0] + output_tokens * price[1]) / 1e6, 6)
+
+
+@dataclass
+class Usage:
+    """Counts of calls and tokens, paid this run vs served from the cache."""
+
+    price: tuple[float, float] | None
+    requests: int = 0
+    attempts: int = 0
+    cached: int = 0
+    failed: int = 0
+    tokens: dict[str, int] = field(default_factory=lambda: {"input": 0, "output": 0})
+    cached_tokens: dict[str, int] = field(default_factory=lambda: {"input": 0, "output": 0})
+
+    def add(self, outcomes: Iterable[Any]) -> "Usage":
+        for o in outcomes:
+            if o.result is None:
+                self.failed += 1
+                self.attempts += o.attempts
+                continue
+            bucket = self.cached_tokens if o.cached else self.tokens
+            bucket["input"] += int(getattr(o.result, "input_tokens", 0) or 0)
+            bucket["output"] += int(getattr(o.result, "output_tokens", 0) or 0)
+            if o.cached:
+                self.cached += 1
+            else:
+                self.requests += 1
+                self.attempts += o.attempts
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "n_requests": self.requests, "n_attempts": self.attempts, "n_cached": self.cached,
+            "n_failed": self.failed, "tokens": dict(self.tokens), "cached_tokens": dict(self.cached_tokens),
+            "price_usd_per_mtok": list(self.price) if self.price else None,
+            "cost_usd": cost_usd(self.price, self.tokens["input"], self.tokens["output"]),
+            "cached_cost_usd": cost_usd(self.price, self.cached_tokens["input"], self.cached_tokens["output"]),
+        }

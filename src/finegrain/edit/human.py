@@ -1,0 +1,118 @@
+"""Edits and judgements made by people, imported from files (backend ``file``).
+
+Human edits: JSONL (or .json / .jsonl.gz / .parquet), one object per edited pair::
+
+    {"id": "pair-17", "edited": "The minimally edited response ...", "annotator": "ann-3", "notes": "fixed the date"}
+
+``id`` (the pair's id in the ``--data`` file) and ``edited`` (the whole edited response, not a
+diff) are required; ``annotator`` and ``notes`` are optional and copied into ``edit_meta``.
+Run ``finegrain edit --backend file --model human_edits.jsonl --data pairs.jsonl ...``: the
+same guards as for LLM edits apply, pairs without an edit are rejected with reason ``missing``.
+
+Human judgements: AlpacaEval's annotations format (what ``finegrain winrate`` writes), a list
+or JSONL of ``{"instruction", "output_1", "output_2", "preference"}`` with preference 1
+(output_1 better), 2 (output_2 better) or 1.5 (tie), and optionally ``id``. A judgement is
+found by ``id`` when both sides have one, else by instruction; its orientation is read from
+the texts, so a judgement made with the outputs in the other order is flipped (3 - preference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..errors import InputError
+from ..io import iter_records
+from .backends import EditRequest, EditResult, JudgeRequest, JudgeResult
+
+
+def _text(rec: dict, field: str, path: str, where: str, *, optional: bool = False) -> str | None:
+    v = rec.get(field)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or (not optional and not v.strip() and field != "edited"):
+        raise InputError("must be a non-empty string", path=path, record=where, field=field)
+    return v
+
+
+def load_human_edits(path: str) -> dict[str, dict[str, Any]]:
+    """``{id: {"edited", "annotator", "notes"}}`` from a human-edits file, validated."""
+    out: dict[str, dict[str, Any]] = {}
+    for where, rec in iter_records(path):
+        raw_id = rec.get("id")
+        if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool) or str(raw_id) == "":
+            raise InputError("must be a non-empty string or an integer", path=path, record=where, field="id")
+        pid = str(raw_id)
+        if pid in out:
+            raise InputError(f"duplicate id {pid!r} (one edit per pair)", path=path, record=where, field="id")
+        edited = _text(rec, "edited", path, where)
+        out[pid] = {"edited": edited, "annotator": _text(rec, "annotator", path, where, optional=True),
+                    "notes": _text(rec, "notes", path, where, optional=True)}
+    return out
+
+
+class FileEditor:
+    """Serves human edits by pair id; ``item_meta`` adds annotator and notes to ``edit_meta``."""
+
+    name = "file"
+    prompt_version = "human"
+    cacheable = False
+    remote = False
+
+    def __init__(self, path: str):
+        self.model = str(path)
+        self.edits = load_human_edits(self.model)
+        self.used: set[str] = set()
+
+    async def edit(self, req: EditRequest) -> EditResult:
+        rec = self.edits.get(req.id)
+        if rec is None:
+            return EditResult(None, error=f"missing: no human edit with id {req.id!r} in {self.model}")
+        self.used.add(req.id)
+        return EditResult(rec["edited"])
+
+    def item_meta(self, item_id: str) -> dict[str, Any]:
+        rec = self.edits.get(item_id) or {}
+        return {k: rec[k] for k in ("annotator", "notes") if rec.get(k) is not None}
+
+    def unused_ids(self) -> list[str]:
+        return sorted(set(self.edits) - self.used)
+
+
+def _preference(rec: dict, path: str, where: str) -> float:
+    v = rec.get("preference")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)) \
+            or float(v) not in (1.0, 1.5, 2.0):
+        raise InputError(f"must be 1, 2 or 1.5 (tie), got {v!r}", path=path, record=where, field="preference")
+    return float(v)
+
+
+class FileJudge:
+    """Serves judgements from an AlpacaEval-format annotations file (see module docstring)."""
+
+    name = "file"
+    prompt_version = "human"
+    cacheable = False
+    remote = False
+
+    def __init__(self, path: str):
+        self.model = str(path)
+        self.by_id: dict[str, dict] = {}
+        self.by_instruction: dict[str, dict] = {}
+        for where, rec in iter_records(self.model):
+            item = {"instruction": _text(rec, "instruction", self.model, where),
+                    "output_1": _text(rec, "output_1", self.model, where),
+                    "output_2": _text(rec, "output_2", self.model, where),
+                    "preference": _preference(rec, self.model, where)}
+            if rec.get("id") is not None:
+                self.by_id.setdefault(str(rec["id"]), item)
+            self.by_instruction.setdefault(item["instruction"], item)
+
+    async def judge(self, req: JudgeRequest) -> JudgeResult:
+        rec = self.by_id.get(req.id) or self.by_instruction.get(req.instruction)
+        if rec is None:
+            return JudgeResult(float("nan"), error=f"missing: no judgement for id {req.id!r} in {self.model}")
+        if (req.output_1, req.output_2) == (rec["output_1"], rec["output_2"]):
+            return JudgeResult(rec["preference"])
+        if (req.output_1, req.output_2) == (rec["output_2"], rec["output_1"]):
+            return JudgeResult(3.0 - rec["preference"])
+        return JudgeResult(float("nan"), error=f"mismatch: the judgement for {req.id!r} is about other outputs")

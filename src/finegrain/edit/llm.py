@@ -1,0 +1,240 @@
+"""LLM API backends through the official SDKs (Anthropic Messages, OpenAI Chat Completions).
+
+A *chat client* turns ``(system, user)`` into a :class:`Completion`; :class:`ChatEditor` and
+:class:`ChatJudge` put a versioned prompt around it and read the answer, so every chat client
+(these two, and the local one in :mod:`finegrain.edit.local`) edits and judges the same way.
+
+The SDKs' own retries are switched off (``max_retries=0``): the runner retries, so that its
+backoff, Retry-After handling and request counts are the only ones in play. Keys come from the
+environment only (:func:`~finegrain.edit.backends.resolve_api_key`) and are scrubbed from every
+error message kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .backends import (EditRequest, EditResult, FatalBackendError, JudgeRequest, JudgeResult, RetryableError,
+                       resolve_api_key)
+from .cache import input_hash
+from .postprocess import clean_answer, parse_preference
+from .prompts import PromptTemplate
+
+
+@dataclass
+class Completion:
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    truncated: bool = False  # stopped by the max_tokens limit
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms``, ``retry-after`` (seconds or an HTTP date), else None."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, parsed.timestamp() - time.time())
+
+
+class _SDKClient:
+    """What the two SDK clients share: the key, the error mapping, the scrubbing."""
+
+    name = "?"
+    remote = True
+    OPTIONS = ("base_url", "api_key_env", "timeout", "max_tokens", "temperature")
+    DEFAULT_KEY_ENV = ""
+
+    def __init__(self, model: str, *, base_url: str | None = None, api_key_env: str | None = None,
+                 timeout: float | None = 120.0, max_tokens: int = 2048, temperature: float | None = None):
+        self.model, self.base_url = model, base_url
+        self.max_tokens, self.temperature, self.timeout = max_tokens, temperature, timeout
+        env = api_key_env or self.DEFAULT_KEY_ENV
+        # a local OpenAI-compatible server (vLLM, Ollama, ...) usually needs no key
+        self._key = resolve_api_key(env, required=base_url is None) or "no-key"
+        self.params = {"max_tokens": max_tokens, "temperature": temperature}
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key and len(self._key) > 3 else text
+
+    def map_error(self, e: Exception, sdk) -> Exception | None:
+        """The runner-facing exception for an SDK exception, or None for a per-item failure."""
+        if isinstance(e, sdk.APITimeoutError):
+            return RetryableError("timeout")
+        if isinstance(e, sdk.APIConnectionError):
+            return RetryableError(f"connection error: {self.scrub(str(e))}")
+        if isinstance(e, sdk.APIStatusError):
+            status = e.status_code
+            message = self.scrub(str(getattr(e, "message", e)))[:300]
+            if status in (408, 409, 429) or status >= 500:
+                return RetryableError(f"HTTP {status}: {message}", retry_after=parse_retry_after(e.response.headers))
+            if status in (401, 403):
+                return FatalBackendError(f"{self.name}: HTTP {status} (authentication or permission): check the API "
+                                         "key in the environment and the account's access")
+            if status == 404:
+                return FatalBackendError(f"{self.name}: HTTP 404: model {self.model!r} or endpoint not found"
+                                         + (f" at {self.base_url}" if self.base_url else ""))
+            return None
+        if isinstance(e, (json.JSONDecodeError, sdk.APIResponseValidationError)):
+            return RetryableError(f"malformed response: {type(e).__name__}")
+        return None
+
+    async def complete(self, system: str, user: str) -> Completion:
+        import importlib
+
+        sdk = importlib.import_module(self.name)
+        try:
+            return await self._complete(system, user)
+        except Exception as e:  # map every SDK failure; unknown ones become per-item errors
+            mapped = self.map_error(e, sdk)
+            if mapped is not None:
+                raise mapped from None
+            status = getattr(e, "status_code", None)
+            raise _ItemFailure(f"http_{status}" if status else "error",
+                               self.scrub(str(getattr(e, "message", e)))[:300]) from None
+
+    async def _complete(self, system: str, user: str) -> Completion:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        client = getattr(self, "_client", None)
+        if client is not None:
+            await client.close()
+
+
+@contextlib.contextmanager
+def _malformed_guard():
+    """A response that parsed as JSON but lacks the fields of the wire format: retry it."""
+    try:
+        yield
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise RetryableError(f"malformed response: {type(e).__name__}") from None
+
+
+class _ItemFailure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class AnthropicClient(_SDKClient):
+    """Anthropic Messages API (``AsyncAnthropic``); key from ``ANTHROPIC_API_KEY`` by default."""
+
+    name = "anthropic"
+    DEFAULT_KEY_ENV = "ANTHROPIC_API_KEY"
+
+    def __init__(self, model: str, **kw: Any):
+        super().__init__(model, **kw)
+        import anthropic
+
+        self._client = anthropic.AsyncAnthropic(api_key=self._key, base_url=self.base_url, max_retries=0,
+                                                timeout=self.timeout)
+
+    async def _complete(self, system: str, user: str) -> Completion:
+        kw: dict[str, Any] = dict(model=self.model, max_tokens=self.max_tokens,
+                                  messages=[{"role": "user", "content": user}])
+        if system:
+            kw["system"] = system
+        if self.temperature is not None:  # recent SDKs have no `temperature` argument: send it in the body
+            kw["extra_body"] = {"temperature": self.temperature}
+        msg = await self._client.messages.create(**kw)
+        with _malformed_guard():
+            text = "".join(b.text for b in msg.content if getattr(b, "type", None) == "text")
+            usage = msg.usage
+            return Completion(text, int(usage.input_tokens or 0), int(usage.output_tokens or 0),
+                              truncated=msg.stop_reason == "max_tokens")
+
+
+class OpenAIClient(_SDKClient):
+    """OpenAI Chat Completions (``AsyncOpenAI``), or any compatible server via ``base_url``."""
+
+    name = "openai"
+    DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+
+    def __init__(self, model: str, **kw: Any):
+        super().__init__(model, **kw)
+        import openai
+
+        self._client = openai.AsyncOpenAI(api_key=self._key, base_url=self.base_url, max_retries=0,
+                                          timeout=self.timeout)
+
+    async def _complete(self, system: str, user: str) -> Completion:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        kw: dict[str, Any] = {} if self.temperature is None else {"temperature": self.temperature}
+        resp = await self._client.chat.completions.create(model=self.model, messages=messages,
+                                                          max_tokens=self.max_tokens, **kw)
+        with _malformed_guard():
+            choice = resp.choices[0]
+            usage = resp.usage  # some compatible servers send no usage
+            return Completion(choice.message.content or "", int(getattr(usage, "prompt_tokens", 0) or 0),
+                              int(getattr(usage, "completion_tokens", 0) or 0), truncated=choice.finish_reason == "length")
+
+
+class _ChatBackend:
+    """A chat client plus a versioned prompt: the runner-facing attributes of every LLM backend."""
+
+    def __init__(self, client, prompt: PromptTemplate):
+        self.client, self.prompt = client, prompt
+        self.name, self.model = client.name, client.model
+        self.prompt_version = prompt.version
+        self.remote = getattr(client, "remote", True)
+        self.cache_salt = input_hash(prompt.digest, getattr(client, "params", {}))
+
+    async def _ask(self, **values: str) -> Completion:
+        system, user = self.prompt.render(**values)
+        return await self.client.complete(system, user)
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.client, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class ChatEditor(_ChatBackend):
+    """Minimal editing with a chat model: prompt -> answer -> :func:`clean_answer`."""
+
+    async def edit(self, req: EditRequest) -> EditResult:
+        try:
+            c = await self._ask(instruction=req.prompt, response=req.response)
+        except _ItemFailure as e:
+            return EditResult(None, error=f"{e.code}: {e}")
+        if c.truncated:
+            return EditResult(None, raw=c.text, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
+                              error=f"truncated: the answer reached max_tokens={getattr(self.client, 'max_tokens', '?')}")
+        return EditResult(clean_answer(c.text, req.response), raw=c.text, input_tokens=c.input_tokens,
+                          output_tokens=c.output_tokens)
+
+
+class ChatJudge(_ChatBackend):
+    """Pairwise judging with a chat model: prompt -> one-word answer -> preference 1, 2 or 1.5."""
+
+    async def judge(self, req: JudgeRequest) -> JudgeResult:
+        try:
+            c = await self._ask(instruction=req.instruction, output_1=req.output_1, output_2=req.output_2)
+        except _ItemFailure as e:
+            return JudgeResult(float("nan"), error=f"{e.code}: {e}")
+        pref = parse_preference(c.text)
+        if pref is None:
+            return JudgeResult(float("nan"), raw=c.text, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
+                               error="unparseable: the judge's answer names neither output nor a tie")
+        return JudgeResult(pref, raw=c.text, input_tokens=c.input_tokens, output_tokens=c.output_tokens)

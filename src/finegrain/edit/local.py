@@ -1,0 +1,135 @@
+"""A local transformers causal LM as a chat client (backend ``hf``), batched.
+
+Requests arrive one by one from the runner's concurrent tasks; a micro-batcher gathers up to
+``batch_size`` of them (waiting at most ``max_wait`` seconds for more) and generates them in one
+batch with :func:`finegrain.generation.generate_texts` in a worker thread, so the event loop
+stays free. The system and user messages go through the tokenizer's chat template (the system
+message is folded into the user turn when the template has no system role, or when there is no
+template at all). Temperature 0 means greedy decoding.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Sequence
+
+from .llm import Completion, _ItemFailure
+
+
+class MicroBatcher:
+    """Batch single async calls into calls of ``fn(list_of_inputs) -> list_of_outputs`` in a thread."""
+
+    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], batch_size: int, max_wait: float = 0.05):
+        self.fn, self.batch_size, self.max_wait = fn, max(1, batch_size), max_wait
+        self.batches: list[int] = []  # sizes of the batches run (for inspection)
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._work())
+        fut = loop.create_future()
+        await self._queue.put((item, fut))
+        return await fut
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.batch_size:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            live = [(x, f) for x, f in batch if not f.done()]
+            if not live:
+                continue
+            self.batches.append(len(live))
+            try:
+                outs = await asyncio.to_thread(self.fn, [x for x, _ in live])
+            except Exception as e:  # every waiter of the batch gets the error
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (_, f), out in zip(live, outs):
+                if not f.done():
+                    f.set_result(out)
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+
+
+def chat_text(tokenizer, system: str, user: str) -> str:
+    """The model input for a system + user exchange, generation prompt included."""
+    from ..generation import format_prompt
+
+    if getattr(tokenizer, "chat_template", None) and system:
+        try:
+            return tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                  {"role": "user", "content": user}],
+                                                 tokenize=False, add_generation_prompt=True)
+        except Exception:  # templates without a system role raise (e.g. Gemma's)
+            pass
+    return format_prompt(tokenizer, f"{system}\n\n{user}" if system else user)
+
+
+class HFChatClient:
+    """A local causal LM (path, hub name or finegrain short name) answering chat prompts in batches."""
+
+    name = "hf"
+    remote = False
+    OPTIONS = ("max_tokens", "temperature", "batch_size", "device", "dtype", "trust_remote_code")
+
+    def __init__(self, model: str, *, max_tokens: int = 512, temperature: float | None = None, batch_size: int = 8,
+                 device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False):
+        import torch
+
+        from ..models import load_model, load_tokenizer
+
+        self.model, self.max_tokens, self.temperature = model, max_tokens, temperature or 0.0
+        self.params = {"max_tokens": max_tokens, "temperature": temperature}
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        self.lm = load_model(model, "causal", tokenizer=self.tokenizer, trust_remote_code=trust_remote_code,
+                             dtype=torch_dtype).eval()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.lm.to(self.device)
+        self.batcher = MicroBatcher(self._generate, batch_size)
+
+    def _generate(self, texts: list[str]) -> list[Completion]:
+        from ..generation import encode_texts, generate_texts
+
+        outs = generate_texts(self.lm, self.tokenizer, texts, template="{prompt}", batch_size=len(texts),
+                              max_new_tokens=self.max_tokens, temperature=self.temperature or 1.0,
+                              do_sample=self.temperature > 0, progress_desc="hf batch")
+        n_in = [len(x) for x in encode_texts(self.tokenizer, texts)]
+        n_out = [len(x) for x in encode_texts(self.tokenizer, outs)]
+        return [Completion(o, i, n, truncated=n >= self.max_tokens) for o, i, n in zip(outs, n_in, n_out)]
+
+    def context_length(self) -> int | None:
+        cfg = self.lm.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    async def complete(self, system: str, user: str) -> Completion:
+        from ..generation import encode_texts
+
+        text = chat_text(self.tokenizer, system, user)
+        n_prompt = len(encode_texts(self.tokenizer, [text])[0])
+        limit = self.context_length()
+        if limit is not None and n_prompt + self.max_tokens > limit:
+            raise _ItemFailure("too_long", f"prompt of {n_prompt} tokens + max_tokens={self.max_tokens} exceeds the "
+                                           f"model's context of {limit} tokens")
+        return await self.batcher.submit(text)
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()

@@ -1,0 +1,217 @@
+"""Running many backend calls: bounded concurrency, rate cap, timeouts, retries, cache, progress.
+
+``run_calls(jobs, call, ...)`` answers every :class:`Job` once: from the cache when it was
+answered before (by this run, an earlier run, or a run killed half way), else by ``call``
+under a semaphore (``concurrency``), a requests-per-minute cap and a per-request timeout,
+retrying :class:`~finegrain.edit.backends.RetryableError` and timeouts with exponential
+backoff and jitter. A server's Retry-After is honoured: that request waits at least as long,
+and the rate limiter holds every other request back until then. Each answer is committed to
+the cache the moment it arrives. Jobs with the same key are asked once.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Sequence
+
+from .backends import FatalBackendError, RetryableError
+from .cache import AnswerCache
+
+log = logging.getLogger("finegrain.edit")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    concurrency: int = 8
+    requests_per_minute: float = 0.0  # 0 = no cap
+    timeout: float | None = 120.0     # seconds per attempt; None = no limit
+    max_retries: int = 5              # attempts = 1 + max_retries
+    backoff_base: float = 1.0         # first backoff in seconds, doubled each retry
+    backoff_max: float = 60.0
+    max_retry_after: float = 600.0    # never wait longer than this for one Retry-After
+
+
+@dataclass
+class Job:
+    key: str          # cache key
+    in_hash: str      # input hash (part of the key; stored for inspection)
+    item_id: str
+    request: Any      # EditRequest or JudgeRequest
+
+
+@dataclass
+class Outcome:
+    """What happened to one job. ``result`` is None only when every attempt failed (``error``)."""
+
+    result: Any
+    cached: bool = False
+    attempts: int = 0
+    error: str | None = None
+    requested_at: str | None = None
+    answered_at: str | None = None
+
+
+def backoff_delay(attempt: int, policy: RetryPolicy, retry_after: float | None, rng: random.Random) -> float:
+    """Seconds to wait before retry ``attempt + 1`` (``attempt`` counts from 0).
+
+    Exponential with "equal jitter": half of ``min(backoff_max, base * 2**attempt)`` fixed, half
+    uniform, so clients that failed together do not retry together. A Retry-After from the
+    server is a lower bound (capped at ``max_retry_after``).
+    """
+    cap = min(policy.backoff_max, policy.backoff_base * (2 ** attempt))
+    delay = cap / 2 + rng.uniform(0, cap / 2)
+    if retry_after is not None and retry_after > 0:
+        delay = max(delay, min(retry_after, policy.max_retry_after))
+    return delay
+
+
+class RateLimiter:
+    """At most ``rpm`` request starts per minute (evenly spaced); ``pause_until`` holds all starts."""
+
+    def __init__(self, rpm: float = 0.0, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep):
+        self.interval = 60.0 / rpm if rpm and rpm > 0 else 0.0
+        self._clock, self._sleep = clock, sleep
+        self._next = -math.inf
+        self._paused_until = -math.inf
+        self._lock: asyncio.Lock | None = None
+
+    def pause_until(self, t: float) -> None:
+        self._paused_until = max(self._paused_until, t)
+
+    async def acquire(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            start = max(self._next, self._paused_until)
+            now = self._clock()
+            if start > now:
+                await self._sleep(start - now)
+                now = self._clock()
+            self._next = max(now, start) + self.interval
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+async def call_with_retries(call: Callable[[Any], Awaitable[Any]], request: Any, policy: RetryPolicy,
+                            limiter: RateLimiter, rng: random.Random, *, timeout: float | None,
+                            label: str) -> tuple[Any, int]:
+    """``(result, attempts)``; raises the last RetryableError when all attempts failed."""
+    for attempt in range(policy.max_retries + 1):
+        await limiter.acquire()
+        try:
+            if timeout:
+                return await asyncio.wait_for(call(request), timeout), attempt + 1
+            return await call(request), attempt + 1
+        except asyncio.TimeoutError:
+            err = RetryableError(f"timeout: no answer within {timeout:g} s")
+        except RetryableError as e:
+            err = e
+        if attempt == policy.max_retries:
+            raise err
+        delay = backoff_delay(attempt, policy, err.retry_after, rng)
+        if err.retry_after:
+            limiter.pause_until(time.monotonic() + min(err.retry_after, policy.max_retry_after))
+        log.warning("%s: %s; retry %d/%d in %.2f s", label, err, attempt + 1, policy.max_retries, delay)
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def result_to_json(result: Any) -> dict[str, Any]:
+    return dataclasses.asdict(result)
+
+
+def result_from_json(cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _cacheable(result: Any) -> bool:
+    return getattr(result, "error", None) is None or getattr(result, "raw", None) is not None
+
+
+async def _run(jobs: Sequence[Job], call, *, kind: str, backend, result_cls: type, cache: AnswerCache,
+               policy: RetryPolicy, seed: int, desc: str) -> dict[str, Outcome]:
+    from ..tracking import progress
+
+    outcomes: dict[str, Outcome] = {}
+    todo: dict[str, Job] = {}
+    for job in jobs:
+        if job.key in outcomes or job.key in todo:
+            continue
+        hit = cache.get(job.key) if getattr(backend, "cacheable", True) else None
+        if hit is not None:
+            outcomes[job.key] = Outcome(result_from_json(result_cls, hit), cached=True,
+                                        requested_at=hit.get("_requested_at"), answered_at=hit.get("_answered_at"))
+        else:
+            todo[job.key] = job
+    bar = progress(total=len(outcomes) + len(todo), desc=desc)
+    bar.update(len(outcomes))
+    sem = asyncio.Semaphore(max(1, policy.concurrency))
+    limiter = RateLimiter(policy.requests_per_minute)
+    rng = random.Random(seed)
+    timeout = policy.timeout if getattr(backend, "remote", True) else None
+    meta = dict(kind=kind, backend=backend.name, model=backend.model,
+                prompt_version=getattr(backend, "prompt_version", "none"))
+
+    async def one(job: Job) -> None:
+        async with sem:
+            outcomes[job.key] = await _answer(job)
+        bar.update(1)
+
+    async def _answer(job: Job) -> Outcome:
+        started = _now_iso()
+        try:
+            result, attempts = await call_with_retries(call, job.request, policy, limiter, rng, timeout=timeout,
+                                                       label=f"{kind} {job.item_id}")
+        except RetryableError as e:  # not cached: a re-run asks again
+            return Outcome(None, attempts=policy.max_retries + 1, error=f"failed: {e}", requested_at=started)
+        answered = _now_iso()
+        if getattr(backend, "cacheable", True) and _cacheable(result):
+            cache.put(job.key, in_hash=job.in_hash, item_id=job.item_id,
+                      result=dict(result_to_json(result), _requested_at=started, _answered_at=answered), **meta)
+        return Outcome(result, attempts=attempts, requested_at=started, answered_at=answered)
+
+    tasks = [asyncio.create_task(one(j)) for j in todo.values()]
+    try:
+        for fut in asyncio.as_completed(tasks):
+            await fut  # a FatalBackendError propagates and cancels the rest below
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    finally:
+        bar.close()
+    return outcomes
+
+
+def run_calls(jobs: Sequence[Job], call: Callable[[Any], Awaitable[Any]], *, kind: str, backend, result_cls: type,
+              cache: AnswerCache, policy: RetryPolicy, seed: int = 0, desc: str = "") -> dict[str, Outcome]:
+    """Answer every job (see module docstring); returns ``{job.key: Outcome}``.
+
+    Raises :class:`FatalBackendError` (after cancelling the calls in flight) when a backend
+    reports that no request can succeed; answers received before that stay in the cache.
+    """
+    async def main():
+        try:
+            return await _run(jobs, call, kind=kind, backend=backend, result_cls=result_cls, cache=cache,
+                              policy=policy, seed=seed, desc=desc or kind)
+        finally:
+            aclose = getattr(backend, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    return asyncio.run(main())
+
+
+__all__ = ["RetryPolicy", "Job", "Outcome", "RateLimiter", "backoff_delay", "call_with_retries", "run_calls",
+           "FatalBackendError"]

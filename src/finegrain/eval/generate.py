@@ -1,0 +1,101 @@
+"""``generate(cfg)``: a checkpoint's outputs for a prompt set (``finegrain generate``).
+
+Prompts are records with a ``prompt`` or an ``instruction`` field (AlpacaEval / AlpacaFarm:
+``instruction`` plus an optional ``input``, appended after a blank line). Outputs are written
+in AlpacaEval's model-outputs format: each input record with ``output`` and ``generator``
+added, as a JSON list (``.json``, what AlpacaEval reads) or JSON lines (``.jsonl``), atomically.
+Generation uses :func:`finegrain.generation.generate_texts` (the chat template when the
+tokenizer has one, batched, seeded).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import opt
+from ..errors import ConfigError, InputError
+from ..io import iter_records, write_json, write_jsonl
+
+
+@dataclass
+class GenerateConfig:
+    model: str = opt(help="causal LM checkpoint directory (or hub / short name)")
+    prompts: str = opt(help="prompt records with 'prompt' or 'instruction' (+ optional 'input'): .json/.jsonl/...")
+    output: str = opt(help="outputs file: .json (AlpacaEval's list format) or .jsonl")
+    generator: str | None = opt(None, "name recorded in each output's 'generator' (default: the model directory's name)")
+    batch_size: int = opt(8, "prompts generated together")
+    max_new_tokens: int = opt(512, "longest output in tokens")
+    temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    max_prompt_tokens: int | None = opt(None, "keep only the last N prompt tokens")
+    template: str | None = opt(None, "prompt template with {prompt} (default: the tokenizer's chat template)")
+    seed: int = opt(0, "sampling seed")
+    limit: int | None = opt(None, "only the first N prompts")
+    device: str | None = opt(None, "torch device (default: cuda if available, else cpu)")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if not (self.output.endswith(".json") or self.output.endswith(".jsonl")):
+            raise ConfigError("--output must end with .json (AlpacaEval list) or .jsonl")
+
+
+def prompt_of(rec: dict, path: str, where: str) -> str:
+    """The text a model is asked: ``prompt``, else ``instruction`` (+ blank line + ``input`` if any)."""
+    for name in ("prompt", "instruction"):
+        if name in rec:
+            text = rec[name]
+            if not isinstance(text, str) or not text.strip():
+                raise InputError("must be a non-empty string", path=path, record=where, field=name)
+            extra = rec.get("input") if name == "instruction" else None
+            if extra is not None and not isinstance(extra, str):
+                raise InputError("must be a string", path=path, record=where, field="input")
+            return f"{text}\n\n{extra}" if extra and extra.strip() else text
+    raise InputError("no 'prompt' or 'instruction' field", path=path, record=where)
+
+
+def read_prompts(path: str, limit: int | None = None) -> list[tuple[dict, str]]:
+    """``(record, prompt text)`` for each record of ``path``, validated."""
+    out = []
+    for where, rec in iter_records(path):
+        out.append((rec, prompt_of(rec, path, where)))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise InputError("no prompts (the file is empty)", path=path)
+    return out
+
+
+def generate(cfg: GenerateConfig) -> dict[str, Any]:
+    """Generate one output per prompt and write them; returns a summary."""
+    import torch
+
+    from ..generation import generate_texts
+    from ..models import load_model, load_tokenizer
+
+    items = read_prompts(cfg.prompts, cfg.limit)
+    name = cfg.generator or os.path.basename(os.path.normpath(cfg.model))
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, "causal", tokenizer=tok).eval()
+    model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.time()
+    texts = generate_texts(model, tok, [p for _, p in items], template=cfg.template, batch_size=cfg.batch_size,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature or 1.0, top_p=cfg.top_p,
+                           do_sample=cfg.temperature > 0, max_prompt_tokens=cfg.max_prompt_tokens,
+                           progress_desc=f"generate ({name})", seed=cfg.seed)
+    elapsed = time.time() - t0
+    # AlpacaEval matches outputs to references by instruction: records given as `prompt` get one
+    rows = [{**({} if "instruction" in rec else {"instruction": p}), **rec, "output": t, "generator": name}
+            for (rec, p), t in zip(items, texts)]
+    if cfg.output.endswith(".jsonl"):
+        write_jsonl(cfg.output, rows)
+    else:
+        write_json(cfg.output, rows)
+    return {"n": len(rows), "output": cfg.output, "generator": name, "model": cfg.model,
+            "avg_length": round(sum(len(t) for t in texts) / len(texts), 1), "elapsed_s": round(elapsed, 3),
+            "n_empty": sum(1 for t in texts if not t.strip())}

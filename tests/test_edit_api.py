@@ -1,0 +1,250 @@
+"""`finegrain edit` through the official Anthropic and OpenAI SDKs against a local fake server.
+
+The server (tests/fake_llm_server.py) speaks both wire formats on 127.0.0.1 and scripts
+failures per item: 429 with Retry-After, 500, a timeout, malformed JSON, a refusal, a preamble,
+a code fence and a non-minimal rewrite. The SDKs' own retries are off, so the request counts
+seen by the server are exactly those of finegrain's runner.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fake_llm_server import FakeLLMServer
+from finegrain.cli import main
+from finegrain.config import build_config
+from finegrain.edit.backends import FatalBackendError
+from finegrain.edit.cache import AnswerCache
+from finegrain.edit.core import EditConfig, edit_pairs
+from finegrain.errors import ConfigError, InputError
+
+KEY = "sk-fg-test-SECRET-7f3a9c21"
+FAST = dict(timeout=0.5, backoff_base=0.02, backoff_max=0.1, max_retries=2, concurrency=4)
+SCENARIOS = ["", "[429]", "[500]", "[slow]", "[malformed]", "[refuse]", "[preamble]", "[rewrite]", "[fence]", "[same]",
+             "[500-always]"]
+
+
+@pytest.fixture
+def server(monkeypatch):
+    srv = FakeLLMServer(expected_key=KEY).start()
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    yield srv
+    srv.stop()
+
+
+def rejected_text(i: int, tag: str) -> str:
+    return f"[item:p{i}] This answer is bad because it gives a bad date and a vague list of steps to follow.{' ' + tag if tag else ''}"
+
+
+def write_pairs(path: Path, tags: list[str]) -> Path:
+    with open(path, "w") as f:
+        for i, tag in enumerate(tags):
+            f.write(json.dumps({"id": f"p{i}", "prompt": f"Question {i}?", "chosen": "A fine answer.",
+                                "rejected": rejected_text(i, tag), "source": "test"}) + "\n")
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def config(tmp_path, server, backend="openai", **kw) -> EditConfig:
+    base_url = server.url + ("/v1" if backend == "openai" else "")
+    model = "gpt-4o-mini" if backend == "openai" else "claude-3-5-haiku-latest"
+    values = dict(data=str(tmp_path / "pairs.jsonl"), output=str(tmp_path / "out" / "edited.jsonl"), backend=backend,
+                  model=model, base_url=base_url, **FAST)
+    values.update(kw)
+    return build_config(EditConfig, values)
+
+
+@pytest.mark.parametrize("backend", ["anthropic", "openai"])
+def test_edit_through_sdk_handles_every_scripted_case(tmp_path, server, backend):
+    write_pairs(tmp_path / "pairs.jsonl", SCENARIOS)
+    cfg = config(tmp_path, server, backend)
+    summary = edit_pairs(cfg)
+
+    rows = {r["id"]: r for r in read_jsonl(cfg.output)}
+    rejects = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "edited.rejects.jsonl")}
+    assert set(rows) | set(rejects) == {f"p{i}" for i in range(len(SCENARIOS))} and not set(rows) & set(rejects)
+    # the five transient failures were retried and then edited; wrappers were stripped
+    for i in (0, 1, 2, 3, 4, 6, 8):
+        assert rows[f"p{i}"]["edited"] == rejected_text(i, SCENARIOS[i]).replace("bad", "good"), i
+    assert {k: v["reason"] for k, v in rejects.items()} == {
+        "p5": "refusal", "p7": "non_minimal", "p9": "unchanged", "p10": "failed"}
+    assert "HTTP 500" in rejects["p10"]["error"]
+    # one request per clean item; two for each item that failed once; 1 + max_retries for the hopeless one
+    assert server.count() == {"p0": 1, "p1": 2, "p2": 2, "p3": 2, "p4": 2, "p5": 1, "p6": 1, "p7": 1, "p8": 1, "p9": 1,
+                              "p10": 3}
+    t429 = [r["time"] for r in server.requests if r["item"] == "p1"]
+    assert t429[1] - t429[0] >= 0.3 * 0.95  # Retry-After: 0.3 honoured (our own backoff would be <= 0.02 s)
+    # edit_meta and summary
+    meta = rows["p0"]["edit_meta"]
+    assert (meta["backend"], meta["prompt_version"], meta["cached"]) == (backend, "minimal_edit_v1", False)
+    assert meta["tokens_deleted"] == meta["tokens_inserted"] == 2 and meta["edit_ratio"] > 0
+    assert rows["p0"]["chosen"] == "A fine answer." and rows["p0"]["source"] == "test"
+    assert summary["n_edited"] == 7 and summary["n_rejected"] == 4
+    assert summary["rejects_by_reason"] == {"failed": 1, "non_minimal": 1, "refusal": 1, "unchanged": 1}
+    assert summary["n_requests"] == 10 and summary["n_failed"] == 1 and summary["n_cached"] == 0
+    in_tok = sum(r["edit_meta"]["input_tokens"] for r in list(rows.values()) + list(rejects.values()))
+    out_tok = sum(r["edit_meta"]["output_tokens"] for r in list(rows.values()) + list(rejects.values()))
+    assert summary["tokens"] == {"input": in_tok, "output": out_tok} and in_tok > 0
+    price = (0.8, 4.0) if backend == "anthropic" else (0.15, 0.6)  # packaged table
+    assert summary["cost_usd"] == round((in_tok * price[0] + out_tok * price[1]) / 1e6, 6)
+    assert json.loads((tmp_path / "out" / "edited.summary.json").read_text())["n_edited"] == 7
+
+    # a re-run pays nothing for answered items, only retries the failed one, and writes the same rows
+    before = server.count()
+    again = edit_pairs(cfg)
+    assert server.count() - before == {"p10": 3}
+    assert again["n_cached"] == 10 and again["n_requests"] == 0 and again["tokens"] == {"input": 0, "output": 0}
+    assert again["cached_tokens"] == {"input": in_tok, "output": out_tok}
+    rows2 = read_jsonl(cfg.output)
+    assert [r["edited"] for r in rows2] == [r["edited"] for r in rows.values()]
+    assert all(r["edit_meta"]["cached"] for r in rows2)
+
+
+def test_guard_threshold_is_applied_to_cached_answers_without_new_requests(tmp_path, server):
+    write_pairs(tmp_path / "pairs.jsonl", ["", "[preamble]"])
+    first = edit_pairs(config(tmp_path, server))
+    assert first["n_edited"] == 2
+    strict = edit_pairs(config(tmp_path, server, max_edit_ratio=0.01))
+    assert strict["rejects_by_reason"] == {"non_minimal": 2} and server.count() == {"p0": 1, "p1": 1}
+
+
+def test_bad_key_stops_the_run_with_one_line(tmp_path, server, monkeypatch, capsys):
+    write_pairs(tmp_path / "pairs.jsonl", ["", ""])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-fg-WRONG-key-0000")
+    with pytest.raises(FatalBackendError, match="401"):
+        edit_pairs(config(tmp_path, server))
+    code = main(["edit", "--backend", "openai", "--model", "gpt-4o-mini", "--base-url", server.url + "/v1",
+                 "--data", str(tmp_path / "pairs.jsonl"), "--output", str(tmp_path / "o.jsonl"), "--max-retries", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "401" in err and "WRONG" not in err
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY"):
+        edit_pairs(config(tmp_path, server, backend="anthropic", base_url=None))
+
+
+def test_bad_input_names_file_record_and_field(tmp_path, server, capsys):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text(json.dumps({"id": "a", "prompt": "q", "chosen": "x", "rejected": ""}) + "\n")
+    with pytest.raises(InputError, match="line 1.*rejected"):
+        edit_pairs(config(tmp_path, server))
+    code = main(["edit", "--backend", "openai", "--model", "m", "--data", str(p), "--output", str(tmp_path / "o.jsonl"),
+                 "--base-url", server.url + "/v1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pairs.jsonl: line 1" in err and "'rejected'" in err
+    assert server.count() == {}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OPENAI_API_KEY=KEY, FINEGRAIN_PROGRESS="0", PYTHONUNBUFFERED="1")
+    env.pop("ANTHROPIC_API_KEY", None)
+    return env
+
+
+def _edit_cmd(tmp_path, server, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "finegrain", "edit", "--backend", "openai", "--model", "gpt-4o-mini",
+            "--base-url", server.url + "/v1", "--data", str(tmp_path / "pairs.jsonl"),
+            "--output", str(tmp_path / "out" / "edited.jsonl"), "--cache", str(tmp_path / "cache.sqlite"),
+            "--timeout", "5", "--backoff-base", "0.02", "--max-retries", "2", *extra]
+
+
+def test_sigkill_mid_run_then_resume_pays_once_and_loses_nothing(tmp_path, server):
+    n = 24
+    write_pairs(tmp_path / "pairs.jsonl", [""] * n)
+    server.delay = 0.12
+    proc = subprocess.Popen(_edit_cmd(tmp_path, server, "--concurrency", "2"), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cache_path = tmp_path / "cache.sqlite"
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until some answers are durable, then kill -9
+        if cache_path.exists() and len(AnswerCache(cache_path).item_ids()) >= 6:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    answered = AnswerCache(cache_path).item_ids()
+    assert 6 <= len(answered) < n, "the kill must land mid-run"
+    assert not (tmp_path / "out" / "edited.jsonl").exists()  # outputs appear only whole
+    counts_at_kill = server.count()
+
+    server.delay = 0.0
+    done = subprocess.run(_edit_cmd(tmp_path, server, "--concurrency", "4"), env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    after = server.count()
+    assert all(after[i] == counts_at_kill[i] for i in answered), "an answered item was requested again"
+    rows = read_jsonl(tmp_path / "out" / "edited.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted(f"p{i}" for i in range(n))  # none lost, none duplicated
+    assert read_jsonl(tmp_path / "out" / "edited.rejects.jsonl") == []
+    summary = json.loads(done.stdout)
+    assert summary["n_cached"] == len(answered) and summary["n_requests"] == n - len(answered)
+
+
+def test_api_key_never_reaches_outputs_or_logs(tmp_path, server, caplog):
+    write_pairs(tmp_path / "pairs.jsonl", ["", "[429]", "[500-always]", "[refuse]", "[malformed]"])
+    done = subprocess.run(_edit_cmd(tmp_path, server), env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "retry" in done.stderr  # retries were logged ...
+    with caplog.at_level(logging.DEBUG):  # ... and an in-process run logs everything at DEBUG
+        edit_pairs(config(tmp_path, server, output=str(tmp_path / "out2" / "e.jsonl")))
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 8  # outputs, rejects, summaries, caches, input
+    for p in files:
+        assert KEY.encode() not in p.read_bytes(), p
+    for text in (done.stdout, done.stderr, caplog.text):
+        assert KEY not in text
+
+
+def test_human_edits_file_backend(tmp_path):
+    write_pairs(tmp_path / "pairs.jsonl", ["", "", "", ""])
+    human = tmp_path / "human.jsonl"
+    human.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "p0", "edited": rejected_text(0, "").replace("a bad date", "the right date"), "annotator": "ann-1",
+         "notes": "fixed the date"},
+        {"id": "p1", "edited": "Something else entirely, written from scratch by a person."},
+        {"id": "p2", "edited": rejected_text(2, "")},
+        {"id": "zzz", "edited": "an edit for a pair that is not in the data"},
+    ]) + "\n")
+    cfg = build_config(EditConfig, dict(data=str(tmp_path / "pairs.jsonl"), output=str(tmp_path / "e.jsonl"),
+                                        backend="file", model=str(human)))
+    s = edit_pairs(cfg)
+    rows = read_jsonl(tmp_path / "e.jsonl")
+    assert [r["id"] for r in rows] == ["p0"]
+    assert rows[0]["edit_meta"]["annotator"] == "ann-1" and rows[0]["edit_meta"]["notes"] == "fixed the date"
+    assert rows[0]["edit_meta"]["backend"] == "file" and rows[0]["edit_meta"]["prompt_version"] == "human"
+    assert {r["id"]: r["reason"] for r in read_jsonl(tmp_path / "e.rejects.jsonl")} == {
+        "p1": "non_minimal", "p2": "unchanged", "p3": "missing"}
+    assert s["n_unmatched_human_edits"] == 1 and s["cost_usd"] == 0.0
+    human.write_text(json.dumps({"id": "p0", "edited": 5}) + "\n")
+    with pytest.raises(InputError, match=r"human.jsonl: line 1: field 'edited'"):
+        edit_pairs(cfg)
+
+
+def test_key_from_a_custom_environment_variable(tmp_path, server, monkeypatch):
+    write_pairs(tmp_path / "pairs.jsonl", [""])
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("MY_VLLM_KEY", KEY)
+    s = edit_pairs(config(tmp_path, server, api_key_env="MY_VLLM_KEY"))
+    assert s["n_edited"] == 1
+    monkeypatch.delenv("MY_VLLM_KEY")  # a local server without a key: a placeholder is sent, the server says 401
+    with pytest.raises(FatalBackendError, match="401"):
+        edit_pairs(config(tmp_path, server, api_key_env="MY_VLLM_KEY", cache="none"))
+
+
+def test_concurrency_is_bounded(tmp_path, server):
+    write_pairs(tmp_path / "pairs.jsonl", [""] * 12)
+    server.delay = 0.05
+    s = edit_pairs(config(tmp_path, server, concurrency=3))
+    assert s["n_edited"] == 12 and server.max_in_flight == 3

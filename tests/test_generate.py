@@ -1,0 +1,97 @@
+"""`finegrain generate` on a tiny checkpoint, and the `hf` editor/judge backend on the same model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_tiny_model
+from finegrain.cli import main
+from finegrain.config import build_config
+from finegrain.edit.core import EditConfig, edit_pairs
+from finegrain.errors import InputError
+from finegrain.eval.generate import GenerateConfig, generate, prompt_of
+from finegrain.models import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    d = tmp_path_factory.mktemp("ckpt") / "tiny-policy"
+    save_checkpoint(d, make_tiny_model(tiny_tokenizer, "causal", seed=0), tiny_tokenizer, {"what": "test"})
+    return str(d)
+
+
+def test_prompt_of_fields():
+    assert prompt_of({"prompt": "p"}, "f", "line 1") == "p"
+    assert prompt_of({"instruction": "Do x.", "input": "data"}, "f", "line 1") == "Do x.\n\ndata"
+    assert prompt_of({"instruction": "Do x.", "input": ""}, "f", "line 1") == "Do x."
+    with pytest.raises(InputError, match="f: line 2: field 'instruction'"):
+        prompt_of({"instruction": ""}, "f", "line 2")
+    with pytest.raises(InputError, match="no 'prompt' or 'instruction'"):
+        prompt_of({"text": "x"}, "f", "line 3")
+
+
+def test_generate_writes_alpaca_eval_outputs(tmp_path, tiny_dir):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": f"Question {i}: how tall is Mount Everest?", "dataset": "toy"}
+                                   for i in range(5)]))
+    cfg = build_config(GenerateConfig, dict(model=tiny_dir, prompts=str(prompts), output=str(tmp_path / "out.json"),
+                                            max_new_tokens=6, batch_size=2, seed=3))
+    res = generate(cfg)
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert res["n"] == len(rows) == 5 and res["generator"] == "tiny-policy"
+    assert [r["instruction"] for r in rows] == [f"Question {i}: how tall is Mount Everest?" for i in range(5)]
+    assert all(set(r) == {"instruction", "dataset", "output", "generator"} and isinstance(r["output"], str) for r in rows)
+    assert generate(cfg) and json.loads((tmp_path / "out.json").read_text()) == rows  # seeded: same outputs
+
+    jl = tmp_path / "prompts.jsonl"
+    jl.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(3)))
+    code = main(["generate", "--model", tiny_dir, "--prompts", str(jl), "--output", str(tmp_path / "o.jsonl"),
+                 "--max-new-tokens", "4", "--generator", "mine", "--temperature", "0"])
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert code == 0 and [(r["instruction"], r["generator"]) for r in rows] == [("p0", "mine"), ("p1", "mine"),
+                                                                                  ("p2", "mine")]
+
+
+def test_generate_bad_prompt_file_exits_2(tmp_path, tiny_dir, capsys):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 7}) + "\n")
+    code = main(["generate", "--model", tiny_dir, "--prompts", str(p), "--output", str(tmp_path / "o.json")])
+    assert code == 2 and "bad.jsonl: line 2: field 'prompt'" in capsys.readouterr().err
+
+
+def test_hf_editor_backend_batches_a_local_model(tmp_path, tiny_dir, tiny_tokenizer):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "Be polite.", "chosen": "Sure, happy to help.",
+                                         "rejected": f"You are stupid for asking that {i}."}) + "\n" for i in range(5)))
+    # the editing prompt does not fit a 256-position model: every item says so, nothing is generated
+    short = edit_pairs(build_config(EditConfig, dict(data=str(pairs), output=str(tmp_path / "s.jsonl"), backend="hf",
+                                                     model=tiny_dir, max_tokens=6)))
+    assert short["rejects_by_reason"] == {"too_long": 5}
+    long_dir = tmp_path / "long-ctx"
+    save_checkpoint(long_dir, make_tiny_model(tiny_tokenizer, "causal", seed=1, n_positions=1024), tiny_tokenizer, {})
+    cfg = build_config(EditConfig, dict(data=str(pairs), output=str(tmp_path / "e.jsonl"), backend="hf",
+                                        model=str(long_dir), max_tokens=6, batch_size=4, concurrency=8))
+    s = edit_pairs(cfg)
+    # an untrained model cannot edit: every answer is judged by the guards, none is lost, none paid
+    assert s["n_edited"] + s["n_rejected"] == 5 and s["n_requests"] == 5 and s["cost_usd"] == 0.0
+    assert s["tokens"]["input"] > 0
+    again = edit_pairs(cfg)
+    assert again["n_cached"] == 5 and again["n_requests"] == 0
+
+
+def test_hf_judge_backend_runs_and_counts_unusable_answers(tmp_path, tiny_tokenizer):
+    from finegrain.eval.winrate import WinrateConfig, winrate
+
+    d = tmp_path / "judge"
+    save_checkpoint(d, make_tiny_model(tiny_tokenizer, "causal", seed=2, n_positions=1024), tiny_tokenizer, {})
+    rows = [{"instruction": f"Task {i}", "output": f"answer {i}"} for i in range(3)]
+    (tmp_path / "o.json").write_text(json.dumps(rows))
+    (tmp_path / "r.json").write_text(json.dumps([dict(r, output="ref") for r in rows]))
+    res = winrate(build_config(WinrateConfig, dict(outputs=str(tmp_path / "o.json"), reference=str(tmp_path / "r.json"),
+                                                   judge="hf", judge_model=str(d), max_tokens=3,
+                                                   output=str(tmp_path / "w.json"))))
+    # an untrained judge rarely says A, B or TIE: whatever it says is either scored or counted as failed
+    assert res["n"] + res["n_failed"] == 3 and res["n_requests"] == 3 and res["cost_usd"] == 0.0
+    ann = json.loads((tmp_path / "w.annotations.json").read_text())
+    assert all((a["preference"] is None) == (a["error"] is not None) for a in ann)

@@ -1,0 +1,82 @@
+"""Token alignment of an original response and its minimal edit: which tokens changed (U1).
+
+DESIGN.md decision 1. The two token id lists are diffed with a longest-matching-block diff
+(``difflib.SequenceMatcher(autojunk=False)``). Every non-equal block marks its tokens on each
+side as changed (U1). Where one side of a block is empty (a pure insertion or deletion), that
+side marks the single token at the divergence point: the token that FOLLOWS the edit. Responses
+end with their closing token (EOS/SEP, see ``rm/inputs.py``), so that token always exists for an
+edit at the very end; if a caller passes ids without a closing token, the last token stands in.
+
+Consequences: identical responses have no U1 token; any two different responses have at least
+one U1 token on each side (when both are non-empty). U0 is every other response token.
+
+``spans_to_token_mask`` maps character spans (gold flawed spans, human highlights) onto tokens
+through their character offsets.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass
+class TokenAlignment:
+    """U1 marks of both sides of an (original, edited) pair.
+
+    changed_original:  one bool per original token, True = U1 (changed)
+    changed_edited:    one bool per edited token, True = U1
+    opcodes:           difflib opcodes (tag, i1, i2, j1, j2), original = a, edited = b
+    """
+
+    changed_original: list[bool]
+    changed_edited: list[bool]
+    opcodes: list[tuple[str, int, int, int, int]]
+
+    @property
+    def identical(self) -> bool:
+        return all(op[0] == "equal" for op in self.opcodes)
+
+
+def _mark(marks: list[bool], lo: int, hi: int) -> None:
+    """Mark [lo, hi) or, for an empty range, the token at the divergence point ``lo``."""
+    if not marks:
+        return
+    if hi > lo:
+        for k in range(lo, hi):
+            marks[k] = True
+    else:
+        marks[min(lo, len(marks) - 1)] = True
+
+
+def align_tokens(original_ids: Sequence[int], edited_ids: Sequence[int]) -> TokenAlignment:
+    """Diff two token id lists and mark the changed tokens (U1) of each side.
+
+    >>> a = align_tokens([5, 6, 7, 0], [5, 9, 7, 0])          # substitution 6 -> 9
+    >>> a.changed_original, a.changed_edited
+    ([False, True, False, False], [False, True, False, False])
+    >>> align_tokens([5, 7, 0], [5, 6, 7, 0]).changed_original  # insertion: token after it (7)
+    [False, True, False]
+    """
+    a, b = list(original_ids), list(edited_ids)
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    opcodes = [tuple(op) for op in matcher.get_opcodes()]
+    changed_a, changed_b = [False] * len(a), [False] * len(b)
+    for tag, i1, i2, j1, j2 in opcodes:
+        if tag == "equal":
+            continue
+        _mark(changed_a, i1, i2)
+        _mark(changed_b, j1, j2)
+    return TokenAlignment(changed_a, changed_b, opcodes)  # type: ignore[arg-type]
+
+
+def spans_to_token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Sequence[int]] | None) -> list[bool]:
+    """True for each token whose character range [start, end) overlaps a span [a, b).
+
+    Zero-width tokens (e.g. the closing EOS at (len, len)) and empty spans never match.
+
+    >>> spans_to_token_mask([(0, 3), (3, 7), (8, 10), (10, 10)], [(4, 5)])
+    [False, True, False, False]
+    """
+    spans = [(int(s[0]), int(s[1])) for s in (spans or []) if int(s[1]) > int(s[0])]
+    return [e > s and any(s < hi and lo < e for lo, hi in spans) for s, e in offsets]

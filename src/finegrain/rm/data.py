@@ -1,0 +1,130 @@
+"""From pairs on disk to tokenised, aligned, batched reward-model training pairs."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..data.schema import Comparison, comparisons
+from ..errors import InputError
+from .align import align_tokens
+from .inputs import RMExample, build_rm_example
+from .model import RMBatch, collate, position_mask
+
+
+def load_comparisons_report(path: str, pairs: str, *, skip_invalid: bool = False,
+                            rejects_path: str | None = None):
+    """(comparisons, LoadReport) of a pairs file; ``pairs`` = preference or edit.
+
+    The report counts rejected records and edits equal to their original (dropped by the loader).
+    """
+    from ..data.loaders import load_pairs_report
+
+    report = load_pairs_report(path, kind=pairs, skip_invalid=skip_invalid, rejects_path=rejects_path)
+    if not report.pairs:
+        raise InputError(f"no usable pairs ({report.n_unchanged} edits identical to the rejected response, "
+                         f"{report.n_rejected} invalid records)", path=path)
+    try:
+        return comparisons(report.pairs, pairs), report  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise InputError(str(e), path=path) from e
+
+
+def load_comparisons(path: str, pairs: str, *, skip_invalid: bool = False,
+                     rejects_path: str | None = None) -> list[Comparison]:
+    """(prompt, better, worse) triples of a pairs file; ``pairs`` = preference or edit."""
+    return load_comparisons_report(path, pairs, skip_invalid=skip_invalid, rejects_path=rejects_path)[0]
+
+
+def held_out(pair_id: str, fraction: float, seed: int) -> bool:
+    """Deterministic held-out membership of a pair id (independent of file order)."""
+    h = hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2 ** 64 < fraction
+
+
+def split_by_id(items: Sequence[Comparison], fraction: float, seed: int) -> tuple[list[Comparison], list[Comparison]]:
+    """(train, eval) split by id hash; ``fraction`` of the ids go to eval."""
+    train, ev = [], []
+    for c in items:
+        (ev if held_out(str(c.id), fraction, seed) else train).append(c)
+    return train, ev
+
+
+@dataclass
+class PairFeatures:
+    """One tokenised comparison with the U1 marks of both responses (over response positions)."""
+
+    id: str
+    better: RMExample
+    worse: RMExample
+    u1_better: list[bool]
+    u1_worse: list[bool]
+    u0_pairs: list[tuple[int, int]]  # (better position, worse position) of aligned unchanged tokens
+
+
+def u0_pairs(opcodes) -> list[tuple[int, int]]:
+    """(edited position, original position) of every token of the diff's equal blocks."""
+    return [(j1 + k, i1 + k) for tag, i1, i2, j1, _ in opcodes if tag == "equal" for k in range(i2 - i1)]
+
+
+def featurize(tokenizer, items: Sequence[Comparison], *, max_length: int, template: str | None = None,
+              with_offsets: bool = False) -> tuple[list[PairFeatures], int]:
+    """Tokenise and align every comparison; drop those whose two responses are identical.
+
+    Returns (features, number dropped as unchanged).
+    """
+    out, dropped = [], 0
+    for c in items:
+        b = build_rm_example(tokenizer, c.prompt, c.better, max_length=max_length, template=template,
+                             with_offsets=with_offsets)
+        w = build_rm_example(tokenizer, c.prompt, c.worse, max_length=max_length, template=template,
+                             with_offsets=with_offsets)
+        al = align_tokens(w.response_ids, b.response_ids)
+        if al.identical:
+            dropped += 1
+            continue
+        out.append(PairFeatures(str(c.id), b, w, al.changed_edited, al.changed_original, u0_pairs(al.opcodes)))
+    return out, dropped
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B rows: rows [0, B) are the better responses, rows [B, 2B) the worse ones.
+
+    inputs:   RMBatch of the 2B rows (input_ids, attention_mask, response_mask, last_index)
+    u1_mask:  (2B, L) 1 on the changed (U1) response positions of each row
+    u0_better, u0_worse: (B, K) absolute positions of the k-th aligned U0 token pair (0 = padding)
+    u0_mask:  (B, K) 1 where that pair exists
+    """
+
+    inputs: RMBatch
+    u1_mask: torch.Tensor
+    u0_better: torch.Tensor
+    u0_worse: torch.Tensor
+    u0_mask: torch.Tensor
+
+    @property
+    def n_pairs(self) -> int:
+        return self.u1_mask.shape[0] // 2
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(self.inputs.to(device), *(t.to(device) for t in (self.u1_mask, self.u0_better,
+                                                                          self.u0_worse, self.u0_mask)))
+
+
+def collate_pairs(features: Sequence[PairFeatures], pad_id: int) -> PairBatch:
+    examples = [f.better for f in features] + [f.worse for f in features]
+    marks = [f.u1_better for f in features] + [f.u1_worse for f in features]
+    inputs = collate(examples, pad_id)
+    k = max((len(f.u0_pairs) for f in features), default=0)
+    u0_b, u0_w, u0_m = (torch.zeros((len(features), k), dtype=torch.long) for _ in range(3))
+    for i, f in enumerate(features):
+        if f.u0_pairs:
+            pb, pw = zip(*f.u0_pairs)
+            n = len(pb)
+            u0_b[i, :n] = torch.as_tensor(pb) + f.better.response_start
+            u0_w[i, :n] = torch.as_tensor(pw) + f.worse.response_start
+            u0_m[i, :n] = 1
+    return PairBatch(inputs, position_mask(examples, inputs.input_ids.shape[1], marks), u0_b, u0_w, u0_m)

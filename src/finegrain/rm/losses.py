@@ -1,0 +1,80 @@
+"""The three reward-model losses (reference/paper.md Eq. 1-4; DESIGN.md decision 2), as pure functions.
+
+Shapes: B pairs; L padded sequence length. ``rewards_*`` are per-position rewards of a token
+RM, ``mask_*`` mark the response positions of each row (response tokens + closing token: the
+T of Eq. 1), ``u1_*`` mark the changed (U1) positions, a subset of the mask. Each side of a pair
+may have its own layout (masks), so better and worse are passed separately. Every loss is the
+mean over the batch of -log sigma(margin); the ``*_margin`` functions give that margin.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry(margin: torch.Tensor) -> torch.Tensor:
+    """-E[log sigma(margin)] over the batch (Eq. 2 as a negative log-likelihood).  (B,) -> ()"""
+    return -F.logsigmoid(margin).mean()
+
+
+def mean_reward(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: R = (1/T) sum_t r_t over the masked positions of each row.  (B, L), (B, L) -> (B,)"""
+    m = mask.to(rewards.dtype)
+    return (rewards * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+def sequence_loss(score_better: torch.Tensor, score_worse: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry on one score per response (last-token score of a sequence RM).  (B,), (B,) -> ()"""
+    return bradley_terry(score_better - score_worse)
+
+
+def token_mean_margin(rewards_better: torch.Tensor, mask_better: torch.Tensor,
+                      rewards_worse: torch.Tensor, mask_worse: torch.Tensor) -> torch.Tensor:
+    """R(better) - R(worse) with R = Eq. 1.  (B, Lb), (B, Lb), (B, Lw), (B, Lw) -> (B,)"""
+    return mean_reward(rewards_better, mask_better) - mean_reward(rewards_worse, mask_worse)
+
+
+def token_mean_loss(rewards_better: torch.Tensor, mask_better: torch.Tensor,
+                    rewards_worse: torch.Tensor, mask_worse: torch.Tensor) -> torch.Tensor:
+    """Eq. 1-3: Bradley-Terry on the mean token reward of each response.  -> ()
+
+    Eq. 3 is this loss rewritten under the assumption that U0 tokens get equal rewards on both
+    sides; computed this way it needs no such assumption.
+    """
+    return bradley_terry(token_mean_margin(rewards_better, mask_better, rewards_worse, mask_worse))
+
+
+def token_edit_margin(rewards_better: torch.Tensor, mask_better: torch.Tensor, u1_better: torch.Tensor,
+                      rewards_worse: torch.Tensor, mask_worse: torch.Tensor, u1_worse: torch.Tensor) -> torch.Tensor:
+    """Eq. 4's margin: (1/T_i) sum_{U1} r^i - (1/T_j) sum_{U1} r^j, T = each side's full length.  -> (B,)"""
+    def side(r: torch.Tensor, mask: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
+        u = (u1.bool() & mask.bool()).to(r.dtype)                        # (B, L)
+        return (r * u).sum(-1) / mask.to(r.dtype).sum(-1).clamp_min(1.0)  # (B,)
+
+    return side(rewards_better, mask_better, u1_better) - side(rewards_worse, mask_worse, u1_worse)
+
+
+def token_edit_loss(rewards_better: torch.Tensor, mask_better: torch.Tensor, u1_better: torch.Tensor,
+                    rewards_worse: torch.Tensor, mask_worse: torch.Tensor, u1_worse: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: Bradley-Terry on U1 tokens only, each side divided by its own length T.  -> ()
+
+    U0 tokens do not enter the loss, so its gradient on their rewards is exactly zero.
+    """
+    return bradley_terry(token_edit_margin(rewards_better, mask_better, u1_better,
+                                           rewards_worse, mask_worse, u1_worse))
+
+
+def u0_consistency(rewards_better: torch.Tensor, index_better: torch.Tensor, rewards_worse: torch.Tensor,
+                   index_worse: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+    """Optional regulariser: mean squared gap between the rewards of aligned unchanged (U0) tokens.
+
+    Eq. 3 -> Eq. 4 assumes that a U0 token gets the same reward in both responses; this term asks
+    for it. index_*: (B, K) positions of the k-th aligned U0 token pair in each row; pair_mask:
+    (B, K) 1 where the pair exists.  -> ()
+    """
+    gap = rewards_better.gather(1, index_better) - rewards_worse.gather(1, index_worse)   # (B, K)
+    m = pair_mask.to(gap.dtype)
+    return (gap.pow(2) * m).sum() / m.sum().clamp_min(1.0)
+
+
+LOSSES = ("sequence", "token_mean", "token_edit")

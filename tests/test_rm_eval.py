@@ -1,0 +1,129 @@
+"""eval-rm: AUROC, the RewardModel API, and the train-rm -> eval-rm command line end to end."""
+from __future__ import annotations
+
+import json
+from itertools import product
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from finegrain.cli import main
+from finegrain.io import write_jsonl
+from finegrain.rm import RewardModel, auroc
+from test_rm_train import make_base_model, single_thread, synthetic_pairs  # noqa: F401 (autouse fixture)
+
+
+def test_auroc_hand_computed():
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: 3 of 4 (pos, neg) pairs ordered right
+    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75
+    # a tie counts one half: pos 1 vs negs (1, 2) -> (0.5 + 0) / 2
+    assert auroc([1.0, 1.0, 2.0], [True, False, False]) == 0.25
+    assert auroc([3.0, 3.0, 3.0], [True, False, True]) == 0.5
+    assert auroc([1.0, 2.0], [True, True]) is None and auroc([], []) is None
+
+
+@given(st.lists(st.tuples(st.integers(-3, 3), st.booleans()), min_size=1, max_size=40))
+def test_auroc_equals_pairwise_count(rows):
+    scores, labels = [float(s) for s, _ in rows], [y for _, y in rows]
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    got = auroc(scores, labels)
+    if not pos or not neg:
+        assert got is None
+        return
+    want = sum((p > n) + 0.5 * (p == n) for p, n in product(pos, neg)) / (len(pos) * len(neg))
+    assert got == pytest.approx(want)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("evaldata")
+    write_jsonl(d / "train.jsonl", synthetic_pairs(32, seed=1))
+    write_jsonl(d / "heldout.jsonl", synthetic_pairs(16, seed=2, prefix="h"))
+    write_jsonl(d / "nogold.jsonl", [{k: v for k, v in r.items() if k != "gold_spans"}
+                                     for r in synthetic_pairs(16, seed=2, prefix="h")])
+    make_base_model(d / "base")
+    return d
+
+
+def cli(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def trained(files) -> Path:
+    out = files / "rm"
+    code = cli("train-rm", "--data", files / "train.jsonl", "--model", files / "base", "--loss", "token_edit",
+               "--pairs", "edit", "--output", out, "--epochs", 4, "--lr", 3e-3, "--batch-size", 8,
+               "--max-length", 48, "--eval-fraction", 0.0, "--log-with", "tensorboard", "--save-every", 0)
+    assert code == 0
+    return out
+
+
+def test_cli_train_then_eval(trained, files, tmp_path, capsys):
+    assert (trained / "finegrain.json").exists() and (trained / "metrics.jsonl").exists()
+    assert any(trained.rglob("events.out.tfevents*"))   # TensorBoard through accelerate
+    out = tmp_path / "res.json"
+    capsys.readouterr()
+    assert cli("eval-rm", "--model", trained, "--data", files / "heldout.jsonl", "--pairs", "edit",
+               "--output", out) == 0
+    res = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == res   # the same JSON on stdout
+    assert {"accuracy", "accuracy_se", "n_pairs", "token_auroc", "token_auroc_source", "ties",
+            "mean_margin"} <= set(res)
+    assert res["n_pairs"] == 16 and res["token_auroc_source"] == "gold_spans"
+    assert res["accuracy_se"] == pytest.approx((res["accuracy"] * (1 - res["accuracy"]) / 16) ** 0.5)
+    print(f"CLI token RM: accuracy={res['accuracy']:.3f} token_auroc={res['token_auroc']:.3f}")
+    assert res["accuracy"] >= 0.8
+    # without gold spans, edit pairs use the changed (U1) tokens of the rejected side
+    assert cli("eval-rm", "--model", trained, "--data", files / "nogold.jsonl", "--pairs", "edit",
+               "--output", out) == 0
+    res2 = json.loads(out.read_text())
+    assert res2["token_auroc_source"] == "edit_u1" and res2["accuracy"] == res["accuracy"]
+    # preference pairs without gold spans: accuracy only
+    assert cli("eval-rm", "--model", trained, "--data", files / "nogold.jsonl", "--pairs", "preference",
+               "--output", out) == 0
+    assert "token_auroc" not in json.loads(out.read_text())
+
+
+def test_cli_errors_are_one_line_exit_2(trained, files, tmp_path, capsys):
+    cases = [
+        (["train-rm", "--data", tmp_path / "missing.jsonl", "--model", files / "base", "--output", tmp_path / "o"],
+         "missing.jsonl: no such file"),
+        (["train-rm", "--data", files / "train.jsonl", "--model", trained, "--loss", "sequence", "--output",
+          tmp_path / "o"], "is a token reward model"),
+        (["eval-rm", "--model", tmp_path / "nowhere", "--data", files / "heldout.jsonl", "--output", tmp_path / "r"],
+         "reward model directory not found"),
+        (["eval-rm", "--model", files / "base", "--data", files / "heldout.jsonl", "--output", tmp_path / "r"],
+         "is not a reward model"),
+        (["train-rm", "--data", files / "train.jsonl", "--model", files / "base", "--output", tmp_path / "o",
+          "--epochs", "0"], "--epochs must be > 0"),
+    ]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "rejected": "a", "edited": 3}\n')
+    cases.append((["eval-rm", "--model", trained, "--data", tmp_path / "bad.jsonl", "--output", tmp_path / "r"],
+                  "line 1: field 'edited'"))
+    for argv, message in cases:
+        assert cli(*argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_reward_model_api(trained):
+    rm = RewardModel.load(str(trained))
+    rows = synthetic_pairs(5, seed=7)
+    prompts, responses = [r["prompt"] for r in rows], [r["rejected"] for r in rows]
+    scores = rm.score(prompts, responses, batch_size=2)
+    tr = rm.token_rewards(prompts, responses, batch_size=3)
+    for s, t, resp in zip(scores, tr, responses):
+        assert len(t.tokens) == len(t.offsets) == len(t.rewards)
+        assert s == pytest.approx(sum(t.rewards) / len(t.rewards), abs=1e-5)   # Eq. 1
+        assert "".join(resp[a:b] for a, b in t.offsets).replace(" ", "") == resp.replace(" ", "")
+        assert t.offsets[-1] == (len(resp), len(resp)) and t.tokens[-1] == rm.tokenizer.eos_token
+    examples = [rm.encode(p, r) for p, r in zip(prompts, responses)]
+    rewards, mask = rm.forward_batch(examples)
+    assert rewards.shape == mask.shape == (5, max(len(e.input_ids) for e in examples))
+    assert torch.all(rewards[mask == 0] == 0)
+    assert mask.sum(1).tolist() == [e.response_end - e.response_start for e in examples]
+    assert rm.score_batch(examples).tolist() == pytest.approx(scores, abs=1e-5)

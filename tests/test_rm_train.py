@@ -1,0 +1,275 @@
+"""Reward-model training on a synthetic edited dataset: learning, checkpoints, resume, refusals."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from finegrain.config import build_config
+from finegrain.errors import ConfigError, InputError
+from finegrain.io import write_jsonl
+from finegrain.models import save_checkpoint, train_bpe_tokenizer
+from finegrain.rm import EvalRMConfig, RewardModel, TrainRMConfig, evaluate_reward_model, train_reward_model
+
+NOUNS = ["cat", "dog", "house", "car", "tree", "book", "river", "garden", "city", "song", "movie", "chair",
+         "lamp", "road", "boat", "phone"]
+BAD = ["awful", "stupid", "ugly", "boring"]
+GOOD = ["lovely", "great", "pretty", "bright"]
+TEMPLATES = ["The {n} is {a}.", "I think this {n} looks {a} today.", "My {a} {n} is here, come and see it.",
+             "Yesterday we saw a {a} {n} near the old bridge.", "This {n} is really {a} and small."]
+
+
+def synthetic_pairs(n: int, seed: int, *, prefix: str = "p") -> list[dict]:
+    """Edited pairs: the edit swaps one bad adjective of `rejected` for a good one (gold span = that word)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        noun, tmpl = rng.choice(NOUNS), rng.choice(TEMPLATES)
+        bad, good = rng.choice(BAD), rng.choice(GOOD)
+        rejected, edited = tmpl.format(n=noun, a=bad), tmpl.format(n=noun, a=good)
+        start = rejected.index(bad)
+        chosen = rng.choice(TEMPLATES).format(n=noun, a=rng.choice(GOOD))
+        out.append({"id": f"{prefix}{i}", "prompt": f"Describe the {noun}.", "chosen": chosen, "rejected": rejected,
+                    "edited": edited, "gold_spans": [[start, start + len(bad)]]})
+    return out
+
+
+def corpus() -> list[str]:
+    words = " ".join(NOUNS + BAD + GOOD)
+    return [t.format(n=n, a=a) for t in TEMPLATES for n in NOUNS for a in BAD + GOOD] + [words] * 5
+
+
+def make_base_model(path: Path, *, pad: bool = True, seed: int = 0) -> Path:
+    """A tiny GPT-2 causal LM (as an SFT policy would be) with a BPE tokenizer trained here."""
+    from finegrain.models import tiny_gpt2_config
+    from transformers import GPT2LMHeadModel
+
+    tok = train_bpe_tokenizer(corpus() + [f"Describe the {n}." for n in NOUNS], vocab_size=300,
+                              pad="<pad>" if pad else None)
+    torch.manual_seed(seed)
+    cfg = tiny_gpt2_config(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, n_positions=64)
+    save_checkpoint(path, GPT2LMHeadModel(cfg), tok, {"kind": "causal"})
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One torch thread: these models are tiny, and on a shared 2-core machine two threads are ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("rmdata")
+    train = synthetic_pairs(48, seed=1)
+    train += [dict(train[0], id="same1", edited=train[0]["rejected"]), dict(train[1], id="same2",
+                                                                             edited=train[1]["rejected"])]
+    write_jsonl(d / "train.jsonl", train)
+    write_jsonl(d / "heldout.jsonl", synthetic_pairs(40, seed=2, prefix="h"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    return make_base_model(tmp_path_factory.mktemp("base") / "policy")
+
+
+def train_cfg(data_dir: Path, model: Path, out: Path, **kw) -> TrainRMConfig:
+    values = dict(data=str(data_dir / "train.jsonl"), model=str(model), output=str(out), loss="token_edit",
+                  pairs="edit", eval_fraction=0.0, epochs=6, batch_size=8, lr=3e-3, warmup_ratio=0.0,
+                  lr_scheduler="constant", max_length=48, eval_every=0, save_every=0, log_with="none")
+    values.update(kw)
+    return build_config(TrainRMConfig, values)
+
+
+def heldout_eval(model_dir: Path, data_dir: Path, tmp: Path, pairs: str = "edit") -> dict:
+    return evaluate_reward_model(build_config(EvalRMConfig, dict(
+        model=str(model_dir), data=str(data_dir / "heldout.jsonl"), output=str(tmp / "eval.json"), pairs=pairs)))
+
+
+@pytest.fixture(scope="module")
+def token_rm(data_dir, base_model, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tokrm") / "rm"
+    return out, train_reward_model(train_cfg(data_dir, base_model, out, eval_data=str(data_dir / "heldout.jsonl"),
+                                             eval_every=10))
+
+
+def test_token_rm_learns_the_edited_tokens(token_rm, data_dir, base_model, tmp_path):
+    out, summary = token_rm
+    assert summary["n_train"] == 48 and summary["n_dropped_unchanged"] == 2
+    meta = json.loads((out / "finegrain.json").read_text())
+    assert meta["kind"] == "token" and meta["loss"] == "token_edit" and meta["base_model"] == str(base_model)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, summary["steps"] + 1))
+    assert {"loss", "accuracy", "lr", "margin"} <= set(lines[0]) and "eval_accuracy" in lines[9]
+    res = heldout_eval(out, data_dir, tmp_path)
+    print(f"token_edit RM held-out: accuracy={res['accuracy']:.3f} token_auroc={res['token_auroc']:.3f}")
+    assert res["accuracy"] >= 0.9
+    assert res["token_auroc"] >= 0.7 and res["token_auroc_source"] == "gold_spans"
+    # the backbone moved away from the causal LM it started from
+    rm = RewardModel.load(str(out))
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(base_model)
+    assert not torch.equal(rm.model.transformer.h[0].attn.c_attn.weight, lm.transformer.h[0].attn.c_attn.weight)
+
+
+def test_token_mean_loss_learns(data_dir, base_model, tmp_path):
+    out = tmp_path / "rm"
+    train_reward_model(train_cfg(data_dir, base_model, out, loss="token_mean", epochs=4))
+    res = heldout_eval(out, data_dir, tmp_path)
+    print(f"token_mean RM held-out: accuracy={res['accuracy']:.3f} token_auroc={res['token_auroc']:.3f}")
+    assert res["accuracy"] >= 0.85 and res["token_auroc"] >= 0.6  # sequence-level signal: weaker token credit
+
+
+def test_u0_regulariser_pulls_unchanged_rewards_together(token_rm, data_dir, base_model, tmp_path):
+    out = tmp_path / "rm"
+    train_reward_model(train_cfg(data_dir, base_model, out, u0_weight=5.0, eval_data=str(data_dir / "heldout.jsonl"),
+                                 eval_every=10))
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    plain = json.loads((token_rm[0] / "metrics.jsonl").read_text().splitlines()[-1])
+    print(f"held-out U0 reward gap: {plain['eval_u0_gap']:.4f} (u0_weight=0) vs {last['eval_u0_gap']:.4f} (5)")
+    assert last["eval_u0_gap"] < plain["eval_u0_gap"]
+    res = heldout_eval(out, data_dir, tmp_path)
+    print(f"token_edit + u0_weight=5 held-out: accuracy={res['accuracy']:.3f} token_auroc={res['token_auroc']:.3f}")
+    assert res["accuracy"] >= 0.9 and res["token_auroc"] >= 0.75
+    with pytest.raises(ConfigError, match="--u0-weight applies to token losses"):
+        train_cfg(data_dir, base_model, out, loss="sequence", u0_weight=1.0)
+
+
+def test_sequence_rm_with_pad_equal_to_eos_scores_like_plain_transformers(data_dir, tmp_path):
+    base = make_base_model(tmp_path / "base", pad=False)   # pad == EOS, the SmolLM2 situation
+    out = tmp_path / "rm"
+    summary = train_reward_model(train_cfg(data_dir, base, out, loss="sequence", epochs=8))
+    assert summary["kind"] == "sequence"
+    res = heldout_eval(out, data_dir, tmp_path)
+    print(f"sequence RM held-out: accuracy={res['accuracy']:.3f}")
+    assert res["accuracy"] >= 0.85 and "token_auroc" not in res
+    # plain transformers: tokenizer + AutoModelForSequenceClassification, right-padded batch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert tok.pad_token_id != tok.eos_token_id
+    rows = synthetic_pairs(4, seed=3)
+    texts = [[*tok(f"{r['prompt']}\n")["input_ids"], *tok(r["rejected"])["input_ids"], tok.eos_token_id] for r in rows]
+    batch = tok.pad({"input_ids": texts}, return_tensors="pt", padding_side="right")
+    with torch.no_grad():
+        plain = model(**batch).logits[:, 0].tolist()
+    ours = RewardModel.load(str(out)).score([r["prompt"] for r in rows], [r["rejected"] for r in rows], batch_size=3)
+    assert ours == pytest.approx(plain, abs=1e-5)
+
+
+def test_resume_reproduces_the_uninterrupted_run(data_dir, base_model, tmp_path):
+    kw = dict(epochs=2, batch_size=8, grad_accum=2, save_every=2, keep_checkpoints=3, lr_scheduler="linear",
+              warmup_ratio=0.2, eval_fraction=0.2, eval_every=2)
+    full = tmp_path / "full"
+    train_reward_model(train_cfg(data_dir, base_model, full, **kw))
+    ckpts = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000004"]
+    # simulate a crash after step 3: keep checkpoint 2 and the metrics written so far
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copytree(full / "checkpoints" / "step-00000002", crashed / "checkpoints" / "step-00000002")
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    train_reward_model(train_cfg(data_dir, base_model, crashed, resume=True, **kw))
+    assert (crashed / "metrics.jsonl").read_text().splitlines() == lines
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / "model.safetensors"), load_file(crashed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_data(data_dir, base_model, tmp_path):
+    out = tmp_path / "rm"
+    train_reward_model(train_cfg(data_dir, base_model, out, epochs=0.4, save_every=1))
+    with pytest.raises(ConfigError, match="cannot resume"):
+        train_reward_model(train_cfg(data_dir, base_model, out, epochs=0.4, save_every=1, resume=True, seed=5,
+                                     eval_fraction=0.3))
+
+
+def test_bert_backbone_token_and_sequence(tmp_path, data_dir):
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    from tokenizers import processors
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(corpus() + [f"Describe the {n}." for n in NOUNS], vocab_size=200)
+    cls_id, sep_id = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")
+    wp.post_processor = processors.BertProcessing(("[SEP]", sep_id), ("[CLS]", cls_id))
+    tok = PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", sep_token="[SEP]",
+                                  pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "bert", BertForMaskedLM(cfg), tok, {})
+    for loss in ("token_edit", "sequence"):
+        out = tmp_path / loss
+        train_reward_model(train_cfg(data_dir, tmp_path / "bert", out, loss=loss, epochs=3))
+        res = heldout_eval(out, data_dir, tmp_path)
+        print(f"BERT {loss} RM held-out: accuracy={res['accuracy']:.3f} token_auroc={res.get('token_auroc')}")
+        assert res["accuracy"] >= 0.75
+        rm = RewardModel.load(str(out))
+        rows = synthetic_pairs(3, seed=4)
+        ex = rm.encode(rows[0]["prompt"], rows[0]["edited"])
+        assert rm.tokenizer.convert_ids_to_tokens(ex.input_ids[ex.response_end - 1]) == "[SEP]"
+        again = RewardModel.load(str(out)).score([r["prompt"] for r in rows], [r["edited"] for r in rows])
+        assert again == pytest.approx(rm.score([r["prompt"] for r in rows], [r["edited"] for r in rows], batch_size=1),
+                                      abs=1e-5)
+
+
+def test_refusals(data_dir, base_model, token_rm, tmp_path):
+    with pytest.raises(ConfigError, match="needs a sequence reward model"):
+        train_reward_model(train_cfg(data_dir, token_rm[0], tmp_path / "x", loss="sequence"))
+    with pytest.raises(InputError, match="no such file"):
+        train_reward_model(train_cfg(tmp_path, base_model, tmp_path / "y"))
+    write_jsonl(tmp_path / "train.jsonl", [dict(r, edited=r["rejected"]) for r in synthetic_pairs(3, seed=0)])
+    with pytest.raises(InputError, match="no usable pairs .3 edits identical"):
+        train_reward_model(train_cfg(tmp_path, base_model, tmp_path / "z"))
+    with pytest.raises(ConfigError, match="--batch-size"):
+        train_cfg(data_dir, base_model, tmp_path / "w", batch_size=0)
+
+
+def test_micro_batch_plan_is_deterministic_and_covers_each_epoch():
+    from finegrain.rm.train import micro_batch_plan
+
+    plan = micro_batch_plan(10, 4, 2.0, seed=3)
+    assert plan == micro_batch_plan(10, 4, 2.0, seed=3) and len(plan) == 6
+    assert sorted(i for mb in plan[:3] for i in mb) == list(range(10))
+    assert sorted(i for mb in plan[3:] for i in mb) == list(range(10)) and plan[:3] != plan[3:]
+    assert len(micro_batch_plan(10, 4, 0.5, seed=3)) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume_exactly(data_dir, base_model, tmp_path):
+    """Data-parallel on CPU (torchrun, gloo): 2 processes split each batch; resume gives the same metrics."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this Python")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", FINEGRAIN_PROGRESS="0")
+    out = tmp_path / "ddp"
+    argv = [str(torchrun), "--nproc_per_node", "2", "-m", "finegrain", "train-rm", "--data",
+            str(data_dir / "train.jsonl"), "--model", str(base_model), "--output", str(out), "--epochs", "1",
+            "--batch-size", "4", "--lr", "3e-3", "--save-every", "2", "--eval-fraction", "0", "--log-with", "none",
+            "--max-length", "48"]
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    full = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(full) == 6  # 48 pairs / (4 per process x 2 processes)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    run = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (out / "metrics.jsonl").read_text().splitlines() == full

@@ -1,0 +1,51 @@
+"""show-rewards: the HTML heat map (escaping, U1 outlines, colours) and the command."""
+from __future__ import annotations
+
+import re
+from html import unescape
+
+from finegrain.cli import main
+from finegrain.eval.show import PairView, ResponseView, reward_colour, token_reward_html
+from finegrain.io import write_jsonl
+from test_rm_train import make_base_model, single_thread, synthetic_pairs  # noqa: F401 (autouse fixture)
+
+
+def test_html_escapes_text_and_marks_changed_tokens():
+    text = "<script>alert(1)</script> & ok"
+    offsets = [(0, 8), (8, 16), (16, 25), (26, 27), (28, 30), (30, 30)]
+    view = ResponseView("worse <b>", text, [text[a:b] for a, b in offsets[:-1]] + ["<|eos|>"], offsets,
+                        [-2.0, -1.0, 0.0, 0.5, 1.0, 0.2], changed=[False, True, False, False, False, False],
+                        gold=[True, False, False, False, False, False], score=-0.05)
+    page = token_reward_html([PairView("id<1>", "prompt \"<i>\"", [view])], title="t<x>")
+    assert "<script>" not in page and "&lt;script&gt;" in page and ">&amp;</span>" in page
+    assert "id&lt;1&gt;" in page and "prompt &quot;&lt;i&gt;&quot;" in page and "worse &lt;b&gt;" in page
+    assert "&lt;|eos|&gt;" in page and "t&lt;x&gt;" in page
+    assert page.count('class="tok u1"') == 1 and page.count('class="tok gold"') == 1
+    assert 'title="reward -2.0000"' in page and "score -0.0500" in page
+    assert reward_colour(-2.0, 2.0) == "rgba(214,39,40,0.850)" and reward_colour(1.0, 2.0) == "rgba(44,160,44,0.425)"
+    assert reward_colour(0.0, 0.0).endswith("0.000)") and reward_colour(float("nan"), 1.0).endswith("0.000)")
+
+
+def test_show_rewards_command(tmp_path, capsys):
+    rows = synthetic_pairs(12, seed=1)
+    rows[0]["rejected"] = "The <b>cat</b> is awful & odd."
+    rows[0]["gold_spans"] = [[rows[0]["rejected"].index("awful"), rows[0]["rejected"].index("awful") + 5]]
+    rows[0]["edited"] = "The <b>cat</b> is lovely & odd."
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    base = make_base_model(tmp_path / "base")
+    for loss in ("token_edit", "sequence"):
+        assert main(["train-rm", "--data", str(tmp_path / "pairs.jsonl"), "--model", str(base), "--loss", loss,
+                     "--output", str(tmp_path / loss), "--epochs", "0.5", "--eval-fraction", "0",
+                     "--log-with", "none", "--max-length", "48"]) == 0
+    page = tmp_path / "page.html"
+    assert main(["show-rewards", "--model", str(tmp_path / "token_edit"), "--data", str(tmp_path / "pairs.jsonl"),
+                 "--output", str(page), "--n", "3"]) == 0
+    html = page.read_text()
+    assert html.count('<div class="pair">') == 3 and "<b>" not in html
+    visible = unescape(re.sub(r"<[^>]+>", "", html))   # the text a browser shows
+    assert rows[0]["rejected"] in visible and rows[0]["edited"] in visible
+    assert 'u1' in html and "gold" in html and html.count("<h3>") == 6
+    capsys.readouterr()
+    assert main(["show-rewards", "--model", str(tmp_path / "sequence"), "--data", str(tmp_path / "pairs.jsonl"),
+                 "--output", str(page)]) == 2
+    assert "needs a token reward model" in capsys.readouterr().err

@@ -1,0 +1,237 @@
+"""Reward-model scoring of rollouts, with the same input rule as RM training (rm/inputs.py).
+
+Two cases:
+
+- same tokenizer (identical vocabulary and EOS): the RM reads the policy's own ids,
+  ``prompt ids + response ids (without EOS) + [EOS]`` (the decoder layout of
+  :func:`finegrain.rm.inputs.build_rm_example`), so RM position i is policy token i and the
+  RM's closing EOS is the policy's EOS; no mapping.
+- different tokenizers (``--cross-tokenizer``): the decoded response is re-tokenised with
+  :func:`build_rm_example` and each RM token's reward is split over the policy tokens its
+  characters overlap, in proportion to the overlap (:func:`map_rewards_by_offsets`), so the
+  sum of a response's rewards is preserved.
+
+In both cases the RM's closing token (zero-width, at the end of the text) lands on the
+policy's last token: its EOS when the response ended, else its last sampled token.
+
+Scores: a sequence RM's score is its output at the closing token (computed so that a pad id
+equal to EOS cannot make HF pick the token before it); a token RM's score is Eq. 1, the mean
+of its r_t over the response positions including the closing token.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..rm.inputs import RMExample, build_rm_example, is_encoder_style
+
+Offsets = Sequence[tuple[int, int]]
+
+
+@dataclass
+class RewardOutput:
+    """RM view of a batch of rollouts.
+
+    scores:         (B,) one number per response: a sequence RM's score, or a token RM's Eq. 1 mean
+    token_rewards:  (B, T) r_t mapped onto the policy's response tokens (raw, unscaled; token RM
+                    only, else None); each row sums to the RM's sum of r_t
+    n_scored:       (B,) number of RM response positions (T of Eq. 1, closing token included)
+    """
+
+    scores: torch.Tensor
+    token_rewards: torch.Tensor | None
+    n_scored: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- tokenizers
+def tokenizers_match(a, b) -> bool:
+    """True when two tokenizers map text to the same ids (same vocabulary, EOS and pair layout)."""
+    if a is b:
+        return True
+    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+            and is_encoder_style(a) == is_encoder_style(b))
+
+
+def rm_example_from_ids(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int,
+                        max_length: int) -> RMExample:
+    """The decoder layout of ``build_rm_example`` built from ids the policy produced.
+
+    ``response_ids`` must not include the EOS: the closing EOS is appended here, as in RM
+    training. Same truncation policy: the response keeps priority, the prompt is cut from
+    its left; a response too long alone is cut on the right before the closing token.
+    """
+    budget = max_length - 1
+    r_ids = list(response_ids)[:budget]
+    keep = budget - len(r_ids)
+    p_ids = list(prompt_ids)[len(prompt_ids) - keep:] if keep > 0 else []
+    truncated = len(r_ids) < len(response_ids) or len(p_ids) < len(prompt_ids)
+    ids = p_ids + r_ids + [eos_id]
+    return RMExample(ids, len(p_ids), len(ids), [], truncated)
+
+
+def policy_token_offsets(tokenizer, ids: Sequence[int], text: str) -> list[tuple[int, int]]:
+    """Character span in ``text`` (the decoded response) of each policy token, by incremental decoding.
+
+    Token i covers ``[end_{i-1}, end_i)`` with ``end_i`` = length of the longest common prefix of
+    ``text`` and the decoding of ``ids[:i+1]``: a token that completes no character yet (part
+    of a multi-byte character) or a special token (EOS) gets a zero-width span.
+    """
+    offsets: list[tuple[int, int]] = []
+    end = 0
+    for i in range(len(ids)):
+        prefix = tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True)
+        common = 0
+        limit = min(len(prefix), len(text))
+        while common < limit and prefix[common] == text[common]:
+            common += 1
+        new_end = max(end, common)
+        offsets.append((end, new_end))
+        end = new_end
+    return offsets
+
+
+def map_rewards_by_offsets(src_offsets: Offsets, src_rewards: Sequence[float], dst_offsets: Offsets) -> list[float]:
+    """Move per-token rewards from one tokenisation of a text to another, preserving their sum.
+
+    Each source token's reward is split over the destination tokens whose character spans
+    overlap its span, in proportion to the overlap; the last overlapping token gets the
+    remainder (so rounding never changes the sum). A source token that overlaps nothing
+    (zero width, such as the closing EOS, or beyond the text) goes to the last destination token.
+    """
+    if not dst_offsets:
+        raise ValueError("no destination tokens to put rewards on")
+    out = [0.0] * len(dst_offsets)
+    for (s, e), r in zip(src_offsets, src_rewards):
+        r = float(r)
+        overlaps = [(j, min(e, de) - max(s, ds)) for j, (ds, de) in enumerate(dst_offsets)]
+        overlaps = [(j, w) for j, w in overlaps if w > 0]
+        if not overlaps:
+            out[-1] += r
+            continue
+        total = sum(w for _, w in overlaps)
+        given = 0.0
+        for j, w in overlaps[:-1]:
+            share = r * w / total
+            out[j] += share
+            given += share
+        out[overlaps[-1][0]] += r - given
+    return out
+
+
+# ----------------------------------------------------------------------------- RM forward
+@contextlib.contextmanager
+def _no_pad_lookup(model):
+    """Make HF sequence-classification heads score the last column instead of the last non-pad token.
+
+    With left padding the last column is every row's closing token; HF's own rule would skip it
+    when pad == EOS. -1 is an id no input contains.
+    """
+    old = model.config.pad_token_id
+    model.config.pad_token_id = -1
+    try:
+        yield
+    finally:
+        model.config.pad_token_id = old
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..generation import left_pad, right_pad
+
+    return (left_pad if left else right_pad)(seqs, pad_id)
+
+
+@torch.inference_mode()
+def rm_forward(model, tokenizer, examples: list[RMExample], kind: str, batch_size: int) -> list[torch.Tensor]:
+    """Per example: r_t over its response positions (token RM, (T,)) or its score (sequence RM, ())."""
+    device = next(model.parameters()).device
+    encoder = is_encoder_style(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[torch.Tensor] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        seqs = [ex.input_ids for ex in chunk]
+        left = kind == "sequence" and not encoder  # decoder sequence heads read the last column
+        ids, mask = (t.to(device) for t in _pad(seqs, pad_id, left))
+        kw = {}
+        if not encoder:
+            kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if kind == "sequence":
+            ctx = _no_pad_lookup(model) if not encoder else contextlib.nullcontext()
+            with ctx:
+                logits = model(input_ids=ids, attention_mask=mask, **kw).logits  # (b, 1)
+            out.extend(logits[:, 0].float().cpu())
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, **kw).logits[..., 0].float().cpu()  # (b, L)
+            out.extend(row[ex.response_start:ex.response_end] for row, ex in zip(logits, chunk))
+    return out
+
+
+# ----------------------------------------------------------------------------- the scorer
+class RewardScorer:
+    """Scores rollouts with a reward model; see the module docstring for the two tokenizer cases."""
+
+    def __init__(self, model, tokenizer, kind: str, policy_tokenizer, *, max_length: int,
+                 template: str | None = None, batch_size: int = 16):
+        if kind not in ("token", "sequence"):
+            raise ValueError(f"reward model kind must be token or sequence, got {kind!r}")
+        self.model, self.tokenizer, self.kind = model, tokenizer, kind
+        self.policy_tokenizer = policy_tokenizer
+        self.max_length, self.template, self.batch_size = max_length, template, batch_size
+        # the ids layout is the decoder one; an (unusual) encoder-style policy tokenizer takes the text path
+        self.same_tokenizer = tokenizers_match(tokenizer, policy_tokenizer) and not is_encoder_style(tokenizer)
+
+    def examples(self, prompts: Sequence[str], query_ids: Sequence[Sequence[int]], response_ids: torch.Tensor,
+                 response_mask: torch.Tensor, texts: Sequence[str]) -> list[RMExample]:
+        """RM inputs of a batch: policy ids (same tokenizer) or re-tokenised text (cross-tokenizer)."""
+        if not self.same_tokenizer:
+            return [build_rm_example(self.tokenizer, p, t, max_length=self.max_length, template=self.template,
+                                     with_offsets=self.kind == "token") for p, t in zip(prompts, texts)]
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for q, r, m in zip(query_ids, response_ids, response_mask):
+            body = [t for t in r[m.bool()].tolist()]
+            if body and body[-1] == eos:
+                body = body[:-1]
+            out.append(rm_example_from_ids(list(q), body, eos, self.max_length))
+        return out
+
+    def score(self, prompts: Sequence[str], query_ids: Sequence[Sequence[int]], response_ids: torch.Tensor,
+              response_mask: torch.Tensor, texts: Sequence[str]) -> RewardOutput:
+        """Scores (B,) and, for a token RM, r_t mapped onto the policy tokens (B, T)."""
+        exs = self.examples(prompts, query_ids, response_ids, response_mask, texts)
+        raw = rm_forward(self.model, self.tokenizer, exs, self.kind, self.batch_size)
+        n_scored = torch.tensor([ex.response_end - ex.response_start for ex in exs], dtype=torch.long)
+        if self.kind == "sequence":
+            return RewardOutput(torch.stack(raw), None, n_scored)
+        scores = torch.stack([r.mean() for r in raw])
+        token_rewards = torch.zeros(response_ids.shape, dtype=torch.float32)
+        for b, (r, ex) in enumerate(zip(raw, exs)):
+            n_pol = int(response_mask[b].sum())
+            if n_pol == 0:
+                continue
+            if self.same_tokenizer:
+                token_rewards[b, :n_pol] = torch.tensor(map_same_tokenizer(r.tolist(), n_pol))
+            else:
+                ids = response_ids[b, :n_pol].tolist()
+                dst = policy_token_offsets(self.policy_tokenizer, ids, texts[b])
+                token_rewards[b, :n_pol] = torch.tensor(map_rewards_by_offsets(ex.response_offsets, r.tolist(), dst))
+        return RewardOutput(scores, token_rewards, n_scored)
+
+
+def map_same_tokenizer(rm_rewards: Sequence[float], n_policy: int) -> list[float]:
+    """RM response position i -> policy token i; the closing token (last) -> the last policy token.
+
+    With an ended response the closing token IS the policy's EOS; otherwise (no EOS sampled,
+    or a response truncated for the RM) its reward joins the last policy token, so sums are kept.
+    """
+    out = [0.0] * n_policy
+    body = list(rm_rewards[:-1])
+    for i, r in enumerate(body[:n_policy]):
+        out[i] += float(r)
+    for r in body[n_policy:]:
+        out[-1] += float(r)
+    out[-1] += float(rm_rewards[-1])
+    return out

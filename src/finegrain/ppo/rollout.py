@@ -1,0 +1,272 @@
+"""Rollouts: generate -> log-probs, reference log-probs, values -> RM scores -> per-token rewards -> GAE.
+
+Stages pass one documented dataclass, :class:`Rollout`. Everything before the update runs
+under ``torch.inference_mode``; the finished rollout is cloned out of it so the update can use
+its tensors in autograd.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import core
+from .rewards import RewardOutput
+
+
+class PolicyAndValue(nn.Module):
+    """Policy (causal LM, maybe a peft model) and value model (token classification, one label) as ONE module.
+
+    One module means one ``accelerator.prepare``, one optimizer (two parameter groups) and one
+    gradient synchronisation, which is what DDP, FSDP and DeepSpeed all expect.
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        values = self.value_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids).logits[..., 0]
+        return logits, values  # (B, L, V), (B, L)
+
+
+def join_query_response(q_ids, q_mask, r_ids, r_mask):
+    """Left-padded query + right-padded response -> ids, mask, position ids, all (B, Lq + Lr)."""
+    ids = torch.cat([q_ids, r_ids], dim=1)
+    mask = torch.cat([q_mask, r_mask], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+def response_logits(logits: torch.Tensor, query_len: int, temperature: float) -> torch.Tensor:
+    """Logits predicting each response token, divided by the sampling temperature: (B, L, V) -> (B, Lr, V)."""
+    return logits[:, query_len - 1:-1] / temperature
+
+
+def forward_response(model: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature: float, with_entropy: bool = True):
+    """(logprobs, values, entropy or None), each (B, Lr), of the response tokens under a :class:`PolicyAndValue`.
+
+    The value of response position t is the value head's output at the token before it (state s_t).
+    """
+    ids, mask, pos = join_query_response(q_ids, q_mask, r_ids, r_mask)
+    logits, values = model(ids, mask, pos)
+    lq = q_ids.shape[1]
+    logits = response_logits(logits, lq, temperature)
+    entropy = core.entropy_from_logits(logits) if with_entropy else None
+    return core.logprobs_from_logits(logits, r_ids), values[:, lq - 1:-1].float(), entropy
+
+
+def policy_logprobs(policy: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature: float) -> torch.Tensor:
+    """Log-probs (B, Lr) of the response tokens under a bare causal LM (the reference)."""
+    ids, mask, pos = join_query_response(q_ids, q_mask, r_ids, r_mask)
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return core.logprobs_from_logits(response_logits(logits, q_ids.shape[1], temperature), r_ids)
+
+
+@dataclass
+class Rollout:
+    """One step's rollouts (B per process) and everything the update needs.
+
+    prompts, texts:      prompt strings and decoded responses (B,)
+    query_ids/mask:      (B, Lq) left-padded prompt ids
+    response_ids/mask:   (B, Lr) right-padded response ids; mask covers tokens up to and incl. EOS
+    ended:               (B,) the response emitted EOS
+    logprobs:            (B, Lr) log pi_old(a_t) with logits / temperature
+    ref_logprobs:        (B, Lr) log pi_ref(a_t), same temperature
+    values:              (B, Lr) V(s_t) of the value model before the update
+    entropy:             (B, Lr) entropy of pi_old at each response position
+    scores:              (B,) RM score (sequence RM score or a token RM's Eq. 1 mean), before any processing
+    token_rewards:       (B, Lr) RM rewards on policy tokens after normalising/clipping/scaling (token mode;
+                         None in sequence mode)
+    kl:                  (B, Lr) per-token KL estimate
+    rewards:             (B, Lr) the assembled per-token rewards fed to GAE
+    non_score_rewards:   (B, Lr) -beta * kl
+    advantages, returns: (B, Lr) from GAE (advantages whitened when configured)
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    scores: torch.Tensor
+    token_rewards: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    non_score_rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def tensors_out_of_inference_mode(self) -> "Rollout":
+        """Clone every tensor so autograd may save it (inference tensors cannot be saved for backward)."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Rollout(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+
+    def select(self, idx: torch.Tensor, device) -> "Rollout":
+        """The rollouts at ``idx``, tensors moved to ``device`` (for a minibatch)."""
+        kw = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                kw[f.name] = v[idx].to(device)
+            elif isinstance(v, list):
+                kw[f.name] = [v[i] for i in idx.tolist()]
+            else:
+                kw[f.name] = v
+        return Rollout(**kw)
+
+
+def chunked(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@torch.inference_mode()
+def score_rollout_forward(model: nn.Module, ref_policy: nn.Module | None, lora_policy: nn.Module | None,
+                          q_ids, q_mask, r_ids, r_mask, temperature: float, batch_size: int, device):
+    """logprobs, ref_logprobs, values, entropy (each (B, Lr), on CPU) in chunks of ``batch_size``.
+
+    The reference is ``ref_policy`` or, for LoRA, ``lora_policy`` with its adapters disabled.
+    """
+    outs: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    for sl in chunked(q_ids.shape[0], batch_size):
+        args = [t[sl].to(device) for t in (q_ids, q_mask, r_ids, r_mask)]
+        lp, v, ent = forward_response(model, *args, temperature)
+        if lora_policy is not None:
+            with lora_policy.disable_adapter():
+                ref = policy_logprobs(lora_policy, *args, temperature)
+        else:
+            ref = policy_logprobs(ref_policy, *args, temperature)
+        for k, t in zip(outs, (lp, ref, v, ent)):
+            outs[k].append(t.float().cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+@dataclass
+class RewardSettings:
+    """Reward options of :func:`process_rewards`, copied from PPOConfig."""
+
+    mode: str                    # sequence or token
+    kl_estimator: str            # k1 or k3
+    token_reward_scale: str      # raw or mean
+    reward_clip: float | None
+    missing_eos_penalty: float | None
+    whiten_rewards: bool
+    gamma: float
+    lam: float
+    whiten_advantages: bool
+
+
+def process_rewards(r: Rollout, rm: RewardOutput, kl_coef: float, s: RewardSettings,
+                    moments: "core.RunningMoments | None" = None) -> Rollout:
+    """Fill kl, token_rewards, rewards, non_score_rewards, advantages and returns of ``r``.
+
+    Order: RM output -> running normalisation (optional) -> clip -> token scale -> + (-beta KL)
+    and the missing-EOS penalty (:func:`core.assemble_rewards`) -> reward whitening (optional)
+    -> GAE -> advantage whitening.
+    """
+    mask = r.response_mask.float()
+    kl = core.kl_estimate(r.logprobs, r.ref_logprobs, s.kl_estimator) * mask
+    bonus = None
+    if s.missing_eos_penalty:
+        bonus = torch.where(r.ended, 0.0, -float(s.missing_eos_penalty)).float()
+    if s.mode == "sequence":
+        score = moments.normalise(rm.scores) if moments is not None else rm.scores
+        if s.reward_clip is not None:
+            score = score.clamp(-s.reward_clip, s.reward_clip)
+        rewards, non_score = core.assemble_rewards(kl, mask, kl_coef, score=score, terminal_bonus=bonus)
+        token_rewards = None
+    else:
+        tr = rm.token_rewards
+        if moments is not None:
+            tr = moments.scale(tr)
+        if s.reward_clip is not None:
+            tr = tr.clamp(-s.reward_clip, s.reward_clip)
+        token_rewards = core.scale_token_rewards(tr, mask, s.token_reward_scale, rm.n_scored)
+        rewards, non_score = core.assemble_rewards(kl, mask, kl_coef, token_rewards=token_rewards,
+                                                   terminal_bonus=bonus)
+    if s.whiten_rewards:
+        rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = core.gae(rewards, r.values, mask, s.gamma, s.lam)
+    if s.whiten_advantages:
+        advantages = core.masked_whiten(advantages, mask)
+    return dataclasses.replace(r, kl=kl, token_rewards=token_rewards, rewards=rewards, non_score_rewards=non_score,
+                               advantages=advantages, returns=returns)
+
+
+@contextlib.contextmanager
+def unwrapped_for_generation(accelerator, model: nn.Module):
+    """The :class:`PolicyAndValue` with full parameters, for ``generate`` (ZeRO-3 / FSDP gather them)."""
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(model.parameters()):
+            yield unwrapped
+        return
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False, recurse=True):
+            yield unwrapped
+        return
+    yield unwrapped
+
+
+def rollout_stats(r: Rollout) -> dict[str, float]:
+    """Per-step means of one process's rollouts (reduced over processes by the caller)."""
+    mask = r.response_mask.float()
+    lengths = mask.sum(-1)
+    kl_sum = (r.kl * mask).sum(-1)
+    non_score = r.non_score_rewards.sum(-1)
+    out = {
+        "reward": r.scores.mean().item(),
+        "reward_std": r.scores.std().item() if r.scores.numel() > 1 else 0.0,
+        "kl": kl_sum.mean().item(),
+        "non_score_reward": non_score.mean().item(),
+        "total_reward": r.rewards.sum(-1).mean().item(),
+        "entropy": core.masked_mean(r.entropy, mask).item(),
+        "response_length": lengths.mean().item(),
+        "eos_rate": r.ended.float().mean().item(),
+        "value_mean": core.masked_mean(r.values, mask).item(),
+        "advantage_mean": core.masked_mean(r.advantages, mask).item(),
+        "return_mean": core.masked_mean(r.returns, mask).item(),
+        "explained_variance": core.explained_variance(r.values, r.returns, mask).item(),
+    }
+    if r.token_rewards is not None:
+        out["token_reward_sum"] = (r.token_rewards * mask).sum(-1).mean().item()
+    return out
+
+
+def sample_records(step: int, r: Rollout, n: int) -> list[dict]:
+    """The first ``n`` rollouts of a step, for samples.jsonl."""
+    rows = []
+    for i in range(min(n, len(r.prompts))):
+        m = r.response_mask[i].bool()
+        rows.append({"step": step, "prompt": r.prompts[i], "response": r.texts[i], "score": float(r.scores[i]),
+                     "ended": bool(r.ended[i]), "length": int(m.sum()),
+                     "token_rewards": [round(float(x), 4) for x in r.token_rewards[i][m]]
+                     if r.token_rewards is not None else None})
+    return rows
+
+
+def make_rollout(prompts: Sequence[str], query_ids: Sequence[Sequence[int]], gen, fwd: dict[str, torch.Tensor],
+                 rm: RewardOutput) -> Rollout:
+    """Assemble a :class:`Rollout` from the outputs of generation, the forward passes and the RM."""
+    return Rollout(prompts=list(prompts), texts=list(gen.texts), query_ids=gen.query_ids, query_mask=gen.query_mask,
+                   response_ids=gen.response_ids, response_mask=gen.response_mask, ended=gen.ended,
+                   logprobs=fwd["logprobs"], ref_logprobs=fwd["ref_logprobs"], values=fwd["values"],
+                   entropy=fwd["entropy"], scores=rm.scores.float())

@@ -1,0 +1,186 @@
+"""Pre-flight checks and model loading for PPO: bad input is refused before any weights load.
+
+:func:`preflight` reads only tokenizers, configs and the prompt file and raises one
+:class:`ConfigError` / :class:`InputError` line for: an empty prompt set, a missing or empty
+prompt, a prompt that leaves no room for the response, a sequence RM asked for token
+rewards, an RM whose tokenizer differs from the policy's without ``--cross-tokenizer``, a
+value model initialised from such an RM, and a policy tokenizer without EOS.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError, InputError
+from ..generation import encode_texts, format_prompt
+from ..io import iter_records
+from ..models import load_tokenizer, read_meta
+from .config import PPOConfig
+from .rewards import tokenizers_match
+
+
+@dataclass
+class RunInputs:
+    """What the pre-flight established (nothing heavy is loaded yet).
+
+    prompts:       raw prompt strings, in file order
+    query_ids:     formatted, tokenised prompts (policy tokenizer), one list of ids per prompt
+    tokenizer:     the policy's tokenizer (left padding)
+    rm_tokenizer:  the reward model's tokenizer
+    rm_kind:       "token" or "sequence"
+    rm_max_length: RM input length used for scoring
+    same_tokenizer: RM and policy share their tokenizer (no offset mapping)
+    """
+
+    prompts: list[str]
+    query_ids: list[list[int]]
+    tokenizer: object
+    rm_tokenizer: object
+    rm_kind: str
+    rm_max_length: int
+    same_tokenizer: bool
+
+
+def model_context_length(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """Longest input the model's config allows (max_position_embeddings / n_positions), if it says."""
+    from transformers import AutoConfig
+
+    from ..models import resolve_model
+
+    res = resolve_model(name_or_path)
+    try:
+        cfg = AutoConfig.from_pretrained(res.path, trust_remote_code=trust_remote_code, **res.kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the model config of {name_or_path!r}: {e}") from e
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def reward_model_kind(path: str) -> str:
+    """'token' or 'sequence', from finegrain.json or else from the saved architecture."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"--reward-model {path!r} is not a directory (a saved reward model is expected)")
+    kind = read_meta(p).get("kind")
+    if kind in ("token", "sequence"):
+        return kind
+    cfg_file = p / "config.json"
+    archs = json.loads(cfg_file.read_text()).get("architectures") or [] if cfg_file.exists() else []
+    if any(a.endswith("ForTokenClassification") for a in archs):
+        return "token"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "sequence"
+    raise ConfigError(f"cannot tell whether {path!r} is a token or a sequence reward model: its finegrain.json "
+                      "has no 'kind' and its config.json names no *ForTokenClassification / "
+                      "*ForSequenceClassification architecture")
+
+
+def load_prompts(cfg: PPOConfig) -> list[str]:
+    """Prompt strings of ``cfg.prompts``; every record needs a non-empty string field."""
+    prompts = []
+    for loc, rec in iter_records(cfg.prompts):
+        value = rec.get(cfg.prompt_field)
+        if not isinstance(value, str) or not value.strip():
+            what = "is missing" if value is None else "must be a non-empty string"
+            raise InputError(what, path=cfg.prompts, record=loc, field=cfg.prompt_field)
+        prompts.append(value)
+    if not prompts:
+        raise InputError("no prompts: the prompt set is empty", path=cfg.prompts)
+    return prompts
+
+
+def preflight(cfg: PPOConfig) -> RunInputs:
+    """Validate everything that can be validated without loading weights; see the module docstring."""
+    rm_kind = reward_model_kind(cfg.reward_model)
+    if cfg.reward_mode == "token" and rm_kind == "sequence":
+        raise ConfigError(f"--reward-mode token needs a token-level reward model, but {cfg.reward_model} is a "
+                          "sequence RM (one score per response); use --reward-mode sequence or a token RM")
+    tok = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code, padding_side="left")
+    if tok.eos_token_id is None:
+        raise ConfigError(f"the policy tokenizer of {cfg.policy!r} has no EOS token, so responses could never end; "
+                          "set tokenizer.eos_token and save it with the policy")
+    rm_tok = load_tokenizer(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+    same = tokenizers_match(tok, rm_tok)
+    if not same and not cfg.cross_tokenizer:
+        raise ConfigError("the reward model's tokenizer differs from the policy's (vocabulary, EOS or pair layout); "
+                          "pass --cross-tokenizer to decode responses, re-tokenise them for the RM and map token "
+                          "rewards back by character offsets")
+    if not same and cfg.value_init == "reward":
+        raise ConfigError("--value-init reward needs the RM to share the policy's tokenizer (the value model reads "
+                          "policy tokens); use --value-init policy with --cross-tokenizer")
+    if not same and cfg.reward_mode == "token" and not getattr(rm_tok, "is_fast", False):
+        raise ConfigError("--cross-tokenizer with token rewards needs a fast (Rust) RM tokenizer for character offsets")
+    prompts = load_prompts(cfg)
+    query_ids = encode_texts(tok, [format_prompt(tok, p, cfg.prompt_template) for p in prompts])
+    ctx = model_context_length(cfg.policy, cfg.trust_remote_code)
+    limit = cfg.max_prompt_length if ctx is None else min(cfg.max_prompt_length, ctx - cfg.max_new_tokens)
+    if limit < 1:
+        raise ConfigError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the policy's "
+                          f"context of {ctx} tokens")
+    for i, ids in enumerate(query_ids):
+        if len(ids) > limit:
+            raise InputError(f"prompt is {len(ids)} tokens after formatting; at most {limit} leave room for "
+                             f"--max-new-tokens {cfg.max_new_tokens} (context {ctx}, --max-prompt-length "
+                             f"{cfg.max_prompt_length})", path=cfg.prompts, record=f"prompt {i + 1}",
+                             field=cfg.prompt_field)
+    rm_ctx = model_context_length(cfg.reward_model, cfg.trust_remote_code)
+    rm_max = cfg.rm_max_length or cfg.max_prompt_length + cfg.max_new_tokens + 1
+    if rm_ctx is not None:
+        rm_max = min(rm_max, rm_ctx)
+    return RunInputs(prompts, [list(q) for q in query_ids], tok, rm_tok, rm_kind, rm_max, same)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
+
+
+@dataclass
+class LoadedModels:
+    """policy (maybe a peft model), value model, reference policy (None with LoRA), reward model."""
+
+    policy: object
+    value_model: object
+    ref_policy: object | None
+    reward_model: object
+
+
+def load_models(cfg: PPOConfig, run: RunInputs) -> LoadedModels:
+    """Policy, value model (from the RM or the policy backbone), reference and RM; dropout off everywhere."""
+    from ..models import load_model
+
+    kw = dict(trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype))
+    policy = load_model(cfg.policy, "causal", tokenizer=run.tokenizer, **kw)
+    value_src = cfg.reward_model if cfg.value_init == "reward" else cfg.policy
+    value_model = load_model(value_src, "token", tokenizer=run.tokenizer, **kw)
+    reward_model = load_model(cfg.reward_model, run.rm_kind, tokenizer=run.rm_tokenizer, **kw)
+    ref = None
+    if cfg.use_lora:
+        policy = add_lora(policy, cfg)
+    else:
+        ref = load_model(cfg.policy, "causal", tokenizer=run.tokenizer, **kw)
+        ref.requires_grad_(False)
+    reward_model.requires_grad_(False)
+    for m in (policy, value_model, ref, reward_model):
+        if m is not None:
+            m.eval()  # dropout off (Huang et al.); gradients still flow
+    return LoadedModels(policy, value_model, ref, reward_model)
+
+
+def add_lora(policy, cfg: PPOConfig):
+    """Wrap the policy in LoRA adapters (peft); the frozen base doubles as the reference."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ConfigError("--use-lora needs peft: pip install 'finegrain[peft]'") from e
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(policy, lcfg)
+    except ValueError as e:
+        raise ConfigError(f"cannot add LoRA adapters: {e}; set --lora-target-modules") from e

@@ -1,0 +1,378 @@
+"""The PPO loop: rollout -> rewards -> GAE -> several epochs of clipped updates, with checkpoints.
+
+``train_ppo(cfg)`` is what ``finegrain ppo`` runs; it works unchanged under ``accelerate launch``
+(DDP, FSDP, DeepSpeed): each process generates ``batch_size`` rollouts per step, gradients are
+synchronised by accelerate, and only the main process writes metrics, samples and checkpoints.
+
+Output directory::
+
+    config.json            the full resolved config (written at the start)
+    metrics.jsonl          one JSON object per step (see :func:`step_metrics`)
+    samples.jsonl          sample generations every --sample-every steps
+    checkpoints/step-N/    accelerate state (weights as safetensors, optimizer, RNG) + ppo_state.json
+    final/                 the trained policy (save_pretrained + finegrain.json; LoRA merged)
+    final_adapter/         the LoRA adapters alone (with --use-lora)
+    value/                 the trained value model
+    <tracker dirs>         TensorBoard event files
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import to_dict
+from ..errors import ConfigError
+from ..generation import sample
+from ..io import read_json, write_json
+from ..tracking import MetricsLog, default_log_with, init_trackers, progress
+from . import core
+from .config import PPOConfig
+from .rewards import RewardScorer
+from .rollout import (PolicyAndValue, RewardSettings, Rollout, forward_response, make_rollout, process_rewards,
+                      rollout_stats, sample_records, score_rollout_forward, unwrapped_for_generation)
+from .setup import LoadedModels, RunInputs, load_models, preflight
+
+log = logging.getLogger("finegrain.ppo")
+OnRollout = Callable[[int, list, list], dict]
+STATE_FILE = "ppo_state.json"
+
+
+# ----------------------------------------------------------------------------- data order
+def batch_indices(n_prompts: int, step: int, batch_size: int, rank: int, world: int, seed: int) -> list[int]:
+    """Prompt indices of process ``rank`` at ``step`` (0-based): a seeded permutation per epoch.
+
+    The global stream of prompts is perm(epoch 0) + perm(epoch 1) + ...; step s takes positions
+    [s*G, (s+1)*G) with G = batch_size * world, and each rank its own slice. A pure function of
+    the step, so a resumed run reads exactly the prompts it would have read.
+    """
+    start = step * batch_size * world + rank * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, i = divmod(pos, n_prompts)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n_prompts, generator=g)[i]))
+    return out
+
+
+def lr_factor(cfg: PPOConfig, step: int) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear decay to 0 over the run, or 1."""
+    return 1.0 - step / cfg.steps if cfg.lr_schedule == "linear" else 1.0
+
+
+# ----------------------------------------------------------------------------- update
+def ppo_minibatch_loss(model, b: Rollout, cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy loss + vf_coef * clipped value loss of one micro-batch, and its statistics."""
+    logprobs, values, _ = forward_response(model, b.query_ids, b.query_mask, b.response_ids, b.response_mask,
+                                           cfg.temperature, with_entropy=False)
+    mask = b.response_mask.float()
+    pl = core.policy_loss(logprobs, b.logprobs, b.advantages, mask, cfg.cliprange)
+    vl, vclip = core.value_loss(values, b.values, b.returns, mask, cfg.cliprange_value)
+    loss = pl.loss + cfg.vf_coef * vl
+    stats = {"policy_loss": pl.loss.item(), "value_loss": vl.item(), "clipfrac": pl.clipfrac.item(),
+             "approx_kl": pl.approx_kl.item(), "value_clipfrac": vclip.item(), "loss": loss.item()}
+    return loss, stats
+
+
+def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, step: int) -> dict[str, float]:
+    """``ppo_epochs`` passes over the rollouts in shuffled minibatches; one optimizer step per minibatch.
+
+    Each minibatch is split into ``grad_accum`` micro-batches whose gradients accelerate
+    accumulates (and synchronises across processes once per minibatch). Returned statistics
+    are averaged over ALL micro-batches of all epochs, not the last one.
+    """
+    n = len(rollout.prompts)
+    mb = cfg.minibatch_size()
+    micro = mb // cfg.grad_accum
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    for group, base in zip(optimizer.param_groups, (cfg.lr, cfg.value_lr or cfg.lr)):
+        group["lr"] = base * lr_factor(cfg, step)
+    sums: dict[str, float] = defaultdict(float)
+    count = 0
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, generator=g)
+        for start in range(0, n, micro):
+            b = rollout.select(perm[start:start + micro], accelerator.device)
+            with accelerator.accumulate(model):
+                loss, stats = ppo_minibatch_loss(model, b, cfg)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            for k, v in stats.items():
+                sums[k] += v
+            count += 1
+    out = {k: v / count for k, v in sums.items()}
+    out["lr"] = cfg.lr * lr_factor(cfg, step)
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(output: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint becomes visible only once fully written)."""
+    root = Path(output) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_training_state(accelerator, output: str | Path, step: int, state: dict, keep: int) -> Path:
+    """accelerate state (weights, optimizer, RNG) + ppo_state.json, written to a temp dir then renamed."""
+    root = Path(output) / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
+    if accelerator.is_main_process:
+        write_json(tmp / STATE_FILE, state)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(output)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(accelerator, output: str | Path) -> dict | None:
+    """Restore the latest checkpoint into the prepared objects; its ppo_state.json, or None if none."""
+    found = checkpoint_dirs(output)
+    if not found:
+        return None
+    accelerator.load_state(str(found[-1]))
+    return read_json(found[-1] / STATE_FILE)
+
+
+def _is_sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: no process holds the full weights in its modules."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return getattr(accelerator.state, "fsdp_plugin", None) is not None or (plugin is not None
+                                                                        and plugin.zero_stage == 3)
+
+
+def _full_copies(accelerator, model):
+    """(policy, value_model) holding full weights, on the main process (None elsewhere).
+
+    Unsharded runs return the modules themselves; FSDP / ZeRO-3 gather the state dict
+    (``accelerator.get_state_dict``, every process must call it) into fresh CPU copies.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if not _is_sharded(accelerator):
+        return (unwrapped.policy, unwrapped.value_model) if accelerator.is_main_process else (None, None)
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    full = accelerator.get_state_dict(model)  # gathered on the main process
+    if not accelerator.is_main_process:
+        return None, None
+    peft_cfg = getattr(unwrapped.policy, "peft_config", None)
+    base_cfg = unwrapped.policy.get_base_model().config if peft_cfg else unwrapped.policy.config
+    policy = AutoModelForCausalLM.from_config(base_cfg)
+    if peft_cfg:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_cfg["default"])
+    value_model = AutoModelForTokenClassification.from_config(unwrapped.value_model.config)
+    for prefix, module in (("policy.", policy), ("value_model.", value_model)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
+    return policy, value_model
+
+
+def save_final(accelerator, model, run: RunInputs, cfg: PPOConfig, summary: dict) -> None:
+    """final/ (policy, LoRA merged), final_adapter/ (LoRA only) and value/, loadable by plain transformers."""
+    from ..models import save_checkpoint
+
+    accelerator.wait_for_everyone()
+    policy, value_model = _full_copies(accelerator, model)
+    if not accelerator.is_main_process:
+        return
+    out = Path(cfg.output)
+    meta = {"kind": "policy", "stage": "ppo", "reward_mode": cfg.reward_mode, "reward_model": cfg.reward_model,
+            "base_policy": cfg.policy, "steps": summary["steps"], "lora": cfg.use_lora, "config": to_dict(cfg)}
+    if cfg.use_lora:
+        save_checkpoint(out / "final_adapter", policy, run.tokenizer, dict(meta, kind="lora_adapter"))
+        policy = policy.merge_and_unload()
+        meta["lora_merged"] = True
+    save_checkpoint(out / "final", policy, run.tokenizer, meta)
+    save_checkpoint(out / "value", value_model, run.tokenizer,
+                    {"kind": "value", "stage": "ppo", "value_init": cfg.value_init})
+
+
+# ----------------------------------------------------------------------------- one step
+@dataclasses.dataclass
+class Engine:
+    """Everything a step needs, prepared once (no config bag: each piece is explicit)."""
+
+    cfg: PPOConfig
+    run: RunInputs
+    accelerator: object
+    model: object                  # prepared PolicyAndValue
+    optimizer: object
+    ref_policy: object | None
+    scorer: RewardScorer
+    kl_ctl: core.FixedKLController
+    moments: core.RunningMoments | None
+    settings: RewardSettings
+
+
+def reduce_mean(accelerator, stats: dict[str, float]) -> dict[str, float]:
+    """Mean of each statistic over processes (identical keys on every process)."""
+    if accelerator.num_processes == 1:
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
+    """Generate, score and assemble one step's rollouts (0-based ``step``); returns the timings too."""
+    cfg, acc = e.cfg, e.accelerator
+    idx = batch_indices(len(e.run.prompts), step, cfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
+    prompts = [e.run.prompts[i] for i in idx]
+    queries = [e.run.query_ids[i] for i in idx]
+    t0 = time.perf_counter()
+    with unwrapped_for_generation(acc, e.model) as unwrapped:
+        gen = sample(unwrapped.policy, e.run.tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                     generator_seed=cfg.seed * 1_000_003 + step * acc.num_processes + acc.process_index)
+        t1 = time.perf_counter()
+        lora = unwrapped.policy if cfg.use_lora else None
+        fwd = score_rollout_forward(unwrapped, e.ref_policy, lora, gen.query_ids, gen.query_mask, gen.response_ids,
+                                    gen.response_mask, cfg.temperature, cfg.forward_batch_size, acc.device)
+    rm = e.scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts)
+    if e.moments is not None:  # running statistics over every process's rewards
+        x = rm.scores if cfg.reward_mode == "sequence" else rm.token_rewards.sum(-1)
+        e.moments.update(acc.gather(x.to(acc.device)).cpu())
+    r = process_rewards(make_rollout(prompts, queries, gen, fwd, rm), rm, e.kl_ctl.value, e.settings, e.moments)
+    t2 = time.perf_counter()
+    return r.tensors_out_of_inference_mode(), {"time_generate": t1 - t0, "time_score": t2 - t1}
+
+
+def run_step(e: Engine, step: int, on_rollout: OnRollout | None) -> tuple[dict[str, float], Rollout]:
+    """One PPO step (0-based): rollouts, update, KL controller; returns the metrics line (1-based step)."""
+    t0 = time.perf_counter()
+    r, times = rollout_step(e, step)
+    stats = rollout_stats(r)
+    stats["kl_coef"] = e.kl_ctl.value
+    if on_rollout is not None:
+        extra = on_rollout(step + 1, list(r.prompts), list(r.texts)) or {}
+        if not isinstance(extra, dict):
+            raise ConfigError("on_rollout must return a dict of metric name -> number")
+        stats.update({k: float(v) for k, v in extra.items()})
+    t1 = time.perf_counter()
+    stats.update(ppo_update(e.accelerator, e.model, e.optimizer, r, e.cfg, step))
+    times["time_update"] = time.perf_counter() - t1
+    stats.update(times)
+    n_tokens = float(r.response_mask.sum())
+    stats["response_tokens"] = n_tokens
+    stats = reduce_mean(e.accelerator, stats)
+    stats["response_tokens"] *= e.accelerator.num_processes
+    stats["tokens_per_s"] = stats["response_tokens"] / max(time.perf_counter() - t0, 1e-9)
+    e.kl_ctl.update(stats["kl"], len(r.prompts) * e.accelerator.num_processes)
+    return {"step": step + 1, **stats}, r
+
+
+# ----------------------------------------------------------------------------- the run
+def make_accelerator(cfg: PPOConfig):
+    from accelerate import Accelerator
+
+    log_with = {"auto": default_log_with(), "none": []}.get(cfg.log_with, [cfg.log_with])
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, log_with=log_with or None, project_dir=cfg.output)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and acc.num_processes == 1:  # every process would think it is rank 0 and clobber the outputs
+        raise ConfigError(f"launched as {world} processes but accelerate sees 1 (no GPU found?); for several CPU "
+                          "processes set ACCELERATE_USE_CPU=true (see examples/accelerate/README.md)")
+    return acc
+
+
+def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerator) -> Engine:
+    """Wrap, prepare and connect the models; the optimizer has one group for the policy, one for the value."""
+    model = PolicyAndValue(models.policy, models.value_model)
+    groups = [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
+              {"params": [p for p in models.value_model.parameters() if p.requires_grad],
+               "lr": cfg.value_lr or cfg.lr}]
+    optimizer = torch.optim.AdamW(groups, eps=cfg.adam_eps)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # no dataloader is prepared, so DeepSpeed must be told the micro-batch size
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.minibatch_size() // cfg.grad_accum
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ref = models.ref_policy.to(accelerator.device) if models.ref_policy is not None else None
+    scorer = RewardScorer(models.reward_model.to(accelerator.device), run.rm_tokenizer, run.rm_kind, run.tokenizer,
+                          max_length=run.rm_max_length, template=cfg.prompt_template,
+                          batch_size=cfg.forward_batch_size)
+    kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+              else core.FixedKLController(cfg.kl_coef))
+    settings = RewardSettings(cfg.reward_mode, cfg.kl_estimator, cfg.token_reward_scale, cfg.reward_clip,
+                              cfg.missing_eos_penalty, cfg.whiten_rewards, cfg.gamma, cfg.lam, cfg.whiten_advantages)
+    return Engine(cfg, run, accelerator, model, optimizer, ref, scorer, kl_ctl,
+                  core.RunningMoments() if cfg.reward_norm else None, settings)
+
+
+def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerator=None,
+              models: LoadedModels | None = None) -> dict:
+    """Run PPO as configured; returns a summary (steps, final reward and KL, output paths).
+
+    on_rollout(step, prompts, responses) -> {name: number} is called on every process after each
+    step's generation; its numbers join that step's metrics line (averaged over processes), e.g.
+    a gold reward in the sandbox. ``accelerator`` and ``models`` (a :class:`LoadedModels`) may be
+    passed in; by default both are built from ``cfg`` alone.
+    """
+    run = preflight(cfg)  # refuses bad input before any weights load
+    out = Path(cfg.output)
+    if not cfg.resume and checkpoint_dirs(out):
+        raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue or choose another --output")
+    acc = accelerator or make_accelerator(cfg)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    e = build_engine(cfg, run, models or load_models(cfg, run), acc)
+    start = 0
+    state = load_training_state(acc, out) if cfg.resume else None
+    if state is not None:
+        start = int(state["step"])
+        e.kl_ctl.load_state_dict(state["kl_controller"])
+        if e.moments is not None and state.get("reward_moments"):
+            e.moments.load_state_dict(state["reward_moments"])
+    main = acc.is_main_process
+    resume_at = start + 1 if cfg.resume else None
+    metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=resume_at, enabled=main)
+    samples = MetricsLog(out / "samples.jsonl", resume_from_step=resume_at, enabled=main)
+    if main:
+        write_json(out / "config.json", to_dict(cfg))
+        log.info("PPO config: %s", to_dict(cfg))
+    init_trackers(acc, "ppo", to_dict(cfg))
+    bar = progress(total=cfg.steps, initial=start, desc=f"ppo ({cfg.reward_mode} rewards)", disable=None if main else True)
+    line: dict = {}
+    for step in range(start, cfg.steps):
+        line, r = run_step(e, step, on_rollout)
+        metrics.log(line)
+        acc.log({k: v for k, v in line.items() if k != "step"}, step=step + 1)
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            for row in sample_records(step + 1, r, cfg.num_samples):
+                samples.log(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{line['reward']:.3f}", kl=f"{line['kl']:.3f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            state = {"step": step + 1, "data_position": (step + 1) * cfg.batch_size * acc.num_processes,
+                     "kl_controller": e.kl_ctl.state_dict(),
+                     "reward_moments": e.moments.state_dict() if e.moments is not None else None}
+            save_training_state(acc, out, step + 1, state, cfg.keep_checkpoints)
+    bar.close()
+    summary = {"steps": cfg.steps, "resumed_from": start if cfg.resume else None, "output": str(out),
+               "final_policy": str(out / "final"), "metrics": str(out / "metrics.jsonl"),
+               "last": {k: line.get(k) for k in ("reward", "kl", "tokens_per_s")}}
+    save_final(acc, e.model, run, cfg, summary)
+    acc.end_training()
+    return summary

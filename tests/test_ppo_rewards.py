@@ -1,0 +1,228 @@
+"""Reward-model scoring for PPO: same-tokenizer ids, cross-tokenizer offset mapping (sum preserved),
+sequence scores at the true last position, and the token mode with a reward on the last token
+only reproducing the sequence-mode update exactly."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from finegrain.models import train_bpe_tokenizer
+from finegrain.ppo.rewards import (RewardOutput, RewardScorer, map_rewards_by_offsets, map_same_tokenizer,
+                                   policy_token_offsets, rm_example_from_ids, rm_forward, tokenizers_match)
+from finegrain.rm.inputs import build_rm_example
+from test_ppo_train import tiny, word_tokenizer
+
+from conftest import CORPUS, make_tiny_model
+
+
+# ----------------------------------------------------------------------------- offset mapping
+def test_map_rewards_proportional_split_by_hand():
+    # RM tokens: "abcd" (0,4) r=2 ; "ef" (4,6) r=1 ; closing (6,6) r=0.5
+    # policy tokens: "a" (0,1), "bcdef" (1,6), EOS (6,6)
+    out = map_rewards_by_offsets([(0, 4), (4, 6), (6, 6)], [2.0, 1.0, 0.5], [(0, 1), (1, 6), (6, 6)])
+    # "abcd" overlaps "a" by 1 and "bcdef" by 3: 2 * 1/4 = .5 and 2 * 3/4 = 1.5 ; "ef" all to "bcdef"
+    # the zero-width closing token goes to the last policy token (the EOS)
+    assert out == pytest.approx([0.5, 2.5, 0.5])
+
+
+@st.composite
+def two_tokenisations(draw):
+    n = draw(st.integers(1, 60))
+    def cuts():
+        inner = draw(st.lists(st.integers(1, max(1, n - 1)), max_size=12, unique=True)) if n > 1 else []
+        pts = [0] + sorted(inner) + [n]
+        spans = [(a, b) for a, b in zip(pts, pts[1:]) if b > a]
+        if draw(st.booleans()):  # a zero-width closing token, like EOS
+            spans.append((n, n))
+        return spans
+    src, dst = cuts(), cuts()
+    rewards = draw(st.lists(st.floats(-10, 10, allow_nan=False), min_size=len(src), max_size=len(src)))
+    return src, rewards, dst
+
+
+@settings(max_examples=200, deadline=None)
+@given(two_tokenisations())
+def test_map_rewards_preserves_sum(case):
+    src, rewards, dst = case
+    out = map_rewards_by_offsets(src, rewards, dst)
+    assert len(out) == len(dst)
+    assert sum(out) == pytest.approx(sum(rewards), abs=1e-9)
+
+
+def test_policy_token_offsets_tile_the_text():
+    tok = train_bpe_tokenizer(CORPUS * 5, vocab_size=300)
+    text = "Café ☃ is safe, never mix bleach."
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    offs = policy_token_offsets(tok, ids, text)
+    assert len(offs) == len(ids) and offs[0][0] == 0 and offs[-1] == (len(text), len(text))  # EOS: zero width
+    assert all(a[1] == b[0] for a, b in zip(offs, offs[1:]))  # contiguous
+    assert "".join(text[s:e] for s, e in offs) == text
+
+
+# ----------------------------------------------------------------------------- same tokenizer
+def test_ids_layout_equals_build_rm_example(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt, response = "How tall is Mount Everest?", "About 8,849 metres."
+    ref = build_rm_example(tok, prompt, response, max_length=64)
+    from finegrain.generation import format_prompt
+
+    q = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"]
+    ours = rm_example_from_ids(q, r, tok.eos_token_id, 64)
+    assert (ours.input_ids, ours.response_start, ours.response_end) == (ref.input_ids, ref.response_start,
+                                                                       ref.response_end)
+    short = build_rm_example(tok, prompt, response, max_length=8)  # same truncation policy
+    assert rm_example_from_ids(q, r, tok.eos_token_id, 8).input_ids == short.input_ids
+
+
+def test_map_same_tokenizer():
+    # ended response: RM positions = body + closing, policy tokens = body + EOS -> identity
+    assert map_same_tokenizer([1.0, 2.0, 3.0], 3) == [1.0, 2.0, 3.0]
+    # no EOS sampled: RM has one more position (its closing EOS); it joins the last policy token
+    assert map_same_tokenizer([1.0, 2.0, 3.0], 2) == [1.0, 5.0]
+
+
+def test_sequence_rm_scores_the_closing_eos_even_when_pad_is_eos():
+    tok = train_bpe_tokenizer(CORPUS * 5, vocab_size=300, pad=None)  # pad == eos
+    assert tok.pad_token_id == tok.eos_token_id
+    rm = make_tiny_model(tok, "sequence", seed=2).eval()
+    exs = [build_rm_example(tok, "Be polite.", text, max_length=64) for text in ("Sure.", "I am sorry, but no.")]
+    scores = rm_forward(rm, tok, exs, "sequence", batch_size=2)
+    for ex, s in zip(exs, scores):
+        ids = torch.tensor([ex.input_ids])
+        with torch.no_grad():
+            hidden = rm.transformer(ids).last_hidden_state
+            expected = rm.score(hidden)[0, -1, 0]  # the head at the closing EOS, no padding at all
+        assert s.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the scorer
+def _fake_generation(tok, texts, end):
+    from finegrain.generation import right_pad
+
+    rows = []
+    for t, e in zip(texts, end):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        rows.append(ids + ([tok.eos_token_id] if e else []))
+    ids, mask = right_pad(rows, tok.pad_token_id)
+    return ids, mask
+
+
+def test_same_tokenizer_token_rewards_are_the_rm_rewards(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rm = make_tiny_model(tok, "token", seed=4).eval()
+    prompts, texts = ["Be polite.", "List fruit."], ["Sure, here it is.", "apples, bananas"]
+    q = [tok(p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
+    r_ids, r_mask = _fake_generation(tok, texts, [True, False])
+    scorer = RewardScorer(rm, tok, "token", tok, max_length=64)
+    assert scorer.same_tokenizer
+    out = scorer.score(prompts, q, r_ids, r_mask, texts)
+    raw = rm_forward(rm, tok, [build_rm_example(tok, p, t, max_length=64) for p, t in zip(prompts, texts)], "token", 4)
+    for b in range(2):
+        n = int(r_mask[b].sum())
+        expected = map_same_tokenizer(raw[b].tolist(), n)
+        assert torch.allclose(out.token_rewards[b, :n], torch.tensor(expected), atol=1e-5)
+        assert (out.token_rewards[b, n:] == 0).all()
+        assert out.scores[b].item() == pytest.approx(raw[b].mean().item(), abs=1e-5)  # Eq. 1
+        assert int(out.n_scored[b]) == len(raw[b])
+
+
+def test_cross_tokenizer_preserves_each_responses_reward_sum(tiny_tokenizer):
+    pol_tok = tiny_tokenizer
+    rm_tok = train_bpe_tokenizer(CORPUS * 5, vocab_size=290)  # another vocabulary
+    assert not tokenizers_match(pol_tok, rm_tok)
+    rm = make_tiny_model(rm_tok, "token", seed=5).eval()
+    prompts = ["Be polite.", "How tall?", "Fruit?"]
+    texts = ["Sure, I am sorry.", "About 8,849 metres above sea level.", "apples ☃ bananas"]
+    q = [pol_tok(p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
+    r_ids, r_mask = _fake_generation(pol_tok, texts, [True, False, True])
+    scorer = RewardScorer(rm, rm_tok, "token", pol_tok, max_length=64)
+    out = scorer.score(prompts, q, r_ids, r_mask, texts)
+    for b in range(3):
+        rm_sum = out.scores[b] * out.n_scored[b]  # Eq. 1 mean x T = sum of the RM's r_t
+        assert out.token_rewards[b].sum().item() == pytest.approx(rm_sum.item(), abs=1e-4)
+        n = int(r_mask[b].sum())
+        assert (out.token_rewards[b, n:] == 0).all()
+    seq = RewardScorer(make_tiny_model(rm_tok, "sequence", seed=5).eval(), rm_tok, "sequence", pol_tok,
+                       max_length=64).score(prompts, q, r_ids, r_mask, texts)
+    assert seq.token_rewards is None and seq.scores.shape == (3,)
+
+
+# ----------------------------------------------------------------------------- token mode == sequence mode
+def _rollout_and_models():
+    from finegrain.generation import sample
+    from finegrain.ppo.rollout import PolicyAndValue, make_rollout, score_rollout_forward
+
+    tok = word_tokenizer()
+    policy, value = tiny(tok, "causal", 1), tiny(tok, "token", 2)
+    model = PolicyAndValue(policy, value)
+    ref = copy.deepcopy(policy)
+    prompts = ["say many x", "please a b", "say c", "x x x"]
+    q = [tok(p + " :", add_special_tokens=False)["input_ids"] for p in prompts]
+    gen = sample(policy, tok, q, max_new_tokens=5, temperature=1.0, generator_seed=3)
+    fwd = score_rollout_forward(model, ref, None, gen.query_ids, gen.query_mask, gen.response_ids,
+                                gen.response_mask, 1.0, 4, "cpu")
+    scores = torch.tensor([0.7, -1.2, 2.0, 0.1])
+    r = make_rollout(prompts, q, gen, fwd, RewardOutput(scores, None, gen.response_mask.sum(-1) + 1))
+    return tok, model, r, scores
+
+
+def test_token_mode_with_reward_on_last_token_gives_the_sequence_update():
+    from accelerate import Accelerator
+
+    from finegrain.config import build_config
+    from finegrain.ppo.config import PPOConfig
+    from finegrain.ppo.rollout import RewardSettings, process_rewards
+    from finegrain.ppo.train import ppo_update
+
+    tok, model, r, scores = _rollout_and_models()
+    last = r.response_mask.sum(-1) - 1
+    token = torch.zeros_like(r.logprobs)
+    token[torch.arange(4), last] = scores
+    n_scored = r.response_mask.sum(-1) + 1
+    seq_out = RewardOutput(scores, None, n_scored)
+    tok_out = RewardOutput(scores, token, n_scored)
+    settings = {m: RewardSettings(m, "k1", "raw", None, 1.0, False, 1.0, 0.95, True) for m in ("sequence", "token")}
+    a = process_rewards(r, seq_out, 0.05, settings["sequence"]).tensors_out_of_inference_mode()
+    b = process_rewards(r, tok_out, 0.05, settings["token"]).tensors_out_of_inference_mode()
+    assert torch.equal(a.rewards, b.rewards) and torch.equal(a.advantages, b.advantages)
+    assert torch.equal(a.returns, b.returns)
+
+    cfg = build_config(PPOConfig, dict(policy="p", reward_model="r", reward_mode="token", prompts="x", output="o",
+                                       batch_size=4, num_minibatches=2, ppo_epochs=2, lr=1e-2, temperature=1.0))
+    acc = Accelerator(cpu=True)
+    results = []
+    for rollout in (a, b):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        stats = ppo_update(acc, m, opt, rollout, cfg, step=0)
+        results.append((stats, m.state_dict()))
+    (sa, pa), (sb, pb) = results
+    assert sa == sb
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert any(not torch.equal(pa[k], model.state_dict()[k]) for k in pa)  # and the step did change weights
+
+
+def test_logprobs_do_not_depend_on_padding():
+    """Left-padded queries + right-padded responses give each row the log-probs it has alone."""
+    from finegrain.generation import left_pad, right_pad
+    from finegrain.ppo.rollout import policy_logprobs
+
+    tok = word_tokenizer()
+    policy = tiny(tok, "causal", 7)
+    queries = [[3, 4, 5, 6, 7], [8]]
+    responses = [[9, 10], [11, 12, 13, 0]]
+    q, qm = left_pad(queries, tok.pad_token_id)
+    r, rm = right_pad(responses, tok.pad_token_id)
+    with torch.no_grad():
+        batch = policy_logprobs(policy, q, qm, r, rm, temperature=0.7)
+        for i in range(2):
+            alone = policy_logprobs(policy, torch.tensor([queries[i]]), torch.ones(1, len(queries[i]), dtype=torch.long),
+                                    torch.tensor([responses[i]]), torch.ones(1, len(responses[i]), dtype=torch.long),
+                                    temperature=0.7)
+            n = len(responses[i])
+            assert torch.allclose(batch[i, :n], alone[0], atol=1e-5)

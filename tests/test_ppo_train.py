@@ -1,0 +1,352 @@
+"""End-to-end PPO on tiny models: the toy task learns in both reward modes, bad input is refused,
+LoRA works without a second model copy, a SIGKILLed run resumes without losing or repeating steps.
+
+The toy task: a word-level vocabulary of a few words; a hand-built token RM gives r_t = 1 to
+the word "x" and 0 to every other token, so the best policy says "x" as often as it can.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finegrain.config import build_config
+from finegrain.errors import ConfigError, InputError
+from finegrain.models import save_checkpoint, tiny_gpt2_config
+from finegrain.ppo.config import PPOConfig
+
+WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "x", "say", "many", "please"]
+TARGET = "x"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- fixtures (also used by the
+# multiprocess test's worker script, which imports this module)
+def word_tokenizer(words=WORDS):
+    """A word-level tokenizer (whitespace split) with EOS, pad and unk; offsets included."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<pad>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=128)
+
+
+def tiny(tok, head: str, seed: int = 0, n_embd: int = 32):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_gpt2_config(len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, n_embd=n_embd,
+                           n_positions=64)
+    cls = {"causal": transformers.GPT2LMHeadModel, "token": transformers.GPT2ForTokenClassification,
+           "sequence": transformers.GPT2ForSequenceClassification}[head]
+    return cls(cfg).eval()  # dropout off, as PPO runs every model
+
+
+def hand_token_rm(tok, target: str = TARGET, seed: int = 0):
+    """A GPT-2 token RM whose r_t is 1 on ``target`` and 0 on every other token, set by hand.
+
+    Attention and MLP output projections are zero, so the final hidden state is LN(wte[id]).
+    wte[target] = u (alternating +-1: mean 0, std 1, so LN(u) = u); every other row is made
+    orthogonal to u and to the all-ones vector (zero mean, so LN keeps it orthogonal to u).
+    The head w = u / |u|^2 then gives w . LN(wte[id]) = 1 for the target and 0 otherwise
+    (up to LN's eps: 1 / sqrt(1 + 1e-5)).
+    """
+    rm = tiny(tok, "token", seed)
+    d = rm.config.n_embd
+    with torch.no_grad():
+        for block in rm.transformer.h:
+            for lin in (block.attn.c_proj, block.mlp.c_proj):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        rm.transformer.wpe.weight.zero_()
+        u = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(d)])
+        ones = torch.ones(d) / d ** 0.5
+        w = rm.transformer.wte.weight
+        w -= (w @ ones).unsqueeze(1) * ones          # zero mean
+        w -= (w @ u / (u @ u)).unsqueeze(1) * u     # orthogonal to u
+        w /= w.std(dim=1, keepdim=True)
+        w[tok.convert_tokens_to_ids(target)] = u
+        rm.transformer.ln_f.weight.fill_(1.0)
+        rm.transformer.ln_f.bias.zero_()
+        rm.classifier.weight.copy_(u / (u @ u))
+        rm.classifier.bias.zero_()
+    return rm
+
+
+def make_workspace(tmp: Path, *, rm_kind: str = "token", n_prompts: int = 16, policy_seed: int = 1) -> dict:
+    """Policy, hand-set token RM (or a random sequence RM) and a prompt file under ``tmp``."""
+    tok = word_tokenizer()
+    save_checkpoint(tmp / "policy", tiny(tok, "causal", policy_seed), tok, {"kind": "policy"})
+    rm = hand_token_rm(tok) if rm_kind == "token" else tiny(tok, "sequence", 3)
+    save_checkpoint(tmp / "rm", rm, tok, {"kind": rm_kind})
+    rows = [{"prompt": f"say many x please {WORDS[i % 8]}"} for i in range(n_prompts)]
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"policy": str(tmp / "policy"), "reward_model": str(tmp / "rm"), "prompts": str(tmp / "prompts.jsonl")}
+
+
+def toy_config(ws: dict, out: Path, **over) -> PPOConfig:
+    values = dict(ws, output=str(out), reward_mode="token", steps=4, batch_size=8, num_minibatches=2, ppo_epochs=2,
+                  max_new_tokens=6, max_prompt_length=16, temperature=1.0, lr=3e-3, kl_coef=0.01,
+                  missing_eos_penalty=None, value_init="policy", save_every=2, sample_every=2, log_with="none",
+                  lr_schedule="constant", prompt_template="{prompt} :")
+    values.update(over)
+    return build_config(PPOConfig, values)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_hand_built_rm_rewards_exactly_the_target(tmp_path):
+    from finegrain.ppo.rewards import rm_forward
+    from finegrain.rm.inputs import build_rm_example
+
+    tok = word_tokenizer()
+    rm = hand_token_rm(tok)
+    ex = build_rm_example(tok, "say x", "a x b x x", max_length=32)
+    (r,) = rm_forward(rm, tok, [ex], "token", 4)
+    expected = torch.tensor([0, 1, 0, 1, 1, 0.0])  # a x b x x <eos>
+    assert torch.allclose(r, expected, atol=1e-4)
+
+
+def _mean(rows, key, sl):
+    vals = [m[key] for m in rows[sl]]
+    return sum(vals) / len(vals)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_ppo_raises_toy_reward(tmp_path, mode):
+    """Mean number of target tokens per response (max 6) rises clearly within 12 steps (both modes)."""
+    from finegrain.ppo.train import train_ppo
+
+    ws = make_workspace(tmp_path)
+    def count_target(step, prompts, responses):  # the known truth, logged through the on_rollout hook
+        return {"target_count": sum(r.split().count(TARGET) for r in responses) / len(responses)}
+
+    cfg = toy_config(ws, tmp_path / "out", reward_mode=mode, steps=12, save_every=12, sample_every=6,
+                     token_reward_scale="raw")
+    summary = train_ppo(cfg, on_rollout=count_target)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == list(range(1, 13)) and summary["steps"] == 12
+    before, after = _mean(rows, "target_count", slice(0, 3)), _mean(rows, "target_count", slice(-3, None))
+    print(f"RESULT toy_{mode}_target_count before={before:.3f} after={after:.3f} "
+          f"tokens_per_s={_mean(rows, 'tokens_per_s', slice(None)):.1f}")
+    assert after > before + 1.0, (before, after)
+    assert _mean(rows, "reward", slice(-3, None)) > _mean(rows, "reward", slice(0, 3))
+    for key in ("kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance",
+                "response_length", "eos_rate", "tokens_per_s", "time_generate", "time_score", "time_update",
+                "kl_coef"):
+        assert key in rows[-1], key
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert final.num_parameters() > 0
+    samples = (tmp_path / "out" / "samples.jsonl").read_text().splitlines()
+    assert {json.loads(s)["step"] for s in samples} == {6, 12}
+
+
+def test_short_run_writes_everything_and_changes_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finegrain.ppo.train import train_ppo
+
+    ws = make_workspace(tmp_path)
+    cfg = toy_config(ws, tmp_path / "out", steps=2, grad_accum=2, kl_estimator="k3", adaptive_kl=True,
+                     reward_norm=True, reward_clip=5.0, token_reward_scale="mean", missing_eos_penalty=0.5,
+                     log_with="tensorboard")
+    train_ppo(cfg)
+    out = tmp_path / "out"
+    assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2]
+    assert rows[0]["kl_coef"] == pytest.approx(0.01) and rows[1]["kl_coef"] != rows[0]["kl_coef"]  # adaptive
+    assert json.loads((out / "config.json").read_text())["kl_estimator"] == "k3"
+    before = AutoModelForCausalLM.from_pretrained(ws["policy"]).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (out / "value" / "finegrain.json").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # keep 2, saved at 2 only
+
+
+def test_lora_policy_uses_adapter_disabled_reference(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finegrain.ppo.train import train_ppo
+
+    ws = make_workspace(tmp_path)
+    cfg = toy_config(ws, tmp_path / "out", steps=2, use_lora=True, lora_r=4, lora_alpha=8,
+                     lora_target_modules=["c_attn"], lr=1e-2)
+    from finegrain.ppo.setup import load_models, preflight
+
+    models = load_models(cfg, preflight(cfg))
+    assert models.ref_policy is None  # no second copy of the policy: the reference is the adapter-disabled base
+    train_ppo(cfg, models=models)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero: policy == reference
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")  # plain transformers
+    base = AutoModelForCausalLM.from_pretrained(ws["policy"])
+    w0, w1 = base.transformer.h[0].attn.c_attn.weight, merged.transformer.h[0].attn.c_attn.weight
+    assert not torch.allclose(w0, w1)
+    assert (tmp_path / "out" / "final_adapter" / "adapter_config.json").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+def _expect(tmp_path, exc, match, ws_kw=None, **over):
+    from finegrain.ppo.train import train_ppo
+
+    ws = make_workspace(tmp_path, **(ws_kw or {}))
+    with pytest.raises(exc, match=match):
+        train_ppo(toy_config(ws, tmp_path / "out", **over))
+
+
+def test_refuses_empty_prompt_set(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _expect(tmp_path, InputError, "prompt set is empty", prompts=str(empty))
+
+
+def test_refuses_missing_prompt_field(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "a b"}\n{"text": "c"}\n')
+    _expect(tmp_path, InputError, r"bad.jsonl: line 2: field 'prompt': is missing", prompts=str(p))
+
+
+def test_refuses_prompt_without_room_for_response(tmp_path):
+    p = tmp_path / "long.jsonl"
+    p.write_text(json.dumps({"prompt": " ".join(["a"] * 70)}) + "\n")
+    _expect(tmp_path, InputError, r"long.jsonl: prompt 1: field 'prompt': prompt is 71 tokens", prompts=str(p),
+            max_prompt_length=200)
+
+
+def test_refuses_sequence_rm_for_token_rewards(tmp_path):
+    _expect(tmp_path, ConfigError, "needs a token-level reward model", ws_kw={"rm_kind": "sequence"},
+            reward_mode="token")
+
+
+def test_refuses_vocab_mismatch_without_cross_tokenizer(tmp_path):
+    ws = make_workspace(tmp_path)
+    other = word_tokenizer(WORDS + ["extra"])
+    save_checkpoint(tmp_path / "rm2", hand_token_rm(other), other, {"kind": "token"})
+    from finegrain.ppo.train import train_ppo
+
+    with pytest.raises(ConfigError, match="--cross-tokenizer"):
+        train_ppo(toy_config(ws, tmp_path / "out", reward_model=str(tmp_path / "rm2")))
+    with pytest.raises(ConfigError, match="--value-init policy"):
+        train_ppo(toy_config(ws, tmp_path / "out", reward_model=str(tmp_path / "rm2"), cross_tokenizer=True,
+                             value_init="reward"))
+
+
+def test_refuses_policy_without_eos(tmp_path):
+    ws = make_workspace(tmp_path)
+    tok = word_tokenizer()
+    tok.eos_token = None
+    tok.pad_token = "<pad>"
+    save_checkpoint(tmp_path / "noeos", tiny(tok, "causal"), tok, {"kind": "policy"})
+    from finegrain.ppo.train import train_ppo
+
+    with pytest.raises(ConfigError, match="no EOS token"):
+        train_ppo(toy_config(ws, tmp_path / "out", policy=str(tmp_path / "noeos"), cross_tokenizer=True))
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    ws = make_workspace(tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "finegrain", "ppo", "--policy", ws["policy"], "--reward-model",
+                           ws["reward_model"], "--reward-mode", "token", "--prompts", str(empty), "--output",
+                           str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "prompt set is empty" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- resume after SIGKILL
+def _cli(ws, out: Path, steps: int, resume: bool = False) -> list[str]:
+    args = [sys.executable, "-m", "finegrain", "ppo", "--policy", ws["policy"], "--reward-model", ws["reward_model"],
+            "--reward-mode", "token", "--prompts", ws["prompts"], "--output", str(out), "--steps", str(steps),
+            "--batch-size", "4", "--num-minibatches", "2", "--ppo-epochs", "1", "--max-new-tokens", "4",
+            "--max-prompt-length", "16", "--temperature", "1.0", "--lr", "1e-3", "--save-every", "2",
+            "--sample-every", "1", "--log-with", "none", "--value-init", "policy", "--prompt-template", "{prompt} :",
+            "--lr-schedule", "constant"]
+    return args + (["--resume"] if resume else [])
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_same_steps_and_metrics(tmp_path):
+    """Kill after the step-2 (or later) checkpoint, resume: 8 steps, 8 lines, none duplicated,
+    and the same numbers as an uninterrupted run (sampling and minibatch order depend only on the step)."""
+    ws = make_workspace(tmp_path)
+    steps = 8
+    env = dict(os.environ, FINEGRAIN_PROGRESS="0", PYTHONPATH=str(ROOT / "src"))
+    ref = subprocess.run(_cli(ws, tmp_path / "ref", steps), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(ws, out, steps), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline:  # a checkpoint exists and a later step has started writing
+        ck = out / "checkpoints"
+        done = ck.is_dir() and any(p.name.startswith("step-") for p in ck.iterdir())
+        if done and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lines_at_kill = len(metrics.read_text().splitlines())
+    assert lines_at_kill < steps, "the run finished before it could be killed"
+    res = subprocess.run(_cli(ws, out, steps, resume=True), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert 2 <= json.loads(res.stdout)["resumed_from"] <= lines_at_kill  # from the last checkpoint, not step 0
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == list(range(1, steps + 1))
+    for a, b in zip(rows, ref_rows):
+        for key in ("reward", "kl", "policy_loss", "value_loss", "response_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    samples = [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted(set(samples)) == list(range(1, steps + 1)) and len(samples) == len(set(samples)) * 4
+
+
+def test_cross_tokenizer_run_keeps_each_responses_eq1_reward(tmp_path, tiny_tokenizer):
+    """Policy (word-level) and RM (byte-level BPE) tokenise differently: with --token-reward-scale mean
+    the per-token rewards of every sampled response sum to the RM's Eq. 1 score of that response."""
+    from conftest import make_tiny_model
+
+    from finegrain.ppo.train import train_ppo
+
+    ws = make_workspace(tmp_path)
+    save_checkpoint(tmp_path / "bpe_rm", make_tiny_model(tiny_tokenizer, "token", seed=9), tiny_tokenizer,
+                    {"kind": "token"})
+    cfg = toy_config(ws, tmp_path / "out", reward_model=str(tmp_path / "bpe_rm"), cross_tokenizer=True, steps=2,
+                     sample_every=1, num_samples=8, token_reward_scale="mean", kl_coef=0.0)
+    train_ppo(cfg)
+    samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16
+    for s in samples:
+        assert len(s["token_rewards"]) == s["length"]
+        assert sum(s["token_rewards"]) == pytest.approx(s["score"], abs=2e-3)
+
+
+def test_sequence_rm_run_with_value_model_from_the_rm(tmp_path):
+    """A sequence RM in sequence mode; the value model takes the RM's backbone (its head is new)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    from finegrain.ppo.train import train_ppo
+
+    ws = make_workspace(tmp_path, rm_kind="sequence")
+    train_ppo(toy_config(ws, tmp_path / "out", reward_mode="sequence", value_init="reward", steps=1, lr=1e-3))
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and "token_reward_sum" not in rows[0]
+    rm = AutoModelForSequenceClassification.from_pretrained(ws["reward_model"])
+    value = AutoModelForTokenClassification.from_pretrained(tmp_path / "out" / "value")
+    # initialised from the RM's backbone, then trained one step with lr 1e-3: still close to it
+    w_rm, w_v = rm.transformer.wte.weight, value.transformer.wte.weight
+    assert (w_rm - w_v).abs().max() < 0.05 and not torch.equal(w_rm, w_v)

@@ -97,6 +97,7 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
     """
     import transformers
 
+    quiet_transformers()
     res = resolve_model(name)
     auto = getattr(transformers, _AUTO[head])
     kw: dict[str, Any] = dict(res.kwargs, trust_remote_code=trust_remote_code, **kwargs)
@@ -115,9 +116,20 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
     return model
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-file progress bars (weights load/save); finegrain shows its own."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - very old transformers
+        pass
+
+
 def save_checkpoint(out_dir: str | os.PathLike, model, tokenizer, meta: dict[str, Any] | None = None,
                     extra_files: dict[str, Any] | None = None) -> Path:
     """Save model (safetensors), tokenizer and ``finegrain.json`` into ``out_dir`` atomically."""
+    quiet_transformers()
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():

@@ -1,0 +1,102 @@
+"""SFT records on disk -> tokenised examples with a response-only loss mask -> padded batches.
+
+A record has ``prompt`` and ``response`` (or ``chosen``, TRL's preference format: the preferred
+response is the demonstration). The model input follows the reward-model rule
+(:func:`finegrain.rm.inputs.build_rm_example`): ``format_prompt(prompt)`` and the response are
+tokenised separately, EOS is appended, and the prompt is cut from the left first when too long.
+The loss covers the response tokens and that EOS, never the prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..data.loaders import check_id, check_text, content_id, located
+from ..errors import ConfigError, InputError
+from ..generation import right_pad
+from ..io import iter_records
+from ..rm.inputs import build_rm_example, is_encoder_style
+
+IGNORE_INDEX = -100  # label of positions without loss (transformers' convention)
+RESPONSE_FIELDS = ("response", "chosen")
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    id: str
+    prompt: str
+    response: str
+
+
+def record_from_dict(rec: dict) -> SFTRecord:
+    """Validate one record; raises :class:`InputError` naming the field."""
+    prompt = check_text(rec.get("prompt"), "prompt")
+    name = next((f for f in RESPONSE_FIELDS if f in rec), None)
+    if name is None:
+        raise InputError("missing: an SFT record needs `response` (or `chosen`)", field="response")
+    response = check_text(rec.get(name), name)
+    rid = check_id(rec["id"]) if rec.get("id") is not None else content_id(prompt, response)
+    return SFTRecord(rid, prompt, response)
+
+
+def load_sft_records(path: str, *, skip_invalid: bool = False) -> tuple[list[SFTRecord], int]:
+    """Valid records of ``path`` and the number skipped (``skip_invalid``; else the first bad one raises)."""
+    out, skipped = [], 0
+    for location, rec in iter_records(path):
+        try:
+            out.append(record_from_dict(rec))
+        except InputError as e:
+            if not skip_invalid:
+                raise located(e, str(path), location) from None
+            skipped += 1
+    if not out:
+        raise InputError("no valid SFT records (need `prompt` and `response` or `chosen`)", path=path)
+    return out, skipped
+
+
+@dataclass
+class SFTExample:
+    """One tokenised record: ``input_ids`` = prompt ids + response ids + EOS; ``labels`` = IGNORE on the prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def build_sft_example(tokenizer, prompt: str, response: str, *, max_length: int,
+                      template: str | None = None) -> SFTExample:
+    if is_encoder_style(tokenizer):
+        raise ConfigError("this tokenizer adds encoder-style special tokens ([CLS]/[SEP]); SFT needs a causal "
+                          "(decoder) language model's tokenizer")
+    ex = build_rm_example(tokenizer, prompt, response, max_length=max_length, template=template)
+    labels = [IGNORE_INDEX] * ex.response_start + ex.input_ids[ex.response_start:ex.response_end]
+    return SFTExample(ex.input_ids, labels, ex.truncated)
+
+
+@dataclass
+class SFTBatch:
+    """Right-padded batch.
+
+    input_ids:       (B, L) ids, pad after each sequence
+    attention_mask:  (B, L) 1 on real tokens
+    labels:          (B, L) target ids on response positions (incl. EOS), IGNORE_INDEX elsewhere
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device) -> "SFTBatch":
+        return SFTBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    @property
+    def n_target_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def collate_sft(examples: Sequence[SFTExample], pad_id: int) -> SFTBatch:
+    ids, mask = right_pad([e.input_ids for e in examples], pad_id)
+    labels, _ = right_pad([e.labels for e in examples], IGNORE_INDEX)
+    return SFTBatch(ids, mask, labels)

@@ -1,0 +1,202 @@
+"""Supervised fine-tuning: `finegrain sft` as a function.
+
+Read top to bottom: data (records -> tokenised examples with a response-only label mask), model
+(a causal LM loaded by name, or with ``from_scratch`` a byte-level BPE tokenizer trained on the
+data and a tiny GPT-2 built from its config), the deterministic micro-batch plan shared with the
+reward-model trainer, then the loop (forward -> token-mean cross-entropy on response tokens ->
+step), with metrics, resumable checkpoints and the final checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..config import to_dict
+from ..errors import ConfigError, InputError
+from ..generation import format_prompt
+from ..models import load_model, load_tokenizer, tiny_gpt2_config, train_bpe_tokenizer
+from ..rm.checkpoint import checkpoint_dirs, load_training_state, save_training_state
+from ..rm.data import held_out
+from ..rm.train import _save_final, build_optimizer, log_with, micro_batch_plan
+from ..tracking import MetricsLog, init_trackers, progress
+from .config import SFTConfig
+from .data import IGNORE_INDEX, SFTBatch, SFTExample, SFTRecord, build_sft_example, collate_sft, load_sft_records
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions.
+
+    logits: (B, L, V) at every position; labels: (B, L) with IGNORE_INDEX where no loss is taken.
+    Position t predicts labels[t + 1] (the usual causal shift).
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(L-1), V)
+    shift_labels = labels[:, 1:].reshape(-1)                               # (B*(L-1),)
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------- model and tokenizer
+def scratch_tokenizer(cfg: SFTConfig, records: Sequence[SFTRecord]):
+    """A byte-level BPE tokenizer trained on the formatted prompts and responses."""
+    texts = [format_prompt(None, r.prompt, cfg.template, use_chat_template=False) + r.response for r in records]
+    return train_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
+
+
+def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord]):
+    """(model, tokenizer): loaded from ``cfg.model``, or a tiny GPT-2 and a fresh tokenizer."""
+    torch.manual_seed(cfg.seed)
+    if not cfg.from_scratch:
+        tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(cfg.model, "causal", tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
+                           dtype=DTYPES[cfg.dtype])
+        return model, tok
+    from transformers import GPT2LMHeadModel
+
+    tok = scratch_tokenizer(cfg, records)
+    config = tiny_gpt2_config(len(tok), n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                              n_positions=cfg.n_positions, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    return GPT2LMHeadModel(config).to(DTYPES[cfg.dtype]), tok
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class SFTData:
+    train: list[SFTExample]
+    eval: list[SFTExample]
+    n_skipped: int
+    n_truncated: int
+    fingerprint: str
+
+
+def prepare_data(cfg: SFTConfig, records: Sequence[SFTRecord], n_skipped: int, tok, max_length: int) -> SFTData:
+    train_r = [r for r in records if not held_out(r.id, cfg.eval_fraction, cfg.seed)]
+    eval_r = [r for r in records if held_out(r.id, cfg.eval_fraction, cfg.seed)]
+    if not train_r:
+        raise InputError("no training records left after holding out --eval-fraction", path=cfg.data)
+    enc = lambda rs: [build_sft_example(tok, r.prompt, r.response, max_length=max_length, template=cfg.template)  # noqa: E731
+                      for r in rs]
+    train, ev = enc(train_r), enc(eval_r)
+    fp = hashlib.sha256("\n".join(r.id for r in train_r).encode()).hexdigest()[:16]
+    return SFTData(train, ev, n_skipped, sum(e.truncated for e in train + ev), fp)
+
+
+def vocab_fingerprint(tok) -> str:
+    """Hash of the vocabulary: a from-scratch tokenizer retrained on resume must be the same one."""
+    return hashlib.sha256(repr(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def model_max_length(cfg: SFTConfig, model) -> int:
+    """--max-length, capped by the model's position limit when it has one."""
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    return min(cfg.max_length, limit) if limit else cfg.max_length
+
+
+# ---------------------------------------------------------------- evaluation and steps
+@torch.no_grad()
+def evaluate_loss(model, examples: Sequence[SFTExample], pad_id: int, batch_size: int, device) -> float:
+    """Token-weighted mean response loss over ``examples``."""
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = collate_sft(examples[s:s + batch_size], pad_id).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        k = batch.n_target_tokens
+        total, n = total + response_loss(logits, batch.labels).item() * k, n + k
+    model.train(was)
+    return total / max(n, 1)
+
+
+def _train_step(cfg: SFTConfig, accelerator, model, optimizer, scheduler, examples: list[SFTExample],
+                group: list[list[int]], pad_id: int) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; this process takes its slice of each."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loss_sum, tokens = torch.zeros((), device=accelerator.device), 0
+    for k, mb in enumerate(group):
+        local = mb[rank::world] or mb[:1]
+        batch: SFTBatch = collate_sft([examples[i] for i in local], pad_id).to(accelerator.device)
+        with contextlib.nullcontext() if k == len(group) - 1 else accelerator.no_sync(model):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = response_loss(logits, batch.labels)
+            accelerator.backward(loss / len(group))
+        loss_sum += loss.detach() / len(group)
+        tokens += int(batch.attention_mask.sum())
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    out = {"loss": accelerator.reduce(loss_sum, reduction="mean").item(), "lr": scheduler.get_last_lr()[0],
+           "tokens": tokens * world}
+    if grad_norm is not None:
+        out["grad_norm"] = float(grad_norm)
+    return out
+
+
+# ---------------------------------------------------------------- the loop
+def train_sft(cfg: SFTConfig) -> dict:
+    """Fine-tune (or train from scratch) a causal LM as ``cfg`` says; return a summary."""
+    from accelerate import Accelerator
+
+    output = Path(cfg.output)
+    records, n_skipped = load_sft_records(cfg.data, skip_invalid=cfg.skip_invalid)  # bad data fails first
+    model, tok = build_policy(cfg, records)
+    max_length = model_max_length(cfg, model)
+    data = prepare_data(cfg, records, n_skipped, tok, max_length)
+    accelerator = Accelerator(log_with=log_with(cfg) or None, project_dir=str(output))
+    plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
+    groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
+    optimizer, scheduler = build_optimizer(cfg, model, len(groups))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start = 0
+    ckpts = checkpoint_dirs(output / "checkpoints")
+    if cfg.resume and ckpts:
+        state = load_training_state(ckpts[-1], accelerator, model, optimizer, scheduler)
+        if state.get("data_fingerprint") != data.fingerprint or state.get("tokenizer") != vocab_fingerprint(tok):
+            raise ConfigError(f"cannot resume from {ckpts[-1]}: the training records or the tokenizer differ "
+                              "from that run's (same --data, --eval-fraction, --seed and model needed)")
+        start = int(state["step"])
+    metrics = MetricsLog(output / "metrics.jsonl", resume_from_step=start + 1 if cfg.resume else None,
+                         enabled=accelerator.is_main_process)
+    init_trackers(accelerator, "sft", to_dict(cfg))
+    pad_id = tok.pad_token_id
+    bar = progress(total=len(groups), initial=start, desc="sft", disable=None if accelerator.is_main_process else True)
+    model.train()
+    last: dict = {}
+    first_loss = None
+    for step in range(start + 1, len(groups) + 1):
+        t0 = time.perf_counter()
+        last = {"step": step, "epoch": round(step / len(groups) * cfg.epochs, 4)}
+        last.update(_train_step(cfg, accelerator, model, optimizer, scheduler, data.train, groups[step - 1], pad_id))
+        last["tokens_per_s"] = last.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
+        first_loss = last["loss"] if first_loss is None else first_loss
+        if data.eval and step == len(groups):
+            last["eval_loss"] = evaluate_loss(accelerator.unwrap_model(model), data.eval, pad_id, cfg.batch_size,
+                                              accelerator.device)
+        metrics.log(last)
+        accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.3f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < len(groups):
+            save_training_state(output / "checkpoints", step, accelerator, model, optimizer, scheduler,
+                                {"data_fingerprint": data.fingerprint, "tokenizer": vocab_fingerprint(tok)}, keep=cfg.keep_checkpoints)
+    bar.close()
+    meta = {"kind": "policy", "stage": "sft", "data": cfg.data,
+            "base_model": "tiny-gpt2 (from scratch)" if cfg.from_scratch else cfg.model, "template": cfg.template,
+            "max_length": max_length, "n_train": len(data.train), "n_eval": len(data.eval),
+            "n_skipped": data.n_skipped, "n_truncated": data.n_truncated, "steps": len(groups),
+            "first_loss": first_loss, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
+            "config": to_dict(cfg)}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        _save_final(output, accelerator.unwrap_model(model), tok, meta)
+    accelerator.end_training()
+    return {"output": str(output), **{k: v for k, v in meta.items() if k != "config"}}

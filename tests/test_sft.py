@@ -1,0 +1,104 @@
+"""`finegrain sft`: response-only loss mask, exact loss, training lowers the loss, CLI errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finegrain.cli import main
+from finegrain.config import build_config
+from finegrain.errors import ConfigError, InputError
+from finegrain.generation import format_prompt
+from finegrain.io import write_jsonl
+from finegrain.sandbox.domain import make_demonstrations
+from finegrain.sft.config import SFTConfig
+from finegrain.sft.data import IGNORE_INDEX, build_sft_example, collate_sft, load_sft_records
+from finegrain.sft.train import response_loss, train_sft
+
+
+def test_loss_mask_covers_only_response_and_eos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ex = build_sft_example(tok, "Question: how tall?", "about 8,849 metres", max_length=64)
+    p_ids = tok(format_prompt(tok, "Question: how tall?"), add_special_tokens=False)["input_ids"]
+    r_ids = tok("about 8,849 metres", add_special_tokens=False)["input_ids"]
+    assert ex.input_ids == p_ids + r_ids + [tok.eos_token_id]
+    assert ex.labels == [IGNORE_INDEX] * len(p_ids) + r_ids + [tok.eos_token_id]
+    # truncation cuts the prompt from the left and keeps the whole response labelled
+    short = build_sft_example(tok, "Question: how tall?", "about 8,849 metres", max_length=len(r_ids) + 3)
+    assert short.truncated and short.input_ids[-len(r_ids) - 1:] == r_ids + [tok.eos_token_id]
+    assert short.labels[:2] == [IGNORE_INDEX] * 2
+    batch = collate_sft([ex, short], tok.pad_token_id)
+    assert batch.labels.shape == batch.input_ids.shape
+    assert batch.labels[1, len(short.labels):].eq(IGNORE_INDEX).all()
+    assert batch.n_target_tokens == 2 * (len(r_ids) + 1)
+
+
+def test_response_loss_exact():
+    # two positions predict labels[1] and labels[2]; labels[2] is ignored -> loss = CE(logits[0,0], 1)
+    logits = torch.tensor([[[0.0, 1.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX]])
+    expected = -(1.0 - torch.logsumexp(torch.tensor([0.0, 1.0, 0.0]), 0))
+    assert response_loss(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def _demos(tmp_path, n=48, field="response"):
+    rows = [{"prompt": d["prompt"], field: d["response"]} for d in make_demonstrations(n, seed=0)]
+    path = tmp_path / "sft.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+def test_sft_from_scratch_lowers_loss(tmp_path):
+    data = _demos(tmp_path)
+    cfg = build_config(SFTConfig, {"data": str(data), "output": str(tmp_path / "policy"), "from_scratch": True,
+                                   "vocab_size": 400, "n_embd": 32, "epochs": 3.0, "batch_size": 8, "lr": 3e-3,
+                                   "lr_scheduler": "constant", "warmup_ratio": 0.0,
+                                   "log_with": "none", "eval_fraction": 0.0})
+    out = train_sft(cfg)
+    assert out["steps"] == 18 and out["final_loss"] < out["first_loss"] - 0.8
+    lines = [json.loads(x) for x in (tmp_path / "policy" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 19))
+    assert all(r["tokens_per_s"] > 0 for r in lines)
+    meta = json.loads((tmp_path / "policy" / "finegrain.json").read_text())
+    assert meta["stage"] == "sft" and meta["n_train"] == 48
+    # the checkpoint loads with transformers alone and continues training from --model
+    cfg2 = build_config(SFTConfig, {"data": str(data), "output": str(tmp_path / "policy2"),
+                                    "model": str(tmp_path / "policy"), "epochs": 1.0, "lr": 1e-3, "log_with": "none"})
+    out2 = train_sft(cfg2)
+    assert out2["first_loss"] < out["first_loss"] - 0.8
+
+
+def test_sft_resume_matches_uninterrupted(tmp_path):
+    data = _demos(tmp_path, n=32, field="chosen")
+    base = {"data": str(data), "from_scratch": True, "vocab_size": 300, "n_embd": 16, "epochs": 2.0,
+            "batch_size": 8, "lr": 1e-3, "log_with": "none", "save_every": 4}
+    full = train_sft(build_config(SFTConfig, dict(base, output=str(tmp_path / "a"))))
+    # a run killed after its step-4 checkpoint: only checkpoints/step-00000004 survives
+    import shutil
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "c" / "checkpoints")
+    assert [p.name for p in (tmp_path / "c" / "checkpoints").iterdir()] == ["step-00000004"]
+    resumed = train_sft(build_config(SFTConfig, dict(base, output=str(tmp_path / "c"), resume=True)))
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-5)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 6, 7, 8]
+
+
+def test_records_validation(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl: line 2: field 'response'"):
+        load_sft_records(str(p))
+    recs, skipped = load_sft_records(str(p), skip_invalid=True)
+    assert len(recs) == 1 and skipped == 1
+    with pytest.raises(ConfigError, match="exactly one"):
+        build_config(SFTConfig, {"data": "x", "output": "y"})
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"prompt": "", "response": "b"}) + "\n")
+    assert main(["sft", "--data", str(p), "--output", str(tmp_path / "o"), "--from-scratch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "line 1" in err and "'prompt'" in err
+    assert main(["sft", "--data", str(p), "--output", "o", "--from-scratch", "--model", "m"]) == 2

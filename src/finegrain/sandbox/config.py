@@ -1,0 +1,89 @@
+"""Options of `finegrain demo` (light module: no torch import).
+
+Sizes left at ``None`` take the value of the preset chosen by ``--quick`` (CI: under 3 minutes)
+or the full run (under 15 minutes on 2 CPU cores); any of them can be set explicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..config import opt
+from ..errors import ConfigError
+
+# name -> (full, quick)
+PRESETS: dict[str, tuple] = {
+    "n_demos": (3000, 1200),
+    "sft_epochs": (5.0, 6.0),
+    "n_rm_prompts": (1000, 240),
+    "n_heldout_prompts": (400, 150),
+    "rm_epochs": (2.0, 2.0),
+    "n_ppo_prompts": (512, 128),
+    "ppo_steps": (60, 12),
+    "ppo_batch_size": (32, 16),
+    "ppo_seeds": (3, 1),
+    "n_eval_prompts": (300, 100),
+}
+
+
+@dataclass
+class DemoConfig:
+    """The whole method end to end in the simulated environment: SFT -> pairs -> edits -> RMs -> PPO -> eval."""
+
+    out: str = opt("runs/demo", "output directory (stages already completed there with the same options are reused)")
+    quick: bool = opt(False, "small preset for CI (< 3 minutes); sizes left unset take the preset's values")
+    seed: int = opt(0, "seed of the whole run (data, models, sampling, annotators)")
+    # --- environment
+    flaw_rate: float = opt(0.3, "probability that a demonstration sentence carries a flaw")
+    noise: float = opt(0.25, "annotator noise: expected disagreement with the gold order (AlpacaFarm: ~0.25)")
+    judge_noise: float = opt(0.25, "noise of the gold judge used for win rates (same BT model)")
+    # --- sizes (None: from the preset)
+    n_demos: int | None = opt(None, "SFT demonstrations (full 3000, quick 1200)")
+    sft_epochs: float | None = opt(None, "SFT epochs (full 5, quick 6)")
+    n_rm_prompts: int | None = opt(None, "prompts for RM pairs: two SFT samples each (full 1000, quick 240)")
+    n_heldout_prompts: int | None = opt(None, "held-out prompts for gold-labelled RM evaluation pairs (full 400, quick 150)")
+    rm_epochs: float | None = opt(None, "RM epochs (2)")
+    n_ppo_prompts: int | None = opt(None, "PPO training prompts (full 512, quick 128)")
+    ppo_steps: int | None = opt(None, "PPO steps per system and seed, the same for every system (full 60, quick 12)")
+    ppo_batch_size: int | None = opt(None, "rollouts per PPO step (full 32, quick 16)")
+    ppo_seeds: int | None = opt(None, "PPO seeds per system (full 3, quick 1)")
+    n_eval_prompts: int | None = opt(None, "held-out prompts for win rates (full 300, quick 100)")
+    # --- models and optimisation
+    n_embd: int = opt(64, "policy/RM hidden size (tiny GPT-2)")
+    n_layer: int = opt(2, "policy/RM layers")
+    vocab_size: int = opt(1200, "BPE vocabulary trained on the demonstrations")
+    sft_lr: float = opt(5e-3, "SFT learning rate")
+    sft_batch_size: int = opt(8, "SFT batch size (small batches, many steps: fastest to fluent text on CPU)")
+    rm_lr: float = opt(1e-3, "RM learning rate")
+    ppo_lr: float = opt(3e-4, "PPO policy learning rate")
+    kl_coef: float = opt(0.05, "PPO KL coefficient (all systems)")
+    token_reward_scale: str = opt("mean", "token-reward PPO: raw r_t, or r_t / T so a response's rewards sum to Eq. 1 "
+                                  "(the sweep: raw rewards pay for length and are exploited)", choices=["raw", "mean"])
+    token_kl_coef: float | None = opt(0.5, "KL coefficient of the token-reward system (sweep: 0.5 > 0.2 > 0.05 > 0; "
+                                           "null = --kl-coef)")
+    token_rm: str = opt("token_edit", "token RM of the token-reward system: token_edit (Eq. 4) or token_mean (Eq. 1-3)",
+                        choices=["token_edit", "token_mean"])
+    sample_temperature: float = opt(1.0, "temperature of the SFT samples that form the RM pairs")
+    eval_temperature: float = opt(0.7, "temperature of the evaluation outputs (= PPO's sampling temperature)")
+    max_new_tokens: int = opt(64, "longest response in tokens")
+    threads: int = opt(1, "torch CPU threads (1 is fastest for these tiny models on a shared 2-core machine)")
+    sweep: bool = opt(False, "also run the token-reward sweep (KL coefficient x reward scale, one seed) and report it")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.flaw_rate <= 1.0:
+            raise ConfigError("--flaw-rate must be in [0, 1]")
+        for name in ("noise", "judge_noise"):
+            if not 0.0 <= getattr(self, name) < 0.5:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 0.5)")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in PRESETS and v is not None and v <= 0:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be > 0")
+        if self.size("n_eval_prompts") > 432:
+            raise ConfigError("--n-eval-prompts must be <= 432 (the number of distinct sandbox prompts)")
+        if self.threads < 1:
+            raise ConfigError("--threads must be >= 1")
+
+    def size(self, name: str):
+        """The value of a size option: explicit, else the preset's."""
+        v = getattr(self, name)
+        return v if v is not None else PRESETS[name][1 if self.quick else 0]

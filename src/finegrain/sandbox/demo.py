@@ -1,0 +1,430 @@
+"""`finegrain demo`: the paper's three systems end to end in the simulated environment.
+
+Stages (each writes the files of the matching CLI verb into ``OUT``, so any stage can be re-run
+alone with that verb; a stage whose options match a completed run in ``OUT/stages/`` is reused):
+
+1. ``sft``        sft/demos.jsonl -> sft/policy/                       (`finegrain sft --from-scratch`)
+2. ``samples``    two SFT samples per prompt -> data/samples_{a,b}.jsonl (`finegrain generate`)
+3. ``annotate``   noisy BT labels -> data/pairs.jsonl; gold-ordered held-out pairs -> data/heldout.jsonl
+4. ``edit``       oracle edits of the rejected responses -> data/edits.jsonl (`finegrain edit --backend sandbox`)
+5. ``rm``         rm/{seq_pref,seq_edit,token_edit,token_mean}/ + eval.json (`finegrain train-rm`, `eval-rm`)
+6. ``ppo``        ppo/<system>-s<seed>/ with gold reward per step      (`finegrain ppo`)
+7. ``eval``       eval/outputs/*.jsonl, eval/winrate/*.json vs the SFT policy (`finegrain generate`, `winrate`)
+8. ``sweep``      (``--sweep``) token-reward PPO over KL coefficient x reward scale
+9. report         metrics.json, report.md, report.html, *.png
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import build_config, to_dict
+from ..io import read_json, write_json, write_jsonl, iter_records
+from .annotators import Annotator, calibrate_temperature
+from .config import DemoConfig
+from .domain import ResponseStyle, gold_score, make_demonstrations, make_prompts
+
+RM_SPECS = {  # name -> (pairs file, pair kind, loss)
+    "seq_pref": ("pairs.jsonl", "preference", "sequence"),
+    "seq_edit": ("edits.jsonl", "edit", "sequence"),
+    "token_edit": ("edits.jsonl", "edit", "token_edit"),
+    "token_mean": ("edits.jsonl", "edit", "token_mean"),
+}
+SYSTEMS = {  # name -> (reward model, PPO reward mode, label); the token RM is --token-rm
+    "baseline": ("seq_pref", "sequence", "PPO-RLHF (original pairs + sequence RM)"),
+    "edit_seq": ("seq_edit", "sequence", "Fine-grained PPO (edit data + sequence RM)"),
+    "edit_token": ("token_edit", "token", "Fine-grained token-level PPO (edit data + token RM)"),
+}
+CURVE_KEYS = ("step", "gold_reward", "kl", "reward", "gold_flaw_rate", "response_length", "eos_rate")
+FORMAT_VERSION = 1  # part of every stage key: bump when a stage's outputs change meaning
+SWEEP = [("token_edit", 0.05, "raw"), ("token_edit", 0.2, "raw"), ("token_edit", 0.0, "mean"),
+         ("token_edit", 0.05, "mean"), ("token_edit", 0.2, "mean"), ("token_edit", 0.5, "mean"),
+         ("token_mean", 0.05, "mean"), ("token_mean", 0.2, "mean")]  # (token RM, KL coefficient, reward scale)
+
+
+def say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Runs named stages once per set of options; completed ones are recorded in OUT/stages/NAME.json."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.times: dict[str, float] = {}  # elapsed seconds of each stage (as first run, when reused)
+        self.n_reused = 0
+
+    def run(self, name: str, key: dict, fn: Callable[[], dict], clean: list[Path] = ()) -> dict:
+        marker = self.out / "stages" / f"{name}.json"
+        key = dict(key)
+        if marker.exists():
+            rec = read_json(marker)
+            if rec.get("key") == key:
+                say(f"{name}: reusing the completed stage in {self.out}")
+                self.n_reused += 1
+                self.times[name] = rec.get("elapsed_s", 0.0)
+                return rec["result"]
+        for p in clean:  # outputs of an older run with other options (or of one killed mid-stage)
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        say(f"{name}: running")
+        t0 = time.time()
+        result = fn()
+        elapsed = time.time() - t0
+        self.times[name] = elapsed
+        write_json(marker, {"key": key, "result": result, "elapsed_s": elapsed, "digest": _digest(key)})
+        say(f"{name}: done in {elapsed:.1f}s")
+        return result
+
+
+# ------------------------------------------------------------------------------------------- stats helpers
+def gold_stats(prompts: list[str], responses: list[str]) -> dict[str, float]:
+    """Mean gold reward, fraction of responses with a flaw, flaws per response, coverage of the item."""
+    scores = [gold_score(p, r) for p, r in zip(prompts, responses)]
+    n = max(len(scores), 1)
+    return {"gold_reward": sum(s.reward for s in scores) / n,
+            "flaw_rate": sum(bool(s.flaws) for s in scores) / n,
+            "flaws_per_response": sum(len(s.flaws) for s in scores) / n,
+            "item_coverage": sum(s.item > 0 for s in scores) / n,
+            "length_ok": sum(s.length > 0 for s in scores) / n}
+
+
+def is_mixed(prompt: str, response: str) -> bool:
+    """True when a response has both a flaw and a good contribution (an item, a content sentence)."""
+    g = gold_score(prompt, response)
+    return bool(g.flaws) and (g.helpful > 0 or g.item > 0)
+
+
+def flaw_kinds(prompts: list[str], responses: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p, r in zip(prompts, responses):
+        for f in gold_score(p, r).flaws:
+            out[f.kind] = out.get(f.kind, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def valid_text(text: str) -> bool:
+    """Usable as a response in a pairs file (non-empty, no control characters: the pair loader's rule)."""
+    from ..data.loaders import check_text
+    from ..errors import InputError
+
+    try:
+        check_text(text, "response")
+    except InputError:
+        return False
+    return True
+
+
+def read_outputs(path: Path) -> tuple[list[str], list[str]]:
+    rows = [r for _, r in iter_records(str(path))]
+    return [r["prompt"] for r in rows], [r["output"] for r in rows]
+
+
+def write_prompts(path: Path, prompts: list[str], prefix: str) -> None:
+    write_jsonl(path, ({"id": f"{prefix}{i}", "prompt": p} for i, p in enumerate(prompts)))
+
+
+# ------------------------------------------------------------------------------------------- stages
+def stage_sft(cfg: DemoConfig, out: Path) -> dict:
+    from ..sft.config import SFTConfig
+    from ..sft.train import train_sft
+
+    demos = make_demonstrations(cfg.size("n_demos"), cfg.seed, ResponseStyle(flaw_rate=cfg.flaw_rate))
+    write_jsonl(out / "sft" / "demos.jsonl", demos)
+    sft_cfg = build_config(SFTConfig, {
+        "data": str(out / "sft" / "demos.jsonl"), "output": str(out / "sft" / "policy"), "from_scratch": True,
+        "vocab_size": cfg.vocab_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": 2, "n_positions": 160,
+        "epochs": cfg.size("sft_epochs"), "batch_size": cfg.sft_batch_size, "lr": cfg.sft_lr, "warmup_ratio": 0.05,
+        "max_length": 160, "seed": cfg.seed, "log_with": "none"})
+    summary = train_sft(sft_cfg)
+    demo_stats = gold_stats([d["prompt"] for d in demos], [d["response"] for d in demos])
+    return {"train": summary, "demonstrations": demo_stats, "n_demos": len(demos)}
+
+
+def _generate(model: str, prompts: Path, output: Path, seed: int, temperature: float, cfg: DemoConfig,
+              generator: str) -> dict:
+    from ..eval.generate import GenerateConfig, generate
+
+    return generate(build_config(GenerateConfig, {
+        "model": model, "prompts": str(prompts), "output": str(output), "generator": generator, "batch_size": 64,
+        "max_new_tokens": cfg.max_new_tokens, "temperature": temperature, "seed": seed, "device": "cpu"}))
+
+
+def stage_samples(cfg: DemoConfig, out: Path) -> dict:
+    data, policy = out / "data", str(out / "sft" / "policy")
+    write_prompts(data / "rm_prompts.jsonl", make_prompts(cfg.size("n_rm_prompts"), cfg.seed * 7 + 1), "rm")
+    write_prompts(data / "heldout_prompts.jsonl", make_prompts(cfg.size("n_heldout_prompts"), cfg.seed * 7 + 2), "ho")
+    for split in ("rm", "heldout"):
+        for side, k in (("a", 1), ("b", 2)):
+            _generate(policy, data / f"{split}_prompts.jsonl", data / f"{split}_samples_{side}.jsonl",
+                      cfg.seed * 1000 + k, cfg.sample_temperature, cfg, "sft")
+    prompts, a = read_outputs(data / "rm_samples_a.jsonl")
+    _, b = read_outputs(data / "rm_samples_b.jsonl")
+    return {"sft_samples": gold_stats(prompts + prompts, a + b), "flaw_kinds": flaw_kinds(prompts + prompts, a + b)}
+
+
+def stage_annotate(cfg: DemoConfig, out: Path) -> dict:
+    """Noisy BT labels on the RM pairs (T calibrated on them to the configured noise); gold-ordered held-out pairs."""
+    data = out / "data"
+    prompts, a = read_outputs(data / "rm_samples_a.jsonl")
+    _, b = read_outputs(data / "rm_samples_b.jsonl")
+    keep = [i for i in range(len(prompts)) if valid_text(a[i]) and valid_text(b[i]) and a[i] != b[i]]
+    rewards = [(gold_score(prompts[i], a[i]).reward, gold_score(prompts[i], b[i]).reward) for i in keep]
+    temperature = calibrate_temperature([ra - rb for ra, rb in rewards], cfg.noise)
+    ann = Annotator(noise=cfg.noise, seed=cfg.seed, temperature=temperature)
+    rows, disagree, decided, mixed = [], 0, 0, 0
+    for i, (ra, rb) in zip(keep, rewards):
+        mixed += is_mixed(prompts[i], a[i]) and is_mixed(prompts[i], b[i])
+        first, _, _ = ann.prefers_first(f"rm{i}", prompts[i], a[i], b[i])
+        first = bool(first) if first is not None else True
+        chosen, rejected = (a[i], b[i]) if first else (b[i], a[i])
+        rc, rr = (ra, rb) if first else (rb, ra)
+        if ra != rb:
+            decided += 1
+            disagree += rc < rr
+        rows.append({"id": f"rm{i}", "prompt": prompts[i], "chosen": chosen, "rejected": rejected,
+                     "gold_chosen": rc, "gold_rejected": rr})
+    write_jsonl(data / "pairs.jsonl", rows)
+    # held-out evaluation pairs: the gold-better sample as `edited` (edit format carries gold_spans)
+    hp, ha = read_outputs(data / "heldout_samples_a.jsonl")
+    _, hb = read_outputs(data / "heldout_samples_b.jsonl")
+    held = []
+    for i, (p, x, y) in enumerate(zip(hp, ha, hb)):
+        gx, gy = gold_score(p, x), gold_score(p, y)
+        if gx.reward == gy.reward or not valid_text(x) or not valid_text(y):
+            continue
+        (better, worse, gw) = (x, y, gy) if gx.reward > gy.reward else (y, x, gx)
+        held.append({"id": f"ho{i}", "prompt": p, "edited": better, "rejected": worse,
+                     "gold_spans": [list(s) for s in gw.flawed_spans],
+                     "edit_meta": {"note": "not an edit: two SFT samples ordered by the gold reward"}})
+    write_jsonl(data / "heldout.jsonl", held)
+    return {"n_pairs": len(rows), "n_dropped_identical_or_invalid": len(prompts) - len(keep), "bt_temperature": temperature,
+            "noise_target": cfg.noise, "observed_disagreement": disagree / max(decided, 1), "n_decided": decided,
+            "both_mixed_fraction": mixed / max(len(rows), 1),
+            "n_gold_ties": len(rows) - decided, "n_heldout_pairs": len(held),
+            "n_heldout_dropped_ties_or_invalid": len(hp) - len(held)}
+
+
+def stage_edit(cfg: DemoConfig, out: Path) -> dict:
+    from ..edit.core import EditConfig, edit_pairs
+
+    data = out / "data"
+    summary = edit_pairs(build_config(EditConfig, {
+        "data": str(data / "pairs.jsonl"), "output": str(data / "edits.jsonl"), "backend": "sandbox",
+        "model": "oracle", "max_edit_ratio": 1.0, "cache": "none"}))
+    rows = [r for _, r in iter_records(str(data / "edits.jsonl"))]
+    gains = []
+    for r in rows:  # gold flawed spans of the rejected response, as a top-level field of the edited pair
+        r["gold_spans"] = [list(s) for s in gold_score(r["prompt"], r["rejected"]).flawed_spans]
+        gains.append(gold_score(r["prompt"], r["edited"]).reward - gold_score(r["prompt"], r["rejected"]).reward)
+    write_jsonl(data / "edits.jsonl", rows)
+    return {"n_pairs": summary["n_pairs"], "n_edited": summary["n_edited"], "n_rejected": summary["n_rejected"],
+            "rejects_by_reason": summary["rejects_by_reason"], "edit_ratio": summary["edit_ratio"],
+            "mean_gold_gain": sum(gains) / max(len(gains), 1), "min_gold_gain": min(gains, default=None)}
+
+
+def stage_rm(cfg: DemoConfig, out: Path, name: str) -> dict:
+    from ..rm.config import EvalRMConfig, TrainRMConfig
+    from ..rm.evaluate import evaluate_reward_model
+    from ..rm.train import train_reward_model
+
+    data_file, kind, loss = RM_SPECS[name]
+    rm_dir = out / "rm" / name
+    t0 = time.time()
+    train = train_reward_model(build_config(TrainRMConfig, {
+        "data": str(out / "data" / data_file), "model": str(out / "sft" / "policy"), "output": str(rm_dir),
+        "loss": loss, "pairs": kind, "eval_fraction": 0.0, "epochs": cfg.size("rm_epochs"), "batch_size": 16,
+        "lr": cfg.rm_lr, "max_length": 160, "seed": cfg.seed, "log_with": "none", "save_every": 0}))
+    train_s = time.time() - t0
+    ev = evaluate_reward_model(build_config(EvalRMConfig, {
+        "model": str(rm_dir), "data": str(out / "data" / "heldout.jsonl"), "output": str(rm_dir / "eval.json"),
+        "pairs": "edit", "batch_size": 64}))
+    return {"train": {k: train.get(k) for k in ("n_train", "steps", "final_loss", "n_dropped_unchanged")},
+            "train_s": train_s, "train_s_per_step": train_s / max(train.get("steps") or 1, 1),
+            **{k: ev.get(k) for k in ("accuracy", "accuracy_se", "n_pairs", "token_auroc", "token_auroc_source")}}
+
+
+def ppo_config(cfg: DemoConfig, out: Path, rm: str, mode: str, seed: int, run_dir: Path, *,
+               kl: float | None = None, scale: str | None = None):
+    from ..ppo.config import PPOConfig
+
+    if kl is None:
+        kl = cfg.token_kl_coef if (mode == "token" and cfg.token_kl_coef is not None) else cfg.kl_coef
+    bs = cfg.size("ppo_batch_size")
+    return build_config(PPOConfig, {
+        "policy": str(out / "sft" / "policy"), "reward_model": str(out / "rm" / rm), "reward_mode": mode,
+        "prompts": str(out / "ppo" / "prompts.jsonl"), "output": str(run_dir), "steps": cfg.size("ppo_steps"),
+        "seed": seed, "batch_size": bs, "num_minibatches": 2, "ppo_epochs": 4, "forward_batch_size": bs,
+        "lr": cfg.ppo_lr, "kl_coef": kl, "token_reward_scale": scale or cfg.token_reward_scale,
+        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.eval_temperature, "save_every": cfg.size("ppo_steps"),
+        "sample_every": max(1, cfg.size("ppo_steps") // 4), "num_samples": 2, "log_with": "none",
+        "missing_eos_penalty": 1.0})
+
+
+def gold_on_rollout(step: int, prompts: list[str], responses: list[str]) -> dict[str, float]:
+    s = gold_stats(prompts, responses)
+    return {"gold_reward": s["gold_reward"], "gold_flaw_rate": s["flaw_rate"],
+            "gold_flaws_per_response": s["flaws_per_response"]}
+
+
+def stage_ppo(cfg: DemoConfig, out: Path, run_dir: Path, rm: str, mode: str, seed: int, **kw) -> dict:
+    from ..ppo import train_ppo
+
+    t0 = time.time()
+    summary = train_ppo(ppo_config(cfg, out, rm, mode, seed, run_dir, **kw), on_rollout=gold_on_rollout)
+    elapsed = time.time() - t0
+    lines = [r for _, r in iter_records(str(run_dir / "metrics.jsonl"))]
+    return {"final_policy": summary["final_policy"], "wall_s": elapsed, "s_per_step": elapsed / max(len(lines), 1),
+            "curve": {k: [r.get(k) for r in lines] for k in CURVE_KEYS}}
+
+
+def stage_eval(cfg: DemoConfig, out: Path, name: str, model: str, seed: int) -> dict:
+    """Outputs of ``model`` on the eval prompts, their gold statistics and win rate against the SFT outputs."""
+    from ..eval.winrate import WinrateConfig, winrate
+
+    ev = out / "eval"
+    outputs = ev / "outputs" / f"{name}.jsonl"
+    _generate(model, ev / "prompts.jsonl", outputs, 10_000 + seed, cfg.eval_temperature, cfg, name)
+    prompts, texts = read_outputs(outputs)
+    res = {"gold": gold_stats(prompts, texts)}
+    if name != "sft":
+        wr = winrate(build_config(WinrateConfig, {
+            "outputs": str(outputs), "reference": str(ev / "outputs" / "sft.jsonl"), "judge": "sandbox",
+            "output": str(ev / "winrate" / f"{name}.json"), "cache": "none", "seed": seed,
+            "backend_options": {"noise": cfg.judge_noise, "seed": seed}}))
+        res.update(win_rate=wr["win_rate"], se=wr["se"], n=wr["n"])
+    return res
+
+
+# ------------------------------------------------------------------------------------------- the run
+def _keys(cfg: DemoConfig) -> dict[str, dict]:
+    """Options each stage depends on (its own and its inputs'), for reuse decisions."""
+    s = cfg.size
+    k: dict[str, dict] = {}
+    k["sft"] = {"version": FORMAT_VERSION, "seed": cfg.seed, "flaw_rate": cfg.flaw_rate, "n_demos": s("n_demos"), "epochs": s("sft_epochs"),
+                "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "vocab": cfg.vocab_size, "lr": cfg.sft_lr,
+                "batch": cfg.sft_batch_size}
+    k["samples"] = {"sft": k["sft"], "n": s("n_rm_prompts"), "n_heldout": s("n_heldout_prompts"),
+                    "temperature": cfg.sample_temperature, "max_new_tokens": cfg.max_new_tokens}
+    k["annotate"] = {"samples": k["samples"], "noise": cfg.noise}
+    k["edit"] = {"annotate": k["annotate"]}
+    k["rm"] = {"edit": k["edit"], "epochs": s("rm_epochs"), "lr": cfg.rm_lr}
+    k["ppo"] = {"rm": k["rm"], "steps": s("ppo_steps"), "batch": s("ppo_batch_size"), "n_prompts": s("n_ppo_prompts"),
+                "lr": cfg.ppo_lr, "kl": cfg.kl_coef, "temperature": cfg.eval_temperature}
+    # options of the token-reward system only (sequence-reward runs do not depend on them)
+    k["ppo_token"] = {**k["ppo"], "token_kl": cfg.token_kl_coef, "scale": cfg.token_reward_scale}
+    if cfg.token_rm != "token_edit":
+        k["ppo_token"]["token_rm"] = cfg.token_rm
+    k["eval"] = {"n": s("n_eval_prompts"), "judge_noise": cfg.judge_noise}
+    return k
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or resume) the whole demo in ``cfg.out``; returns the metrics also written to metrics.json."""
+    import torch
+
+    from .report import write_report
+
+    t_start = time.time()
+    torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    st, keys = Stages(out), _keys(cfg)
+    m: dict[str, Any] = {"config": to_dict(cfg), "sizes": {n: cfg.size(n) for n in
+                                                          ("n_demos", "sft_epochs", "n_rm_prompts",
+                                                           "n_heldout_prompts", "rm_epochs", "n_ppo_prompts",
+                                                           "ppo_steps", "ppo_batch_size", "ppo_seeds",
+                                                           "n_eval_prompts")}}
+    m["sft"] = st.run("sft", keys["sft"], lambda: stage_sft(cfg, out), [out / "sft"])
+    m["samples"] = st.run("samples", keys["samples"], lambda: stage_samples(cfg, out))
+    m["annotate"] = st.run("annotate", keys["annotate"], lambda: stage_annotate(cfg, out))
+    m["edit"] = st.run("edit", keys["edit"], lambda: stage_edit(cfg, out))
+    m["rm"] = {n: st.run(f"rm_{n}", keys["rm"], lambda n=n: stage_rm(cfg, out, n), [out / "rm" / n])
+               for n in RM_SPECS}
+    write_prompts(out / "ppo" / "prompts.jsonl", make_prompts(cfg.size("n_ppo_prompts"), cfg.seed * 7 + 3), "ppo")
+    write_prompts(out / "eval" / "prompts.jsonl", make_prompts(cfg.size("n_eval_prompts"), cfg.seed * 7 + 4, unique=True),
+                  "ev")
+    m["eval_sft"] = st.run("eval_sft", {"sft": keys["sft"], **keys["eval"]},
+                           lambda: stage_eval(cfg, out, "sft", str(out / "sft" / "policy"), cfg.seed))
+    m["systems"] = {}
+    for sysname, (rm, mode, label) in SYSTEMS.items():
+        rm = cfg.token_rm if mode == "token" else rm
+        runs = []
+        ppo_key = keys["ppo_token" if mode == "token" else "ppo"]
+        for k in range(cfg.size("ppo_seeds")):
+            seed = cfg.seed * 100 + k
+            run_dir = out / "ppo" / f"{sysname}-s{k}"
+            ppo = st.run(f"ppo_{sysname}_s{k}", {**ppo_key, "seed": seed},
+                         lambda: stage_ppo(cfg, out, run_dir, rm, mode, seed), [run_dir])
+            ev = st.run(f"eval_{sysname}_s{k}", {**ppo_key, **keys["eval"], "seed": seed},
+                        lambda: stage_eval(cfg, out, f"{sysname}-s{k}", ppo["final_policy"], seed))
+            runs.append({"seed": seed, "ppo": ppo, "eval": ev})
+        m["systems"][sysname] = {"label": label, "reward_model": rm, "reward_mode": mode, "runs": runs,
+                                 **aggregate(runs)}
+    if cfg.sweep:
+        m["sweep"] = run_sweep(cfg, out, st, keys)
+    m["timings_s"] = dict(st.times, total=time.time() - t_start, stages_sum=sum(st.times.values()),
+                          n_reused=st.n_reused)
+    m["peak_rss_mb"] = peak_rss_mb()
+    write_json(out / "metrics.json", m)
+    write_report(out, m)
+    say(f"report written: {out / 'report.md'}, {out / 'report.html'}")
+    return {"out": str(out), "metrics": str(out / "metrics.json"), "report": str(out / "report.md"),
+            **{f"win_rate_{k}": v["win_rate"] for k, v in m["systems"].items()},
+            **{f"rm_accuracy_{k}": v["accuracy"] for k, v in m["rm"].items()},
+            "sft_flaw_rate": m["samples"]["sft_samples"]["flaw_rate"], "wall_s": round(m["timings_s"]["total"], 1)}
+
+
+def aggregate(runs: list[dict]) -> dict[str, float]:
+    """Win rate and gold reward over seeds: mean, and SE = std over seeds / sqrt(k) (k > 1) or the judge's SE (k = 1)."""
+    wr = [r["eval"]["win_rate"] for r in runs]
+    gold = [r["eval"]["gold"]["gold_reward"] for r in runs]
+    k = len(runs)
+
+    def se(xs: list[float]) -> float:
+        if k < 2:
+            return float("nan")
+        mu = sum(xs) / k
+        return math.sqrt(sum((x - mu) ** 2 for x in xs) / (k - 1) / k)
+
+    judge_se = math.sqrt(sum(r["eval"]["se"] ** 2 for r in runs)) / k
+    return {"win_rate": sum(wr) / k, "win_rate_se": se(wr) if k > 1 else judge_se, "win_rate_judge_se": judge_se,
+            "gold_reward": sum(gold) / k, "gold_reward_se": se(gold),
+            "flaw_rate": sum(r["eval"]["gold"]["flaw_rate"] for r in runs) / k}
+
+
+def run_sweep(cfg: DemoConfig, out: Path, st: Stages, keys: dict) -> list[dict]:
+    """Token-reward PPO for each (token RM, KL coefficient, reward scale), one seed; gold reward and win rate."""
+    rows = []
+    for rm, kl, scale in SWEEP:
+        name = f"sweep-kl{kl:g}-{scale}" + ("" if rm == "token_edit" else f"-{rm}")
+        run_dir = out / "ppo" / name
+        key = {**keys["ppo"], "rm_name": rm, "kl": kl, "scale": scale, "seed": cfg.seed * 100}
+        ppo = st.run(f"ppo_{name}", key, lambda: stage_ppo(cfg, out, run_dir, rm, "token", cfg.seed * 100,
+                                                           kl=kl, scale=scale), [run_dir])
+        ev = st.run(f"eval_{name}", {**key, **keys["eval"]},
+                    lambda: stage_eval(cfg, out, name, ppo["final_policy"], cfg.seed * 100))
+        rows.append({"reward_model": rm, "kl_coef": kl, "scale": scale, "win_rate": ev["win_rate"], "se": ev["se"],
+                     "gold_reward": ev["gold"]["gold_reward"], "flaw_rate": ev["gold"]["flaw_rate"],
+                     "final_kl": ppo["curve"]["kl"][-1]})
+    return rows
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,334 @@
+"""The demo's report: report.md, report.html (escaped text, PNG plots, a token-reward heat map) from metrics.json.
+
+Everything shown is read from the metrics dict the demo recorded; the comparison with the
+paper is stated from the measured numbers, whichever way they fall.
+"""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write
+
+PAPER_TABLE1 = {"edit_token": "51.6 ± 1.8", "edit_seq": "51.2 ± 1.8", "baseline": "46.5 ± 1.8"}
+PAPER_TABLE2 = {"seq_pref": "58.2 ± 1.8 (without fine-grained data)", "seq_edit": "—",
+                "token_edit": "85.2 ± 1.8 (with fine-grained data)", "token_mean": "—"}
+PAPER_TABLE3_RM = {"seq_pref": "0.2 h (standard)", "seq_edit": "—", "token_edit": "0.3 h (fine-grained)",
+                   "token_mean": "—"}
+PAPER_TABLE3_PPO = {"baseline": "4 h", "edit_seq": "—", "edit_token": "2 h"}
+RM_LABELS = {"seq_pref": "sequence RM, original pairs (baseline)", "seq_edit": "sequence RM, edit pairs",
+             "token_edit": "token RM, edit pairs, Eq. 4 (token_edit)",
+             "token_mean": "token RM, edit pairs, Eq. 1-3 (token_mean)"}
+
+
+def fmt(x: Any, nd: int = 3, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{100 * x:.1f}" if pct else f"{x:.{nd}f}"
+
+
+def pm(x: Any, se: Any, pct: bool = False, nd: int = 3) -> str:
+    if se is None or (isinstance(se, float) and not math.isfinite(se)):
+        return fmt(x, nd, pct)
+    return f"{fmt(x, nd, pct)} ± {fmt(se, nd, pct)}"
+
+
+# ------------------------------------------------------------------------------------------- numbers
+def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Step-wise mean over seeds of a PPO metric (steps where every seed has a value)."""
+    curves = [r["ppo"]["curve"] for r in runs]
+    steps = curves[0]["step"]
+    ys = []
+    for i in range(len(steps)):
+        vals = [c[key][i] for c in curves if i < len(c[key]) and c[key][i] is not None]
+        ys.append(sum(vals) / len(vals) if vals else float("nan"))
+    return steps, ys
+
+
+SMOOTH = 5  # window of the running means in plots and speed measurements
+
+
+def running_mean(ys: list[float], window: int = SMOOTH) -> list[float]:
+    """Trailing running mean: element i averages ys[max(0, i - window + 1) .. i]."""
+    return [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+
+
+def steps_to_fraction(steps: list[int], ys: list[float], frac: float = 0.9, window: int = SMOOTH) -> int | None:
+    """First step whose running mean (``window`` steps) has gained ``frac`` of the FINAL running-mean gain.
+
+    None when the run ends no better than it started (a policy that improved and then collapsed
+    has no speed worth reporting).
+    """
+    if not ys:
+        return None
+    sm = running_mean(ys, window)
+    gain = sm[-1] - sm[0]
+    if gain <= 0:
+        return None
+    return next(s for s, v in zip(steps, sm) if v - sm[0] >= frac * gain)
+
+
+def steps_to_level(steps: list[int], ys: list[float], level: float, window: int = SMOOTH) -> int | None:
+    """First step whose running mean (``window`` steps) reaches ``level``; None if it never does."""
+    return next((st for st, v in zip(steps, running_mean(ys, window)) if v >= level), None)
+
+
+def baseline_level(m: dict) -> float:
+    """The baseline system's final running-mean gold reward of rollouts: the bar for the speed comparison."""
+    return running_mean(mean_curve(m["systems"]["baseline"]["runs"], "gold_reward")[1])[-1]
+
+
+def findings(m: dict) -> list[str]:
+    """Plain statements of how the measured numbers compare with the paper's claims."""
+    s, rm = m["systems"], m["rm"]
+    out = []
+    b, e, t = (s[k]["win_rate"] for k in ("baseline", "edit_seq", "edit_token"))
+    order = sorted(s, key=lambda k: -s[k]["win_rate"])
+    paper_order = ["edit_token", "edit_seq", "baseline"]
+    out.append(f"Win-rate order measured: {' > '.join(order)} (paper: {' > '.join(paper_order)}); "
+               + ("the same order as the paper." if order == paper_order else "NOT the paper's order."))
+    gap = s["edit_token"]["win_rate"] - s["baseline"]["win_rate"]
+    se = math.sqrt(sum((s[k]["win_rate_se"] or 0) ** 2 for k in ("edit_token", "baseline")))
+    out.append(f"Token-level PPO minus baseline: {100 * gap:+.1f} points (± {100 * se:.1f}); "
+               + ("beyond two standard errors." if abs(gap) > 2 * se and se > 0 else
+                  "within two standard errors: not a clear difference at this budget."))
+    a_seq, a_tok = rm["seq_pref"]["accuracy"], rm["token_edit"]["accuracy"]
+    out.append(f"RM accuracy on held-out gold-ordered pairs: baseline sequence RM {100 * a_seq:.1f}%, token RM on "
+               f"edits {100 * a_tok:.1f}% (paper: 58.2% vs 85.2%); "
+               + ("fine-grained data helps, as in the paper." if a_tok > a_seq else
+                  "the token RM is NOT more accurate here, unlike the paper."))
+    for k, v in s.items():
+        _, length = mean_curve(v["runs"], "response_length")
+        _, eos = mean_curve(v["runs"], "eos_rate")
+        if length and length[0] and running_mean(length)[-1] > 1.5 * length[0]:
+            out.append(f"{k}: responses grew from {length[0]:.0f} to {running_mean(length)[-1]:.0f} tokens (EOS rate "
+                       f"{running_mean(eos)[-1]:.2f}) while the gold reward went from {fmt(mean_curve(v['runs'], 'gold_reward')[1][0])} "
+                       f"to {fmt(v['gold_reward'])}: the policy is paid for length, i.e. it exploits its reward model.")
+    c = m["config"]
+    token_kl = c["token_kl_coef"] if c.get("token_kl_coef") is not None else c["kl_coef"]
+    if token_kl != c["kl_coef"]:
+        out.append(f"Caveat: the token-reward system runs with KL coefficient {token_kl} and reward scale "
+                   f"{c['token_reward_scale']}, chosen by the token-reward sweep (`--sweep`, seed 0, the same evaluation "
+                   f"prompts); the sequence-reward systems keep KL {c['kl_coef']} and were not swept, so part of a "
+                   "difference between them may come from that tuning.")
+    level = baseline_level(m)
+    speed = {k: steps_to_level(*mean_curve(s[k]["runs"], "gold_reward"), level) for k in s}
+    if speed["edit_token"] is not None and speed["baseline"] is not None:
+        faster = speed["edit_token"] <= speed["baseline"] / 2
+        out.append(f"Speed: the baseline's final gold reward ({level:.3f}, {SMOOTH}-step running mean of rollouts) is "
+                   f"first reached at step {speed['edit_token']} by token-level PPO, {speed['edit_seq'] or 'never'} by "
+                   f"edit-data sequence PPO and {speed['baseline']} by the baseline (paper: token-level PPO reaches its "
+                   "best in half the time); " + ("at least twice as fast, as in the paper." if faster else
+                                                 "NOT twice as fast here."))
+    else:
+        out.append("Token-level PPO never reached the baseline's final gold reward, so it was not faster.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- plots
+def write_plots(out: Path, m: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for key, ylabel, fname in (("gold_reward", "gold reward of rollouts", "ppo_gold_reward.png"),
+                               ("kl", "KL(policy || SFT) per response", "ppo_kl.png")):
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+        for (sysname, sysm), colour in zip(m["systems"].items(), ("#1f77b4", "#ff7f0e", "#2ca02c")):
+            steps, ys = mean_curve(sysm["runs"], key)
+            ax.plot(steps, ys, color=colour, alpha=0.25, lw=1)
+            ax.plot(steps, running_mean(ys), color=colour, lw=2, label=f"{sysname} ({sysm['reward_mode']} reward)")
+        ax.set_title(f"mean over seeds (faint) and its {SMOOTH}-step running mean", fontsize=9)
+        ax.set_xlabel("PPO step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        with atomic_write(out / fname, "wb") as f:
+            fig.savefig(f, format="png")
+        plt.close(fig)
+        names.append(fname)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    rms = list(m["rm"])
+    acc = [100 * m["rm"][k]["accuracy"] for k in rms]
+    err = [100 * (m["rm"][k]["accuracy_se"] or 0) for k in rms]
+    ax.bar(rms, acc, yerr=err, capsize=4, color=["#999", "#69c", "#2a7", "#8c6"][: len(rms)])
+    ax.axhline(50, color="k", lw=0.8, ls=":")
+    ax.set_ylabel("accuracy on held-out gold pairs (%)")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    with atomic_write(out / "rm_accuracy.png", "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    names.append("rm_accuracy.png")
+    return names
+
+
+def write_heatmap(out: Path, n: int = 3) -> str | None:
+    """token_rewards.html: the token RM's per-token rewards on held-out pairs (`finegrain show-rewards`)."""
+    from ..config import build_config
+    from ..eval.show import ShowRewardsConfig, show_rewards
+
+    rm_dir, data = out / "rm" / "token_edit", out / "data" / "heldout.jsonl"
+    if not (rm_dir / "finegrain.json").exists() or not data.exists():
+        return None
+    show_rewards(build_config(ShowRewardsConfig, {"model": str(rm_dir), "data": str(data),
+                                                  "output": str(out / "token_rewards.html"), "n": n}))
+    return "token_rewards.html"
+
+
+# ------------------------------------------------------------------------------------------- tables
+def tables(m: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every results table, shared by the Markdown and HTML reports."""
+    out = []
+    rows = []
+    for k, v in m["systems"].items():
+        rows.append([v["label"], pm(v["win_rate"], v["win_rate_se"], pct=True),
+                     pm(v["gold_reward"], v.get("gold_reward_se")), fmt(v["flaw_rate"], pct=True),
+                     PAPER_TABLE1[k]])
+    sft = m["eval_sft"]["gold"]
+    rows.append(["SFT policy (reference)", "50.0", fmt(sft["gold_reward"]), fmt(sft["flaw_rate"], pct=True),
+                 "Davinci003: 50.0"])
+    out.append(("Table 1 analogue: win rate against the SFT policy (gold judge, noisy BT)",
+                ["system", "win rate % (± SE)", "gold reward", "flawed responses %", "paper: win rate vs Davinci003"],
+                rows))
+    rows = [[RM_LABELS[k], pm(v["accuracy"], v["accuracy_se"], pct=True),
+             fmt(v.get("token_auroc")), PAPER_TABLE2[k]] for k, v in m["rm"].items()]
+    out.append(("Table 2 analogue: reward-model accuracy on held-out gold-ordered pairs",
+                ["reward model", "accuracy % (± SE)", "token AUROC (gold flawed tokens)", "paper accuracy %"], rows))
+    rows = [[f"RM: {RM_LABELS[k]}", f"{v['train_s_per_step']:.3f} s/step", f"{v['train_s']:.1f} s total",
+             PAPER_TABLE3_RM[k]] for k, v in m["rm"].items()]
+    for k, v in m["systems"].items():
+        per = sum(r["ppo"]["s_per_step"] for r in v["runs"]) / len(v["runs"])
+        steps, ys = mean_curve(v["runs"], "gold_reward")
+        s90, reach = steps_to_fraction(steps, ys), steps_to_level(steps, ys, baseline_level(m))
+        rows.append([f"PPO: {k}", f"{per:.2f} s/step", f"baseline's final gold reward reached at step "
+                     f"{reach or 'never'}; 90% of own final gain at step {s90 or 'n/a (no gain)'}",
+                     PAPER_TABLE3_PPO[k]])
+    out.append(("Table 3 analogue: cost (this machine, CPU)", ["stage", "time per step", "total / speed",
+                                                               "paper (8 x A100)"], rows))
+    if m.get("sweep"):
+        rows = [[r.get("reward_model", "token_edit"), fmt(r["kl_coef"], 2), r["scale"],
+                 pm(r["win_rate"], r["se"], pct=True), fmt(r["gold_reward"]), fmt(r["flaw_rate"], pct=True),
+                 fmt(r["final_kl"], 1)] for r in m["sweep"]]
+        out.append(("Token-reward sweep (one seed each)", ["token RM", "KL coef", "reward scale", "win rate %",
+                                                          "gold reward", "flawed %", "final KL"], rows))
+    return out
+
+
+def settings_line(m: dict) -> str:
+    c = m["config"]
+    token_kl = c["token_kl_coef"] if c.get("token_kl_coef") is not None else c["kl_coef"]
+    return (f"PPO: {m['sizes']['ppo_steps']} steps of {m['sizes']['ppo_batch_size']} rollouts for every system "
+            f"({m['sizes']['ppo_seeds']} seed(s) each), lr {c['ppo_lr']}; sequence-reward systems KL coefficient "
+            f"{c['kl_coef']}; token-reward system: RM {c.get('token_rm', 'token_edit')}, reward scale "
+            f"{c['token_reward_scale']} (raw = r_t, mean = r_t / T), KL coefficient {token_kl} "
+            "(chosen by the token-reward sweep, see its table when present).")
+
+
+def environment_lines(m: dict) -> list[str]:
+    d, s, a, e = m["sft"]["demonstrations"], m["samples"]["sft_samples"], m["annotate"], m["edit"]
+    return [settings_line(m),
+        f"Demonstrations: {m['sft']['n_demos']} (flaw rate per sentence {m['config']['flaw_rate']}): "
+        f"{fmt(d['flaw_rate'], pct=True)}% of them have a flaw, mean gold reward {fmt(d['gold_reward'])}.",
+        f"SFT policy samples: {fmt(s['flaw_rate'], pct=True)}% flawed, {fmt(s['flaws_per_response'], 2)} flaws per "
+        f"response, mean gold reward {fmt(s['gold_reward'])}; flaw kinds {m['samples']['flaw_kinds']}.",
+        f"Annotation: {a['n_pairs']} pairs, BT temperature {fmt(a['bt_temperature'])} calibrated to noise "
+        f"{a['noise_target']}; observed disagreement with the gold order {fmt(a['observed_disagreement'], pct=True)}% "
+        f"over {a['n_decided']} pairs with distinct gold rewards ({a['n_gold_ties']} gold ties); in "
+        f"{fmt(a.get('both_mixed_fraction'), pct=True)}% of the pairs both responses mix good content and flaws.",
+        f"Oracle edits: {e['n_edited']} of {e['n_pairs']} rejected responses edited ({e['n_rejected']} without a flaw: "
+        f"{e['rejects_by_reason']}); mean gold gain {fmt(e['mean_gold_gain'])}, minimum {fmt(e['min_gold_gain'])}.",
+        f"Held-out RM evaluation pairs: {a['n_heldout_pairs']} (two SFT samples ordered by the gold reward).",
+        f"Wall time of this invocation {m['timings_s']['total']:.0f} s ({m['timings_s'].get('n_reused', 0)} stages "
+        f"reused; all stages as first run: {m['timings_s'].get('stages_sum', m['timings_s']['total']):.0f} s), "
+        f"peak RSS {m['peak_rss_mb']:.0f} MB.",
+    ]
+
+
+# ------------------------------------------------------------------------------------------- writers
+def markdown(m: dict, plots: list[str], heatmap: str | None) -> str:
+    cfg = m["config"]
+    cmd = "finegrain demo --out " + cfg["out"] + (" --quick" if cfg["quick"] else "") + f" --seed {cfg['seed']}"
+    lines = ["# finegrain demo: fine-grained RLHF in the simulated environment", "",
+             f"Command: `{cmd}`  ", f"PPO seeds per system: {m['sizes']['ppo_seeds']}, "
+             f"{m['sizes']['ppo_steps']} steps of {m['sizes']['ppo_batch_size']} rollouts each.", "",
+             "## Environment", ""]
+    lines += [f"- {x}" for x in environment_lines(m)]
+    for title, header, rows in tables(m):
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "## Findings (from the numbers above)", ""] + [f"- {x}" for x in findings(m)]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    if heatmap:
+        lines += ["", f"Per-token rewards of the token RM on held-out pairs: [{heatmap}]({heatmap})"]
+    return "\n".join(lines) + "\n"
+
+
+def html_report(m: dict, plots: list[str], heatmap: str | None) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>finegrain demo report</title><style>"
+             "body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em}"
+             "th{background:#f3f3f3}img{max-width:48%;margin:.5em}iframe{width:100%;height:40em;border:1px solid #ccc}"
+             "</style></head><body><h1>finegrain demo: fine-grained RLHF in the simulated environment</h1>",
+             "<h2>Environment</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in environment_lines(m)) + "</ul>"]
+    for title, header, rows in tables(m):
+        parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+                     + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+    parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in findings(m)) + "</ul>")
+    parts.append("<h2>Plots</h2>" + "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for p in plots))
+    ex = example_html(m)
+    if ex:
+        parts.append(ex)
+    if heatmap:
+        parts.append(f"<h2>Per-token rewards of the token RM</h2><p><a href='{e(heatmap)}'>{e(heatmap)}</a></p>"
+                     f"<iframe src='{e(heatmap)}'></iframe>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def example_html(m: dict) -> str:
+    """One evaluation prompt with the SFT output and each system's output (escaped), with gold rewards."""
+    ex = m.get("example")
+    if not ex:
+        return ""
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(k)}</td><td>{e(v['text'])}</td><td>{fmt(v['gold'])}</td></tr>"
+                   for k, v in ex["outputs"].items())
+    return (f"<h2>Example</h2><p><b>Prompt:</b> {e(ex['prompt'])}</p><table><tr><th>policy</th><th>output</th>"
+            f"<th>gold reward</th></tr>{rows}</table>")
+
+
+def attach_example(out: Path, m: dict) -> None:
+    """Record the first evaluation prompt's outputs (SFT and each system's first seed) in ``m['example']``."""
+    from ..io import iter_records
+    from .domain import gold_reward
+
+    files = {"sft": out / "eval" / "outputs" / "sft.jsonl"}
+    files.update({k: out / "eval" / "outputs" / f"{k}-s0.jsonl" for k in m["systems"]})
+    outputs, prompt = {}, None
+    for name, path in files.items():
+        if not path.exists():
+            continue
+        rec = next(iter(iter_records(str(path))))[1]
+        prompt = rec["prompt"]
+        outputs[name] = {"text": rec["output"], "gold": gold_reward(rec["prompt"], rec["output"])}
+    if prompt is not None:
+        m["example"] = {"prompt": prompt, "outputs": outputs}
+
+
+def write_report(out: Path, m: dict) -> dict[str, str]:
+    """Write report.md, report.html, the PNG plots and token_rewards.html into ``out``."""
+    attach_example(out, m)
+    plots = write_plots(out, m)
+    heatmap = write_heatmap(out)
+    with atomic_write(out / "report.md") as f:
+        f.write(markdown(m, plots, heatmap))
+    with atomic_write(out / "report.html") as f:
+        f.write(html_report(m, plots, heatmap))
+    return {"markdown": str(out / "report.md"), "html": str(out / "report.html")}

@@ -240,7 +240,7 @@ def test_refusals(data_dir, base_model, token_rm, tmp_path):
 
 
 def test_micro_batch_plan_is_deterministic_and_covers_each_epoch():
-    from finegrain.rm.train import micro_batch_plan
+    from finegrain.training import micro_batch_plan
 
     plan = micro_batch_plan(10, 4, 2.0, seed=3)
     assert plan == micro_batch_plan(10, 4, 2.0, seed=3) and len(plan) == 6

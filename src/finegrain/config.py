@@ -51,7 +51,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add ``--config`` and one flag per field of ``cls``; unspecified flags stay absent."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
     hints = _field_types(cls)
-    for f in dataclasses.fields(cls):
+    # required options first, then the command's own, then those shared with other commands
+    shared = {f.name for f in dataclasses.fields(TrainingOptions)} if issubclass(cls, TrainingOptions) else set()
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: (
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name in shared))
+    for f in ordered:
         if f.name.startswith("_"):
             continue
         tp, _ = _base_type(hints[f.name])
@@ -181,3 +185,49 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainingOptions:
+    """Options every supervised trainer shares (`finegrain sft`, `finegrain train-rm`).
+
+    A trainer's config subclasses this (``@dataclass(kw_only=True)``) and may re-declare a field
+    to change its default or help text.
+    """
+
+    epochs: float = opt(1.0, "passes over the training data (fractions allowed)")
+    batch_size: int = opt(8, "examples per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(1e-5, "peak learning rate")
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)")
+    optimizer: str = opt("adamw", "optimizer", choices=["adamw", "sgd"])
+    lr_scheduler: str = opt("linear", "learning-rate schedule after warm-up", choices=["constant", "linear", "cosine"])
+    warmup_ratio: float = opt(0.03, "fraction of the optimizer steps spent warming up linearly from 0")
+    max_length: int = opt(1024, "maximum tokens per (prompt, response); the prompt is cut from the left first")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
+    eval_fraction: float = opt(0.05, "fraction of the data held out for evaluation (by id or content hash, "
+                                     "deterministic given --seed; 0 = none)")
+    save_every: int = opt(200, "write a resumable checkpoint every N optimizer steps (0 = never)")
+    keep_checkpoints: int = opt(2, "how many of the newest step checkpoints to keep (0 = all)")
+    resume: bool = opt(False, "continue from the newest checkpoint in OUTPUT/checkpoints")
+    seed: int = opt(0, "seed for data order, the held-out split and new weights")
+    skip_invalid: bool = opt(False, "skip invalid records (listed in OUTPUT/rejects.jsonl) instead of stopping")
+    trust_remote_code: bool = opt(False, "allow model code from the hub (off: only transformers' own code runs)")
+    log_with: str = opt("auto", "trackers: auto (TensorBoard when installed, W&B when configured), none, "
+                                "tensorboard, wandb, or a comma-separated list")
+    dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
+    template: str | None = opt(None, "prompt template with {prompt} for tokenizers without a chat template "
+                                     "(default: '{prompt}\\n')")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_flag_name(name)} must be >= 1")
+        if self.epochs <= 0:
+            raise ConfigError("--epochs must be > 0")
+        if self.lr <= 0:
+            raise ConfigError("--lr must be > 0")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError("--eval-fraction must be in [0, 1)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("--warmup-ratio must be in [0, 1)")

@@ -75,6 +75,15 @@ def default_log_with() -> list[str]:
     return out
 
 
+def resolve_log_with(spec: str) -> list[str]:
+    """Trackers named by a ``--log-with`` value: auto, none, or a comma-separated list."""
+    if spec == "auto":
+        return default_log_with()
+    if spec == "none":
+        return []
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
 def progress(iterable=None, *, total=None, desc: str = "", disable: bool | None = None, **kw):
     """A tqdm bar on stderr. FINEGRAIN_PROGRESS=1 forces it on, 0 off; by default it shows on a terminal."""
     import sys

@@ -33,7 +33,7 @@ from ..config import to_dict
 from ..errors import ConfigError
 from ..generation import sample
 from ..io import read_json, write_json
-from ..tracking import MetricsLog, default_log_with, init_trackers, progress
+from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -288,7 +288,7 @@ def run_step(e: Engine, step: int, on_rollout: OnRollout | None) -> tuple[dict[s
 def make_accelerator(cfg: PPOConfig):
     from accelerate import Accelerator
 
-    log_with = {"auto": default_log_with(), "none": []}.get(cfg.log_with, [cfg.log_with])
+    log_with = resolve_log_with(cfg.log_with)
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, log_with=log_with or None, project_dir=cfg.output)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and acc.num_processes == 1:  # every process would think it is rank 0 and clobber the outputs

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import opt
+from ..config import TrainingOptions, opt
 from ..errors import ConfigError
 
 
-@dataclass
-class TrainRMConfig:
+@dataclass(kw_only=True)
+class TrainRMConfig(TrainingOptions):
     """Train a sequence or token-level reward model on preference or edited pairs."""
 
     data: str = opt(help="training pairs: .jsonl/.json/.jsonl.gz/.parquet or a `datasets` name")
@@ -24,49 +24,21 @@ class TrainRMConfig:
     eval_data: str | None = opt(None, "held-out pairs (same format); default: split --eval-fraction off --data")
     eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given "
                                      "(by pair id, deterministic given --seed; 0 = no evaluation)")
-    epochs: float = opt(1.0, "passes over the training pairs (fractions allowed)")
     batch_size: int = opt(8, "pairs per micro-batch per process")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    lr: float = opt(1e-5, "peak learning rate")
-    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)")
-    optimizer: str = opt("adamw", "optimizer", choices=["adamw", "sgd"])
-    lr_scheduler: str = opt("linear", "learning-rate schedule after warm-up", choices=["constant", "linear", "cosine"])
-    warmup_ratio: float = opt(0.03, "fraction of the optimizer steps spent warming up linearly from 0")
-    max_length: int = opt(1024, "maximum tokens per (prompt, response); the prompt is cut from the left first")
-    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
     eval_every: int = opt(50, "evaluate every N optimizer steps (0 = only at the end)")
-    save_every: int = opt(200, "write a resumable checkpoint every N optimizer steps (0 = never)")
-    keep_checkpoints: int = opt(2, "how many of the newest step checkpoints to keep (0 = all)")
-    resume: bool = opt(False, "continue from the newest checkpoint in OUTPUT/checkpoints")
-    seed: int = opt(0, "seed for data order, held-out split and initialisation of the new head")
-    skip_invalid: bool = opt(False, "skip invalid records (listed in OUTPUT/rejects.jsonl) instead of stopping")
-    trust_remote_code: bool = opt(False, "allow model code from the hub (off: only transformers' own code runs)")
-    log_with: str = opt("auto", "trackers: auto (TensorBoard when installed, W&B when configured), none, "
-                                "tensorboard, wandb, or a comma-separated list")
-    dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
-    template: str | None = opt(None, "prompt template with {prompt} for tokenizers without a chat template "
-                                     "(default: '{prompt}\\n')")
     eval_batch_size: int = opt(16, "pairs per batch when evaluating")
     u0_weight: float = opt(0.0, "token losses: weight of a regulariser pulling the rewards of aligned unchanged (U0) "
                                 "tokens of the two responses together, the assumption behind Eq. 3-4 "
                                 "(0 = the paper's loss)")
 
     def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "eval_batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.epochs <= 0:
-            raise ConfigError("--epochs must be > 0")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError("--eval-fraction must be in [0, 1)")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError("--warmup-ratio must be in [0, 1)")
+        super().validate()
+        if self.eval_batch_size < 1:
+            raise ConfigError("--eval-batch-size must be >= 1")
         if self.u0_weight < 0:
             raise ConfigError("--u0-weight must be >= 0")
         if self.u0_weight and self.loss == "sequence":
             raise ConfigError("--u0-weight applies to token losses (token_mean, token_edit), not --loss sequence")
-        if self.lr <= 0:
-            raise ConfigError("--lr must be > 0")
 
     @property
     def kind(self) -> str:

@@ -1,7 +1,6 @@
 """From pairs on disk to tokenised, aligned, batched reward-model training pairs."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -9,6 +8,7 @@ import torch
 
 from ..data.schema import Comparison, comparisons
 from ..errors import InputError
+from ..training import held_out
 from .align import align_tokens
 from .inputs import RMExample, build_rm_example
 from .model import RMBatch, collate, position_mask
@@ -36,12 +36,6 @@ def load_comparisons(path: str, pairs: str, *, skip_invalid: bool = False,
                      rejects_path: str | None = None) -> list[Comparison]:
     """(prompt, better, worse) triples of a pairs file; ``pairs`` = preference or edit."""
     return load_comparisons_report(path, pairs, skip_invalid=skip_invalid, rejects_path=rejects_path)[0]
-
-
-def held_out(pair_id: str, fraction: float, seed: int) -> bool:
-    """Deterministic held-out membership of a pair id (independent of file order)."""
-    h = hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2 ** 64 < fraction
 
 
 def split_by_id(items: Sequence[Comparison], fraction: float, seed: int) -> tuple[list[Comparison], list[Comparison]]:

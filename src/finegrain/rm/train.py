@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +19,10 @@ import torch
 
 from ..config import to_dict
 from ..errors import ConfigError, InputError
-from ..models import load_model, load_tokenizer, read_meta, save_checkpoint
-from ..tracking import MetricsLog, default_log_with, init_trackers, progress
-from .checkpoint import checkpoint_dirs, load_training_state, save_training_state
+from ..models import load_model, load_tokenizer, read_meta
+from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
+from ..training import (build_optimizer, checkpoint_dirs, load_training_state, micro_batch_plan, save_model_into,
+                        save_training_state)
 from .config import TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
 from .losses import mean_reward, sequence_loss, token_edit_loss, token_mean_loss, u0_consistency
@@ -99,22 +98,6 @@ def prepare_data(cfg: TrainRMConfig, tokenizer) -> RMData:
     return RMData(train, ev, dropped, dropped_eval, report.n_rejected)
 
 
-def micro_batch_plan(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
-    """Every micro-batch of the run, in order: a fresh seeded permutation per epoch.
-
-    Deterministic given (n, batch_size, epochs, seed), so a resumed run finds its place by step.
-    """
-    per_epoch = math.ceil(n / batch_size)
-    total = max(1, math.ceil(per_epoch * epochs))
-    plan: list[list[int]] = []
-    epoch = 0
-    while len(plan) < total:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        plan += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-        epoch += 1
-    return plan[:total]
-
-
 # ---------------------------------------------------------------- model and optimisation
 def check_model_kind(cfg: TrainRMConfig) -> None:
     """Refuse a token loss on a sequence RM checkpoint and vice versa."""
@@ -135,28 +118,6 @@ def build_model(cfg: TrainRMConfig, tok):
     if cfg.kind == "sequence":
         ensure_distinct_pad(tok, model)
     return model
-
-
-def build_optimizer(cfg: TrainRMConfig, model, total_steps: int):
-    from transformers import get_scheduler
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]
-    sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                          num_training_steps=total_steps)
-    return opt, sched
-
-
-def log_with(cfg: TrainRMConfig) -> list[str]:
-    if cfg.log_with == "auto":
-        return default_log_with()
-    if cfg.log_with == "none":
-        return []
-    return [s.strip() for s in cfg.log_with.split(",") if s.strip()]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -224,15 +185,6 @@ def _resume_point(cfg: TrainRMConfig, accelerator, model, optimizer, scheduler, 
     return int(state["step"])
 
 
-def _save_final(output: Path, model, tokenizer, meta: dict) -> None:
-    """Write the model into ``output`` beside metrics.jsonl and checkpoints/ (finegrain.json last)."""
-    staging = save_checkpoint(output.parent / f".{output.name}.final", model, tokenizer, meta)
-    names = sorted(p.name for p in staging.iterdir())
-    for name in sorted(names, key=lambda n: n == "finegrain.json"):
-        os.replace(staging / name, output / name)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
 def final_meta(cfg: TrainRMConfig, data: RMData, steps: int, last: dict) -> dict:
     """What finegrain.json records about a trained reward model."""
     init_meta = read_meta(cfg.model) if os.path.isdir(cfg.model) else {}
@@ -252,7 +204,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     output = Path(cfg.output)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = prepare_data(cfg, tok)                       # bad data fails before any model is loaded
-    accelerator = Accelerator(log_with=log_with(cfg) or None, project_dir=str(output))
+    accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output))
     model = build_model(cfg, tok)
     plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
     groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
@@ -287,7 +239,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     meta = final_meta(cfg, data, len(groups), last)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(output, accelerator.unwrap_model(model), tok, meta)
+        save_model_into(output, accelerator.unwrap_model(model), tok, meta)
     accelerator.end_training()
     return {"output": str(output), **{k: v for k, v in meta.items() if k != "config"},
             "final_loss": last.get("loss"), "final_accuracy": last.get("accuracy")}

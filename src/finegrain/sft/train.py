@@ -21,10 +21,9 @@ from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..generation import format_prompt
 from ..models import load_model, load_tokenizer, tiny_gpt2_config, train_bpe_tokenizer
-from ..rm.checkpoint import checkpoint_dirs, load_training_state, save_training_state
-from ..rm.data import held_out
-from ..rm.train import _save_final, build_optimizer, log_with, micro_batch_plan
-from ..tracking import MetricsLog, init_trackers, progress
+from ..training import (build_optimizer, checkpoint_dirs, held_out, load_training_state, micro_batch_plan,
+                        save_model_into, save_training_state)
+from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from .config import SFTConfig
 from .data import IGNORE_INDEX, SFTBatch, SFTExample, SFTRecord, build_sft_example, collate_sft, load_sft_records
 
@@ -150,7 +149,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     model, tok = build_policy(cfg, records)
     max_length = model_max_length(cfg, model)
     data = prepare_data(cfg, records, n_skipped, tok, max_length)
-    accelerator = Accelerator(log_with=log_with(cfg) or None, project_dir=str(output))
+    accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output))
     plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
     groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
     optimizer, scheduler = build_optimizer(cfg, model, len(groups))
@@ -197,6 +196,6 @@ def train_sft(cfg: SFTConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        _save_final(output, accelerator.unwrap_model(model), tok, meta)
+        save_model_into(output, accelerator.unwrap_model(model), tok, meta)
     accelerator.end_training()
     return {"output": str(output), **{k: v for k, v in meta.items() if k != "config"}}

@@ -1,4 +1,7 @@
-"""Resumable training checkpoints without pickle: safetensors weights, tensor-only state dicts.
+"""Supervised-training plumbing shared by `finegrain sft` and `finegrain train-rm`.
+
+Optimizer and schedule, the deterministic micro-batch plan, the held-out split, and resumable
+training checkpoints without pickle: safetensors weights, tensor-only state dicts.
 
 Layout of ``OUTPUT/checkpoints/step-NNNNNNNN/``: ``model.safetensors``, ``optimizer.pt`` and
 ``scheduler.pt`` (``torch.load(weights_only=True)``), ``rng_<rank>.pt`` (torch, CUDA, Python and
@@ -8,7 +11,10 @@ under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -88,3 +94,51 @@ def load_training_state(ckpt: Path, accelerator, model, optimizer, scheduler) ->
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return json.loads((ckpt / STATE_FILE).read_text())
+
+
+# ---------------------------------------------------------------- optimisation and data order
+def build_optimizer(cfg, model, total_steps: int):
+    """(optimizer, scheduler) from a :class:`finegrain.config.TrainingOptions` config."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]
+    sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                          num_training_steps=total_steps)
+    return opt, sched
+
+
+def micro_batch_plan(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Every micro-batch of the run, in order: a fresh seeded permutation per epoch.
+
+    Deterministic given (n, batch_size, epochs, seed), so a resumed run finds its place by step.
+    """
+    per_epoch = math.ceil(n / batch_size)
+    total = max(1, math.ceil(per_epoch * epochs))
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        plan += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+        epoch += 1
+    return plan[:total]
+
+
+def held_out(item_id: str, fraction: float, seed: int) -> bool:
+    """Deterministic held-out membership of an id (independent of file order)."""
+    h = hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2 ** 64 < fraction
+
+
+def save_model_into(output: Path, model, tokenizer, meta: dict) -> None:
+    """Write the final model into ``output`` beside metrics.jsonl and checkpoints/ (finegrain.json last)."""
+    from .models import save_checkpoint
+
+    staging = save_checkpoint(output.parent / f".{output.name}.final", model, tokenizer, meta)
+    for name in sorted((p.name for p in staging.iterdir()), key=lambda n: n == "finegrain.json"):
+        os.replace(staging / name, output / name)
+    shutil.rmtree(staging, ignore_errors=True)

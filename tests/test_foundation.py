@@ -83,3 +83,11 @@ def test_cli_help_and_usage(capsys):
     assert e.value.code == 0
     assert "train-rm" in capsys.readouterr().out
     assert main([]) == 2
+
+
+def test_public_names_resolve():
+    import finegrain
+
+    for name in finegrain.__all__:
+        assert getattr(finegrain, name) is not None, name
+    assert callable(finegrain.train_reward_model) and callable(finegrain.train_ppo) and callable(finegrain.run_demo)

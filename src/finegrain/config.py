@@ -216,6 +216,8 @@ class TrainingOptions:
     log_with: str = opt("auto", "trackers: auto (TensorBoard when installed, W&B when configured), none, "
                                 "tensorboard, wandb, or a comma-separated list")
     dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
+    mixed_precision: str = opt("no", "autocast forward passes to bf16 (or fp16 on GPUs) with fp32 master weights",
+                               choices=["no", "bf16", "fp16"])
     template: str | None = opt(None, "prompt template with {prompt} for tokenizers without a chat template "
                                      "(default: '{prompt}\\n')")
 

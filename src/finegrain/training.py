@@ -97,13 +97,26 @@ def load_training_state(ckpt: Path, accelerator, model, optimizer, scheduler) ->
 
 
 # ---------------------------------------------------------------- optimisation and data order
+def make_adamw(params, **kw) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for these parameters (CPU since torch 2.4, CUDA).
+
+    The per-tensor loop it replaces was 5 % of a PPO step on CPU (benchmarks/RESULTS.md); the
+    update rule is the same.
+    """
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError):  # older torch, or a device/dtype without a fused kernel
+        return torch.optim.AdamW(params, **kw)
+
+
 def build_optimizer(cfg, model, total_steps: int):
     """(optimizer, scheduler) from a :class:`finegrain.config.TrainingOptions` config."""
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]

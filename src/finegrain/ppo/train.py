@@ -34,6 +34,7 @@ from ..errors import ConfigError
 from ..generation import sample
 from ..io import read_json, write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
+from ..training import make_adamw
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -243,7 +244,7 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
     prompts = [e.run.prompts[i] for i in idx]
     queries = [e.run.query_ids[i] for i in idx]
     t0 = time.perf_counter()
-    with unwrapped_for_generation(acc, e.model) as unwrapped:
+    with acc.autocast(), unwrapped_for_generation(acc, e.model) as unwrapped:
         gen = sample(unwrapped.policy, e.run.tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                      generator_seed=cfg.seed * 1_000_003 + step * acc.num_processes + acc.process_index)
@@ -251,7 +252,8 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
         lora = unwrapped.policy if cfg.use_lora else None
         fwd = score_rollout_forward(unwrapped, e.ref_policy, lora, gen.query_ids, gen.query_mask, gen.response_ids,
                                     gen.response_mask, cfg.temperature, cfg.forward_batch_size, acc.device)
-    rm = e.scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts)
+    with acc.autocast():
+        rm = e.scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts)
     if e.moments is not None:  # running statistics over every process's rewards
         x = rm.scores if cfg.reward_mode == "sequence" else rm.token_rewards.sum(-1)
         e.moments.update(acc.gather(x.to(acc.device)).cpu())
@@ -289,7 +291,8 @@ def make_accelerator(cfg: PPOConfig):
     from accelerate import Accelerator
 
     log_with = resolve_log_with(cfg.log_with)
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, log_with=log_with or None, project_dir=cfg.output)
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, log_with=log_with or None, project_dir=cfg.output,
+                      mixed_precision=cfg.mixed_precision)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and acc.num_processes == 1:  # every process would think it is rank 0 and clobber the outputs
         raise ConfigError(f"launched as {world} processes but accelerate sees 1 (no GPU found?); for several CPU "
@@ -303,7 +306,7 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
     groups = [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
               {"params": [p for p in models.value_model.parameters() if p.requires_grad],
                "lr": cfg.value_lr or cfg.lr}]
-    optimizer = torch.optim.AdamW(groups, eps=cfg.adam_eps)
+    optimizer = make_adamw(groups, eps=cfg.adam_eps)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # no dataloader is prepared, so DeepSpeed must be told the micro-batch size
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.minibatch_size() // cfg.grad_accum

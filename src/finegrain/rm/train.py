@@ -204,7 +204,8 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     output = Path(cfg.output)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = prepare_data(cfg, tok)                       # bad data fails before any model is loaded
-    accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output))
+    accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
+                              mixed_precision=cfg.mixed_precision)
     model = build_model(cfg, tok)
     plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
     groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]

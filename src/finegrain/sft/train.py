@@ -149,7 +149,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     model, tok = build_policy(cfg, records)
     max_length = model_max_length(cfg, model)
     data = prepare_data(cfg, records, n_skipped, tok, max_length)
-    accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output))
+    accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
+                              mixed_precision=cfg.mixed_precision)
     plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
     groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
     optimizer, scheduler = build_optimizer(cfg, model, len(groups))

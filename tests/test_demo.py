@@ -41,8 +41,9 @@ def test_demo_quick_writes_every_artefact(quick_run):
         assert 0.0 <= sysm["win_rate"] <= 1.0 and math.isfinite(sysm["gold_reward"])
         run = sysm["runs"][0]
         assert len(run["ppo"]["curve"]["gold_reward"]) == m["sizes"]["ppo_steps"]
-        assert (out / "ppo" / f"{name}-s0" / "final" / "finegrain.json").exists()
-        assert (out / "eval" / "winrate" / f"{name}-s0.json").exists()
+        assert run["name"] == f"{name}-kl{sysm['kl_coef']:g}-s0"
+        assert (out / "ppo" / run["name"] / "final" / "finegrain.json").exists()
+        assert (out / "eval" / "winrate" / f"{run['name']}.json").exists()
     for rm in m["rm"].values():
         assert 0.0 <= rm["accuracy"] <= 1.0
     assert m["rm"]["token_edit"]["token_auroc_source"] == "gold_spans"
@@ -61,8 +62,9 @@ def test_demo_resumes_and_report_escapes(quick_run, capsys):
 
     assert main(["demo", "--quick", "--out", str(quick_run), "--seed", "0"]) == 0
     err = capsys.readouterr().err
-    assert "sft: reusing" in err and "ppo_edit_token_s0: reusing" in err and ": running" not in err
     m = json.loads((quick_run / "metrics.json").read_text())
+    token_run = m["systems"]["edit_token"]["runs"][0]["name"]
+    assert "sft: reusing" in err and f"ppo_{token_run}: reusing" in err and ": running" not in err
     m["example"] = {"prompt": "<script>alert(1)</script>", "outputs": {"sft": {"text": "a & b <i>", "gold": 0.0}}}
     page = html_report(m, ["ppo_kl.png"], None)
     assert "<script>" not in page and "&lt;script&gt;" in page and "a &amp; b &lt;i&gt;" in page
@@ -73,6 +75,101 @@ def test_demo_bad_options_exit_2(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--noise", "0.7"]) == 2
     assert "--noise" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--n-eval-prompts", "500"]) == 2
+    assert main(["demo", "--out", str(tmp_path), "--sweep", "--n-eval-prompts", "432"]) == 2
+    assert "--n-eval-prompts" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--edit-seq-kl-coef", "-1"]) == 2
+
+
+@pytest.mark.slow
+def test_demo_sweep_tunes_every_system_on_validation_prompts(quick_run, tmp_path, monkeypatch, capsys):
+    """A shrunken sweep (2 KL values, 2 PPO steps) on a copy of the quick run: same grid and rule for all systems."""
+    import shutil
+
+    from finegrain.sandbox import demo
+
+    monkeypatch.setattr(demo, "KL_GRID", (0.2, 0.5))
+    monkeypatch.setattr(demo, "TOKEN_EXTRA", [("token_edit", 0.2, "raw")])
+    out = tmp_path / "run"
+    shutil.copytree(quick_run, out)
+    assert main(["demo", "--quick", "--out", str(out), "--sweep", "--ppo-steps", "2", "--n-val-prompts", "40",
+                 "--baseline-kl-coef", "0.2", "--edit-seq-kl-coef", "0.2", "--token-kl-coef", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "sft: reusing" in err and "rm_token_edit: reusing" in err
+    m = json.loads((out / "metrics.json").read_text())
+    sw = m["sweep"]
+    assert sorted((r["system"], r["kl_coef"]) for r in sw["rows"] if r["grid"]) == sorted(
+        (k, kl) for k in ("baseline", "edit_seq", "edit_token") for kl in (0.2, 0.5))
+    assert [(r["kl_coef"], r["scale"]) for r in sw["rows"] if not r["grid"]] == [(0.2, "raw")]
+    assert sw["best_kl"] == demo.select_best(sw["rows"]) and sw["val_passes"] == 1 and sw["n_val_prompts"] == 40
+    # the validation prompts are not evaluation prompts
+    val = {json.loads(x)["prompt"] for x in (out / "eval" / "val_prompts.jsonl").read_text().splitlines()}
+    ev = {json.loads(x)["prompt"] for x in (out / "eval" / "prompts.jsonl").read_text().splitlines()}
+    assert len(val) == 40 and not val & ev
+    # a sweep point equal to a system's main setting is the main run's seed 0, run once
+    assert err.count("ppo_baseline-kl0.2-s0: running") == 1 and "ppo_edit_token-kl0.5-s0: reusing" in err
+    report = (out / "report.md").read_text()
+    assert "Sweep (PPO seed 0; validation prompts" in report and "| picked |" in report
+    assert "--sweep --edit-seq-kl-coef 0.2 --token-kl-coef 0.5" in report
+
+
+def test_select_best_rule_exact():
+    from finegrain.sandbox.demo import select_best
+
+    def row(system, kl, wr, grid=True):
+        return {"system": system, "kl_coef": kl, "val_win_rate": wr, "grid": grid}
+
+    rows = [row("a", 0.5, 0.6), row("a", 0.05, 0.6), row("a", 0.2, 0.55), row("b", 0.05, 0.4), row("b", 1.0, 0.45),
+            row("b", 0.2, 0.9, grid=False)]  # outside the grid: never picked, however good
+    assert select_best(rows) == {"a": 0.05, "b": 1.0}  # a: tie 0.6 -> the smaller KL
+
+
+def test_sweep_points_share_one_grid_and_names_are_settings():
+    from finegrain.config import build_config
+    from finegrain.sandbox.config import DemoConfig
+    from finegrain.sandbox.demo import KL_GRID, run_name, sweep_points, validation_prompts
+    from finegrain.sandbox.domain import make_prompts
+
+    cfg = build_config(DemoConfig, {"out": "x", "sweep": True})
+    pts = sweep_points(cfg)
+    for system in ("baseline", "edit_seq", "edit_token"):
+        assert tuple(kl for s, _, kl, _, grid in pts if s == system and grid) == KL_GRID
+    assert len({p[:4] for p in pts}) == len(pts)
+    assert run_name("baseline", "seq_pref", 0.5, "mean", 2) == "baseline-kl0.5-s2"
+    assert run_name("edit_token", "token_mean", 0.05, "raw", 0) == "edit_token-kl0.05-raw-token_mean-s0"
+    # full preset: 300 of the 432 sandbox prompts evaluate, the other 132 validate, 3 samples each (>= 300)
+    eval_prompts = make_prompts(300, 4, unique=True)
+    val, passes = validation_prompts(cfg, eval_prompts)
+    assert len(val) == 132 == len(set(val)) and not set(val) & set(eval_prompts) and passes == 3
+
+
+def test_difference_line_uses_the_larger_se_exact():
+    from finegrain.sandbox.report import difference_line
+
+    s = {"edit_token": {"win_rate": 0.61, "win_rate_se": 0.003, "win_rate_judge_se": 0.016, "gold_reward": 1.2,
+                        "gold_reward_se": 0.03},
+         "edit_seq": {"win_rate": 0.58, "win_rate_se": 0.012, "win_rate_judge_se": 0.012, "gold_reward": 0.9,
+                      "gold_reward_se": 0.04}}
+    line = difference_line(s, "edit_seq")
+    # win rate: sqrt(0.016^2 + 0.012^2) = 0.020 -> +3.0 +- 2.0, within 2 SE; gold: +0.300 +- 0.050, beyond
+    assert "win rate +3.0 points (± 2.0" in line and "within two standard errors: not a clear" in line
+    assert "gold reward +0.300 (± 0.050" in line and line.endswith("beyond two standard errors.")
+
+
+def test_tuning_findings_say_whether_systems_are_equally_tuned():
+    from finegrain.sandbox.report import tuning_findings
+
+    rows = [{"system": k, "kl_coef": kl, "val_win_rate": wr, "val_se": 0.03, "grid": True}
+            for k, kl, wr in (("baseline", 0.2, 0.5), ("baseline", 0.5, 0.6), ("edit_token", 0.2, 0.7),
+                              ("edit_token", 0.5, 0.6))]
+    sw = {"rows": rows, "best_kl": {"baseline": 0.5, "edit_token": 0.2}, "grid": [0.2, 0.5], "rule": "best val",
+          "n_val_prompts": 10, "val_passes": 1}
+    m = {"systems": {"baseline": {"kl_coef": 0.5}, "edit_token": {"kl_coef": 0.2}}, "sweep": sw}
+    text = " ".join(tuning_findings(m))
+    assert "baseline 0.5 (60.0%)" in text and "each system at its own pick" in text
+    assert "The pick of baseline is the largest KL" in text
+    assert "baseline +10.0 ± 4.2 over KL 0.2" in text and "edit_token +10.0 ± 4.2 over KL 0.5" in text
+    m["systems"]["edit_token"]["kl_coef"] = 0.5
+    assert "NOT every system at its pick" in " ".join(tuning_findings(m))
 
 
 def test_report_curve_helpers_exact():

@@ -10,7 +10,8 @@ alone with that verb; a stage whose options match a completed run in ``OUT/stage
 5. ``rm``         rm/{seq_pref,seq_edit,token_edit,token_mean}/ + eval.json (`finegrain train-rm`, `eval-rm`)
 6. ``ppo``        ppo/<system>-s<seed>/ with gold reward per step      (`finegrain ppo`)
 7. ``eval``       eval/outputs/*.jsonl, eval/winrate/*.json vs the SFT policy (`finegrain generate`, `winrate`)
-8. ``sweep``      (``--sweep``) token-reward PPO over KL coefficient x reward scale
+8. ``sweep``      (``--sweep``) every system over the same KL grid (token system: also reward-scale
+                  variants), one seed, scored on validation prompts disjoint from the evaluation prompts
 9. report         metrics.json, report.md, report.html, *.png
 """
 from __future__ import annotations
@@ -44,9 +45,12 @@ SYSTEMS = {  # name -> (reward model, PPO reward mode, label); the token RM is -
 }
 CURVE_KEYS = ("step", "gold_reward", "kl", "reward", "gold_flaw_rate", "response_length", "eos_rate")
 FORMAT_VERSION = 1  # part of every stage key: bump when a stage's outputs change meaning
-SWEEP = [("token_edit", 0.05, "raw"), ("token_edit", 0.2, "raw"), ("token_edit", 0.0, "mean"),
-         ("token_edit", 0.05, "mean"), ("token_edit", 0.2, "mean"), ("token_edit", 0.5, "mean"),
-         ("token_mean", 0.05, "mean"), ("token_mean", 0.2, "mean")]  # (token RM, KL coefficient, reward scale)
+KL_GRID = (0.05, 0.2, 0.5, 1.0, 2.0)  # KL coefficients the sweep tries for EVERY system (the selection grid)
+TOKEN_EXTRA = [("token_edit", 0.05, "raw"), ("token_edit", 0.2, "raw"), ("token_edit", 0.0, "mean"),
+               ("token_mean", 0.05, "mean"), ("token_mean", 0.2, "mean")]  # (token RM, KL, scale): shown, not selected
+SELECTION_RULE = ("for each system, the KL coefficient of the grid with the highest win rate against the SFT policy on "
+                  "the validation prompts (one PPO seed; ties: the smaller KL); the validation prompts are disjoint "
+                  "from the evaluation prompts of the main table")
 
 
 def say(msg: str) -> None:
@@ -257,18 +261,15 @@ def stage_rm(cfg: DemoConfig, out: Path, name: str) -> dict:
             **{k: ev.get(k) for k in ("accuracy", "accuracy_se", "n_pairs", "token_auroc", "token_auroc_source")}}
 
 
-def ppo_config(cfg: DemoConfig, out: Path, rm: str, mode: str, seed: int, run_dir: Path, *,
-               kl: float | None = None, scale: str | None = None):
+def ppo_config(cfg: DemoConfig, out: Path, rm: str, mode: str, seed: int, run_dir: Path, *, kl: float, scale: str):
     from ..ppo.config import PPOConfig
 
-    if kl is None:
-        kl = cfg.token_kl_coef if (mode == "token" and cfg.token_kl_coef is not None) else cfg.kl_coef
     bs = cfg.size("ppo_batch_size")
     return build_config(PPOConfig, {
         "policy": str(out / "sft" / "policy"), "reward_model": str(out / "rm" / rm), "reward_mode": mode,
         "prompts": str(out / "ppo" / "prompts.jsonl"), "output": str(run_dir), "steps": cfg.size("ppo_steps"),
         "seed": seed, "batch_size": bs, "num_minibatches": 2, "ppo_epochs": 4, "forward_batch_size": bs,
-        "lr": cfg.ppo_lr, "kl_coef": kl, "token_reward_scale": scale or cfg.token_reward_scale,
+        "lr": cfg.ppo_lr, "kl_coef": kl, "token_reward_scale": scale,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.eval_temperature, "save_every": cfg.size("ppo_steps"),
         "sample_every": max(1, cfg.size("ppo_steps") // 4), "num_samples": 2, "log_with": "none",
         "missing_eos_penalty": 1.0})
@@ -280,33 +281,68 @@ def gold_on_rollout(step: int, prompts: list[str], responses: list[str]) -> dict
             "gold_flaws_per_response": s["flaws_per_response"]}
 
 
-def stage_ppo(cfg: DemoConfig, out: Path, run_dir: Path, rm: str, mode: str, seed: int, **kw) -> dict:
+def stage_ppo(cfg: DemoConfig, out: Path, run_dir: Path, rm: str, mode: str, seed: int, *, kl: float,
+              scale: str) -> dict:
     from ..ppo import train_ppo
 
     t0 = time.time()
-    summary = train_ppo(ppo_config(cfg, out, rm, mode, seed, run_dir, **kw), on_rollout=gold_on_rollout)
+    summary = train_ppo(ppo_config(cfg, out, rm, mode, seed, run_dir, kl=kl, scale=scale), on_rollout=gold_on_rollout)
     elapsed = time.time() - t0
     lines = [r for _, r in iter_records(str(run_dir / "metrics.jsonl"))]
     return {"final_policy": summary["final_policy"], "wall_s": elapsed, "s_per_step": elapsed / max(len(lines), 1),
             "curve": {k: [r.get(k) for r in lines] for k in CURVE_KEYS}}
 
 
-def stage_eval(cfg: DemoConfig, out: Path, name: str, model: str, seed: int) -> dict:
-    """Outputs of ``model`` on the eval prompts, their gold statistics and win rate against the SFT outputs."""
+SPLITS = {"eval": ("prompts.jsonl", "outputs", "winrate"),  # split -> (prompts file, outputs dir, win-rate dir) in OUT/eval
+          "val": ("val_prompts.jsonl", "val_outputs", "val_winrate")}
+
+
+def validation_prompts(cfg: DemoConfig, eval_prompts: list[str]) -> tuple[list[str], int]:
+    """(distinct sandbox prompts NOT in ``eval_prompts``, passes): ``passes`` samples per prompt give at least
+    ``n_val_prompts`` comparisons (the win-rate judge takes each prompt once per file, so passes are separate files)."""
+    used = set(eval_prompts)
+    rest = [p for p in make_prompts(432, cfg.seed * 7 + 5, unique=True) if p not in used]
+    n = cfg.size("n_val_prompts")
+    prompts = rest[:n]
+    return prompts, math.ceil(n / len(prompts))
+
+
+def _eval_pass(cfg: DemoConfig, out: Path, name: str, ref: str, model: str, seed: int, gen_seed: int,
+               split: str) -> dict:
+    """One set of outputs of ``model`` on the split's prompts, their gold statistics and win rate against ``ref``."""
     from ..eval.winrate import WinrateConfig, winrate
 
     ev = out / "eval"
-    outputs = ev / "outputs" / f"{name}.jsonl"
-    _generate(model, ev / "prompts.jsonl", outputs, 10_000 + seed, cfg.eval_temperature, cfg, name)
+    prompts_file, out_dir, wr_dir = SPLITS[split]
+    outputs = ev / out_dir / f"{name}.jsonl"
+    _generate(model, ev / prompts_file, outputs, gen_seed, cfg.eval_temperature, cfg, name)
     prompts, texts = read_outputs(outputs)
     res = {"gold": gold_stats(prompts, texts)}
-    if name != "sft":
+    if name != ref:
         wr = winrate(build_config(WinrateConfig, {
-            "outputs": str(outputs), "reference": str(ev / "outputs" / "sft.jsonl"), "judge": "sandbox",
-            "output": str(ev / "winrate" / f"{name}.json"), "cache": "none", "seed": seed,
+            "outputs": str(outputs), "reference": str(ev / out_dir / f"{ref}.jsonl"), "judge": "sandbox",
+            "output": str(ev / wr_dir / f"{name}.json"), "cache": "none", "seed": seed,
             "backend_options": {"noise": cfg.judge_noise, "seed": seed}}))
         res.update(win_rate=wr["win_rate"], se=wr["se"], n=wr["n"])
     return res
+
+
+def stage_eval(cfg: DemoConfig, out: Path, name: str, model: str, seed: int, split: str = "eval",
+               passes: int = 1) -> dict:
+    """Outputs of ``model`` on the split's prompts (``passes`` samples each), gold statistics, win rate vs SFT.
+
+    With several passes, pass j compares ``name-pj`` with ``sft-pj``; the result averages the passes
+    (SE: the passes' SEs combined as independent, sqrt(sum se^2) / passes).
+    """
+    if passes == 1:
+        return _eval_pass(cfg, out, name, "sft", model, seed, 10_000 + seed, split)
+    res = [_eval_pass(cfg, out, f"{name}-p{j}", f"sft-p{j}", model, seed, 10_000 + seed + 1_000 * j, split)
+           for j in range(passes)]
+    merged: dict[str, Any] = {"gold": {k: sum(r["gold"][k] for r in res) / passes for k in res[0]["gold"]}}
+    if "win_rate" in res[0]:
+        merged.update(win_rate=sum(r["win_rate"] for r in res) / passes,
+                      se=math.sqrt(sum(r["se"] ** 2 for r in res)) / passes, n=sum(r["n"] for r in res))
+    return merged
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -322,14 +358,46 @@ def _keys(cfg: DemoConfig) -> dict[str, dict]:
     k["annotate"] = {"samples": k["samples"], "noise": cfg.noise}
     k["edit"] = {"annotate": k["annotate"]}
     k["rm"] = {"edit": k["edit"], "epochs": s("rm_epochs"), "lr": cfg.rm_lr}
+    # options shared by every PPO run; a run adds its own KL (and, token reward, RM and scale): see run_key
     k["ppo"] = {"rm": k["rm"], "steps": s("ppo_steps"), "batch": s("ppo_batch_size"), "n_prompts": s("n_ppo_prompts"),
-                "lr": cfg.ppo_lr, "kl": cfg.kl_coef, "temperature": cfg.eval_temperature}
-    # options of the token-reward system only (sequence-reward runs do not depend on them)
-    k["ppo_token"] = {**k["ppo"], "token_kl": cfg.token_kl_coef, "scale": cfg.token_reward_scale}
-    if cfg.token_rm != "token_edit":
-        k["ppo_token"]["token_rm"] = cfg.token_rm
+                "lr": cfg.ppo_lr, "temperature": cfg.eval_temperature}
     k["eval"] = {"n": s("n_eval_prompts"), "judge_noise": cfg.judge_noise}
+    k["val"] = {"n_val": s("n_val_prompts"), "n_eval": s("n_eval_prompts"), "judge_noise": cfg.judge_noise}
     return k
+
+
+def system_setting(cfg: DemoConfig, sysname: str) -> tuple[str, str, float, str]:
+    """(reward model, reward mode, KL coefficient, token-reward scale) of a system's main runs under ``cfg``."""
+    rm, mode, _ = SYSTEMS[sysname]
+    if mode == "token":
+        return cfg.token_rm, mode, cfg.token_kl_coef, cfg.token_reward_scale
+    return rm, mode, getattr(cfg, f"{sysname}_kl_coef"), "mean"  # the scale is unused by sequence rewards
+
+
+def run_name(sysname: str, rm: str, kl: float, scale: str, k: int) -> str:
+    """Name (stage and directory) of one PPO run, from its settings: the main table and the sweep share equal runs."""
+    extra = "" if SYSTEMS[sysname][1] != "token" else ("" if scale == "mean" else f"-{scale}") + (
+        "" if rm == "token_edit" else f"-{rm}")
+    return f"{sysname}-kl{kl:g}{extra}-s{k}"
+
+
+def run_key(keys: dict, rm: str, mode: str, kl: float, scale: str, seed: int) -> dict:
+    """Options one PPO run depends on (for reuse decisions)."""
+    key = {**keys["ppo"], "kl": kl, "seed": seed}
+    if mode == "token":
+        key.update(rm_name=rm, scale=scale)
+    return key
+
+
+def ppo_run(cfg: DemoConfig, out: Path, st: Stages, keys: dict, sysname: str, rm: str, kl: float, scale: str,
+            k: int) -> tuple[str, dict, dict]:
+    """Run (or reuse) PPO seed ``k`` of a system with the given settings; (name, key, PPO result)."""
+    mode, seed = SYSTEMS[sysname][1], cfg.seed * 100 + k
+    name = run_name(sysname, rm, kl, scale, k)
+    key, run_dir = run_key(keys, rm, mode, kl, scale, seed), out / "ppo" / name
+    ppo = st.run(f"ppo_{name}", key, lambda: stage_ppo(cfg, out, run_dir, rm, mode, seed, kl=kl, scale=scale),
+                 [run_dir])
+    return name, key, ppo
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -356,27 +424,23 @@ def run_demo(cfg: DemoConfig) -> dict:
     m["rm"] = {n: st.run(f"rm_{n}", keys["rm"], lambda n=n: stage_rm(cfg, out, n), [out / "rm" / n])
                for n in RM_SPECS}
     write_prompts(out / "ppo" / "prompts.jsonl", make_prompts(cfg.size("n_ppo_prompts"), cfg.seed * 7 + 3), "ppo")
-    write_prompts(out / "eval" / "prompts.jsonl", make_prompts(cfg.size("n_eval_prompts"), cfg.seed * 7 + 4, unique=True),
-                  "ev")
+    eval_prompts = make_prompts(cfg.size("n_eval_prompts"), cfg.seed * 7 + 4, unique=True)
+    write_prompts(out / "eval" / "prompts.jsonl", eval_prompts, "ev")
     m["eval_sft"] = st.run("eval_sft", {"sft": keys["sft"], **keys["eval"]},
                            lambda: stage_eval(cfg, out, "sft", str(out / "sft" / "policy"), cfg.seed))
     m["systems"] = {}
-    for sysname, (rm, mode, label) in SYSTEMS.items():
-        rm = cfg.token_rm if mode == "token" else rm
+    for sysname, (_, mode, label) in SYSTEMS.items():
+        rm, _, kl, scale = system_setting(cfg, sysname)
         runs = []
-        ppo_key = keys["ppo_token" if mode == "token" else "ppo"]
         for k in range(cfg.size("ppo_seeds")):
-            seed = cfg.seed * 100 + k
-            run_dir = out / "ppo" / f"{sysname}-s{k}"
-            ppo = st.run(f"ppo_{sysname}_s{k}", {**ppo_key, "seed": seed},
-                         lambda: stage_ppo(cfg, out, run_dir, rm, mode, seed), [run_dir])
-            ev = st.run(f"eval_{sysname}_s{k}", {**ppo_key, **keys["eval"], "seed": seed},
-                        lambda: stage_eval(cfg, out, f"{sysname}-s{k}", ppo["final_policy"], seed))
-            runs.append({"seed": seed, "ppo": ppo, "eval": ev})
-        m["systems"][sysname] = {"label": label, "reward_model": rm, "reward_mode": mode, "runs": runs,
-                                 **aggregate(runs)}
+            name, key, ppo = ppo_run(cfg, out, st, keys, sysname, rm, kl, scale, k)
+            ev = st.run(f"eval_{name}", {**key, **keys["eval"]},
+                        lambda: stage_eval(cfg, out, name, ppo["final_policy"], key["seed"]))
+            runs.append({"name": name, "seed": key["seed"], "ppo": ppo, "eval": ev})
+        m["systems"][sysname] = {"label": label, "reward_model": rm, "reward_mode": mode, "kl_coef": kl,
+                                 "scale": scale if mode == "token" else None, "runs": runs, **aggregate(runs)}
     if cfg.sweep:
-        m["sweep"] = run_sweep(cfg, out, st, keys)
+        m["sweep"] = run_sweep(cfg, out, st, keys, eval_prompts)
     m["timings_s"] = dict(st.times, total=time.time() - t_start, stages_sum=sum(st.times.values()),
                           n_reused=st.n_reused)
     m["peak_rss_mb"] = peak_rss_mb()
@@ -407,21 +471,49 @@ def aggregate(runs: list[dict]) -> dict[str, float]:
             "flaw_rate": sum(r["eval"]["gold"]["flaw_rate"] for r in runs) / k}
 
 
-def run_sweep(cfg: DemoConfig, out: Path, st: Stages, keys: dict) -> list[dict]:
-    """Token-reward PPO for each (token RM, KL coefficient, reward scale), one seed; gold reward and win rate."""
+def sweep_points(cfg: DemoConfig) -> list[tuple[str, str, float, str, bool]]:
+    """(system, reward model, KL, scale, in the selection grid?) of every sweep run, without duplicates."""
+    pts = []
+    for sysname in SYSTEMS:
+        rm, _, _, scale = system_setting(cfg, sysname)
+        pts += [(sysname, rm, kl, scale, True) for kl in KL_GRID]
+    pts += [("edit_token", rm, kl, scale, False) for rm, kl, scale in TOKEN_EXTRA]
+    seen, unique = set(), []
+    for p in pts:
+        if p[:4] not in seen:
+            seen.add(p[:4])
+            unique.append(p)
+    return unique
+
+
+def select_best(rows: list[dict]) -> dict[str, float]:
+    """SELECTION_RULE: per system, the grid KL with the highest validation win rate (ties: the smaller KL)."""
+    best: dict[str, dict] = {}
+    for r in sorted((r for r in rows if r["grid"]), key=lambda r: r["kl_coef"]):
+        if r["system"] not in best or r["val_win_rate"] > best[r["system"]]["val_win_rate"]:
+            best[r["system"]] = r
+    return {k: v["kl_coef"] for k, v in best.items()}
+
+
+def run_sweep(cfg: DemoConfig, out: Path, st: Stages, keys: dict, eval_prompts: list[str]) -> dict:
+    """Every sweep point (PPO seed 0) scored on the validation prompts; the per-system pick by SELECTION_RULE."""
+    val_prompts, passes = validation_prompts(cfg, eval_prompts)
+    write_prompts(out / "eval" / "val_prompts.jsonl", val_prompts, "va")
+    st.run("val_sft", {"sft": keys["sft"], **keys["val"]},
+           lambda: stage_eval(cfg, out, "sft", str(out / "sft" / "policy"), cfg.seed, split="val", passes=passes))
     rows = []
-    for rm, kl, scale in SWEEP:
-        name = f"sweep-kl{kl:g}-{scale}" + ("" if rm == "token_edit" else f"-{rm}")
-        run_dir = out / "ppo" / name
-        key = {**keys["ppo"], "rm_name": rm, "kl": kl, "scale": scale, "seed": cfg.seed * 100}
-        ppo = st.run(f"ppo_{name}", key, lambda: stage_ppo(cfg, out, run_dir, rm, "token", cfg.seed * 100,
-                                                           kl=kl, scale=scale), [run_dir])
-        ev = st.run(f"eval_{name}", {**key, **keys["eval"]},
-                    lambda: stage_eval(cfg, out, name, ppo["final_policy"], cfg.seed * 100))
-        rows.append({"reward_model": rm, "kl_coef": kl, "scale": scale, "win_rate": ev["win_rate"], "se": ev["se"],
-                     "gold_reward": ev["gold"]["gold_reward"], "flaw_rate": ev["gold"]["flaw_rate"],
-                     "final_kl": ppo["curve"]["kl"][-1]})
-    return rows
+    for sysname, rm, kl, scale, grid in sweep_points(cfg):
+        name, key, ppo = ppo_run(cfg, out, st, keys, sysname, rm, kl, scale, 0)
+        ev = st.run(f"val_{name}", {**key, **keys["val"]},
+                    lambda: stage_eval(cfg, out, name, ppo["final_policy"], key["seed"], split="val", passes=passes))
+        rows.append({"system": sysname, "reward_model": rm, "kl_coef": kl,
+                     "scale": scale if SYSTEMS[sysname][1] == "token" else None, "grid": grid,
+                     "val_win_rate": ev["win_rate"], "val_se": ev["se"], "val_gold_reward": ev["gold"]["gold_reward"],
+                     "val_flaw_rate": ev["gold"]["flaw_rate"], "final_kl": ppo["curve"]["kl"][-1]})
+    best = select_best(rows)
+    configured = {k: system_setting(cfg, k)[2] for k in SYSTEMS}
+    return {"rows": rows, "best_kl": best, "configured_kl": configured, "rule": SELECTION_RULE,
+            "grid": list(KL_GRID), "n_val_prompts": len(val_prompts), "val_passes": passes}
 
 
 def peak_rss_mb() -> float:

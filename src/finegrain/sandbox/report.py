@@ -89,11 +89,8 @@ def findings(m: dict) -> list[str]:
     paper_order = ["edit_token", "edit_seq", "baseline"]
     out.append(f"Win-rate order measured: {' > '.join(order)} (paper: {' > '.join(paper_order)}); "
                + ("the same order as the paper." if order == paper_order else "NOT the paper's order."))
-    gap = s["edit_token"]["win_rate"] - s["baseline"]["win_rate"]
-    se = math.sqrt(sum((s[k]["win_rate_se"] or 0) ** 2 for k in ("edit_token", "baseline")))
-    out.append(f"Token-level PPO minus baseline: {100 * gap:+.1f} points (± {100 * se:.1f}); "
-               + ("beyond two standard errors." if abs(gap) > 2 * se and se > 0 else
-                  "within two standard errors: not a clear difference at this budget."))
+    for other in ("baseline", "edit_seq"):
+        out.append(difference_line(s, other))
     a_seq, a_tok = rm["seq_pref"]["accuracy"], rm["token_edit"]["accuracy"]
     out.append(f"RM accuracy on held-out gold-ordered pairs: baseline sequence RM {100 * a_seq:.1f}%, token RM on "
                f"edits {100 * a_tok:.1f}% (paper: 58.2% vs 85.2%); "
@@ -106,13 +103,7 @@ def findings(m: dict) -> list[str]:
             out.append(f"{k}: responses grew from {length[0]:.0f} to {running_mean(length)[-1]:.0f} tokens (EOS rate "
                        f"{running_mean(eos)[-1]:.2f}) while the gold reward went from {fmt(mean_curve(v['runs'], 'gold_reward')[1][0])} "
                        f"to {fmt(v['gold_reward'])}: the policy is paid for length, i.e. it exploits its reward model.")
-    c = m["config"]
-    token_kl = c["token_kl_coef"] if c.get("token_kl_coef") is not None else c["kl_coef"]
-    if token_kl != c["kl_coef"]:
-        out.append(f"Caveat: the token-reward system runs with KL coefficient {token_kl} and reward scale "
-                   f"{c['token_reward_scale']}, chosen by the token-reward sweep (`--sweep`, seed 0, the same evaluation "
-                   f"prompts); the sequence-reward systems keep KL {c['kl_coef']} and were not swept, so part of a "
-                   "difference between them may come from that tuning.")
+    out += tuning_findings(m)
     level = baseline_level(m)
     speed = {k: steps_to_level(*mean_curve(s[k]["runs"], "gold_reward"), level) for k in s}
     if speed["edit_token"] is not None and speed["baseline"] is not None:
@@ -124,6 +115,64 @@ def findings(m: dict) -> list[str]:
                                                  "NOT twice as fast here."))
     else:
         out.append("Token-level PPO never reached the baseline's final gold reward, so it was not faster.")
+    return out
+
+
+def difference_line(s: dict, other: str) -> str:
+    """Token-level PPO minus ``other`` in win rate and gold reward, each with a conservative SE.
+
+    Win rate: per system the larger of the SE over seeds and the judge's SE (few seeds make the
+    former a rough estimate); gold reward (noise-free): the SE over seeds.
+    """
+    t, o = s["edit_token"], s[other]
+    gap = t["win_rate"] - o["win_rate"]
+    se = math.sqrt(sum(max(x["win_rate_se"] or 0, x.get("win_rate_judge_se") or 0) ** 2 for x in (t, o)))
+    line = (f"Token-level PPO minus {other}: win rate {100 * gap:+.1f} points (± {100 * se:.1f}, the larger of seed and "
+            "judge SE per system); " + ("beyond two standard errors" if abs(gap) > 2 * se and se > 0 else
+                                        "within two standard errors: not a clear difference at this budget"))
+    ses = [x.get("gold_reward_se") for x in (t, o)]
+    if all(v is not None and math.isfinite(v) for v in ses):
+        g, gse = t["gold_reward"] - o["gold_reward"], math.sqrt(sum(v ** 2 for v in ses))
+        line += (f"; gold reward {g:+.3f} (± {gse:.3f}, SE over seeds; the gold reward has no judge noise): "
+                 + ("beyond two standard errors." if abs(g) > 2 * gse and gse > 0 else "within two standard errors."))
+    else:
+        line += "."
+    return line
+
+
+def tuning_findings(m: dict) -> list[str]:
+    """How each system's KL coefficient was chosen, and whether this run uses the sweep's picks."""
+    s, sw = m["systems"], m.get("sweep")
+    used = ", ".join(f"{k} {s[k]['kl_coef']:g}" for k in s)
+    if not sw:
+        return [f"Tuning: KL coefficients of this run: {used} (the demo defaults, each system's pick of `finegrain "
+                "demo --sweep` on the full preset; run with --sweep to re-measure the choice)."]
+    val = {(r["system"], r["kl_coef"]): r for r in sw["rows"] if r["grid"]}
+    picks = ", ".join(f"{k} {kl:g} ({fmt(val[(k, kl)]['val_win_rate'], pct=True)}%)" for k, kl in sw["best_kl"].items())
+    same = all(s[k]["kl_coef"] == kl for k, kl in sw["best_kl"].items())
+    out = [f"Tuning: every system was swept over the same KL grid {sw['grid']} with one PPO seed; rule: "
+           f"{sw['rule']}. Picks (validation win rate): {picks}. This run uses {used}: "
+           + ("each system at its own pick, so the main table compares equally tuned systems." if same else
+              "NOT every system at its pick, so the main table does not compare equally tuned systems.")]
+    margins = []
+    for k, kl in sw["best_kl"].items():
+        others = sorted((r for (sk, _), r in val.items() if sk == k and r["kl_coef"] != kl),
+                        key=lambda r: -r["val_win_rate"])
+        if others:
+            best, nxt = val[(k, kl)], others[0]
+            se = math.sqrt(best["val_se"] ** 2 + nxt["val_se"] ** 2)
+            margins.append(f"{k} {100 * (best['val_win_rate'] - nxt['val_win_rate']):+.1f} ± {100 * se:.1f} over KL "
+                           f"{nxt['kl_coef']:g}")
+    if margins:
+        out.append("Margin of each pick over its runner-up on validation (one seed; the SE counts the judge and the "
+                   f"prompts, not the PPO seed): {'; '.join(margins)}. Margins within two SEs mean the pick is one of "
+                   "several equally good settings, not a sharp optimum.")
+    edge = [k for k, kl in sw["best_kl"].items() if kl == max(sw["grid"])]
+    if edge:
+        out.append(f"The pick of {', '.join(edge)} is the largest KL of the grid: a larger one might do better still.")
+    out.append(f"Validation: {sw['n_val_prompts']} sandbox prompts not among the evaluation prompts, "
+               f"{sw['val_passes']} sample(s) each. Seed 0 of each picked setting is also seed 0 of the main table (selected "
+               "on validation prompts, measured on evaluation prompts); the other seeds are fresh.")
     return out
 
 
@@ -187,14 +236,14 @@ def tables(m: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
     rows = []
     for k, v in m["systems"].items():
-        rows.append([v["label"], pm(v["win_rate"], v["win_rate_se"], pct=True),
+        rows.append([v["label"], fmt(v.get("kl_coef"), 2), pm(v["win_rate"], v["win_rate_se"], pct=True),
                      pm(v["gold_reward"], v.get("gold_reward_se")), fmt(v["flaw_rate"], pct=True),
                      PAPER_TABLE1[k]])
     sft = m["eval_sft"]["gold"]
-    rows.append(["SFT policy (reference)", "50.0", fmt(sft["gold_reward"]), fmt(sft["flaw_rate"], pct=True),
+    rows.append(["SFT policy (reference)", "—", "50.0", fmt(sft["gold_reward"]), fmt(sft["flaw_rate"], pct=True),
                  "Davinci003: 50.0"])
     out.append(("Table 1 analogue: win rate against the SFT policy (gold judge, noisy BT)",
-                ["system", "win rate % (± SE)", "gold reward", "flawed responses %", "paper: win rate vs Davinci003"],
+                ["system", "KL coef", "win rate % (± SE)", "gold reward", "flawed responses %", "paper: win rate vs Davinci003"],
                 rows))
     rows = [[RM_LABELS[k], pm(v["accuracy"], v["accuracy_se"], pct=True),
              fmt(v.get("token_auroc")), PAPER_TABLE2[k]] for k, v in m["rm"].items()]
@@ -212,22 +261,31 @@ def tables(m: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out.append(("Table 3 analogue: cost (this machine, CPU)", ["stage", "time per step", "total / speed",
                                                                "paper (8 x A100)"], rows))
     if m.get("sweep"):
-        rows = [[r.get("reward_model", "token_edit"), fmt(r["kl_coef"], 2), r["scale"],
-                 pm(r["win_rate"], r["se"], pct=True), fmt(r["gold_reward"]), fmt(r["flaw_rate"], pct=True),
-                 fmt(r["final_kl"], 1)] for r in m["sweep"]]
-        out.append(("Token-reward sweep (one seed each)", ["token RM", "KL coef", "reward scale", "win rate %",
-                                                          "gold reward", "flawed %", "final KL"], rows))
+        sw = m["sweep"]
+        rows = [[r["system"], r["reward_model"], fmt(r["kl_coef"], 2), r["scale"] or "—",
+                 pm(r["val_win_rate"], r["val_se"], pct=True), fmt(r["val_gold_reward"]), fmt(r["val_flaw_rate"], pct=True),
+                 fmt(r["final_kl"], 1), sweep_mark(r, sw)] for r in sw["rows"]]
+        out.append(("Sweep (PPO seed 0; validation prompts, disjoint from the evaluation prompts)",
+                    ["system", "reward model", "KL coef", "token-reward scale", "val win rate % (± SE)", "val gold reward",
+                     "val flawed %", "final KL", "selection"], rows))
     return out
+
+
+def sweep_mark(r: dict, sw: dict) -> str:
+    """'picked' for a system's selected grid point, 'grid' for the others, 'extra' for rows outside the selection."""
+    if not r["grid"]:
+        return "extra (not selectable)"
+    return "picked" if sw["best_kl"].get(r["system"]) == r["kl_coef"] else "grid"
 
 
 def settings_line(m: dict) -> str:
     c = m["config"]
-    token_kl = c["token_kl_coef"] if c.get("token_kl_coef") is not None else c["kl_coef"]
     return (f"PPO: {m['sizes']['ppo_steps']} steps of {m['sizes']['ppo_batch_size']} rollouts for every system "
-            f"({m['sizes']['ppo_seeds']} seed(s) each), lr {c['ppo_lr']}; sequence-reward systems KL coefficient "
-            f"{c['kl_coef']}; token-reward system: RM {c.get('token_rm', 'token_edit')}, reward scale "
-            f"{c['token_reward_scale']} (raw = r_t, mean = r_t / T), KL coefficient {token_kl} "
-            "(chosen by the token-reward sweep, see its table when present).")
+            f"({m['sizes']['ppo_seeds']} seed(s) each), lr {c['ppo_lr']}; KL coefficient of the baseline "
+            f"{c['baseline_kl_coef']}, of the edit-data sequence system {c['edit_seq_kl_coef']}; token-reward system: "
+            f"RM {c.get('token_rm', 'token_edit')}, reward scale "
+            f"{c['token_reward_scale']} (raw = r_t, mean = r_t / T), KL coefficient {c['token_kl_coef']} "
+            "(defaults: each system's pick of the sweep, see Findings).")
 
 
 def environment_lines(m: dict) -> list[str]:
@@ -251,9 +309,20 @@ def environment_lines(m: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- writers
+def command_line(cfg: dict) -> str:
+    """The demo command of this run (the options that select what the tables show)."""
+    from .config import DemoConfig
+
+    defaults = DemoConfig()
+    names = ("baseline_kl_coef", "edit_seq_kl_coef", "token_kl_coef", "token_reward_scale", "token_rm")
+    extra = "".join(f" --{k.replace('_', '-')} {cfg[k]}" for k in names if cfg.get(k) != getattr(defaults, k))
+    return (f"finegrain demo --out {cfg['out']}" + (" --quick" if cfg["quick"] else "") + f" --seed {cfg['seed']}"
+            + (" --sweep" if cfg.get("sweep") else "") + extra)
+
+
 def markdown(m: dict, plots: list[str], heatmap: str | None) -> str:
     cfg = m["config"]
-    cmd = "finegrain demo --out " + cfg["out"] + (" --quick" if cfg["quick"] else "") + f" --seed {cfg['seed']}"
+    cmd = command_line(cfg)
     lines = ["# finegrain demo: fine-grained RLHF in the simulated environment", "",
              f"Command: `{cmd}`  ", f"PPO seeds per system: {m['sizes']['ppo_seeds']}, "
              f"{m['sizes']['ppo_steps']} steps of {m['sizes']['ppo_batch_size']} rollouts each.", "",
@@ -310,7 +379,7 @@ def attach_example(out: Path, m: dict) -> None:
     from .domain import gold_reward
 
     files = {"sft": out / "eval" / "outputs" / "sft.jsonl"}
-    files.update({k: out / "eval" / "outputs" / f"{k}-s0.jsonl" for k in m["systems"]})
+    files.update({k: out / "eval" / "outputs" / f"{v['runs'][0]['name']}.jsonl" for k, v in m["systems"].items()})
     outputs, prompt = {}, None
     for name, path in files.items():
         if not path.exists():

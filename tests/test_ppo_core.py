@@ -184,9 +184,11 @@ def test_config_defaults_and_validation():
 
     base = dict(policy="p", reward_model="r", reward_mode="token", prompts="x.jsonl", output="o")
     cfg = build_config(PPOConfig, base)
-    # Huang et al. (2024) defaults
-    assert (cfg.gamma, cfg.lam, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, cfg.kl_coef) == (
-        1.0, 0.95, 0.2, 0.2, 0.1, 0.05)
+    # Huang et al. (2024) defaults; the token mode's KL and scale come from the sandbox sweep
+    assert (cfg.gamma, cfg.lam, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef) == (1.0, 0.95, 0.2, 0.2, 0.1)
+    assert (cfg.kl_coef, cfg.initial_kl_coef(), cfg.token_reward_scale) == (None, 1.0, "mean")
+    assert build_config(PPOConfig, {**base, "reward_mode": "sequence"}).initial_kl_coef() == 0.05
+    assert build_config(PPOConfig, {**base, "kl_coef": 0.0}).initial_kl_coef() == 0.0  # the paper's literal form
     assert cfg.minibatch_size() == 4 and cfg.mini_batch_size is None  # derived, never written back
     for bad in ({"batch_size": 10, "mini_batch_size": 4}, {"temperature": 0.0}, {"steps": 0},
                 {"mini_batch_size": 4, "grad_accum": 3}):

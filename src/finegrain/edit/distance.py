@@ -3,10 +3,12 @@
 Text is split into words (``\\w+`` runs) and single punctuation marks, whitespace dropped, so
 the measure is the same whichever LLM made the edit. The two token lists are aligned with
 ``difflib.SequenceMatcher`` (autojunk off, the alignment DESIGN.md decision 1 uses for model
-tokens). Every non-equal block costs ``max(deleted, inserted)`` tokens (a replacement of 2
-tokens by 3 costs 3), and
+tokens), and
 
-    edit_ratio = changed tokens / max(len(original), len(edited))       (in [0, 1])
+    edit_ratio = (deleted + inserted tokens) / (len(original) + len(edited))      (in [0, 1])
+
+(``changed_tokens`` reports the other common count: each non-equal block costs
+``max(deleted, inserted)``.)
 
 0 means unchanged, 1 means nothing in common. A whole new paragraph appended to a short answer
 scores near 1, a one-word fix in a long answer near 0.

@@ -273,3 +273,16 @@ def test_two_processes_train_and_resume_exactly(data_dir, base_model, tmp_path):
     run = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (out / "metrics.jsonl").read_text().splitlines() == full
+
+
+def test_edits_cut_off_by_truncation_are_counted_apart(tiny_tokenizer):
+    from finegrain.data.schema import Comparison
+    from finegrain.rm.data import featurize
+
+    head = "Paris is a large city with many museums. " * 3
+    items = [Comparison("cut", "Describe Paris.", head + "It is lovely.", head + "It is awful.", None),
+             Comparison("kept", "Describe Paris.", "It is lovely.", "It is awful.", None)]
+    feats, dropped, cut = featurize(tiny_tokenizer, items, max_length=24)
+    assert [f.id for f in feats] == ["kept"] and (dropped, cut) == (1, 1)
+    feats, dropped, cut = featurize(tiny_tokenizer, items, max_length=256)
+    assert len(feats) == 2 and (dropped, cut) == (0, 0)

@@ -64,12 +64,13 @@ def u0_pairs(opcodes) -> list[tuple[int, int]]:
 
 
 def featurize(tokenizer, items: Sequence[Comparison], *, max_length: int, template: str | None = None,
-              with_offsets: bool = False) -> tuple[list[PairFeatures], int]:
+              with_offsets: bool = False) -> tuple[list[PairFeatures], int, int]:
     """Tokenise and align every comparison; drop those whose two responses are identical.
 
-    Returns (features, number dropped as unchanged).
+    Returns (features, number dropped as identical, how many of those differ only beyond
+    ``max_length`` - the edit was cut off by truncation, which the summary reports apart).
     """
-    out, dropped = [], 0
+    out, dropped, cut = [], 0, 0
     for c in items:
         b = build_rm_example(tokenizer, c.prompt, c.better, max_length=max_length, template=template,
                              with_offsets=with_offsets)
@@ -78,9 +79,10 @@ def featurize(tokenizer, items: Sequence[Comparison], *, max_length: int, templa
         al = align_tokens(w.response_ids, b.response_ids)
         if al.identical:
             dropped += 1
+            cut += int(b.truncated or w.truncated)
             continue
         out.append(PairFeatures(str(c.id), b, w, al.changed_edited, al.changed_original, u0_pairs(al.opcodes)))
-    return out, dropped
+    return out, dropped, cut
 
 
 @dataclass

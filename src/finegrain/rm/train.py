@@ -9,6 +9,7 @@ evaluation, metrics, resumable checkpoints and the final checkpoint. Works uncha
 from __future__ import annotations
 
 import contextlib
+import logging
 import hashlib
 import os
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_compar
 from .losses import mean_reward, sequence_loss, token_edit_loss, token_mean_loss, u0_consistency
 from .model import ensure_distinct_pad, kind_of_checkpoint, model_outputs
 
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,6 +74,7 @@ class RMData:
     n_dropped_unchanged: int
     n_dropped_unchanged_eval: int
     n_rejected: int
+    n_dropped_truncated: int = 0  # of n_dropped_unchanged: identical only because the edit lies beyond max_length
 
     def fingerprint(self) -> str:
         return hashlib.sha256("\n".join(f.id for f in self.train).encode()).hexdigest()[:16]
@@ -89,13 +92,16 @@ def prepare_data(cfg: TrainRMConfig, tokenizer) -> RMData:
     else:
         train_items, eval_items = split_by_id(items, cfg.eval_fraction, cfg.seed)
     kw = dict(max_length=cfg.max_length, template=cfg.template)
-    train, n = featurize(tokenizer, train_items, **kw)
-    ev, n_eval = featurize(tokenizer, eval_items, **kw)
+    train, n, cut = featurize(tokenizer, train_items, **kw)
+    ev, n_eval, cut_eval = featurize(tokenizer, eval_items, **kw)
     dropped, dropped_eval = dropped + n, dropped_eval + n_eval
     if not train:
         raise InputError(f"no training pairs left ({dropped} dropped because both responses are identical)",
                          path=cfg.data)
-    return RMData(train, ev, dropped, dropped_eval, report.n_rejected)
+    if cut + cut_eval:
+        logger.warning("%d pairs dropped: their edit lies beyond --max-length %d (raise it to keep them)",
+                       cut + cut_eval, cfg.max_length)
+    return RMData(train, ev, dropped, dropped_eval, report.n_rejected, cut + cut_eval)
 
 
 # ---------------------------------------------------------------- model and optimisation
@@ -192,7 +198,8 @@ def final_meta(cfg: TrainRMConfig, data: RMData, steps: int, last: dict) -> dict
             "base_model": init_meta.get("base_model", cfg.model), "init_model": cfg.model,
             "max_length": cfg.max_length, "template": cfg.template, "n_train": len(data.train),
             "n_eval": len(data.eval), "n_dropped_unchanged": data.n_dropped_unchanged,
-            "n_dropped_unchanged_eval": data.n_dropped_unchanged_eval, "n_rejected": data.n_rejected,
+            "n_dropped_unchanged_eval": data.n_dropped_unchanged_eval,
+            "n_dropped_truncated": data.n_dropped_truncated, "n_rejected": data.n_rejected,
             "steps": steps, **{k: v for k, v in last.items() if k.startswith("eval_")}, "config": to_dict(cfg)}
 
 

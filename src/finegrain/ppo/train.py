@@ -373,6 +373,8 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
                      "reward_moments": e.moments.state_dict() if e.moments is not None else None}
             save_training_state(acc, out, step + 1, state, cfg.keep_checkpoints)
     bar.close()
+    if not line and main:  # resumed at the last step: nothing ran, report the last logged line
+        line = (metrics.read() or [{}])[-1]
     summary = {"steps": cfg.steps, "resumed_from": start if cfg.resume else None, "output": str(out),
                "final_policy": str(out / "final"), "metrics": str(out / "metrics.jsonl"),
                "last": {k: line.get(k) for k in ("reward", "kl", "tokens_per_s")}}

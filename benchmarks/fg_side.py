@@ -1,0 +1,217 @@
+"""finegrain's side of the benchmarks: its own public functions on the shared assets.
+
+Step times are read with the same kind of clock as TRL's side: a timestamp each time a step
+ends. finegrain writes one ``metrics.jsonl`` line per finished step through
+``finegrain.tracking.MetricsLog.log``; we wrap that method (instrumentation only: the wrapped
+call still runs unchanged) and take the differences between successive timestamps.
+
+For ``ppo_mfu`` the same hook can run a short fp32 matmul probe after each step (its time is
+excluded from the step times), so the peak that divides the update phase's FLOP/s is measured
+in the same process, seconds apart from the update it is compared with.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import matmul_params, matmul_peak, train_flops_per_token
+
+
+@dataclass
+class Mark:
+    """One finished step: when it was logged, its metrics, the probe's peak, when the next step began."""
+
+    end: float
+    metrics: dict
+    peak: float | None
+    resume: float
+
+
+@contextlib.contextmanager
+def step_clock(probe_s: float = 0.0):
+    """Yield a list that receives a :class:`Mark` at every MetricsLog.log call."""
+    from finegrain.tracking import MetricsLog
+
+    marks: list[Mark] = []
+    original = MetricsLog.log
+
+    def log(self, metrics):
+        original(self, metrics)
+        end = time.perf_counter()
+        peak = matmul_peak("fp32", probe_s, sizes=(1024,)) if probe_s > 0 else None
+        marks.append(Mark(end, dict(metrics), peak, time.perf_counter()))
+
+    MetricsLog.log = log
+    try:
+        yield marks
+    finally:
+        MetricsLog.log = original
+
+
+def _diffs(t0: float, marks: list[Mark]) -> list[float]:
+    """Step wall times: from the previous step's end (after any probe) to this step's end."""
+    starts = [t0] + [m.resume for m in marks[:-1]]
+    return [m.end - s for s, m in zip(starts, marks)]
+
+
+def run_rm(assets: Path, *, n_pairs: int, batch_size: int, max_length: int, seed: int,
+           learning_rate: float) -> dict[str, Any]:
+    """finegrain train_reward_model, loss=sequence, one epoch over ``n_pairs`` preference pairs."""
+    import torch
+
+    from finegrain.rm import TrainRMConfig, train_reward_model
+    from finegrain.config import build_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "pairs.jsonl"
+        lines = (assets / "pairs.jsonl").read_text().splitlines()[:n_pairs]
+        data.write_text("\n".join(lines) + "\n")
+        cfg = build_config(TrainRMConfig, dict(
+            data=str(data), model=str(assets / "rm_seq"), output=str(Path(tmp) / "rm"), loss="sequence",
+            pairs="preference", eval_fraction=0.0, epochs=1.0, batch_size=batch_size, lr=learning_rate,
+            warmup_ratio=0.0, max_length=max_length, save_every=0, eval_every=0, seed=seed, log_with="none"))
+        with step_clock() as marks:
+            t0 = time.perf_counter()
+            train_reward_model(cfg)
+    # the clock starts before data preparation and model loading: drop step 1 (warm-up) in run.py
+    return {"system": "finegrain", "step_s": _diffs(t0, marks), "pairs_per_step": batch_size,
+            "threads": torch.get_num_threads()}
+
+
+def ppo_config_values(assets: Path, out: str, *, reward_mode: str, steps: int, batch_size: int,
+                      response_length: int, ppo_epochs: int, num_minibatches: int, seed: int,
+                      learning_rate: float, temperature: float, kl_coef: float) -> dict[str, Any]:
+    """The PPOConfig fields that make finegrain do the same work as TRL's PPOTrainer setup."""
+    rm = assets / ("rm_tok" if reward_mode == "token" else "rm_seq")
+    return dict(
+        policy=str(assets / "policy"), reward_model=str(rm), reward_mode=reward_mode,
+        prompts=str(assets / "prompts.jsonl"), output=out, steps=steps, seed=seed, batch_size=batch_size,
+        num_minibatches=num_minibatches, ppo_epochs=ppo_epochs, forward_batch_size=batch_size, lr=learning_rate,
+        lr_schedule="linear", temperature=temperature, kl_coef=kl_coef, max_new_tokens=response_length,
+        missing_eos_penalty=None, save_every=10**6, sample_every=0, log_with="none")
+
+
+# ---------------------------------------------------------------- what-if variants (profile section)
+# Each patch changes finegrain's behaviour in THIS process only, to measure a proposed change
+# before anyone edits src/: the speed-up it would bring is the ratio against "base".
+
+
+def _patch_fused_adamw():
+    """torch's AdamW on CPU defaults to the per-tensor loop; fused=True is one kernel per group."""
+    import torch
+
+    base = torch.optim.AdamW
+
+    class FusedAdamW(base):
+        def __init__(self, params, **kw):
+            kw.setdefault("fused", True)
+            super().__init__(params, **kw)
+
+    torch.optim.AdamW = FusedAdamW
+
+
+def _patch_gelu_tanh():
+    """GPT-2's gelu_new is 8 Python-level elementwise ops; gelu_pytorch_tanh is the same formula, one kernel."""
+    from transformers import activations
+
+    activations.ACT2CLS["gelu_new"] = activations.ACT2CLS["gelu_pytorch_tanh"]
+
+
+def _autocast(fn):
+    import functools
+
+    import torch
+
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*a, **k)
+
+    return wrapped
+
+
+def _patch_bf16_update():
+    """bf16 autocast around the update's forward (backward follows the autocast graph)."""
+    from finegrain.ppo import train
+
+    train.ppo_minibatch_loss = _autocast(train.ppo_minibatch_loss)
+
+
+def _patch_bf16_rollout():
+    """bf16 autocast around generation and the rollout's forward passes too."""
+    from finegrain.ppo import train
+
+    train.rollout_step = _autocast(train.rollout_step)
+
+
+VARIANTS = {"fused_adamw": _patch_fused_adamw,
+            "gelu_tanh": _patch_gelu_tanh, "bf16_update": _patch_bf16_update, "bf16_rollout": _patch_bf16_rollout}
+
+
+def apply_variants(names: str) -> list[str]:
+    applied = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        if name == "base":
+            continue
+        VARIANTS[name]()
+        applied.append(name)
+    return applied
+
+
+def run_ppo(assets: Path, *, reward_mode: str = "sequence", steps: int, batch_size: int, response_length: int,
+            ppo_epochs: int, num_minibatches: int, seed: int, learning_rate: float, temperature: float,
+            kl_coef: float, variant: str = "base", peak_probe_s: float = 0.0, **extra) -> dict[str, Any]:
+    """finegrain train_ppo for ``steps`` steps; per-step wall times plus finegrain's own metrics."""
+    import torch
+
+    applied = apply_variants(variant)
+
+    from finegrain.config import build_config
+    from finegrain.ppo import PPOConfig, train_ppo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        values = ppo_config_values(assets, str(Path(tmp) / "ppo"), reward_mode=reward_mode, steps=steps,
+                                   batch_size=batch_size, response_length=response_length, ppo_epochs=ppo_epochs,
+                                   num_minibatches=num_minibatches, seed=seed, learning_rate=learning_rate,
+                                   temperature=temperature, kl_coef=kl_coef)
+        values.update(extra)
+        cfg = build_config(PPOConfig, values)
+        with step_clock(peak_probe_s) as marks:
+            t0 = time.perf_counter()
+            train_ppo(cfg)
+    metrics = [m.metrics for m in marks]
+    return {"system": "finegrain", "reward_mode": reward_mode, "variants": applied, "step_s": _diffs(t0, marks),
+            "query_widths": query_widths(assets, cfg),
+            "response_tokens_per_step": batch_size * response_length, "metrics": metrics,
+            "fp32_peak_after_step": [m.peak for m in marks],
+            "threads": torch.get_num_threads()}
+
+
+def query_widths(assets: Path, cfg) -> list[int]:
+    """Padded prompt width of every step (finegrain's prompt order is a pure function of the step)."""
+    from finegrain.generation import encode_texts, format_prompt
+    from finegrain.models import load_tokenizer
+    from finegrain.ppo.setup import load_prompts
+    from finegrain.ppo.train import batch_indices
+
+    tok = load_tokenizer(cfg.policy)
+    ids = encode_texts(tok, [format_prompt(tok, p, cfg.prompt_template) for p in load_prompts(cfg)])
+    return [max(len(ids[i]) for i in batch_indices(len(ids), s, cfg.batch_size, 0, 1, cfg.seed))
+            for s in range(cfg.steps)]
+
+
+def run_peak(assets: Path, *, seconds: float = 1.5) -> dict[str, Any]:
+    """Matmul peaks (fp32, bf16) and the FLOP model of the benchmark policy and value model."""
+    import transformers
+
+    policy = transformers.AutoModelForCausalLM.from_pretrained(assets / "policy")
+    value = transformers.AutoModelForTokenClassification.from_pretrained(assets / "rm_tok", num_labels=1)
+    c = policy.config
+    return {"fp32_flops": matmul_peak("fp32", seconds), "bf16_flops": matmul_peak("bf16", seconds),
+            "policy_matmul_params": matmul_params(policy), "value_matmul_params": matmul_params(value),
+            "n_layer": c.n_layer, "n_embd": c.n_embd,
+            "example_flops_per_token_L64": train_flops_per_token(matmul_params(policy), c.n_layer, c.n_embd, 64)}

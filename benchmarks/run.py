@@ -1,0 +1,338 @@
+"""finegrain's benchmarks against its peer, side by side in one run: ``python benchmarks/run.py [--quick]``.
+
+Machines are noisy (and shared), so every figure is a ratio of two systems measured in the
+same run, trial by trial, alternating the order (A B, B A, ...), each trial in its own
+subprocess (``worker.py``) so memory, threads and allocator state never leak between sides.
+The output ends with one ``RESULT <name>=<number>`` line per figure; a benchmark that fails
+prints ``RESULT <name>=nan`` and its reason, and the rest still run. ``--json FILE`` keeps
+every raw measurement. What each figure means, and its goal, is in RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import machine_info, summary, train_flops_per_token  # noqa: E402
+from convergence import convergence_summary  # noqa: E402
+
+PY = sys.executable
+
+
+@dataclass
+class Settings:
+    """Sizes of one run (``--quick`` or full)."""
+
+    rounds: int                # alternating trials per comparison
+    ppo_steps: int             # PPO steps per trial, the first one is the warm-up
+    batch_size: int            # rollouts per PPO step
+    response_length: int       # forced: every response has exactly this many tokens
+    ppo_epochs: int
+    num_minibatches: int
+    rm_pairs: int              # pairs per reward-model trial (one epoch)
+    rm_batch: int
+    demo_seeds: int
+    demo_quick: bool
+    warmup_steps: int = 1
+    rm_warmup_steps: int = 2
+    fg_variant: str = ""       # what-if patches for finegrain's PPO trials (fg_side.VARIANTS), "" = as shipped
+    fg_mixed_precision: str = "no"  # finegrain's --mixed-precision for its PPO trials (TRL 1.12's PPOTrainer runs fp32)
+
+
+QUICK = Settings(rounds=3, ppo_steps=5, batch_size=16, response_length=32, ppo_epochs=4, num_minibatches=1,
+                 rm_pairs=128, rm_batch=16, demo_seeds=3, demo_quick=True)
+FULL = Settings(rounds=5, ppo_steps=9, batch_size=32, response_length=48, ppo_epochs=4, num_minibatches=1,
+                rm_pairs=512, rm_batch=16, demo_seeds=1, demo_quick=False)
+
+PPO_COMMON = dict(seed=0, learning_rate=1e-5, temperature=1.0, kl_coef=0.05)
+
+
+class BenchFailed(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def worker(task: str, assets: Path, logs: Path, tag: str, timeout: float = 1800, **kwargs) -> dict[str, Any]:
+    """Run one trial in a fresh process; its stdout/stderr go to ``logs/tag.log``."""
+    out = logs / f"{tag}.json"
+    cmd = [PY, str(HERE / "worker.py"), task, "--assets", str(assets), "--out", str(out)]
+    cmd += [f"{k}={json.dumps(v)}" for k, v in kwargs.items()]
+    with open(logs / f"{tag}.log", "w") as f:
+        try:
+            p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise BenchFailed(f"{tag} took longer than {timeout:.0f}s") from e
+    if p.returncode != 0 or not out.exists():
+        tail = (logs / f"{tag}.log").read_text().strip().splitlines()[-3:]
+        raise BenchFailed(f"{tag} exited {p.returncode}: " + " | ".join(tail))
+    return json.loads(out.read_text())
+
+
+def rate(result: dict[str, Any], per_step: float, warmup: int) -> float:
+    """Units per wall second over the steps after ``warmup``."""
+    times = result["step_s"][warmup:]
+    if not times:
+        raise BenchFailed(f"{result.get('system')}: no steps after the warm-up")
+    return per_step * len(times) / sum(times)
+
+
+def rotated(items: list, r: int) -> list:
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
+    """ppo_speedup_vs_trl and token_vs_sequence_cost: A = finegrain sequence, B = TRL, C = finegrain token."""
+    kw = dict(steps=s.ppo_steps, batch_size=s.batch_size, response_length=s.response_length,
+              ppo_epochs=s.ppo_epochs, num_minibatches=s.num_minibatches, **PPO_COMMON)
+    fg = {"variant": s.fg_variant} if s.fg_variant else {}
+    if s.fg_mixed_precision != "no":
+        fg["mixed_precision"] = s.fg_mixed_precision
+    systems = {"fg_seq": ("fg_ppo", dict(reward_mode="sequence", peak_probe_s=0.5, **fg)), "trl": ("trl_ppo", {}),
+               "fg_tok": ("fg_ppo", dict(reward_mode="token", **fg))}
+    tps: dict[str, list[float]] = {k: [] for k in systems}
+    failed: dict[str, str] = {}  # a system that fails once is dropped; figures not needing it still come out
+    state["ppo_runs"] = []
+    for r in range(s.rounds):
+        for name in rotated(list(systems), r):
+            if name in failed:
+                continue
+            task, extra = systems[name]
+            try:
+                res = worker(task, assets, logs, f"ppo_{name}_{r}", **kw, **extra)
+                tps[name].append(rate(res, res["response_tokens_per_step"], s.warmup_steps))
+            except BenchFailed as e:
+                failed[name] = str(e)
+                log(f"  round {r} {name} failed: {e}")
+                continue
+            state["ppo_runs"].append({"round": r, "name": name, **res})
+            log(f"  round {r} {name}: {tps[name][-1]:.1f} response tokens/s")
+    state["ppo_tokens_per_s"] = {k: summary(v) for k, v in tps.items()}
+
+    def figure(a: str, b: str, what: str) -> tuple[float, str]:
+        if a in failed or b in failed:
+            return math.nan, failed.get(a) or failed[b]
+        sm = summary([x / y for x, y in zip(tps[a], tps[b])])
+        return sm["median"], f"min {sm['min']:.3f} max {sm['max']:.3f} over {sm['n']} rounds{what}"
+
+    med = {k: summary(v)["median"] for k, v in tps.items()}
+    return {"ppo_speedup_vs_trl": figure("fg_seq", "trl", f"; tokens/s finegrain {med['fg_seq']:.1f}, "
+                                         f"TRL {med['trl']:.1f}"),
+            # step time(token) / step time(sequence) = tokens/s(sequence) / tokens/s(token)
+            "token_vs_sequence_cost": figure("fg_seq", "fg_tok", "")}
+
+
+def bench_rm(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
+    kw = dict(n_pairs=s.rm_pairs, batch_size=s.rm_batch, max_length=256, seed=0, learning_rate=1e-4)
+    systems = {"fg": "fg_rm", "trl": "trl_rm"}
+    pps: dict[str, list[float]] = {k: [] for k in systems}
+    for r in range(s.rounds):
+        for name in rotated(list(systems), r):
+            res = worker(systems[name], assets, logs, f"rm_{name}_{r}", **kw)
+            pps[name].append(rate(res, res["pairs_per_step"], s.rm_warmup_steps))
+            log(f"  round {r} {name}: {pps[name][-1]:.1f} pairs/s")
+    ratios = summary([a / b for a, b in zip(pps["fg"], pps["trl"])])
+    state["rm_pairs_per_s"] = {k: summary(v) for k, v in pps.items()}
+    return {"rm_speedup_vs_trl": (ratios["median"], f"min {ratios['min']:.3f} max {ratios['max']:.3f} over "
+                                  f"{ratios['n']} rounds; pairs/s finegrain {summary(pps['fg'])['median']:.1f}, "
+                                  f"TRL {summary(pps['trl'])['median']:.1f}")}
+
+
+def update_flops(query_width: int, peak: dict[str, Any], s: Settings) -> float:
+    """FLOPs of one PPO update phase: epochs x (policy + value) forward+backward over the step's tokens.
+
+    Per token 6 N + 12 L d T (PaLM appendix B), N = matmul parameters (LM head included, token
+    and position lookups excluded), T = the padded length the models process (query width +
+    response length), tokens = batch x T (padding counted: it is computed).
+    """
+    seq = int(query_width) + s.response_length
+    per_tok = (train_flops_per_token(peak["policy_matmul_params"], peak["n_layer"], peak["n_embd"], seq)
+               + train_flops_per_token(peak["value_matmul_params"], peak["n_layer"], peak["n_embd"], seq))
+    return s.ppo_epochs * s.batch_size * seq * per_tok
+
+
+def bench_mfu(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
+    runs = [r for r in state.get("ppo_runs", []) if r["name"] == "fg_seq"]
+    if not runs:
+        raise BenchFailed("no finegrain PPO runs to read the update phase from (ppo benchmark failed)")
+    peak = worker("peak", assets, logs, "peak")
+    state["peak"] = peak
+    mfus, achieved, peaks = [], [], []
+    for run in runs:
+        probes = run["fp32_peak_after_step"]
+        for i in range(s.warmup_steps, len(run["metrics"])):
+            # the probes run just before and just after this step, in the same process
+            local = max(p for p in (probes[i - 1], probes[i]) if p)
+            flops = update_flops(run["query_widths"][i], peak, s) / run["metrics"][i]["time_update"]
+            achieved.append(flops)
+            peaks.append(local)
+            mfus.append(flops / local)
+    sm = summary(mfus)
+    state["mfu"] = {"per_step": mfus, "achieved_flops": summary(achieved), "fp32_peak_probes": summary(peaks)}
+    return {"ppo_mfu": (sm["median"], f"update-phase FLOP/s {summary(achieved)['median'] / 1e9:.1f} G / fp32 matmul "
+                        f"peak {summary(peaks)['median'] / 1e9:.0f} G (probed in the same process around each step; "
+                        f"bf16 peak {peak['bf16_flops'] / 1e9:.0f} G, fp32 {peak['fp32_flops'] / 1e9:.0f} G in a "
+                        f"separate probe); min {sm['min']:.3f} max {sm['max']:.3f} over {sm['n']} steps")}
+
+
+def run_demo(out: Path, seed: int, quick: bool, logfile: Path, timeout: float) -> dict[str, Any]:
+    """``finegrain demo`` as a child process; wall time and that child's own peak RSS (wait4)."""
+    cmd = [PY, "-m", "finegrain", "demo", "--out", str(out), "--seed", str(seed)] + (["--quick"] if quick else [])
+    env = dict(os.environ, FINEGRAIN_PROGRESS="0")
+    t0 = time.perf_counter()
+    with open(logfile, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        deadline = t0 + timeout
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                p.kill()
+                os.wait4(p.pid, 0)
+                raise BenchFailed(f"finegrain demo --seed {seed} took longer than {timeout:.0f}s")
+            time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = logfile.read_text().strip().splitlines()[-3:]
+        raise BenchFailed(f"finegrain demo --seed {seed} exited {code}: " + " | ".join(tail))
+    return {"seed": seed, "wall_s": wall, "peak_rss_gb": ru.ru_maxrss * 1024 / 1e9,
+            "metrics": json.loads((out / "metrics.json").read_text())}
+
+
+def bench_demo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
+    runs, errors = [], []
+    for seed in range(s.demo_seeds):
+        try:
+            runs.append(run_demo(logs / f"demo_{seed}", seed, s.demo_quick, logs / f"demo_{seed}.log",
+                                 timeout=3600 if not s.demo_quick else 900))
+            log(f"  demo seed {seed}: {runs[-1]['wall_s']:.0f}s, {runs[-1]['peak_rss_gb']:.2f} GB")
+        except BenchFailed as e:
+            errors.append(str(e))
+            log(f"  demo seed {seed} failed: {e}")
+    if not runs:
+        raise BenchFailed("; ".join(errors))
+    state["demo"] = [{k: v for k, v in r.items() if k != "metrics"} for r in runs]
+    walls = summary([r["wall_s"] for r in runs])
+    out: dict[str, tuple[float, str]] = {
+        "demo_peak_rss_gb": (max(r["peak_rss_gb"] for r in runs), f"max over {len(runs)} seeds"),
+        "demo_wall_s": (walls["median"], f"median of {walls['n']} seeds, min {walls['min']:.0f} max {walls['max']:.0f}"
+                        + (" (--quick)" if s.demo_quick else ""))}
+    try:
+        conv = convergence_summary([r["metrics"] for r in runs])
+        state["convergence"] = conv
+        out["convergence_step_ratio"] = (conv["median"], conv["note"])
+    except (KeyError, ValueError) as e:
+        out["convergence_step_ratio"] = (math.nan, f"cannot read the demo's gold-reward curves: {e}")
+    if errors:
+        out["demo_wall_s"] = (out["demo_wall_s"][0], out["demo_wall_s"][1] + f"; {len(errors)} seed(s) failed")
+    return out
+
+
+BENCHES: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "ppo": (bench_ppo, ("ppo_speedup_vs_trl", "token_vs_sequence_cost")),
+    "mfu": (bench_mfu, ("ppo_mfu",)),
+    "rm": (bench_rm, ("rm_speedup_vs_trl",)),
+    "demo": (bench_demo, ("demo_peak_rss_gb", "demo_wall_s", "convergence_step_ratio")),
+}
+
+
+def build_assets(assets: Path, logs: Path, response_length: int) -> None:
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from common import build_assets; "
+            f"build_assets({str(assets)!r}, response_length={response_length})")
+    with open(logs / "assets.log", "w") as f:
+        p = subprocess.run([PY, "-c", code], stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        raise BenchFailed("building the benchmark models failed: see " + str(logs / "assets.log"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes: <= 20 minutes on 2 CPU cores")
+    ap.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    ap.add_argument("--rounds", type=int, help="override the number of alternating rounds")
+    ap.add_argument("--fg-variant", default="", help="what-if: patch finegrain's PPO trials with fg_side.VARIANTS "
+                    "(comma-separated, e.g. fused_adamw,bf16_update,bf16_rollout); figures then describe the patched code")
+    ap.add_argument("--fg-mixed-precision", default="no", choices=["no", "bf16"],
+                    help="finegrain's --mixed-precision in its PPO trials (default no: fp32 like TRL 1.12's PPOTrainer, "
+                    "which ignores its bf16 flag)")
+    ap.add_argument("--threads", type=int, help="torch threads per worker (default: every core)")
+    ap.add_argument("--json", type=Path, help="write every raw measurement here")
+    ap.add_argument("--workdir", type=Path, help="keep assets and logs here (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    s = replace(QUICK if args.quick else FULL, fg_variant=args.fg_variant, fg_mixed_precision=args.fg_mixed_precision)
+    if args.rounds:
+        s = replace(s, rounds=args.rounds)
+    if args.threads:
+        os.environ["FINEGRAIN_BENCH_THREADS"] = str(args.threads)
+    only = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = [b for b in only if b not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="finegrain-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    logs, assets = work / "logs", work / "assets"
+    logs.mkdir(exist_ok=True)
+    t_start = time.perf_counter()
+    info = machine_info()
+    info["worker_threads"] = int(os.environ.get("FINEGRAIN_BENCH_THREADS") or 0) or info["nproc"]
+    log(f"machine: {info['nproc']} cpus, {info['cpu']}, torch {info.get('torch')}, load {info.get('loadavg_1m')}; "
+        f"{info['worker_threads']} threads per worker; mode {'quick' if args.quick else 'full'}")
+    state: dict[str, Any] = {"machine": info, "settings": s.__dict__, "command": " ".join(["benchmarks/run.py"] + (argv or sys.argv[1:]))}
+    results: dict[str, tuple[float, str]] = {}
+    try:
+        build_assets(assets, logs, s.response_length)
+    except BenchFailed as e:
+        for b in only:
+            for name in BENCHES[b][1]:
+                results[name] = (math.nan, str(e))
+        only = []
+    for b in only:
+        fn, names = BENCHES[b]
+        log(f"benchmark {b} ...")
+        t0 = time.perf_counter()
+        try:
+            results.update(fn(s, assets, logs, state))
+        except Exception as e:  # one failing benchmark must not stop the others
+            reason = str(e) if isinstance(e, BenchFailed) else f"{type(e).__name__}: {e}"
+            if not isinstance(e, BenchFailed):
+                traceback.print_exc()
+            for name in names:
+                results.setdefault(name, (math.nan, reason))
+        log(f"benchmark {b} done in {time.perf_counter() - t0:.0f}s")
+    state["results"] = {k: {"value": v, "note": n} for k, (v, n) in results.items()}
+    state["total_s"] = time.perf_counter() - t_start
+    if args.json:
+        args.json.write_text(json.dumps(state, indent=1, default=str))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"total {state['total_s']:.0f}s")
+    for name, (value, note) in results.items():
+        print(f"# {name}: {note}")
+    for name, (value, _) in results.items():
+        print(f"RESULT {name}={value:.4g}" if value == value else f"RESULT {name}=nan")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

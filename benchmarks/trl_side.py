@@ -1,0 +1,116 @@
+"""The peer: TRL 1.12's own PPOTrainer and RewardTrainer on the shared benchmark assets.
+
+TRL runs exactly as its documentation sets it up; the only settings changed from its defaults
+are the ones that make the two sides do the same work on a CPU:
+- ``bf16=False`` and ``gradient_checkpointing=False`` (its defaults are True; finegrain trains
+  in fp32 without checkpointing here, and both settings change speed, not the algorithm);
+- ``stop_token=None`` so every response is exactly ``response_length`` tokens (TRL's default);
+- ``num_sample_generations=0`` and ``report_to="none"`` (no debugging samples, no trackers);
+- one minibatch = ``per_device_train_batch_size * gradient_accumulation_steps`` rows, which is
+  TRL's own definition of its PPO batch.
+Step times come from a ``TrainerCallback.on_step_end`` clock: one PPO step = one rollout batch
+(generation, reference/value/reward passes, GAE) plus all its PPO epochs.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import read_jsonl
+
+
+def _clock_callback():
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.t0 = None
+            self.ends: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+
+        def step_times(self) -> list[float]:
+            marks = [self.t0] + self.ends
+            return [b - a for a, b in zip(marks, marks[1:])]
+
+    return Clock()
+
+
+def _prompt_ids(tok, assets: Path) -> list[list[int]]:
+    from finegrain.generation import encode_texts, format_prompt
+
+    prompts = [r["prompt"] for r in read_jsonl(assets / "prompts.jsonl")]
+    return encode_texts(tok, [format_prompt(tok, p) for p in prompts])
+
+
+def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, ppo_epochs: int,
+            num_minibatches: int, seed: int, learning_rate: float, temperature: float, kl_coef: float) -> dict[str, Any]:
+    """Train TRL's PPOTrainer for ``steps`` PPO steps; returns per-step wall times."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    tok.padding_side = "left"  # TRL's queries are left-padded
+    ids = _prompt_ids(tok, assets)
+    train = Dataset.from_dict({"input_ids": ids})
+    evald = Dataset.from_dict({"input_ids": ids[:batch_size]})
+    policy = AutoModelForCausalLM.from_pretrained(assets / "policy")
+    ref = AutoModelForCausalLM.from_pretrained(assets / "policy")
+    value = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1)
+    reward = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1)
+    mini = batch_size // num_minibatches
+    with tempfile.TemporaryDirectory() as tmp:
+        args = PPOConfig(
+            output_dir=tmp, per_device_train_batch_size=mini, gradient_accumulation_steps=num_minibatches,
+            num_mini_batches=num_minibatches, num_ppo_epochs=ppo_epochs, response_length=response_length,
+            total_episodes=batch_size * steps, local_rollout_forward_batch_size=batch_size,
+            temperature=temperature, kl_coef=kl_coef, learning_rate=learning_rate, stop_token=None,
+            missing_eos_penalty=None, num_sample_generations=0, report_to="none", bf16=False,
+            gradient_checkpointing=False, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=seed,
+            use_cpu=True, dataloader_num_workers=0)
+        trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                             value_model=value, train_dataset=train, eval_dataset=evald)
+        clock = _clock_callback()
+        trainer.add_callback(clock)
+        torch.manual_seed(seed)
+        trainer.train()
+    times = clock.step_times()
+    return {"system": "trl", "step_s": times, "response_tokens_per_step": batch_size * response_length,
+            "threads": torch.get_num_threads()}
+
+
+def run_rm(assets: Path, *, n_pairs: int, batch_size: int, max_length: int, seed: int,
+           learning_rate: float) -> dict[str, Any]:
+    """Train TRL's RewardTrainer for one epoch over ``n_pairs`` pairs; returns per-step wall times."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from finegrain.generation import format_prompt
+
+    tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    rows = read_jsonl(assets / "pairs.jsonl")[:n_pairs]
+    # explicit-prompt format; TRL concatenates prompt + response and appends EOS, as finegrain does
+    data = Dataset.from_dict({"prompt": [format_prompt(tok, r["prompt"]) for r in rows],
+                              "chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]})
+    model = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = RewardConfig(output_dir=tmp, per_device_train_batch_size=batch_size, num_train_epochs=1,
+                            learning_rate=learning_rate, max_length=max_length, report_to="none", bf16=False,
+                            gradient_checkpointing=False, save_strategy="no", logging_steps=10**6,
+                            disable_tqdm=True, seed=seed, use_cpu=True, dataloader_num_workers=0)
+        trainer = RewardTrainer(model=model, args=args, processing_class=tok, train_dataset=data)
+        clock = _clock_callback()
+        trainer.add_callback(clock)
+        trainer.train()
+    return {"system": "trl", "step_s": clock.step_times(), "pairs_per_step": batch_size,
+            "threads": torch.get_num_threads()}

@@ -177,6 +177,10 @@ def bench_mfu(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
     peak = worker("peak", assets, logs, "peak")
     state["peak"] = peak
     mfus, achieved, peaks = [], [], []
+    # the denominator is the peak of the precision the update runs in: under bf16 autocast, the
+    # in-process fp32 probe scaled by the bf16/fp32 ratio of the separate probe
+    scale = peak["bf16_flops"] / peak["fp32_flops"] if s.fg_mixed_precision == "bf16" else 1.0
+    which = "bf16 (fp32 probe x bf16/fp32 ratio)" if scale != 1.0 else "fp32"
     for run in runs:
         probes = run["fp32_peak_after_step"]
         for i in range(s.warmup_steps, len(run["metrics"])):
@@ -184,11 +188,11 @@ def bench_mfu(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
             local = max(p for p in (probes[i - 1], probes[i]) if p)
             flops = update_flops(run["query_widths"][i], peak, s) / run["metrics"][i]["time_update"]
             achieved.append(flops)
-            peaks.append(local)
-            mfus.append(flops / local)
+            peaks.append(local * scale)
+            mfus.append(flops / (local * scale))
     sm = summary(mfus)
     state["mfu"] = {"per_step": mfus, "achieved_flops": summary(achieved), "fp32_peak_probes": summary(peaks)}
-    return {"ppo_mfu": (sm["median"], f"update-phase FLOP/s {summary(achieved)['median'] / 1e9:.1f} G / fp32 matmul "
+    return {"ppo_mfu": (sm["median"], f"update-phase FLOP/s {summary(achieved)['median'] / 1e9:.1f} G / {which} matmul "
                         f"peak {summary(peaks)['median'] / 1e9:.0f} G (probed in the same process around each step; "
                         f"bf16 peak {peak['bf16_flops'] / 1e9:.0f} G, fp32 {peak['fp32_flops'] / 1e9:.0f} G in a "
                         f"separate probe); min {sm['min']:.3f} max {sm['max']:.3f} over {sm['n']} steps")}

@@ -50,13 +50,17 @@ def load_human_edits(path: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-class FileEditor:
-    """Serves human edits by pair id; ``item_meta`` adds annotator and notes to ``edit_meta``."""
+class _FileBackend:
+    """What the runner needs to know of a file backend: local, nothing to cache, no prompt."""
 
     name = "file"
     prompt_version = "human"
     cacheable = False
     remote = False
+
+
+class FileEditor(_FileBackend):
+    """Serves human edits by pair id; ``item_meta`` adds annotator and notes to ``edit_meta``."""
 
     def __init__(self, path: str):
         self.model = str(path)
@@ -86,13 +90,8 @@ def _preference(rec: dict, path: str, where: str) -> float:
     return float(v)
 
 
-class FileJudge:
+class FileJudge(_FileBackend):
     """Serves judgements from an AlpacaEval-format annotations file (see module docstring)."""
-
-    name = "file"
-    prompt_version = "human"
-    cacheable = False
-    remote = False
 
     def __init__(self, path: str):
         self.model = str(path)

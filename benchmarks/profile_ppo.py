@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "finegrain-profile")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace here")
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     a = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -55,6 +56,7 @@ def main() -> int:
     values = ppo_config_values(assets, str(out), reward_mode=a.reward_mode, steps=a.steps, batch_size=a.batch_size,
                                response_length=a.response_length, ppo_epochs=4, num_minibatches=1, seed=0,
                                learning_rate=1e-5, temperature=1.0, kl_coef=0.05)
+    values["mixed_precision"] = a.mixed_precision
     cfg = build_config(PPOConfig, values)
     prof = profile(activities=[ProfilerActivity.CPU], schedule=None,
                    record_shapes=False)

@@ -218,6 +218,9 @@ class TrainingOptions:
     dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
     mixed_precision: str = opt("no", "autocast forward passes to bf16 (or fp16 on GPUs) with fp32 master weights",
                                choices=["no", "bf16", "fp16"])
+    attn_implementation: str = opt("auto", "attention kernel: auto = eager under bf16/fp16 autocast on a CPU (faster "
+                                   "there), else transformers' default (SDPA)",
+                                   choices=["auto", "eager", "sdpa", "flash_attention_2"])
     template: str | None = opt(None, "prompt template with {prompt} for tokenizers without a chat template "
                                      "(default: '{prompt}\\n')")
 

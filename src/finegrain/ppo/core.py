@@ -54,9 +54,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 # ----------------------------------------------------------------------------- log-probs, entropy, KL
 def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log p(ids) under ``logits``: (B, T, V), (B, T) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    """log p(ids) under ``logits``: (B, T, V), (B, T) -> (B, T).
+
+    As logit(id) - logsumexp(logits), which never materialises the (B, T, V) log-softmax.
+    """
+    logits = logits.float()
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

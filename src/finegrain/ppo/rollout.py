@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,11 +30,39 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        """(logits of the last ``logits_to_keep`` positions, or all when 0) (B, K, V), values (B, L)."""
+        logits = causal_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep)
         values = self.value_model(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids).logits[..., 0]
-        return logits, values  # (B, L, V), (B, L)
+        return logits, values
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' LMs do; peft passes it on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(base)
+    if cls not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _LOGITS_TO_KEEP[cls]
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def causal_logits(policy: nn.Module, ids, mask, pos, keep: int = 0) -> torch.Tensor:
+    """Logits (B, keep, V) of the last ``keep`` positions (all when 0).
+
+    The LM head and everything after it (log-softmax, its backward) run only where log-probs are
+    needed: the response, not the prompt. With a 20-token prompt and a 32-token response that
+    skips 37 % of the LM head; with a long prompt and a large vocabulary, most of it (and of the
+    biggest activation of a PPO step, the (B, L, V) logits).
+    """
+    if keep and _accepts_logits_to_keep(policy):
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+    else:
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return logits[:, -keep:] if keep else logits
 
 
 def join_query_response(q_ids, q_mask, r_ids, r_mask):
@@ -44,9 +73,13 @@ def join_query_response(q_ids, q_mask, r_ids, r_mask):
     return ids, mask, pos
 
 
-def response_logits(logits: torch.Tensor, query_len: int, temperature: float) -> torch.Tensor:
-    """Logits predicting each response token, divided by the sampling temperature: (B, L, V) -> (B, Lr, V)."""
-    return logits[:, query_len - 1:-1] / temperature
+def response_logits(logits: torch.Tensor, response_len: int, temperature: float) -> torch.Tensor:
+    """Logits predicting each response token, divided by the sampling temperature: (B, K, V) -> (B, Lr, V).
+
+    ``logits`` covers at least the last ``response_len + 1`` positions: the one before each
+    response token predicts it, and the last position predicts nothing.
+    """
+    return logits[:, -response_len - 1:-1] / temperature
 
 
 def forward_response(model: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature: float, with_entropy: bool = True):
@@ -55,18 +88,19 @@ def forward_response(model: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature
     The value of response position t is the value head's output at the token before it (state s_t).
     """
     ids, mask, pos = join_query_response(q_ids, q_mask, r_ids, r_mask)
-    logits, values = model(ids, mask, pos)
-    lq = q_ids.shape[1]
-    logits = response_logits(logits, lq, temperature)
+    lr = r_ids.shape[1]
+    logits, values = model(ids, mask, pos, logits_to_keep=lr + 1)
+    logits = response_logits(logits, lr, temperature)
     entropy = core.entropy_from_logits(logits) if with_entropy else None
-    return core.logprobs_from_logits(logits, r_ids), values[:, lq - 1:-1].float(), entropy
+    return core.logprobs_from_logits(logits, r_ids), values[:, -lr - 1:-1].float(), entropy
 
 
 def policy_logprobs(policy: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature: float) -> torch.Tensor:
     """Log-probs (B, Lr) of the response tokens under a bare causal LM (the reference)."""
     ids, mask, pos = join_query_response(q_ids, q_mask, r_ids, r_mask)
-    logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    return core.logprobs_from_logits(response_logits(logits, q_ids.shape[1], temperature), r_ids)
+    lr = r_ids.shape[1]
+    logits = causal_logits(policy, ids, mask, pos, lr + 1)
+    return core.logprobs_from_logits(response_logits(logits, lr, temperature), r_ids)
 
 
 @dataclass

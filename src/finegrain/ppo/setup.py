@@ -150,11 +150,16 @@ class LoadedModels:
     reward_model: object
 
 
-def load_models(cfg: PPOConfig, run: RunInputs) -> LoadedModels:
-    """Policy, value model (from the RM or the policy backbone), reference and RM; dropout off everywhere."""
-    from ..models import load_model
+def load_models(cfg: PPOConfig, run: RunInputs, device_type: str = "cpu") -> LoadedModels:
+    """Policy, value model (from the RM or the policy backbone), reference and RM; dropout off everywhere.
 
-    kw = dict(trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype))
+    ``device_type`` (the accelerator's, e.g. "cpu" or "cuda") selects the attention kernel with
+    ``cfg.attn_implementation`` and ``cfg.mixed_precision`` (:func:`finegrain.models.pick_attention`).
+    """
+    from ..models import load_model, pick_attention
+
+    kw = dict(trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype),
+              attn_implementation=pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type))
     policy = load_model(cfg.policy, "causal", tokenizer=run.tokenizer, **kw)
     value_src = cfg.reward_model if cfg.value_init == "reward" else cfg.policy
     value_model = load_model(value_src, "token", tokenizer=run.tokenizer, **kw)

@@ -17,6 +17,7 @@ Output directory::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -244,14 +245,21 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
     prompts = [e.run.prompts[i] for i in idx]
     queries = [e.run.query_ids[i] for i in idx]
     t0 = time.perf_counter()
-    with acc.autocast(), unwrapped_for_generation(acc, e.model) as unwrapped:
-        gen = sample(unwrapped.policy, e.run.tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                     generator_seed=cfg.seed * 1_000_003 + step * acc.num_processes + acc.process_index)
+    # CPU decoding steps are too small for autocast to pay (a 16 x 1-token step costs more in casts
+    # than bf16 matmuls save: 250 vs 198 ms for 32 tokens, benchmarks/RESULTS.md); the batched
+    # passes after it do gain (2x), so only those autocast on a CPU
+    gen_precision = acc.autocast() if acc.device.type != "cpu" else contextlib.nullcontext()
+    with unwrapped_for_generation(acc, e.model) as unwrapped:
+        with gen_precision:
+            gen = sample(unwrapped.policy, e.run.tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                         generator_seed=cfg.seed * 1_000_003 + step * acc.num_processes + acc.process_index)
         t1 = time.perf_counter()
         lora = unwrapped.policy if cfg.use_lora else None
-        fwd = score_rollout_forward(unwrapped, e.ref_policy, lora, gen.query_ids, gen.query_mask, gen.response_ids,
-                                    gen.response_mask, cfg.temperature, cfg.forward_batch_size, acc.device)
+        with acc.autocast():
+            fwd = score_rollout_forward(unwrapped, e.ref_policy, lora, gen.query_ids, gen.query_mask,
+                                        gen.response_ids, gen.response_mask, cfg.temperature,
+                                        cfg.forward_batch_size, acc.device)
     with acc.autocast():
         rm = e.scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts)
     if e.moments is not None:  # running statistics over every process's rewards
@@ -340,7 +348,7 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    e = build_engine(cfg, run, models or load_models(cfg, run), acc)
+    e = build_engine(cfg, run, models or load_models(cfg, run, acc.device.type), acc)
     start = 0
     state = load_training_state(acc, out) if cfg.resume else None
     if state is not None:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import ConfigError, InputError
-from ..models import load_model, load_tokenizer, read_meta
+from ..models import load_model, load_tokenizer, pick_attention, read_meta
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from ..training import (build_optimizer, checkpoint_dirs, load_training_state, micro_batch_plan, save_model_into,
                         save_training_state)
@@ -116,11 +116,12 @@ def check_model_kind(cfg: TrainRMConfig) -> None:
                           f"model; use {need}, or start from its base (causal LM) model")
 
 
-def build_model(cfg: TrainRMConfig, tok):
+def build_model(cfg: TrainRMConfig, tok, device_type: str = "cpu"):
     """Model with a fresh one-label head of the kind the loss needs (sequence RMs get a distinct pad)."""
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.kind, tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
-                       dtype=DTYPES[cfg.dtype])
+                       dtype=DTYPES[cfg.dtype],
+                       attn_implementation=pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type))
     if cfg.kind == "sequence":
         ensure_distinct_pad(tok, model)
     return model
@@ -213,7 +214,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     data = prepare_data(cfg, tok)                       # bad data fails before any model is loaded
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
                               mixed_precision=cfg.mixed_precision)
-    model = build_model(cfg, tok)
+    model = build_model(cfg, tok, accelerator.device.type)
     plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
     groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
     optimizer, scheduler = build_optimizer(cfg, model, len(groups))

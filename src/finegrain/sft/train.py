@@ -20,7 +20,7 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..generation import format_prompt
-from ..models import load_model, load_tokenizer, tiny_gpt2_config, train_bpe_tokenizer
+from ..models import load_model, load_tokenizer, pick_attention, tiny_gpt2_config, train_bpe_tokenizer
 from ..training import (build_optimizer, checkpoint_dirs, held_out, load_training_state, micro_batch_plan,
                         save_model_into, save_training_state)
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
@@ -48,13 +48,14 @@ def scratch_tokenizer(cfg: SFTConfig, records: Sequence[SFTRecord]):
     return train_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
 
 
-def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord]):
+def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord], device_type: str = "cpu"):
     """(model, tokenizer): loaded from ``cfg.model``, or a tiny GPT-2 and a fresh tokenizer."""
     torch.manual_seed(cfg.seed)
+    attn = pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type)
     if not cfg.from_scratch:
         tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = load_model(cfg.model, "causal", tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
-                           dtype=DTYPES[cfg.dtype])
+                           dtype=DTYPES[cfg.dtype], attn_implementation=attn)
         return model, tok
     from transformers import GPT2LMHeadModel
 
@@ -62,7 +63,8 @@ def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord]):
     config = tiny_gpt2_config(len(tok), n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                               n_positions=cfg.n_positions, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id)
-    return GPT2LMHeadModel(config).to(DTYPES[cfg.dtype]), tok
+    kw = {"attn_implementation": attn} if attn is not None else {}
+    return GPT2LMHeadModel._from_config(config, **kw).to(DTYPES[cfg.dtype]), tok
 
 
 # ---------------------------------------------------------------- data
@@ -146,11 +148,11 @@ def train_sft(cfg: SFTConfig) -> dict:
 
     output = Path(cfg.output)
     records, n_skipped = load_sft_records(cfg.data, skip_invalid=cfg.skip_invalid)  # bad data fails first
-    model, tok = build_policy(cfg, records)
-    max_length = model_max_length(cfg, model)
-    data = prepare_data(cfg, records, n_skipped, tok, max_length)
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
                               mixed_precision=cfg.mixed_precision)
+    model, tok = build_policy(cfg, records, accelerator.device.type)
+    max_length = model_max_length(cfg, model)
+    data = prepare_data(cfg, records, n_skipped, tok, max_length)
     plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
     groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
     optimizer, scheduler = build_optimizer(cfg, model, len(groups))

@@ -1,0 +1,138 @@
+"""Faster kernels that must not change the model: fused GELU, the attention choice, logits only where needed."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from finegrain.models import fuse_gelu, load_model, pick_attention, save_checkpoint
+from finegrain.ppo.rollout import PolicyAndValue, causal_logits, forward_response, policy_logprobs
+
+from conftest import make_tiny_model
+
+
+def gelu_new_by_hand(x: float) -> float:
+    return 0.5 * x * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def test_fused_gelu_is_gpt2s_gelu_new_by_hand():
+    from transformers import activations
+
+    fused = activations.ACT2CLS["gelu_pytorch_tanh"]
+    fused = fused[0] if isinstance(fused, tuple) else fused
+    xs = [-3.0, -1.0, -0.1, 0.0, 0.5, 2.0]
+    got = fused()(torch.tensor(xs, dtype=torch.float64)).tolist()
+    assert got == pytest.approx([gelu_new_by_hand(x) for x in xs], abs=1e-12)
+    # the same values as transformers' own 8-op gelu_new, at float32 precision
+    x = torch.linspace(-6, 6, 2001)
+    assert torch.allclose(fused()(x), activations.NewGELUActivation()(x), atol=1e-6)
+
+
+def test_load_model_swaps_gelu_new_but_keeps_outputs_and_config(tiny_tokenizer, tmp_path):
+    model = make_tiny_model(tiny_tokenizer)
+    model.config.activation_function = "gelu_new"
+    reference = transformers.GPT2LMHeadModel(model.config)
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    assert any(type(m).__name__ == "NewGELUActivation" for m in reference.modules())
+    save_checkpoint(tmp_path / "m", reference, tiny_tokenizer)
+
+    loaded = load_model(str(tmp_path / "m"), "causal").eval()
+    names = {type(m).__name__ for m in loaded.modules()}
+    assert "NewGELUActivation" not in names
+    assert loaded.config.activation_function == "gelu_new"  # a re-saved checkpoint still says what it was
+    ids = torch.tensor([tiny_tokenizer("Paris is a large city.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, reference(ids).logits, atol=1e-5)
+    assert fuse_gelu(loaded) == 0  # nothing left to swap
+
+
+@pytest.mark.parametrize("requested,precision,device,expected", [
+    ("auto", "bf16", "cpu", "eager"),   # CPU flash attention is slow in bf16
+    ("auto", "fp16", "cpu", "eager"),
+    ("auto", "no", "cpu", None),        # fp32: SDPA and eager cost the same; keep transformers' default
+    ("auto", "bf16", "cuda", None),     # GPUs: SDPA / flash kernels
+    ("sdpa", "bf16", "cpu", "sdpa"),    # an explicit choice always wins
+    ("eager", "no", "cuda", "eager"),
+])
+def test_pick_attention(requested, precision, device, expected):
+    assert pick_attention(requested, precision, device) == expected
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_kernels_agree(tiny_tokenizer, tmp_path, attn):
+    model = make_tiny_model(tiny_tokenizer)
+    save_checkpoint(tmp_path / "m", model, tiny_tokenizer)
+    base = load_model(str(tmp_path / "m"), "causal").eval()
+    other = load_model(str(tmp_path / "m"), "causal", attn_implementation=attn).eval()
+    assert other.config._attn_implementation == attn
+    ids = torch.tensor([[5, 9, 11, 3, 7], [0, 0, 4, 8, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        a = base(input_ids=ids, attention_mask=mask).logits
+        b = other(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-5)
+
+
+def test_logits_to_keep_gives_the_last_positions_of_the_full_logits(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer).eval()
+    ids = torch.randint(0, len(tiny_tokenizer), (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = causal_logits(model, ids, mask, pos)
+        kept = causal_logits(model, ids, mask, pos, 4)
+    assert full.shape[1] == 9 and kept.shape[1] == 4
+    assert torch.allclose(kept, full[:, -4:], atol=1e-6)
+
+
+class NoKeepLM(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (older or custom models)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def test_log_probs_are_the_same_with_and_without_logits_to_keep(tiny_tokenizer):
+    policy = make_tiny_model(tiny_tokenizer, seed=1).eval()
+    value = make_tiny_model(tiny_tokenizer, "token", seed=2).eval()
+    q_ids = torch.tensor([[0, 0, 7, 8, 9], [3, 4, 5, 6, 7]])
+    q_mask = (q_ids != 0).long()
+    r_ids = torch.tensor([[10, 11, 12], [13, 14, 0]])
+    r_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with torch.no_grad():
+        lp, v, ent = forward_response(PolicyAndValue(policy, value), q_ids, q_mask, r_ids, r_mask, 0.7)
+        lp_plain, v_plain, ent_plain = forward_response(PolicyAndValue(NoKeepLM(policy), value), q_ids, q_mask,
+                                                        r_ids, r_mask, 0.7)
+        ref = policy_logprobs(policy, q_ids, q_mask, r_ids, r_mask, 0.7)
+        # by hand: the full sequence's logits at the position before each response token
+        ids = torch.cat([q_ids, r_ids], 1)
+        mask = torch.cat([q_mask, r_mask], 1)
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        by_hand = torch.log_softmax(logits[:, 4:7] / 0.7, -1).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(lp, by_hand, atol=1e-5)
+    assert torch.allclose(lp_plain, by_hand, atol=1e-5)
+    assert torch.allclose(ref, by_hand, atol=1e-5)
+    assert torch.allclose(v, v_plain) and torch.allclose(ent, ent_plain)
+
+
+def test_ppo_under_bf16_on_cpu_loads_eager_attention(tmp_path):
+    from test_ppo_train import make_workspace, toy_config
+    from finegrain.ppo.setup import load_models, preflight
+
+    ws = make_workspace(tmp_path)
+    cfg = toy_config(ws, tmp_path / "out", mixed_precision="bf16")
+    models = load_models(cfg, preflight(cfg), "cpu")
+    for m in (models.policy, models.value_model, models.ref_policy, models.reward_model):
+        assert m.config._attn_implementation == "eager"
+    cfg = toy_config(ws, tmp_path / "out", mixed_precision="bf16", attn_implementation="sdpa")
+    assert load_models(cfg, preflight(cfg), "cpu").policy.config._attn_implementation == "sdpa"
+    cfg = toy_config(ws, tmp_path / "out")
+    assert load_models(cfg, preflight(cfg), "cpu").policy.config._attn_implementation != "eager"

@@ -1,21 +1,23 @@
-"""Measure proposed speed-ups of finegrain's PPO step before anyone edits src/.
+"""What each speed-up in finegrain's PPO step buys: switch one off, time the real step, switch it back.
 
-``python benchmarks/whatif.py [--rounds N] [--variants a,b+c,...]``
+``python benchmarks/whatif.py [--rounds N] [--variants a,b+c,...] [--mixed-precision bf16|no]``
 
 One process builds finegrain's own PPO engine (``preflight``, ``load_models``, ``build_engine``)
-on the benchmark assets, then times its real ``rollout_step`` and ``ppo_update`` again and
-again, switching the proposed change on and off between calls (base, v1, v2, ..., order
-rotated every round). Interleaving at the level of single calls, in one process, is what makes
-a 10 % effect visible on a shared, noisy machine; whole-process A/B runs were swamped by load
-swings of 3x. Each figure is the median over rounds of base time / variant time (> 1 = faster).
+on the benchmark assets, with every optimisation on (as ``finegrain ppo`` runs), then times its
+real ``rollout_step`` and ``ppo_update`` again and again, switching one optimisation OFF between
+calls (base, v1, v2, ..., order rotated every round). Interleaving single calls in one process is
+what makes a 5 % effect visible on a noisy machine. Each figure is the median over rounds of
+variant time / base time: how much faster the step is WITH the optimisation (> 1 = it helps).
 
-Variants (each is a reversible switch; ``a+b`` combines):
-- ``fused_adamw``: ``torch.optim.AdamW(..., fused=True)`` (CPU default is a per-tensor loop);
-- ``gelu_tanh``: GPT-2's ``gelu_new`` (8 elementwise ops in Python) -> ``gelu_pytorch_tanh``
-  (the same formula in one kernel);
-- ``bf16``: ``torch.autocast("cpu", bfloat16)`` around generation, the rollout forwards and
-  the update's forward (the backward follows the autocast graph);
-- ``bf16_update``: autocast in the update only.
+Variants (each a reversible switch; ``a+b`` switches several off at once):
+- ``sdpa``: SDPA attention instead of the eager kernel ``--attn-implementation auto`` picks
+  under CPU autocast (`finegrain.models.pick_attention`);
+- ``gelu_new``: GPT-2's 8-op ``gelu_new`` instead of the one-kernel tanh GELU swapped in at load
+  (`finegrain.models.fuse_gelu`);
+- ``bf16_generate``: autocast during sampling too (`finegrain.ppo.train.generation_precision`);
+- ``full_logits``: the LM head on every position instead of the response's
+  (`finegrain.ppo.rollout.causal_logits`);
+- ``unfused_adamw``: torch's per-tensor AdamW loop instead of ``fused=True``.
 """
 from __future__ import annotations
 
@@ -37,46 +39,59 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from common import build_assets, set_threads  # noqa: E402
 from fg_side import ppo_config_values  # noqa: E402
 
-DEFAULT = "fused_adamw,gelu_tanh,bf16_update,bf16,fused_adamw+gelu_tanh+bf16"
+DEFAULT = "sdpa,gelu_new,bf16_generate,full_logits,unfused_adamw,sdpa+gelu_new+bf16_generate+full_logits+unfused_adamw"
+VARIANTS = {"sdpa", "gelu_new", "bf16_generate", "full_logits", "unfused_adamw"}
 
 
 class Switches:
-    """Reversible changes to a live finegrain PPO engine."""
+    """Reversible ways to turn finegrain's optimisations off in a live PPO engine."""
 
     def __init__(self, engine):
         import torch
         from transformers import activations
 
-        from finegrain.ppo import train
+        from finegrain.ppo import rollout, train
 
-        self.e, self.train = engine, train
+        self.e, self.train, self.rollout = engine, train, rollout
         unwrapped = engine.accelerator.unwrap_model(engine.model)
-        mods = list(unwrapped.modules()) + list(engine.ref_policy.modules()) + list(engine.scorer.model.modules())
-        self.mlps = [m for m in mods if hasattr(m, "act") and isinstance(m.act, activations.NewGELUActivation)]
-        self.gelu_new = self.mlps[0].act if self.mlps else None
-        self.gelu_tanh = activations.ACT2FN["gelu_pytorch_tanh"]
+        self.models = [unwrapped.policy, unwrapped.value_model, engine.ref_policy, engine.scorer.model]
+        fused = activations.ACT2CLS["gelu_pytorch_tanh"]
+        fused = fused[0] if isinstance(fused, tuple) else fused
+        self.mlps = [m for model in self.models for m in model.modules()
+                     if isinstance(getattr(m, "act", None), fused)]
+        self.attn = {id(m): m.config._attn_implementation for m in self.models}
         groups = [{"params": g["params"], "lr": g["lr"]} for g in engine.optimizer.param_groups]
         self.base_opt = engine.optimizer
-        self.fused_opt = torch.optim.AdamW(groups, eps=engine.cfg.adam_eps, fused=True)
+        self.loop_opt = torch.optim.AdamW(groups, eps=engine.cfg.adam_eps, foreach=False, fused=False)
 
     @contextlib.contextmanager
     def on(self, variant: str, phase: str):
-        """Context in which ``variant`` is active for ``phase`` ('rollout' or 'update'); yields the optimizer."""
-        import torch
+        """Context in which the optimisations named by ``variant`` are off; yields the optimizer to use."""
+        from transformers import activations
 
         parts = set(filter(None, variant.split("+"))) - {"base"}
-        unknown = parts - {"fused_adamw", "gelu_tanh", "bf16", "bf16_update"}
-        if unknown:
-            raise SystemExit(f"unknown variant(s) {sorted(unknown)}")
+        if parts - VARIANTS:
+            raise SystemExit(f"unknown variant(s) {sorted(parts - VARIANTS)}; known: {sorted(VARIANTS)}")
         stack = contextlib.ExitStack()
-        if "gelu_tanh" in parts:
+        if "sdpa" in parts:
+            for m in self.models:
+                m.set_attn_implementation("sdpa")
+            stack.callback(lambda: [m.set_attn_implementation(self.attn[id(m)]) for m in self.models])
+        if "gelu_new" in parts:
+            kept = [m.act for m in self.mlps]
             for m in self.mlps:
-                m.act = self.gelu_tanh
-            stack.callback(lambda: [setattr(m, "act", self.gelu_new) for m in self.mlps])
-        if "bf16" in parts or ("bf16_update" in parts and phase == "update"):
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+                m.act = activations.NewGELUActivation()
+            stack.callback(lambda: [setattr(m, "act", a) for m, a in zip(self.mlps, kept)])
+        if "bf16_generate" in parts:
+            original = self.train.generation_precision
+            self.train.generation_precision = lambda acc: acc.autocast()
+            stack.callback(lambda: setattr(self.train, "generation_precision", original))
+        if "full_logits" in parts:
+            original_keep = self.rollout._accepts_logits_to_keep
+            self.rollout._accepts_logits_to_keep = lambda model: False
+            stack.callback(lambda: setattr(self.rollout, "_accepts_logits_to_keep", original_keep))
         with stack:
-            yield self.fused_opt if "fused_adamw" in parts else self.base_opt
+            yield self.loop_opt if "unfused_adamw" in parts else self.base_opt
 
 
 def main() -> int:
@@ -87,6 +102,7 @@ def main() -> int:
     ap.add_argument("--response-length", type=int, default=32)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "finegrain-whatif")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
     a = ap.parse_args()
     import torch
 
@@ -104,10 +120,10 @@ def main() -> int:
     cfg = build_config(PPOConfig, ppo_config_values(
         assets, str(a.workdir / "run"), reward_mode="sequence", steps=steps, batch_size=a.batch_size,
         response_length=a.response_length, ppo_epochs=4, num_minibatches=1, seed=0, learning_rate=1e-5,
-        temperature=1.0, kl_coef=0.05))
+        temperature=1.0, kl_coef=0.05) | {"mixed_precision": a.mixed_precision})
     run = preflight(cfg)
     acc = make_accelerator(cfg)
-    e = build_engine(cfg, run, load_models(cfg, run), acc)
+    e = build_engine(cfg, run, load_models(cfg, run, acc.device.type), acc)
     sw = Switches(e)
     times: dict[str, dict[str, list[float]]] = {v: {"rollout": [], "update": []} for v in variants}
     step = 0
@@ -134,13 +150,15 @@ def main() -> int:
     table = {}
     base = times["base"]
     print(f"threads {threads}; B={a.batch_size}, Lr={a.response_length}, 4 PPO epochs, {a.rounds} interleaved rounds")
-    print("variant | step speed-up | rollout speed-up | update speed-up | median step s   "
-          "(median over rounds of base/variant; min-max)")
+    print(f"finegrain --mixed-precision {a.mixed_precision}; base = every optimisation on; variant = the named "
+          "ones off")
+    print("variant (off) | step speed-up it buys | rollout | update | median step s   "
+          "(median over rounds of variant/base; min-max)")
     for v in variants:
         row = {}
         for part in ("step", "rollout", "update"):
             get = (lambda d, i: d["rollout"][i] + d["update"][i]) if part == "step" else (lambda d, i, p=part: d[p][i])
-            ratios = [get(base, i) / get(times[v], i) for i in range(a.rounds)]
+            ratios = [get(times[v], i) / get(base, i) for i in range(a.rounds)]
             row[part] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
         row["median_step_s"] = statistics.median(x + y for x, y in zip(times[v]["rollout"], times[v]["update"]))
         table[v] = row

@@ -95,80 +95,14 @@ def ppo_config_values(assets: Path, out: str, *, reward_mode: str, steps: int, b
         missing_eos_penalty=None, save_every=10**6, sample_every=0, log_with="none")
 
 
-# ---------------------------------------------------------------- what-if variants (profile section)
-# Each patch changes finegrain's behaviour in THIS process only, to measure a proposed change
-# before anyone edits src/: the speed-up it would bring is the ratio against "base".
-
-
-def _patch_fused_adamw():
-    """torch's AdamW on CPU defaults to the per-tensor loop; fused=True is one kernel per group."""
-    import torch
-
-    base = torch.optim.AdamW
-
-    class FusedAdamW(base):
-        def __init__(self, params, **kw):
-            kw.setdefault("fused", True)
-            super().__init__(params, **kw)
-
-    torch.optim.AdamW = FusedAdamW
-
-
-def _patch_gelu_tanh():
-    """GPT-2's gelu_new is 8 Python-level elementwise ops; gelu_pytorch_tanh is the same formula, one kernel."""
-    from transformers import activations
-
-    activations.ACT2CLS["gelu_new"] = activations.ACT2CLS["gelu_pytorch_tanh"]
-
-
-def _autocast(fn):
-    import functools
-
-    import torch
-
-    @functools.wraps(fn)
-    def wrapped(*a, **k):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return fn(*a, **k)
-
-    return wrapped
-
-
-def _patch_bf16_update():
-    """bf16 autocast around the update's forward (backward follows the autocast graph)."""
-    from finegrain.ppo import train
-
-    train.ppo_minibatch_loss = _autocast(train.ppo_minibatch_loss)
-
-
-def _patch_bf16_rollout():
-    """bf16 autocast around generation and the rollout's forward passes too."""
-    from finegrain.ppo import train
-
-    train.rollout_step = _autocast(train.rollout_step)
-
-
-VARIANTS = {"fused_adamw": _patch_fused_adamw,
-            "gelu_tanh": _patch_gelu_tanh, "bf16_update": _patch_bf16_update, "bf16_rollout": _patch_bf16_rollout}
-
-
-def apply_variants(names: str) -> list[str]:
-    applied = []
-    for name in filter(None, (n.strip() for n in names.split(","))):
-        if name == "base":
-            continue
-        VARIANTS[name]()
-        applied.append(name)
-    return applied
-
-
 def run_ppo(assets: Path, *, reward_mode: str = "sequence", steps: int, batch_size: int, response_length: int,
             ppo_epochs: int, num_minibatches: int, seed: int, learning_rate: float, temperature: float,
-            kl_coef: float, variant: str = "base", peak_probe_s: float = 0.0, **extra) -> dict[str, Any]:
-    """finegrain train_ppo for ``steps`` steps; per-step wall times plus finegrain's own metrics."""
-    import torch
+            kl_coef: float, peak_probe_s: float = 0.0, **extra) -> dict[str, Any]:
+    """finegrain train_ppo for ``steps`` steps; per-step wall times plus finegrain's own metrics.
 
-    applied = apply_variants(variant)
+    ``extra`` are further PPOConfig fields (``mixed_precision="bf16"``).
+    """
+    import torch
 
     from finegrain.config import build_config
     from finegrain.ppo import PPOConfig, train_ppo
@@ -184,7 +118,7 @@ def run_ppo(assets: Path, *, reward_mode: str = "sequence", steps: int, batch_si
             t0 = time.perf_counter()
             train_ppo(cfg)
     metrics = [m.metrics for m in marks]
-    return {"system": "finegrain", "reward_mode": reward_mode, "variants": applied, "step_s": _diffs(t0, marks),
+    return {"system": "finegrain", "reward_mode": reward_mode, "step_s": _diffs(t0, marks),
             "query_widths": query_widths(assets, cfg),
             "response_tokens_per_step": batch_size * response_length, "metrics": metrics,
             "fp32_peak_after_step": [m.peak for m in marks],
@@ -213,5 +147,6 @@ def run_peak(assets: Path, *, seconds: float = 1.5) -> dict[str, Any]:
     c = policy.config
     return {"fp32_flops": matmul_peak("fp32", seconds), "bf16_flops": matmul_peak("bf16", seconds),
             "policy_matmul_params": matmul_params(policy), "value_matmul_params": matmul_params(value),
+            "lm_head_params": policy.get_output_embeddings().weight.numel(),
             "n_layer": c.n_layer, "n_embd": c.n_embd,
             "example_flops_per_token_L64": train_flops_per_token(matmul_params(policy), c.n_layer, c.n_embd, 64)}

@@ -48,8 +48,7 @@ class Settings:
     demo_quick: bool
     warmup_steps: int = 1
     rm_warmup_steps: int = 2
-    fg_variant: str = ""       # what-if patches for finegrain's PPO trials (fg_side.VARIANTS), "" = as shipped
-    fg_mixed_precision: str = "no"  # finegrain's --mixed-precision for its PPO trials (TRL 1.12's PPOTrainer runs fp32)
+    precisions: tuple[str, ...] = ("no", "bf16")  # PPO arms: each runs BOTH systems in that precision
 
 
 QUICK = Settings(rounds=3, ppo_steps=5, batch_size=16, response_length=32, ppo_epochs=4, num_minibatches=1,
@@ -100,15 +99,24 @@ def rotated(items: list, r: int) -> list:
 # ---------------------------------------------------------------- benchmarks
 
 
+PPO_ARMS = {  # name: (task, precision, extra arguments)
+    "fg_seq": ("fg_ppo", "no", dict(reward_mode="sequence", peak_probe_s=0.5)),
+    "trl": ("trl_ppo", "no", {}),
+    "fg_tok": ("fg_ppo", "no", dict(reward_mode="token")),
+    "fg_seq_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", peak_probe_s=0.5, mixed_precision="bf16")),
+    "trl_bf16": ("trl_ppo", "bf16", dict(mixed_precision="bf16")),
+}
+
+
 def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
-    """ppo_speedup_vs_trl and token_vs_sequence_cost: A = finegrain sequence, B = TRL, C = finegrain token."""
+    """ppo_speedup_vs_trl (both in bf16), ppo_speedup_vs_trl_fp32 and token_vs_sequence_cost (fp32).
+
+    Every arm is one system in one precision; the two systems of a ratio always share the
+    precision (TRL's PPOTrainer gets bf16 through ``ACCELERATE_MIXED_PRECISION``, see trl_side).
+    """
     kw = dict(steps=s.ppo_steps, batch_size=s.batch_size, response_length=s.response_length,
               ppo_epochs=s.ppo_epochs, num_minibatches=s.num_minibatches, **PPO_COMMON)
-    fg = {"variant": s.fg_variant} if s.fg_variant else {}
-    if s.fg_mixed_precision != "no":
-        fg["mixed_precision"] = s.fg_mixed_precision
-    systems = {"fg_seq": ("fg_ppo", dict(reward_mode="sequence", peak_probe_s=0.5, **fg)), "trl": ("trl_ppo", {}),
-               "fg_tok": ("fg_ppo", dict(reward_mode="token", **fg))}
+    systems = {k: v for k, v in PPO_ARMS.items() if v[1] in s.precisions}
     tps: dict[str, list[float]] = {k: [] for k in systems}
     failed: dict[str, str] = {}  # a system that fails once is dropped; figures not needing it still come out
     state["ppo_runs"] = []
@@ -116,7 +124,7 @@ def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
         for name in rotated(list(systems), r):
             if name in failed:
                 continue
-            task, extra = systems[name]
+            task, _, extra = systems[name]
             try:
                 res = worker(task, assets, logs, f"ppo_{name}_{r}", **kw, **extra)
                 tps[name].append(rate(res, res["response_tokens_per_step"], s.warmup_steps))
@@ -127,18 +135,27 @@ def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
             state["ppo_runs"].append({"round": r, "name": name, **res})
             log(f"  round {r} {name}: {tps[name][-1]:.1f} response tokens/s")
     state["ppo_tokens_per_s"] = {k: summary(v) for k, v in tps.items()}
+    med = {k: summary(v)["median"] for k, v in tps.items() if v}
 
-    def figure(a: str, b: str, what: str) -> tuple[float, str]:
+    def figure(a: str, b: str, what: str = "") -> tuple[float, str]:
+        if a not in systems or b not in systems:
+            return math.nan, f"not run (--precisions {','.join(s.precisions)})"
         if a in failed or b in failed:
             return math.nan, failed.get(a) or failed[b]
         sm = summary([x / y for x, y in zip(tps[a], tps[b])])
         return sm["median"], f"min {sm['min']:.3f} max {sm['max']:.3f} over {sm['n']} rounds{what}"
 
-    med = {k: summary(v)["median"] for k, v in tps.items()}
-    return {"ppo_speedup_vs_trl": figure("fg_seq", "trl", f"; tokens/s finegrain {med['fg_seq']:.1f}, "
-                                         f"TRL {med['trl']:.1f}"),
+    def tokens(a: str, b: str) -> str:
+        return f"; tokens/s finegrain {med[a]:.1f}, TRL {med[b]:.1f}" if a in med and b in med else ""
+
+    shipped = ""  # TRL as its documentation runs it (its bf16 flag alone leaves it in fp32)
+    if "fg_seq_bf16" in med and "trl" in med:
+        shipped = f"; against TRL in fp32 {med['fg_seq_bf16'] / med['trl']:.2f}x"
+    return {"ppo_speedup_vs_trl": figure("fg_seq_bf16", "trl_bf16", " (both bf16 autocast)"
+                                         + tokens("fg_seq_bf16", "trl_bf16") + shipped),
+            "ppo_speedup_vs_trl_fp32": figure("fg_seq", "trl", " (both fp32)" + tokens("fg_seq", "trl")),
             # step time(token) / step time(sequence) = tokens/s(sequence) / tokens/s(token)
-            "token_vs_sequence_cost": figure("fg_seq", "fg_tok", "")}
+            "token_vs_sequence_cost": figure("fg_seq", "fg_tok", " (fp32)")}
 
 
 def bench_rm(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
@@ -160,27 +177,25 @@ def bench_rm(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tu
 def update_flops(query_width: int, peak: dict[str, Any], s: Settings) -> float:
     """FLOPs of one PPO update phase: epochs x (policy + value) forward+backward over the step's tokens.
 
-    Per token 6 N + 12 L d T (PaLM appendix B), N = matmul parameters (LM head included, token
-    and position lookups excluded), T = the padded length the models process (query width +
-    response length), tokens = batch x T (padding counted: it is computed).
+    Per token 6 N + 12 L d T (PaLM appendix B), N = matmul parameters (token and position
+    lookups excluded), T = the padded length the models process (query width + response
+    length), tokens = batch x T (padding counted: it is computed). The policy's LM head runs on
+    the response_length + 1 positions finegrain keeps (``logits_to_keep``), not on all T.
     """
     seq = int(query_width) + s.response_length
-    per_tok = (train_flops_per_token(peak["policy_matmul_params"], peak["n_layer"], peak["n_embd"], seq)
-               + train_flops_per_token(peak["value_matmul_params"], peak["n_layer"], peak["n_embd"], seq))
-    return s.ppo_epochs * s.batch_size * seq * per_tok
+    head = peak["lm_head_params"]
+    policy = seq * train_flops_per_token(peak["policy_matmul_params"] - head, peak["n_layer"], peak["n_embd"], seq)
+    policy += (s.response_length + 1) * 6.0 * head
+    value = seq * train_flops_per_token(peak["value_matmul_params"], peak["n_layer"], peak["n_embd"], seq)
+    return s.ppo_epochs * s.batch_size * (policy + value)
 
 
-def bench_mfu(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
-    runs = [r for r in state.get("ppo_runs", []) if r["name"] == "fg_seq"]
+def mfu_of(arm: str, scale: float, which: str, s: Settings, peak: dict, state: dict) -> tuple[float, str]:
+    """Median update-phase MFU of one finegrain arm's steps after the warm-up."""
+    runs = [r for r in state.get("ppo_runs", []) if r["name"] == arm]
     if not runs:
-        raise BenchFailed("no finegrain PPO runs to read the update phase from (ppo benchmark failed)")
-    peak = worker("peak", assets, logs, "peak")
-    state["peak"] = peak
+        return math.nan, f"no {arm} PPO runs to read the update phase from"
     mfus, achieved, peaks = [], [], []
-    # the denominator is the peak of the precision the update runs in: under bf16 autocast, the
-    # in-process fp32 probe scaled by the bf16/fp32 ratio of the separate probe
-    scale = peak["bf16_flops"] / peak["fp32_flops"] if s.fg_mixed_precision == "bf16" else 1.0
-    which = "bf16 (fp32 probe x bf16/fp32 ratio)" if scale != 1.0 else "fp32"
     for run in runs:
         probes = run["fp32_peak_after_step"]
         for i in range(s.warmup_steps, len(run["metrics"])):
@@ -191,11 +206,25 @@ def bench_mfu(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
             peaks.append(local * scale)
             mfus.append(flops / (local * scale))
     sm = summary(mfus)
-    state["mfu"] = {"per_step": mfus, "achieved_flops": summary(achieved), "fp32_peak_probes": summary(peaks)}
-    return {"ppo_mfu": (sm["median"], f"update-phase FLOP/s {summary(achieved)['median'] / 1e9:.1f} G / {which} matmul "
-                        f"peak {summary(peaks)['median'] / 1e9:.0f} G (probed in the same process around each step; "
-                        f"bf16 peak {peak['bf16_flops'] / 1e9:.0f} G, fp32 {peak['fp32_flops'] / 1e9:.0f} G in a "
-                        f"separate probe); min {sm['min']:.3f} max {sm['max']:.3f} over {sm['n']} steps")}
+    state.setdefault("mfu", {})[arm] = {"per_step": mfus, "achieved_flops": summary(achieved),
+                                       "peaks": summary(peaks)}
+    return sm["median"], (f"update-phase FLOP/s {summary(achieved)['median'] / 1e9:.1f} G / {which} matmul peak "
+                          f"{summary(peaks)['median'] / 1e9:.0f} G (probed in the same process around each step; "
+                          f"bf16 peak {peak['bf16_flops'] / 1e9:.0f} G, fp32 {peak['fp32_flops'] / 1e9:.0f} G in a "
+                          f"separate probe); min {sm['min']:.3f} max {sm['max']:.3f} over {sm['n']} steps")
+
+
+def bench_mfu(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
+    """ppo_mfu (fp32 arm, fp32 peak) and ppo_mfu_bf16 (bf16 arm, bf16 peak)."""
+    if not state.get("ppo_runs"):
+        raise BenchFailed("no finegrain PPO runs to read the update phase from (run the ppo benchmark too)")
+    peak = worker("peak", assets, logs, "peak")
+    state["peak"] = peak
+    # a bf16 update is measured against the bf16 peak: the in-process fp32 probe scaled by the
+    # bf16/fp32 ratio of the separate probe
+    return {"ppo_mfu": mfu_of("fg_seq", 1.0, "fp32", s, peak, state),
+            "ppo_mfu_bf16": mfu_of("fg_seq_bf16", peak["bf16_flops"] / peak["fp32_flops"],
+                                   "bf16 (fp32 probe x bf16/fp32 ratio)", s, peak, state)}
 
 
 def run_demo(out: Path, seed: int, quick: bool, logfile: Path, timeout: float) -> dict[str, Any]:
@@ -254,8 +283,8 @@ def bench_demo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
 
 
 BENCHES: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "ppo": (bench_ppo, ("ppo_speedup_vs_trl", "token_vs_sequence_cost")),
-    "mfu": (bench_mfu, ("ppo_mfu",)),
+    "ppo": (bench_ppo, ("ppo_speedup_vs_trl", "ppo_speedup_vs_trl_fp32", "token_vs_sequence_cost")),
+    "mfu": (bench_mfu, ("ppo_mfu", "ppo_mfu_bf16")),
     "rm": (bench_rm, ("rm_speedup_vs_trl",)),
     "demo": (bench_demo, ("demo_peak_rss_gb", "demo_wall_s", "convergence_step_ratio")),
 }
@@ -275,16 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes: <= 20 minutes on 2 CPU cores")
     ap.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     ap.add_argument("--rounds", type=int, help="override the number of alternating rounds")
-    ap.add_argument("--fg-variant", default="", help="what-if: patch finegrain's PPO trials with fg_side.VARIANTS "
-                    "(comma-separated, e.g. fused_adamw,bf16_update,bf16_rollout); figures then describe the patched code")
-    ap.add_argument("--fg-mixed-precision", default="no", choices=["no", "bf16"],
-                    help="finegrain's --mixed-precision in its PPO trials (default no: fp32 like TRL 1.12's PPOTrainer, "
-                    "which ignores its bf16 flag)")
+    ap.add_argument("--precisions", default="no,bf16",
+                    help="PPO arms to run: no (fp32) and/or bf16 autocast, each with both systems (default both)")
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: every core)")
     ap.add_argument("--json", type=Path, help="write every raw measurement here")
     ap.add_argument("--workdir", type=Path, help="keep assets and logs here (default: a temporary directory)")
     args = ap.parse_args(argv)
-    s = replace(QUICK if args.quick else FULL, fg_variant=args.fg_variant, fg_mixed_precision=args.fg_mixed_precision)
+    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    if not precisions or set(precisions) - {"no", "bf16"}:
+        ap.error(f"--precisions takes no and/or bf16, not {args.precisions!r}")
+    s = replace(QUICK if args.quick else FULL, precisions=precisions)
     if args.rounds:
         s = replace(s, rounds=args.rounds)
     if args.threads:

@@ -50,8 +50,16 @@ def _prompt_ids(tok, assets: Path) -> list[list[int]]:
 
 
 def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, ppo_epochs: int,
-            num_minibatches: int, seed: int, learning_rate: float, temperature: float, kl_coef: float) -> dict[str, Any]:
-    """Train TRL's PPOTrainer for ``steps`` PPO steps; returns per-step wall times."""
+            num_minibatches: int, seed: int, learning_rate: float, temperature: float, kl_coef: float,
+            mixed_precision: str = "no") -> dict[str, Any]:
+    """Train TRL's PPOTrainer for ``steps`` PPO steps; returns per-step wall times.
+
+    ``mixed_precision="bf16"`` runs it under bf16 autocast. Its ``bf16`` flag alone does not: the
+    PPOTrainer builds its own ``Accelerator`` without a precision, which then reads
+    ``ACCELERATE_MIXED_PRECISION``; so both are set.
+    """
+    import os
+
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -67,13 +75,16 @@ def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, 
     value = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1)
     reward = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1)
     mini = batch_size // num_minibatches
+    bf16 = mixed_precision == "bf16"
+    if bf16:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     with tempfile.TemporaryDirectory() as tmp:
         args = PPOConfig(
             output_dir=tmp, per_device_train_batch_size=mini, gradient_accumulation_steps=num_minibatches,
             num_mini_batches=num_minibatches, num_ppo_epochs=ppo_epochs, response_length=response_length,
             total_episodes=batch_size * steps, local_rollout_forward_batch_size=batch_size,
             temperature=temperature, kl_coef=kl_coef, learning_rate=learning_rate, stop_token=None,
-            missing_eos_penalty=None, num_sample_generations=0, report_to="none", bf16=False,
+            missing_eos_penalty=None, num_sample_generations=0, report_to="none", bf16=bf16,
             gradient_checkpointing=False, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=seed,
             use_cpu=True, dataloader_num_workers=0)
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
@@ -84,7 +95,7 @@ def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, 
         trainer.train()
     times = clock.step_times()
     return {"system": "trl", "step_s": times, "response_tokens_per_step": batch_size * response_length,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "mixed_precision": trainer.accelerator.mixed_precision}
 
 
 def run_rm(assets: Path, *, n_pairs: int, batch_size: int, max_length: int, seed: int,

@@ -14,7 +14,6 @@ Variants (each a reversible switch; ``a+b`` switches several off at once):
   under CPU autocast (`finegrain.models.pick_attention`);
 - ``gelu_new``: GPT-2's 8-op ``gelu_new`` instead of the one-kernel tanh GELU swapped in at load
   (`finegrain.models.fuse_gelu`);
-- ``bf16_generate``: autocast during sampling too (`finegrain.ppo.train.generation_precision`);
 - ``full_logits``: the LM head on every position instead of the response's
   (`finegrain.ppo.rollout.causal_logits`);
 - ``unfused_adamw``: torch's per-tensor AdamW loop instead of ``fused=True``.
@@ -39,8 +38,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from common import build_assets, set_threads  # noqa: E402
 from fg_side import ppo_config_values  # noqa: E402
 
-DEFAULT = "sdpa,gelu_new,bf16_generate,full_logits,unfused_adamw,sdpa+gelu_new+bf16_generate+full_logits+unfused_adamw"
-VARIANTS = {"sdpa", "gelu_new", "bf16_generate", "full_logits", "unfused_adamw"}
+DEFAULT = "sdpa,gelu_new,full_logits,unfused_adamw,sdpa+gelu_new+full_logits+unfused_adamw"
+VARIANTS = {"sdpa", "gelu_new", "full_logits", "unfused_adamw"}
 
 
 class Switches:
@@ -50,9 +49,9 @@ class Switches:
         import torch
         from transformers import activations
 
-        from finegrain.ppo import rollout, train
+        from finegrain.ppo import rollout
 
-        self.e, self.train, self.rollout = engine, train, rollout
+        self.e, self.rollout = engine, rollout
         unwrapped = engine.accelerator.unwrap_model(engine.model)
         self.models = [unwrapped.policy, unwrapped.value_model, engine.ref_policy, engine.scorer.model]
         fused = activations.ACT2CLS["gelu_pytorch_tanh"]
@@ -82,10 +81,6 @@ class Switches:
             for m in self.mlps:
                 m.act = activations.NewGELUActivation()
             stack.callback(lambda: [setattr(m, "act", a) for m, a in zip(self.mlps, kept)])
-        if "bf16_generate" in parts:
-            original = self.train.generation_precision
-            self.train.generation_precision = lambda acc: acc.autocast()
-            stack.callback(lambda: setattr(self.train, "generation_precision", original))
         if "full_logits" in parts:
             original_keep = self.rollout._accepts_logits_to_keep
             self.rollout._accepts_logits_to_keep = lambda model: False

@@ -17,7 +17,6 @@ Output directory::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -238,16 +237,6 @@ def reduce_mean(accelerator, stats: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def generation_precision(acc):
-    """Autocast for sampling, except on a CPU.
-
-    CPU decoding steps (B x 1 token) are too small for bf16 to pay: the casts cost more than the
-    bf16 matmuls save (32 tokens for 16 prompts: 250 ms with autocast, 198 ms without,
-    benchmarks/RESULTS.md). The batched passes after it do gain (2x), so they keep autocast.
-    """
-    return acc.autocast() if acc.device.type != "cpu" else contextlib.nullcontext()
-
-
 def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
     """Generate, score and assemble one step's rollouts (0-based ``step``); returns the timings too."""
     cfg, acc = e.cfg, e.accelerator
@@ -256,7 +245,7 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
     queries = [e.run.query_ids[i] for i in idx]
     t0 = time.perf_counter()
     with unwrapped_for_generation(acc, e.model) as unwrapped:
-        with generation_precision(acc):
+        with acc.autocast():
             gen = sample(unwrapped.policy, e.run.tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                          generator_seed=cfg.seed * 1_000_003 + step * acc.num_processes + acc.process_index)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -42,6 +43,16 @@ _ITEM_RE = re.compile(r"\[item:([\w.-]+)\]")
 def _between(text: str, tag: str) -> str | None:
     m = re.search(rf"<{tag}>\n(.*)\n</{tag}>", text, re.DOTALL)
     return m.group(1) if m else None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A client that hung up (it stopped after another request's fatal 401) is not an error."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class FakeLLMServer:
@@ -63,8 +74,7 @@ class FakeLLMServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

@@ -95,7 +95,7 @@ class PPOConfig:
     trust_remote_code: bool = opt(False, "allow model code from the checkpoint (off: safer)")
     dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16", "auto"])
     mixed_precision: str = opt("no", "autocast rollout and update forward passes to bf16 (or fp16 on GPUs) with "
-                               "fp32 master weights; on CPUs with bf16 matmuls about 1.4x faster per PPO step, "
+                               "fp32 master weights; on CPUs with bf16 matmuls about 2.2x faster per PPO step, "
                                "log-probs within ~0.002 of fp32 (benchmarks/RESULTS.md)", choices=["no", "bf16", "fp16"])
     attn_implementation: str = opt("auto", "attention kernel: auto = eager under bf16/fp16 autocast on a CPU (1.7x "
                                    "faster forward+backward than SDPA there), else transformers' default (SDPA)",

@@ -105,6 +105,7 @@ def main() -> int:
     from finegrain.ppo import PPOConfig
     from finegrain.ppo.setup import load_models, preflight
     from finegrain.ppo.train import build_engine, make_accelerator, ppo_update, rollout_step
+    from finegrain.training import keep_freed_memory
 
     threads = set_threads()
     assets = a.workdir / "assets"
@@ -118,6 +119,7 @@ def main() -> int:
         temperature=1.0, kl_coef=0.05) | {"mixed_precision": a.mixed_precision})
     run = preflight(cfg)
     acc = make_accelerator(cfg)
+    keep_freed_memory(acc.device.type)  # as train_ppo does
     e = build_engine(cfg, run, load_models(cfg, run, acc.device.type), acc)
     sw = Switches(e)
     times: dict[str, dict[str, list[float]]] = {v: {"rollout": [], "update": []} for v in variants}

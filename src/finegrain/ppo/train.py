@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..generation import sample
 from ..io import read_json, write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import make_adamw
+from ..training import keep_freed_memory, make_adamw
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -340,6 +340,7 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     if not cfg.resume and checkpoint_dirs(out):
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue or choose another --output")
     acc = accelerator or make_accelerator(cfg)
+    keep_freed_memory(acc.device.type)
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)

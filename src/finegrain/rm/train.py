@@ -22,8 +22,8 @@ from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..models import load_model, load_tokenizer, pick_attention, read_meta
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import (build_optimizer, checkpoint_dirs, load_training_state, micro_batch_plan, save_model_into,
-                        save_training_state)
+from ..training import (build_optimizer, checkpoint_dirs, keep_freed_memory, load_training_state, micro_batch_plan,
+                        save_model_into, save_training_state)
 from .config import TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
 from .losses import mean_reward, sequence_loss, token_edit_loss, token_mean_loss, u0_consistency
@@ -214,6 +214,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     data = prepare_data(cfg, tok)                       # bad data fails before any model is loaded
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
                               mixed_precision=cfg.mixed_precision)
+    keep_freed_memory(accelerator.device.type)
     model = build_model(cfg, tok, accelerator.device.type)
     plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
     groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]

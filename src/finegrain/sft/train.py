@@ -21,8 +21,8 @@ from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..generation import format_prompt
 from ..models import load_model, load_tokenizer, pick_attention, tiny_gpt2_config, train_bpe_tokenizer
-from ..training import (build_optimizer, checkpoint_dirs, held_out, load_training_state, micro_batch_plan,
-                        save_model_into, save_training_state)
+from ..training import (build_optimizer, checkpoint_dirs, held_out, keep_freed_memory, load_training_state,
+                        micro_batch_plan, save_model_into, save_training_state)
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from .config import SFTConfig
 from .data import IGNORE_INDEX, SFTBatch, SFTExample, SFTRecord, build_sft_example, collate_sft, load_sft_records
@@ -150,6 +150,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     records, n_skipped = load_sft_records(cfg.data, skip_invalid=cfg.skip_invalid)  # bad data fails first
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
                               mixed_precision=cfg.mixed_precision)
+    keep_freed_memory(accelerator.device.type)
     model, tok = build_policy(cfg, records, accelerator.device.type)
     max_length = model_max_length(cfg, model)
     data = prepare_data(cfg, records, n_skipped, tok, max_length)

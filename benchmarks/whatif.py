@@ -16,7 +16,9 @@ Variants (each a reversible switch; ``a+b`` switches several off at once):
   (`finegrain.models.fuse_gelu`);
 - ``full_logits``: the LM head on every position instead of the response's
   (`finegrain.ppo.rollout.causal_logits`);
-- ``unfused_adamw``: torch's per-tensor AdamW loop instead of ``fused=True``.
+- ``unfused_adamw``: torch's per-tensor AdamW loop instead of ``fused=True``;
+- ``untrimmed``: minibatches keep the whole batch's padding (`Rollout.select(trim=False)`);
+  it only matters with several minibatches (``--num-minibatches``) or responses that end early.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from common import build_assets, set_threads  # noqa: E402
 from fg_side import ppo_config_values  # noqa: E402
 
 DEFAULT = "sdpa,gelu_new,full_logits,unfused_adamw,sdpa+gelu_new+full_logits+unfused_adamw"
-VARIANTS = {"sdpa", "gelu_new", "full_logits", "unfused_adamw"}
+VARIANTS = {"sdpa", "gelu_new", "full_logits", "unfused_adamw", "untrimmed"}
 
 
 class Switches:
@@ -85,6 +87,12 @@ class Switches:
             original_keep = self.rollout._accepts_logits_to_keep
             self.rollout._accepts_logits_to_keep = lambda model: False
             stack.callback(lambda: setattr(self.rollout, "_accepts_logits_to_keep", original_keep))
+        if "untrimmed" in parts:
+            from finegrain.ppo.rollout import Rollout
+
+            original_select = Rollout.select
+            Rollout.select = lambda r, idx, device, trim=True: original_select(r, idx, device, trim=False)
+            stack.callback(lambda: setattr(Rollout, "select", original_select))
         with stack:
             yield self.loop_opt if "unfused_adamw" in parts else self.base_opt
 
@@ -95,6 +103,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--response-length", type=int, default=32)
+    ap.add_argument("--num-minibatches", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "finegrain-whatif")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
@@ -115,7 +124,7 @@ def main() -> int:
     steps = a.rounds * len(variants) + 2
     cfg = build_config(PPOConfig, ppo_config_values(
         assets, str(a.workdir / "run"), reward_mode="sequence", steps=steps, batch_size=a.batch_size,
-        response_length=a.response_length, ppo_epochs=4, num_minibatches=1, seed=0, learning_rate=1e-5,
+        response_length=a.response_length, ppo_epochs=4, num_minibatches=a.num_minibatches, seed=0, learning_rate=1e-5,
         temperature=1.0, kl_coef=0.05) | {"mixed_precision": a.mixed_precision})
     run = preflight(cfg)
     acc = make_accelerator(cfg)
@@ -146,7 +155,8 @@ def main() -> int:
             step += 1
     table = {}
     base = times["base"]
-    print(f"threads {threads}; B={a.batch_size}, Lr={a.response_length}, 4 PPO epochs, {a.rounds} interleaved rounds")
+    print(f"threads {threads}; B={a.batch_size}, Lr={a.response_length}, 4 PPO epochs of {a.num_minibatches} "
+          f"minibatch(es), {a.rounds} interleaved rounds")
     print(f"finegrain --mixed-precision {a.mixed_precision}; base = every optimisation on; variant = the named "
           "ones off")
     print("variant (off) | step speed-up it buys | rollout | update | median step s   "

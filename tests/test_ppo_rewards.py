@@ -153,7 +153,7 @@ def test_cross_tokenizer_preserves_each_responses_reward_sum(tiny_tokenizer):
 
 
 # ----------------------------------------------------------------------------- token mode == sequence mode
-def _rollout_and_models():
+def _rollout_and_models(prompts=("say many x", "please a b", "say c", "x x x"), cut_responses_at=None):
     from finegrain.generation import sample
     from finegrain.ppo.rollout import PolicyAndValue, make_rollout, score_rollout_forward
 
@@ -161,9 +161,14 @@ def _rollout_and_models():
     policy, value = tiny(tok, "causal", 1), tiny(tok, "token", 2)
     model = PolicyAndValue(policy, value)
     ref = copy.deepcopy(policy)
-    prompts = ["say many x", "please a b", "say c", "x x x"]
+    prompts = list(prompts)
     q = [tok(p + " :", add_special_tokens=False)["input_ids"] for p in prompts]
     gen = sample(policy, tok, q, max_new_tokens=5, temperature=1.0, generator_seed=3)
+    if cut_responses_at:  # as if these responses had ended after n tokens
+        gen.response_mask, gen.response_ids = gen.response_mask.clone(), gen.response_ids.clone()
+        for row, n in cut_responses_at.items():
+            gen.response_mask[row, n:] = 0
+            gen.response_ids[row, n:] = tok.pad_token_id
     fwd = score_rollout_forward(model, ref, None, gen.query_ids, gen.query_mask, gen.response_ids,
                                 gen.response_mask, 1.0, 4, "cpu")
     scores = torch.tensor([0.7, -1.2, 2.0, 0.1])
@@ -226,3 +231,76 @@ def test_logprobs_do_not_depend_on_padding():
                                     temperature=0.7)
             n = len(responses[i])
             assert torch.allclose(batch[i, :n], alone[0], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- minibatch padding trim
+def _synthetic_rollout(q_lens: list[int], r_lens: list[int], Lq: int, Lr: int):
+    """Left-padded queries and right-padded responses of the given lengths; every per-token field distinct."""
+    from finegrain.ppo.rollout import Rollout
+
+    B = len(q_lens)
+    q_mask = torch.stack([torch.arange(Lq) >= Lq - n for n in q_lens]).long()
+    r_mask = torch.stack([torch.arange(Lr) < n for n in r_lens]).long()
+    q_ids = torch.where(q_mask.bool(), torch.arange(B * Lq).view(B, Lq) + 10, torch.zeros(B, Lq, dtype=torch.long))
+    r_ids = torch.where(r_mask.bool(), torch.arange(B * Lr).view(B, Lr) + 1000, torch.zeros(B, Lr, dtype=torch.long))
+    per_token = {name: torch.randn(B, Lr) for name in Rollout.PER_TOKEN if name not in ("response_ids", "response_mask")}
+    return Rollout(prompts=[f"p{i}" for i in range(B)], texts=[f"t{i}" for i in range(B)], query_ids=q_ids,
+                   query_mask=q_mask, response_ids=r_ids, response_mask=r_mask, ended=torch.ones(B, dtype=torch.bool),
+                   scores=torch.randn(B), **per_token)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_minibatch_trim_keeps_every_real_token_and_drops_only_padding(data):
+    from finegrain.ppo.rollout import Rollout
+
+    B = data.draw(st.integers(1, 6))
+    Lq, Lr = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9))
+    q_lens = data.draw(st.lists(st.integers(1, Lq), min_size=B, max_size=B))
+    r_lens = data.draw(st.lists(st.integers(1, Lr), min_size=B, max_size=B))
+    r = _synthetic_rollout(q_lens, r_lens, Lq, Lr)
+    idx = torch.tensor(data.draw(st.lists(st.integers(0, B - 1), min_size=1, max_size=B, unique=True)))
+    full, cut = r.select(idx, "cpu", trim=False), r.select(idx, "cpu")
+    q_max, r_max = max(q_lens[i] for i in idx), max(r_lens[i] for i in idx)
+    assert cut.query_ids.shape == (len(idx), q_max) and cut.response_ids.shape == (len(idx), r_max)
+    # what was dropped is padding in every selected row; what is kept is the full tensor's tail / head
+    assert full.query_mask[:, :Lq - q_max].sum() == 0 and full.response_mask[:, r_max:].sum() == 0
+    assert torch.equal(cut.query_ids, full.query_ids[:, Lq - q_max:])
+    assert torch.equal(cut.query_mask, full.query_mask[:, Lq - q_max:])
+    for name in Rollout.PER_TOKEN:
+        assert torch.equal(getattr(cut, name), getattr(full, name)[:, :r_max]), name
+    assert torch.equal(cut.scores, full.scores) and cut.prompts == full.prompts
+    # every real token survives, in order
+    for i in range(len(idx)):
+        assert torch.equal(cut.query_ids[i][cut.query_mask[i].bool()], full.query_ids[i][full.query_mask[i].bool()])
+        assert torch.equal(cut.response_ids[i][cut.response_mask[i].bool()],
+                           full.response_ids[i][full.response_mask[i].bool()])
+
+
+def test_trimmed_minibatch_gives_the_same_loss_and_gradients():
+    from finegrain.config import build_config
+    from finegrain.ppo.config import PPOConfig
+    from finegrain.ppo.rollout import RewardSettings, process_rewards
+    from finegrain.ppo.train import ppo_minibatch_loss
+
+    # rows 0 and 2: the shortest prompts, and responses cut short, so that both ends get trimmed
+    tok, model, r, scores = _rollout_and_models(("say c", "please a b say many x", "x", "x x x"), {0: 2, 2: 3})
+    settings_ = RewardSettings("sequence", "k1", "raw", None, 1.0, False, 1.0, 0.95, True)
+    r = process_rewards(r, RewardOutput(scores, None, r.response_mask.sum(-1) + 1), 0.05,
+                        settings_).tensors_out_of_inference_mode()
+    idx = torch.tensor([2, 0])
+    cfg = build_config(PPOConfig, dict(policy="p", reward_model="r", reward_mode="sequence", prompts="x", output="o",
+                                       batch_size=4))
+    full, cut = r.select(idx, "cpu", trim=False), r.select(idx, "cpu")
+    assert cut.query_ids.shape[1] < full.query_ids.shape[1] and cut.response_ids.shape == (2, 3)
+    grads = []
+    for b in (full, cut):
+        model.zero_grad()
+        loss, stats = ppo_minibatch_loss(model, b, cfg)
+        loss.backward()
+        grads.append((loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters()
+                                             if p.grad is not None}))
+    (la, sa, ga), (lb, sb, gb) = grads
+    assert torch.allclose(la, lb, atol=1e-6) and sa.keys() == sb.keys()
+    assert all(abs(sa[k] - sb[k]) < 1e-5 for k in sa)
+    assert ga.keys() == gb.keys() and all(torch.allclose(ga[k], gb[k], atol=1e-6) for k in ga)

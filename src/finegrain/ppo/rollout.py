@@ -148,18 +148,36 @@ class Rollout:
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return Rollout(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
 
-    def select(self, idx: torch.Tensor, device) -> "Rollout":
-        """The rollouts at ``idx``, tensors moved to ``device`` (for a minibatch)."""
+    #: the fields with one column per response position, (B, Lr)
+    PER_TOKEN = ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "entropy", "token_rewards",
+                 "kl", "rewards", "non_score_rewards", "advantages", "returns")
+
+    def select(self, idx: torch.Tensor, device, trim: bool = True) -> "Rollout":
+        """The rollouts at ``idx``, tensors moved to ``device`` (for a minibatch).
+
+        With ``trim``, the columns that are padding in every selected row go: the leading
+        query columns (left padding) and the trailing response columns (after the longest
+        response's EOS). Nothing the loss reads changes: position ids come from the mask, padded
+        positions are masked out of attention, and the losses are means over the response mask.
+        A minibatch then costs what its own longest rollout costs, not the whole batch's.
+        """
         kw = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                kw[f.name] = v[idx].to(device)
+                kw[f.name] = v[idx]
             elif isinstance(v, list):
                 kw[f.name] = [v[i] for i in idx.tolist()]
             else:
                 kw[f.name] = v
-        return Rollout(**kw)
+        if trim:
+            q_from = kw["query_mask"].shape[1] - int(kw["query_mask"].sum(1).max())
+            r_to = max(1, int(kw["response_mask"].sum(1).max()))
+            kw["query_ids"], kw["query_mask"] = kw["query_ids"][:, q_from:], kw["query_mask"][:, q_from:]
+            for name in self.PER_TOKEN:
+                if kw[name] is not None:
+                    kw[name] = kw[name][:, :r_to]
+        return Rollout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
 
 
 def chunked(n: int, size: int):

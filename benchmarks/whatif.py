@@ -53,7 +53,7 @@ class Switches:
 
         from finegrain.ppo import rollout
 
-        self.e, self.rollout = engine, rollout
+        self.rollout = rollout
         unwrapped = engine.accelerator.unwrap_model(engine.model)
         self.models = [unwrapped.policy, unwrapped.value_model, engine.ref_policy, engine.scorer.model]
         fused = activations.ACT2CLS["gelu_pytorch_tanh"]
@@ -66,7 +66,7 @@ class Switches:
         self.loop_opt = torch.optim.AdamW(groups, eps=engine.cfg.adam_eps, foreach=False, fused=False)
 
     @contextlib.contextmanager
-    def on(self, variant: str, phase: str):
+    def on(self, variant: str):
         """Context in which the optimisations named by ``variant`` are off; yields the optimizer to use."""
         from transformers import activations
 
@@ -134,19 +134,19 @@ def main() -> int:
     times: dict[str, dict[str, list[float]]] = {v: {"rollout": [], "update": []} for v in variants}
     step = 0
     for v in variants:  # warm-up: every variant once (fused kernels, autocast caches)
-        with sw.on(v, "rollout"):
+        with sw.on(v):
             r, _ = rollout_step(e, step)
-        with sw.on(v, "update") as opt:
+        with sw.on(v) as opt:
             ppo_update(acc, e.model, opt, r, cfg, step)
         step += 1
     for rnd in range(a.rounds):
         k = rnd % len(variants)
         for v in variants[k:] + variants[:k]:
-            with sw.on(v, "rollout"):
+            with sw.on(v):
                 t0 = time.perf_counter()
                 r, _ = rollout_step(e, step)
                 t1 = time.perf_counter()
-            with sw.on(v, "update") as opt:
+            with sw.on(v) as opt:
                 t2 = time.perf_counter()
                 ppo_update(acc, e.model, opt, r, cfg, step)
                 t3 = time.perf_counter()

@@ -17,6 +17,10 @@ Variants (each a reversible switch; ``a+b`` switches several off at once):
 - ``full_logits``: the LM head on every position instead of the response's
   (`finegrain.ppo.rollout.causal_logits`);
 - ``unfused_adamw``: torch's per-tensor AdamW loop instead of ``fused=True``;
+- ``generate``: transformers' ``generate`` samples the rollouts instead of finegrain's decoding
+  loop (`finegrain.generation.sample`, ``decoder="generate"``);
+- ``inference_mode``: sampling under ``torch.inference_mode`` instead of ``no_grad``, where
+  autocast does not cache its bf16 weight copies and casts every weight again for every token;
 - ``untrimmed``: minibatches keep the whole batch's padding (`Rollout.select(trim=False)`);
   it only matters with several minibatches (``--num-minibatches``) or responses that end early.
 """
@@ -40,8 +44,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from common import build_assets, set_threads  # noqa: E402
 from fg_side import ppo_config_values  # noqa: E402
 
-DEFAULT = "sdpa,gelu_new,full_logits,unfused_adamw,sdpa+gelu_new+full_logits+unfused_adamw"
-VARIANTS = {"sdpa", "gelu_new", "full_logits", "unfused_adamw", "untrimmed"}
+DEFAULT = ("sdpa,gelu_new,full_logits,unfused_adamw,generate,inference_mode,"
+           "sdpa+gelu_new+full_logits+unfused_adamw+generate+inference_mode")
+VARIANTS = {"sdpa", "gelu_new", "full_logits", "unfused_adamw", "untrimmed", "generate", "inference_mode"}
 
 
 class Switches:
@@ -51,9 +56,9 @@ class Switches:
         import torch
         from transformers import activations
 
-        from finegrain.ppo import rollout
+        from finegrain.ppo import rollout, train
 
-        self.rollout = rollout
+        self.rollout, self.train = rollout, train
         unwrapped = engine.accelerator.unwrap_model(engine.model)
         self.models = [unwrapped.policy, unwrapped.value_model, engine.ref_policy, engine.scorer.model]
         fused = activations.ACT2CLS["gelu_pytorch_tanh"]
@@ -87,6 +92,22 @@ class Switches:
             original_keep = self.rollout._accepts_logits_to_keep
             self.rollout._accepts_logits_to_keep = lambda model: False
             stack.callback(lambda: setattr(self.rollout, "_accepts_logits_to_keep", original_keep))
+        if parts & {"generate", "inference_mode"}:
+            import functools
+
+            import torch
+
+            from finegrain import generation
+
+            decode = generation.sample.__wrapped__  # sample without its no_grad decorator
+            if "inference_mode" in parts:
+                decode = torch.inference_mode()(decode)
+            else:
+                decode = torch.no_grad()(decode)
+            if "generate" in parts:
+                decode = functools.partial(decode, decoder="generate")
+            self.train.sample = decode
+            stack.callback(lambda: setattr(self.train, "sample", generation.sample))
         if "untrimmed" in parts:
             from finegrain.ppo.rollout import Rollout
 

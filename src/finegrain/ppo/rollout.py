@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..models import forward_params
 from . import core
 from .rewards import RewardOutput
 
@@ -40,14 +40,7 @@ class PolicyAndValue(nn.Module):
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' LMs do; peft passes it on)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cls = type(base)
-    if cls not in _LOGITS_TO_KEEP:
-        _LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(base.forward).parameters
-    return _LOGITS_TO_KEEP[cls]
-
-
-_LOGITS_TO_KEEP: dict[type, bool] = {}
+    return "logits_to_keep" in forward_params(model)
 
 
 def causal_logits(policy: nn.Module, ids, mask, pos, keep: int = 0) -> torch.Tensor:

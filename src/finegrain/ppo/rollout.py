@@ -70,9 +70,11 @@ def response_logits(logits: torch.Tensor, response_len: int, temperature: float)
     """Logits predicting each response token, divided by the sampling temperature: (B, K, V) -> (B, Lr, V).
 
     ``logits`` covers at least the last ``response_len + 1`` positions: the one before each
-    response token predicts it, and the last position predicts nothing.
+    response token predicts it, and the last position predicts nothing. At temperature 1 the
+    division (a pass over (B, Lr, V) forward and backward) is skipped.
     """
-    return logits[:, -response_len - 1:-1] / temperature
+    logits = logits[:, -response_len - 1:-1]
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def forward_response(model: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature: float, with_entropy: bool = True):

@@ -51,7 +51,7 @@ class Settings:
     precisions: tuple[str, ...] = ("no", "bf16")  # PPO arms: each runs BOTH systems in that precision
 
 
-QUICK = Settings(rounds=3, ppo_steps=7, batch_size=16, response_length=32, ppo_epochs=4, num_minibatches=1,
+QUICK = Settings(rounds=5, ppo_steps=7, batch_size=16, response_length=32, ppo_epochs=4, num_minibatches=1,
                  rm_pairs=128, rm_batch=16, demo_seeds=3, demo_quick=True)
 FULL = Settings(rounds=5, ppo_steps=9, batch_size=32, response_length=48, ppo_epochs=4, num_minibatches=1,
                 rm_pairs=512, rm_batch=16, demo_seeds=1, demo_quick=False)

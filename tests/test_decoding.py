@@ -175,10 +175,38 @@ def test_models_the_loop_cannot_run_fall_back_to_generate(sharp_model, tiny_toke
                          decoder="generate")
             assert torch.equal(auto.response_ids, gen.response_ids)  # auto went to generate, processors applied
         finally:
-            setattr(gc, field, type(gc)().__getattribute__(field))
-    assert loop_unsupported(sharp_model) is None
-    with pytest.raises(ConfigError, match="decoder must be one of"):
+            setattr(gc, field, {"repetition_penalty": 1.0, "suppress_tokens": [], "no_repeat_ngram_size": 0}[field])
+    assert loop_unsupported(sharp_model) is None  # the no-op values configs often spell out are not in the way
+    with pytest.raises(ConfigError, match="must be one of auto, loop, generate"):
         sample(sharp_model, tiny_tokenizer, prompt_ids, max_new_tokens=4, decoder="beam")
+
+
+def test_decoder_from_the_environment(sharp_model, tiny_tokenizer, prompt_ids, monkeypatch):
+    sharp_model.generation_config.repetition_penalty = 1.3
+    try:
+        monkeypatch.setenv("FINEGRAIN_DECODER", "loop")
+        with pytest.raises(ConfigError, match="repetition_penalty"):
+            sample(sharp_model, tiny_tokenizer, prompt_ids, max_new_tokens=4)
+        monkeypatch.setenv("FINEGRAIN_DECODER", "generate")
+        sample(sharp_model, tiny_tokenizer, prompt_ids, max_new_tokens=4)
+    finally:
+        sharp_model.generation_config.repetition_penalty = 1.0
+    monkeypatch.setenv("FINEGRAIN_DECODER", "fast")
+    with pytest.raises(ConfigError, match="FINEGRAIN_DECODER"):
+        sample(sharp_model, tiny_tokenizer, prompt_ids, max_new_tokens=4)
+
+
+def test_typical_chat_generation_config_runs_the_loop(tiny_tokenizer):
+    """Sampling defaults and spelled-out no-ops (as in Llama / Qwen configs) leave the loop in charge."""
+    m = make_tiny_model(tiny_tokenizer, "causal", seed=0)
+    gc = m.generation_config
+    gc.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.0,
+              eos_token_id=[tiny_tokenizer.eos_token_id, 3], num_beams=1, cache_implementation="static")
+    assert loop_unsupported(m) is None
+    gc.update(repetition_penalty=1.05)
+    assert loop_unsupported(m) == "its generation_config sets repetition_penalty"
+    gc.update(repetition_penalty=1.0, num_beams=4, max_time=3.0)
+    assert loop_unsupported(m) == "its generation_config sets max_time, num_beams"
 
 
 def test_repetition_penalty_changes_greedy_output(sharp_model, tiny_tokenizer, prompt_ids):

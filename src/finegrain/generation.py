@@ -4,9 +4,15 @@ One rule for turning a user prompt into model input everywhere: the tokenizer's 
 when it has one (a single user turn, generation prompt added), else ``template`` with
 ``{prompt}`` replaced. Prompt and response are tokenised separately, so the boundary between
 them is the same in training, rollouts and scoring (DESIGN.md decision 1).
+
+Sampling runs finegrain's own KV-cache decoding loop (:func:`sample`): the same temperature /
+top-k / top-p filtering as transformers' ``generate``, tokens drawn by inverse CDF. A model
+whose ``generation_config`` asks for anything else (repetition penalties, suppressed tokens,
+beams, ...) is sampled with ``generate``; ``FINEGRAIN_DECODER=generate`` forces that.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -70,15 +76,22 @@ class Generated:
     texts: list[str]
 
 
-# generation_config fields the decoding loop below honours (or that cannot change its result);
-# a model whose generation_config sets any other field away from its default decodes with
+# generation_config fields the decoding loop below honours, or that cannot change what is
+# sampled (beam-search settings while num_beams is 1, output flags, cache and compile choices);
+# a model whose generation_config sets any other field to something that acts decodes with
 # transformers' ``generate``, which applies every logits processor.
 _LOOP_FIELDS = frozenset({
     "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "min_new_tokens", "max_length",
     "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "use_cache", "transformers_version",
     "_from_model_config", "return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
-    "output_hidden_states", "num_return_sequences",
+    "output_hidden_states", "length_penalty", "early_stopping", "cache_implementation", "cache_config",
+    "compile_config", "disable_compile", "low_memory", "prefill_chunk_size",
 })
+# values with which a logits processor or search setting does nothing (configs often spell them out)
+_NO_OP = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+          "encoder_no_repeat_ngram_size": 0, "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
+          "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": 0.0, "diversity_penalty": 0.0,
+          "min_length": 0, "guidance_scale": 1.0, "renormalize_logits": False, "remove_invalid_values": False}
 DECODERS = ("auto", "loop", "generate")
 
 
@@ -101,11 +114,10 @@ def loop_unsupported(model) -> str | None:
         return "its forward takes no position ids or KV cache"
     gen_config = getattr(base, "generation_config", None)
     if gen_config is not None:
-        extra = sorted(set(gen_config.to_diff_dict()) - _LOOP_FIELDS)
-        if extra:
-            return f"its generation_config sets {', '.join(extra)}"
-        if getattr(gen_config, "num_return_sequences", 1) not in (None, 1):
-            return "its generation_config sets num_return_sequences"
+        acting = sorted(k for k, v in gen_config.to_diff_dict().items()
+                        if k not in _LOOP_FIELDS and v not in (None, [], {}) and _NO_OP.get(k, object()) != v)
+        if acting:
+            return f"its generation_config sets {', '.join(acting)}"
     return None
 
 
@@ -187,18 +199,21 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int, pad: in
 @torch.no_grad()  # not inference_mode: autocast caches its bf16 copies of the weights only outside it
 def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, do_sample: bool = True, generator_seed: int | None = None,
-           decoder: str = "auto") -> Generated:
+           decoder: str | None = None) -> Generated:
     """Sample one response per prompt with the KV cache; cut each response after its first EOS.
 
     ``decoder``: ``"loop"`` is finegrain's decoding loop (:func:`_decode_loop`; same filtering
     as ``generate``, tokens drawn by :func:`draw_tokens`; 1.2x faster than ``generate`` for a
     tiny GPT-2 on CPU), ``"generate"`` is transformers' ``generate``, ``"auto"`` the loop
-    whenever :func:`loop_unsupported` finds nothing against it.
+    whenever :func:`loop_unsupported` finds nothing against it. Unset, it is the environment's
+    ``FINEGRAIN_DECODER``, else ``"auto"``.
     """
+    if decoder is None:
+        decoder = os.environ.get("FINEGRAIN_DECODER", "auto") or "auto"
     if decoder not in DECODERS:
         from .errors import ConfigError
 
-        raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
+        raise ConfigError(f"decoder (FINEGRAIN_DECODER) must be one of {', '.join(DECODERS)}, not {decoder!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
         from .errors import ConfigError

@@ -197,3 +197,19 @@ def test_aggregate_over_seeds_exact():
     assert a["win_rate_judge_se"] == pytest.approx((3 * 0.03 ** 2) ** 0.5 / 3)
     one = aggregate(runs[:1])
     assert one["win_rate_se"] == pytest.approx(0.03)  # one seed: the judge's own standard error
+
+
+def test_rm_finding_says_whether_the_gap_is_beyond_noise(quick_run):
+    from finegrain.sandbox.report import findings
+
+    m = json.loads((quick_run / "metrics.json").read_text())
+
+    def rm_line(seq, tok, se):
+        m["rm"]["seq_pref"].update(accuracy=seq, accuracy_se=se)
+        m["rm"]["token_edit"].update(accuracy=tok, accuracy_se=se)
+        return next(x for x in findings(m) if x.startswith("RM accuracy"))
+
+    # gap 2.3 points, SE of the gap sqrt(2) * 2.4 = 3.4: within two SEs
+    assert "(+2.3 ± 3.4 points: within two standard errors" in rm_line(0.627, 0.650, 0.024)
+    assert "(+10.2 ± 3.4 points: beyond two standard errors)" in rm_line(0.623, 0.725, 0.024)
+    assert "NOT more accurate" in rm_line(0.70, 0.65, 0.024)

@@ -62,11 +62,11 @@ class DemoConfig:
     # KL defaults: each system's pick of `finegrain demo --sweep` (full preset, PPO seed 0, KL grid
     # {0.05, 0.2, 0.5, 1, 2}, highest win rate on 132 validation prompts x 3 samples not among the evaluation prompts)
     baseline_kl_coef: float = opt(0.2, "PPO KL coefficient of the baseline (original pairs, sequence RM). Sweep, "
-                                       "validation win rate in percent at KL 0.05/0.2/0.5/1/2: 59.6/59.8/54.8/50.8/48.5 -> 0.2")
-    edit_seq_kl_coef: float = opt(1.0, "PPO KL coefficient of the edit-data sequence-RM system. Sweep: "
-                                       "56.1/59.1/56.8/60.4/54.8 -> 1.0")
+                                       "validation win rate in percent at KL 0.05/0.2/0.5/1/2: 57.8/61.9/52.8/54.5/55.8 -> 0.2")
+    edit_seq_kl_coef: float = opt(0.5, "PPO KL coefficient of the edit-data sequence-RM system. Sweep: "
+                                       "59.6/63.4/64.9/62.4/56.8 -> 0.5")
     token_kl_coef: float = opt(1.0, "PPO KL coefficient of the token-reward system. Sweep (reward scale mean): "
-                                    "32.1/55.8/60.6/63.4/57.1 -> 1.0")
+                                    "24.0/58.1/61.6/63.9/58.8 -> 1.0")
     token_reward_scale: str = opt("mean", "token-reward PPO: raw r_t, or r_t / T so a response's rewards sum to Eq. 1 "
                                   "(the sweep: raw rewards pay for length and are exploited)", choices=["raw", "mean"])
     token_rm: str = opt("token_edit", "token RM of the token-reward system: token_edit (Eq. 4) or token_mean (Eq. 1-3)",

@@ -92,10 +92,20 @@ def findings(m: dict) -> list[str]:
     for other in ("baseline", "edit_seq"):
         out.append(difference_line(s, other))
     a_seq, a_tok = rm["seq_pref"]["accuracy"], rm["token_edit"]["accuracy"]
-    out.append(f"RM accuracy on held-out gold-ordered pairs: baseline sequence RM {100 * a_seq:.1f}%, token RM on "
-               f"edits {100 * a_tok:.1f}% (paper: 58.2% vs 85.2%); "
-               + ("fine-grained data helps, as in the paper." if a_tok > a_seq else
-                  "the token RM is NOT more accurate here, unlike the paper."))
+    line = (f"RM accuracy on held-out gold-ordered pairs: baseline sequence RM {100 * a_seq:.1f}%, token RM on "
+            f"edits {100 * a_tok:.1f}% (paper: 58.2% vs 85.2%); "
+            + ("fine-grained data helps, as in the paper" if a_tok > a_seq else
+               "the token RM is NOT more accurate here, unlike the paper"))
+    ses = [rm[k].get("accuracy_se") for k in ("seq_pref", "token_edit")]
+    if all(v is not None and math.isfinite(v) for v in ses):
+        se = math.sqrt(sum(v ** 2 for v in ses))  # the same pairs for both: a conservative SE of the gap
+        gap = a_tok - a_seq
+        line += (f" ({100 * gap:+.1f} ± {100 * se:.1f} points: "
+                 + ("beyond two standard errors)." if abs(gap) > 2 * se and se > 0 else
+                    "within two standard errors, not a clear difference)."))
+    else:
+        line += "."
+    out.append(line)
     for k, v in s.items():
         _, length = mean_curve(v["runs"], "response_length")
         _, eos = mean_curve(v["runs"], "eos_rate")

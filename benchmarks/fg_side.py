@@ -125,6 +125,50 @@ def run_ppo(assets: Path, *, reward_mode: str = "sequence", steps: int, batch_si
             "threads": torch.get_num_threads()}
 
 
+def run_ppo_pair(assets: Path, *, steps: int, batch_size: int, response_length: int, ppo_epochs: int,
+                 num_minibatches: int, seed: int, learning_rate: float, temperature: float, kl_coef: float,
+                 **extra) -> dict[str, Any]:
+    """token_vs_sequence_cost in ONE process: a sequence-reward and a token-reward PPO engine, stepped in turn.
+
+    Both engines are built as ``finegrain ppo`` builds them (``preflight``, ``load_models``,
+    ``build_engine``, one accelerator) and each PPO step (``run_step``: rollout, scoring,
+    rewards, update) of one is followed by the same step of the other, the order alternating
+    step by step. Separate processes of one system differ by up to 20 % on a VM; paired steps in
+    one process share the process, its allocator and the moment, so their ratio is what the
+    reward mode costs. Returns each mode's per-step seconds.
+    """
+    import torch
+
+    from finegrain.config import build_config
+    from finegrain.ppo import PPOConfig
+    from finegrain.ppo.setup import load_models, preflight
+    from finegrain.ppo.train import build_engine, make_accelerator, run_step
+    from finegrain.training import keep_freed_memory
+
+    engines, acc = {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("sequence", "token"):
+            values = ppo_config_values(assets, str(Path(tmp) / mode), reward_mode=mode, steps=steps,
+                                       batch_size=batch_size, response_length=response_length, ppo_epochs=ppo_epochs,
+                                       num_minibatches=num_minibatches, seed=seed, learning_rate=learning_rate,
+                                       temperature=temperature, kl_coef=kl_coef)
+            cfg = build_config(PPOConfig, values | extra)
+            run = preflight(cfg)
+            if acc is None:
+                acc = make_accelerator(cfg)
+                keep_freed_memory(acc.device.type)  # as train_ppo does
+            engines[mode] = build_engine(cfg, run, load_models(cfg, run, acc.device.type), acc)
+        step_s: dict[str, list[float]] = {mode: [] for mode in engines}
+        for step in range(steps):
+            order = list(engines) if step % 2 == 0 else list(engines)[::-1]
+            for mode in order:
+                t0 = time.perf_counter()
+                run_step(engines[mode], step, None)
+                step_s[mode].append(time.perf_counter() - t0)
+    return {"system": "finegrain", "step_s": step_s, "response_tokens_per_step": batch_size * response_length,
+            "threads": torch.get_num_threads()}
+
+
 def query_widths(assets: Path, cfg) -> list[int]:
     """Padded prompt width of every step (finegrain's prompt order is a pure function of the step)."""
     from finegrain.generation import encode_texts, format_prompt

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,7 +103,7 @@ def rotated(items: list, r: int) -> list:
 PPO_ARMS = {  # name: (task, precision, extra arguments)
     "fg_seq": ("fg_ppo", "no", dict(reward_mode="sequence", peak_probe_s=0.5)),
     "trl": ("trl_ppo", "no", {}),
-    "fg_tok": ("fg_ppo", "no", dict(reward_mode="token")),
+    "fg_pair": ("fg_ppo_pair", "no", {}),  # token and sequence reward, stepped in turn in one process
     "fg_seq_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", peak_probe_s=0.5, mixed_precision="bf16")),
     "trl_bf16": ("trl_ppo", "bf16", dict(mixed_precision="bf16")),
 }
@@ -127,22 +128,32 @@ def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
             task, _, extra = systems[name]
             try:
                 res = worker(task, assets, logs, f"ppo_{name}_{r}", **kw, **extra)
-                tps[name].append(rate(res, res["response_tokens_per_step"], s.warmup_steps))
+                if name == "fg_pair":  # per step: token-reward step time / the sequence-reward one beside it
+                    seq, tok = (res["step_s"][m][s.warmup_steps:] for m in ("sequence", "token"))
+                    if not seq:
+                        raise BenchFailed("fg_pair: no steps after the warm-up")
+                    tps[name].append(statistics.median(t / q for t, q in zip(tok, seq)))
+                else:
+                    tps[name].append(rate(res, res["response_tokens_per_step"], s.warmup_steps))
             except BenchFailed as e:
                 failed[name] = str(e)
                 log(f"  round {r} {name} failed: {e}")
                 continue
             state["ppo_runs"].append({"round": r, "name": name, **res})
-            log(f"  round {r} {name}: {tps[name][-1]:.1f} response tokens/s")
-    state["ppo_tokens_per_s"] = {k: summary(v) for k, v in tps.items()}
+            log(f"  round {r} {name}: " + (f"token / sequence step time {tps[name][-1]:.3f} (paired steps, one "
+                                           "process)" if name == "fg_pair" else
+                                           f"{tps[name][-1]:.1f} response tokens/s"))
+    state["ppo_tokens_per_s"] = {k: summary(v) for k, v in tps.items() if k != "fg_pair"}
+    state["token_vs_sequence_per_round"] = tps.get("fg_pair", [])
     med = {k: summary(v)["median"] for k, v in tps.items() if v}
 
-    def figure(a: str, b: str, what: str = "") -> tuple[float, str]:
-        if a not in systems or b not in systems:
+    def figure(a: str, b: str | None, what: str = "") -> tuple[float, str]:
+        """Median over rounds of tokens/s(a) / tokens/s(b), or of a's own per-round ratio when b is None."""
+        if a not in systems or (b is not None and b not in systems):
             return math.nan, f"not run (--precisions {','.join(s.precisions)})"
         if a in failed or b in failed:
             return math.nan, failed.get(a) or failed[b]
-        sm = summary([x / y for x, y in zip(tps[a], tps[b])])
+        sm = summary(tps[a] if b is None else [x / y for x, y in zip(tps[a], tps[b])])
         return sm["median"], f"min {sm['min']:.3f} max {sm['max']:.3f} over {sm['n']} rounds{what}"
 
     def tokens(a: str, b: str) -> str:
@@ -154,8 +165,8 @@ def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
     return {"ppo_speedup_vs_trl": figure("fg_seq_bf16", "trl_bf16", " (both bf16 autocast)"
                                          + tokens("fg_seq_bf16", "trl_bf16") + shipped),
             "ppo_speedup_vs_trl_fp32": figure("fg_seq", "trl", " (both fp32)" + tokens("fg_seq", "trl")),
-            # step time(token) / step time(sequence) = tokens/s(sequence) / tokens/s(token)
-            "token_vs_sequence_cost": figure("fg_seq", "fg_tok", " (fp32)")}
+            "token_vs_sequence_cost": figure("fg_pair", None, " (fp32; per round the median over paired steps "
+                                                               "in one process)")}
 
 
 def bench_rm(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:

@@ -34,6 +34,9 @@ def _task(name: str):
     if name == "fg_ppo":
         from fg_side import run_ppo
         return run_ppo
+    if name == "fg_ppo_pair":
+        from fg_side import run_ppo_pair
+        return run_ppo_pair
     if name == "fg_rm":
         from fg_side import run_rm
         return run_rm

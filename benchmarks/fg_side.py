@@ -125,6 +125,22 @@ def run_ppo(assets: Path, *, reward_mode: str = "sequence", steps: int, batch_si
             "threads": torch.get_num_threads()}
 
 
+def build_ppo_engine(cfg, accelerator=None):
+    """(engine, accelerator): finegrain's PPO engine built as ``train_ppo`` builds it, for stepping by hand.
+
+    ``accelerator`` lets several engines share one (accelerate keeps one state per process).
+    """
+    from finegrain.ppo.setup import load_models, preflight
+    from finegrain.ppo.train import build_engine, make_accelerator
+    from finegrain.training import keep_freed_memory
+
+    run = preflight(cfg)
+    if accelerator is None:
+        accelerator = make_accelerator(cfg)
+        keep_freed_memory(accelerator.device.type)  # as train_ppo does
+    return build_engine(cfg, run, load_models(cfg, run, accelerator.device.type), accelerator), accelerator
+
+
 def run_ppo_pair(assets: Path, *, steps: int, batch_size: int, response_length: int, ppo_epochs: int,
                  num_minibatches: int, seed: int, learning_rate: float, temperature: float, kl_coef: float,
                  **extra) -> dict[str, Any]:
@@ -141,9 +157,7 @@ def run_ppo_pair(assets: Path, *, steps: int, batch_size: int, response_length: 
 
     from finegrain.config import build_config
     from finegrain.ppo import PPOConfig
-    from finegrain.ppo.setup import load_models, preflight
-    from finegrain.ppo.train import build_engine, make_accelerator, run_step
-    from finegrain.training import keep_freed_memory
+    from finegrain.ppo.train import run_step
 
     engines, acc = {}, None
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,12 +166,7 @@ def run_ppo_pair(assets: Path, *, steps: int, batch_size: int, response_length: 
                                        batch_size=batch_size, response_length=response_length, ppo_epochs=ppo_epochs,
                                        num_minibatches=num_minibatches, seed=seed, learning_rate=learning_rate,
                                        temperature=temperature, kl_coef=kl_coef)
-            cfg = build_config(PPOConfig, values | extra)
-            run = preflight(cfg)
-            if acc is None:
-                acc = make_accelerator(cfg)
-                keep_freed_memory(acc.device.type)  # as train_ppo does
-            engines[mode] = build_engine(cfg, run, load_models(cfg, run, acc.device.type), acc)
+            engines[mode], acc = build_ppo_engine(build_config(PPOConfig, values | extra), acc)
         step_s: dict[str, list[float]] = {mode: [] for mode in engines}
         for step in range(steps):
             order = list(engines) if step % 2 == 0 else list(engines)[::-1]

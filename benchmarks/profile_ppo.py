@@ -38,7 +38,6 @@ def main() -> int:
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     a = ap.parse_args()
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from finegrain.config import build_config

@@ -42,7 +42,7 @@ os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from common import build_assets, set_threads  # noqa: E402
-from fg_side import ppo_config_values  # noqa: E402
+from fg_side import build_ppo_engine, ppo_config_values  # noqa: E402
 
 DEFAULT = ("sdpa,gelu_new,full_logits,unfused_adamw,generate,inference_mode,"
            "sdpa+gelu_new+full_logits+unfused_adamw+generate+inference_mode")
@@ -129,13 +129,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
     a = ap.parse_args()
-    import torch
-
     from finegrain.config import build_config
     from finegrain.ppo import PPOConfig
-    from finegrain.ppo.setup import load_models, preflight
-    from finegrain.ppo.train import build_engine, make_accelerator, ppo_update, rollout_step
-    from finegrain.training import keep_freed_memory
+    from finegrain.ppo.train import ppo_update, rollout_step
 
     threads = set_threads()
     assets = a.workdir / "assets"
@@ -147,10 +143,7 @@ def main() -> int:
         assets, str(a.workdir / "run"), reward_mode="sequence", steps=steps, batch_size=a.batch_size,
         response_length=a.response_length, ppo_epochs=4, num_minibatches=a.num_minibatches, seed=0, learning_rate=1e-5,
         temperature=1.0, kl_coef=0.05) | {"mixed_precision": a.mixed_precision})
-    run = preflight(cfg)
-    acc = make_accelerator(cfg)
-    keep_freed_memory(acc.device.type)  # as train_ppo does
-    e = build_engine(cfg, run, load_models(cfg, run, acc.device.type), acc)
+    e, acc = build_ppo_engine(cfg)
     sw = Switches(e)
     times: dict[str, dict[str, list[float]]] = {v: {"rollout": [], "update": []} for v in variants}
     step = 0

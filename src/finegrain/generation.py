@@ -18,6 +18,9 @@ from typing import Sequence
 
 import torch
 
+from .errors import ConfigError
+from .models import forward_params
+
 DEFAULT_TEMPLATE = "{prompt}\n"
 
 
@@ -103,8 +106,6 @@ def loop_unsupported(model) -> str | None:
     top-k and top-p (repetition penalties, suppressed tokens, beams and the like go to
     transformers' ``generate``).
     """
-    from .models import forward_params
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
@@ -157,8 +158,6 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int, pad: in
     only), then one token per step with position ids continuing each row's own count (the
     prompts are left-padded). Stops when every row has emitted EOS.
     """
-    from .models import forward_params
-
     params = forward_params(model)
     cache_kw = "cache" if "cache" in params else "past_key_values"
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -211,13 +210,9 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     if decoder is None:
         decoder = os.environ.get("FINEGRAIN_DECODER", "auto") or "auto"
     if decoder not in DECODERS:
-        from .errors import ConfigError
-
         raise ConfigError(f"decoder (FINEGRAIN_DECODER) must be one of {', '.join(DECODERS)}, not {decoder!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        from .errors import ConfigError
-
         raise ConfigError("the policy's tokenizer has no EOS token; responses could never end")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
@@ -228,8 +223,6 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     unwrapped = getattr(model, "module", model)
     why_not = loop_unsupported(unwrapped) if decoder != "generate" else "generate asked for"
     if decoder == "loop" and why_not:
-        from .errors import ConfigError
-
         raise ConfigError(f"finegrain's decoding loop cannot run this model: {why_not}")
     if why_not is None:
         gen_config = getattr(unwrapped, "generation_config", None)

@@ -21,6 +21,9 @@ Variants (each a reversible switch; ``a+b`` switches several off at once):
   loop (`finegrain.generation.sample`, ``decoder="generate"``);
 - ``inference_mode``: sampling under ``torch.inference_mode`` instead of ``no_grad``, where
   autocast does not cache its bf16 weight copies and casts every weight again for every token;
+- ``rollout_forward``: the rollout runs its own policy and value forward and the first update
+  epoch runs it again, instead of backpropagating through the rollout's
+  (`finegrain.ppo.train.reuses_rollout_forward`; only with one minibatch per epoch, the default here);
 - ``untrimmed``: minibatches keep the whole batch's padding (`Rollout.select(trim=False)`);
   it only matters with several minibatches (``--num-minibatches``) or responses that end early.
 """
@@ -44,9 +47,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from common import build_assets, set_threads  # noqa: E402
 from fg_side import build_ppo_engine, ppo_config_values  # noqa: E402
 
-DEFAULT = ("sdpa,gelu_new,full_logits,unfused_adamw,generate,inference_mode,"
-           "sdpa+gelu_new+full_logits+unfused_adamw+generate+inference_mode")
-VARIANTS = {"sdpa", "gelu_new", "full_logits", "unfused_adamw", "untrimmed", "generate", "inference_mode"}
+DEFAULT = ("sdpa,gelu_new,full_logits,unfused_adamw,generate,inference_mode,rollout_forward,"
+           "sdpa+gelu_new+full_logits+unfused_adamw+generate+inference_mode+rollout_forward")
+VARIANTS = {"sdpa", "gelu_new", "full_logits", "unfused_adamw", "untrimmed", "generate", "inference_mode",
+            "rollout_forward"}
 
 
 class Switches:
@@ -108,6 +112,10 @@ class Switches:
                 decode = functools.partial(decode, decoder="generate")
             self.train.sample = decode
             stack.callback(lambda: setattr(self.train, "sample", generation.sample))
+        if "rollout_forward" in parts:
+            original_reuse = self.train.reuses_rollout_forward
+            self.train.reuses_rollout_forward = lambda cfg: False
+            stack.callback(lambda: setattr(self.train, "reuses_rollout_forward", original_reuse))
         if "untrimmed" in parts:
             from finegrain.ppo.rollout import Rollout
 

@@ -58,10 +58,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_stay_in_sync(tmp_path):
+@pytest.mark.parametrize("num_minibatches", [2, 1])  # 1: the first epoch backpropagates through the rollout's forward
+def test_two_processes_stay_in_sync(tmp_path, num_minibatches):
     ws = make_workspace(tmp_path)
     out = tmp_path / "out"
-    cfg = dict(ws, output=str(out), reward_mode="token", steps=2, batch_size=4, num_minibatches=2, ppo_epochs=1,
+    cfg = dict(ws, output=str(out), reward_mode="token", steps=2, batch_size=4, num_minibatches=num_minibatches,
+               ppo_epochs=1 if num_minibatches == 2 else 2,
                max_new_tokens=4, max_prompt_length=16, temperature=1.0, lr=1e-2, value_init="policy",
                save_every=2, sample_every=1, log_with="none", prompt_template="{prompt} :")
     script = tmp_path / "worker.py"

@@ -371,3 +371,48 @@ def test_bf16_autocast_matches_fp32_first_step(tmp_path):
     assert abs(b["kl"] - a["kl"]) < 0.05 and abs(b["entropy"] - a["entropy"]) < 0.1
     # one epoch on fresh rollouts: the policy ratio starts at 1 under bf16 too
     assert b["approx_kl"] < 1e-2 and b["clipfrac"] < 0.2
+
+
+def test_reuses_rollout_forward_only_with_one_minibatch_of_the_whole_batch(tmp_path):
+    from finegrain.ppo.train import reuses_rollout_forward
+
+    ws = make_workspace(tmp_path)
+    assert reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=1))
+    assert reuses_rollout_forward(toy_config(ws, tmp_path, mini_batch_size=8))
+    assert not reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=2))
+    assert not reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=1, grad_accum=2))
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_first_epoch_through_the_rollouts_forward_is_the_same_run(tmp_path, monkeypatch, use_lora):
+    """One minibatch per epoch: backpropagating through the rollout's forward saves one policy+value pass per
+    step and changes nothing else (same metrics, same weights as running the first epoch's forward again)."""
+    from transformers import AutoModelForCausalLM
+
+    from finegrain.ppo import train
+    from finegrain.ppo.rollout import PolicyAndValue
+
+    ws = make_workspace(tmp_path)
+    calls = []
+    forward = PolicyAndValue.forward
+    monkeypatch.setattr(PolicyAndValue, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    over = dict(steps=2, num_minibatches=1, ppo_epochs=2, save_every=10, sample_every=10)
+    if use_lora:
+        over.update(use_lora=True, lora_r=4, lora_alpha=8, lora_target_modules=["c_attn"], lr=1e-2)
+    runs = {}
+    for reuse in (True, False):
+        monkeypatch.setattr(train, "reuses_rollout_forward", lambda cfg, reuse=reuse: reuse)
+        calls.clear()
+        out = tmp_path / f"out-{reuse}"
+        train.train_ppo(toy_config(ws, out, **over))
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[reuse] = (len(calls), rows, AutoModelForCausalLM.from_pretrained(out / "final").state_dict())
+    (n_reuse, rows_reuse, w_reuse), (n_plain, rows_plain, w_plain) = runs[True], runs[False]
+    assert (n_reuse, n_plain) == (2 * 2, 2 * (2 + 1))  # steps x epochs, plus one rollout pass per step without
+    for a, b in zip(rows_reuse, rows_plain):
+        for key in ("reward", "kl", "entropy", "value_mean", "advantage_mean", "policy_loss", "value_loss",
+                    "approx_kl", "clipfrac"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert max((w_reuse[k] - w_plain[k]).abs().max().item() for k in w_reuse) < 1e-5
+    base = AutoModelForCausalLM.from_pretrained(ws["policy"]).state_dict()
+    assert any(not torch.equal(base[k], w_reuse[k]) for k in base)  # and the run did train

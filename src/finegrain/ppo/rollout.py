@@ -81,12 +81,13 @@ def forward_response(model: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature
     """(logprobs, values, entropy or None), each (B, Lr), of the response tokens under a :class:`PolicyAndValue`.
 
     The value of response position t is the value head's output at the token before it (state s_t).
+    The entropy is a statistic, outside autograd (no loss uses it).
     """
     ids, mask, pos = join_query_response(q_ids, q_mask, r_ids, r_mask)
     lr = r_ids.shape[1]
     logits, values = model(ids, mask, pos, logits_to_keep=lr + 1)
     logits = response_logits(logits, lr, temperature)
-    entropy = core.entropy_from_logits(logits) if with_entropy else None
+    entropy = core.entropy_from_logits(logits.detach()) if with_entropy else None
     return core.logprobs_from_logits(logits, r_ids), values[:, -lr - 1:-1].float(), entropy
 
 
@@ -96,6 +97,21 @@ def policy_logprobs(policy: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature
     lr = r_ids.shape[1]
     logits = causal_logits(policy, ids, mask, pos, lr + 1)
     return core.logprobs_from_logits(response_logits(logits, lr, temperature), r_ids)
+
+
+@dataclass
+class AttachedForward:
+    """Log-probs and values (B, Lr) of a whole rollout batch under the current policy, still in autograd.
+
+    With one minibatch per epoch and no gradient accumulation, the update's first epoch runs the
+    policy and value model on exactly the rollout's rows with exactly the rollout's parameters
+    (dropout is off), so the rollout's own forward IS that epoch's forward: its detached copy
+    gives pi_old and V_old, and the first epoch backpropagates through it instead of running
+    the same forward again.
+    """
+
+    logprobs: torch.Tensor
+    values: torch.Tensor
 
 
 @dataclass
@@ -117,6 +133,8 @@ class Rollout:
     rewards:             (B, Lr) the assembled per-token rewards fed to GAE
     non_score_rewards:   (B, Lr) -beta * kl
     advantages, returns: (B, Lr) from GAE (advantages whitened when configured)
+    attached:            the same log-probs and values still in autograd, for the first update epoch
+                         (:class:`AttachedForward`; None unless the update has one minibatch per epoch)
     """
 
     prompts: list[str]
@@ -137,6 +155,7 @@ class Rollout:
     non_score_rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    attached: AttachedForward | None = None
 
     def tensors_out_of_inference_mode(self) -> "Rollout":
         """Clone every tensor so autograd may save it (inference tensors cannot be saved for backward)."""
@@ -156,9 +175,11 @@ class Rollout:
         positions are masked out of attention, and the losses are means over the response mask.
         A minibatch then costs what its own longest rollout costs, not the whole batch's.
         """
-        kw = {}
+        kw = {"attached": None}  # a minibatch is not the batch the attached forward ran on
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "attached":
+                continue
             if isinstance(v, torch.Tensor):
                 kw[f.name] = v[idx]
             elif isinstance(v, list):
@@ -181,24 +202,40 @@ def chunked(n: int, size: int):
 
 
 @torch.inference_mode()
-def score_rollout_forward(model: nn.Module, ref_policy: nn.Module | None, lora_policy: nn.Module | None,
+def score_rollout_forward(model: nn.Module | None, ref_policy: nn.Module | None, lora_policy: nn.Module | None,
                           q_ids, q_mask, r_ids, r_mask, temperature: float, batch_size: int, device):
     """logprobs, ref_logprobs, values, entropy (each (B, Lr), on CPU) in chunks of ``batch_size``.
 
     The reference is ``ref_policy`` or, for LoRA, ``lora_policy`` with its adapters disabled.
+    With ``model`` None only ref_logprobs are computed (the caller runs the policy and value
+    model itself: :func:`attached_forward`).
     """
-    outs: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    names = ("ref_logprobs",) if model is None else ("ref_logprobs", "logprobs", "values", "entropy")
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     for sl in chunked(q_ids.shape[0], batch_size):
         args = [t[sl].to(device) for t in (q_ids, q_mask, r_ids, r_mask)]
-        lp, v, ent = forward_response(model, *args, temperature)
         if lora_policy is not None:
             with lora_policy.disable_adapter():
-                ref = policy_logprobs(lora_policy, *args, temperature)
+                got = [policy_logprobs(lora_policy, *args, temperature)]
         else:
-            ref = policy_logprobs(ref_policy, *args, temperature)
-        for k, t in zip(outs, (lp, ref, v, ent)):
+            got = [policy_logprobs(ref_policy, *args, temperature)]
+        if model is not None:
+            got += forward_response(model, *args, temperature)
+        for k, t in zip(names, got):
             outs[k].append(t.float().cpu())
     return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def attached_forward(model: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature: float, device):
+    """(AttachedForward, {logprobs, values, entropy} detached on CPU) of a whole batch under a :class:`PolicyAndValue`.
+
+    One forward WITH autograd, for the rollout (its detached values) and the update's first
+    epoch (its graph) at once; see :class:`AttachedForward`.
+    """
+    args = [t.to(device) for t in (q_ids, q_mask, r_ids, r_mask)]
+    lp, v, ent = forward_response(model, *args, temperature)
+    detached = {"logprobs": lp.detach().float().cpu(), "values": v.detach().float().cpu(), "entropy": ent.float().cpu()}
+    return AttachedForward(lp, v), detached
 
 
 @dataclass

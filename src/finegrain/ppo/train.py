@@ -38,8 +38,9 @@ from ..training import keep_freed_memory, make_adamw
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
-from .rollout import (PolicyAndValue, RewardSettings, Rollout, forward_response, make_rollout, process_rewards,
-                      rollout_stats, sample_records, score_rollout_forward, unwrapped_for_generation)
+from .rollout import (AttachedForward, PolicyAndValue, RewardSettings, Rollout, attached_forward, forward_response,
+                      make_rollout, process_rewards, rollout_stats, sample_records, score_rollout_forward,
+                      unwrapped_for_generation)
 from .setup import LoadedModels, RunInputs, load_models, preflight
 
 log = logging.getLogger("finegrain.ppo")
@@ -70,10 +71,27 @@ def lr_factor(cfg: PPOConfig, step: int) -> float:
 
 
 # ----------------------------------------------------------------------------- update
-def ppo_minibatch_loss(model, b: Rollout, cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy loss + vf_coef * clipped value loss of one micro-batch, and its statistics."""
-    logprobs, values, _ = forward_response(model, b.query_ids, b.query_mask, b.response_ids, b.response_mask,
-                                           cfg.temperature, with_entropy=False)
+def reuses_rollout_forward(cfg: PPOConfig) -> bool:
+    """Whether the update's first epoch backpropagates through the rollout's own forward (:class:`AttachedForward`).
+
+    True when each epoch is one minibatch of the whole batch without accumulation: then the
+    first epoch's forward would repeat the rollout's exactly (same rows, same parameters).
+    """
+    return cfg.minibatch_size() >= cfg.batch_size and cfg.grad_accum == 1
+
+
+def ppo_minibatch_loss(model, b: Rollout, cfg: PPOConfig,
+                       attached: AttachedForward | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy loss + vf_coef * clipped value loss of one micro-batch, and its statistics.
+
+    With ``attached`` (the first epoch over the whole batch), its log-probs and values are the
+    forward's; otherwise the model runs on the micro-batch.
+    """
+    if attached is not None:
+        logprobs, values = attached.logprobs, attached.values
+    else:
+        logprobs, values, _ = forward_response(model, b.query_ids, b.query_mask, b.response_ids, b.response_mask,
+                                               cfg.temperature, with_entropy=False)
     mask = b.response_mask.float()
     pl = core.policy_loss(logprobs, b.logprobs, b.advantages, mask, cfg.cliprange)
     vl, vclip = core.value_loss(values, b.values, b.returns, mask, cfg.cliprange_value)
@@ -88,7 +106,9 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
 
     Each minibatch is split into ``grad_accum`` micro-batches whose gradients accelerate
     accumulates (and synchronises across processes once per minibatch). Returned statistics
-    are averaged over ALL micro-batches of all epochs, not the last one.
+    are averaged over ALL micro-batches of all epochs, not the last one. A rollout with an
+    attached forward (:func:`reuses_rollout_forward`) spends it on the first epoch, in the
+    rollout's row order (one minibatch: the order changes nothing).
     """
     n = len(rollout.prompts)
     mb = cfg.minibatch_size()
@@ -98,12 +118,18 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
         group["lr"] = base * lr_factor(cfg, step)
     sums: dict[str, float] = defaultdict(float)
     count = 0
-    for _ in range(cfg.ppo_epochs):
+    attached, rollout.attached = rollout.attached, None  # spent below; its graph must not outlive the update
+    for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, micro):
-            b = rollout.select(perm[start:start + micro], accelerator.device)
+            if epoch == 0 and attached is not None:
+                if micro < n:
+                    raise ValueError("an attached forward covers the whole batch; the minibatch here is smaller")
+                b = rollout.select(torch.arange(n), accelerator.device, trim=False)
+            else:
+                b = rollout.select(perm[start:start + micro], accelerator.device)
             with accelerator.accumulate(model):
-                loss, stats = ppo_minibatch_loss(model, b, cfg)
+                loss, stats = ppo_minibatch_loss(model, b, cfg, attached if epoch == 0 else None)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -243,6 +269,7 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
     idx = batch_indices(len(e.run.prompts), step, cfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
     prompts = [e.run.prompts[i] for i in idx]
     queries = [e.run.query_ids[i] for i in idx]
+    reuse = reuses_rollout_forward(cfg)
     t0 = time.perf_counter()
     with unwrapped_for_generation(acc, e.model) as unwrapped:
         with acc.autocast():
@@ -252,17 +279,23 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
         t1 = time.perf_counter()
         lora = unwrapped.policy if cfg.use_lora else None
         with acc.autocast():
-            fwd = score_rollout_forward(unwrapped, e.ref_policy, lora, gen.query_ids, gen.query_mask,
-                                        gen.response_ids, gen.response_mask, cfg.temperature,
+            fwd = score_rollout_forward(None if reuse else unwrapped, e.ref_policy, lora, gen.query_ids,
+                                        gen.query_mask, gen.response_ids, gen.response_mask, cfg.temperature,
                                         cfg.forward_batch_size, acc.device)
+    attached = None
     with acc.autocast():
+        if reuse:  # through the prepared model (DDP/FSDP/DeepSpeed), with autograd: the first epoch's forward
+            attached, own = attached_forward(e.model, gen.query_ids, gen.query_mask, gen.response_ids,
+                                             gen.response_mask, cfg.temperature, acc.device)
+            fwd.update(own)
         rm = e.scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts)
     if e.moments is not None:  # running statistics over every process's rewards
         x = rm.scores if cfg.reward_mode == "sequence" else rm.token_rewards.sum(-1)
         e.moments.update(acc.gather(x.to(acc.device)).cpu())
     r = process_rewards(make_rollout(prompts, queries, gen, fwd, rm), rm, e.kl_ctl.value, e.settings, e.moments)
     t2 = time.perf_counter()
-    return r.tensors_out_of_inference_mode(), {"time_generate": t1 - t0, "time_score": t2 - t1}
+    r = dataclasses.replace(r.tensors_out_of_inference_mode(), attached=attached)
+    return r, {"time_generate": t1 - t0, "time_score": t2 - t1}
 
 
 def run_step(e: Engine, step: int, on_rollout: OnRollout | None) -> tuple[dict[str, float], Rollout]:

@@ -55,7 +55,7 @@ class Settings:
 QUICK = Settings(rounds=5, ppo_steps=7, batch_size=16, response_length=32, ppo_epochs=4, num_minibatches=1,
                  rm_pairs=128, rm_batch=16, demo_seeds=3, demo_quick=True)
 FULL = Settings(rounds=5, ppo_steps=9, batch_size=32, response_length=48, ppo_epochs=4, num_minibatches=1,
-                rm_pairs=512, rm_batch=16, demo_seeds=1, demo_quick=False)
+                rm_pairs=512, rm_batch=16, demo_seeds=3, demo_quick=False)
 
 PPO_COMMON = dict(seed=0, learning_rate=1e-5, temperature=1.0, kl_coef=0.05)
 
@@ -192,13 +192,17 @@ def update_flops(query_width: int, peak: dict[str, Any], s: Settings) -> float:
     lookups excluded), T = the padded length the models process (query width + response
     length), tokens = batch x T (padding counted: it is computed). The policy's LM head runs on
     the response_length + 1 positions finegrain keeps (``logits_to_keep``), not on all T.
+    With one minibatch per epoch, finegrain runs the first epoch's forward in the rollout
+    (``reuses_rollout_forward``): the update phase then does that epoch's backward only, and the
+    forward (a third of 6 N + 12 L d T) is not counted.
     """
     seq = int(query_width) + s.response_length
     head = peak["lm_head_params"]
     policy = seq * train_flops_per_token(peak["policy_matmul_params"] - head, peak["n_layer"], peak["n_embd"], seq)
     policy += (s.response_length + 1) * 6.0 * head
     value = seq * train_flops_per_token(peak["value_matmul_params"], peak["n_layer"], peak["n_embd"], seq)
-    return s.ppo_epochs * s.batch_size * (policy + value)
+    epochs = s.ppo_epochs - (1 / 3 if s.num_minibatches == 1 else 0)
+    return epochs * s.batch_size * (policy + value)
 
 
 def mfu_of(arm: str, scale: float, which: str, s: Settings, peak: dict, state: dict) -> tuple[float, str]:

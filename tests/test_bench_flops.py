@@ -32,7 +32,10 @@ def test_update_flops_counts_the_lm_head_only_where_logits_are_kept(bench_run):
     # T = 20 + 4 = 24; per token 6 N + 12 L d T = 6 N + 2304
     policy = 24 * (6 * 100 + 2304) + (4 + 1) * 6 * 10  # backbone on all 24 positions, LM head on 5
     value = 24 * (6 * 100 + 2304)
-    assert bench_run.update_flops(20, peak, s) == 3 * 2 * (policy + value) == 838152
+    two = replace(s, num_minibatches=2)  # every epoch's forward and backward in the update phase
+    assert bench_run.update_flops(20, peak, two) == 3 * 2 * (policy + value) == 838152
+    # one minibatch: the first epoch's forward (a third of 6 N + 12 L d T) runs in the rollout
+    assert bench_run.update_flops(20, peak, s) == pytest.approx((3 - 1 / 3) * 2 * (policy + value)) == 745024
     # a wider prompt adds backbone work only
-    wider = bench_run.update_flops(21, peak, s) - bench_run.update_flops(20, peak, s)
+    wider = bench_run.update_flops(21, peak, two) - bench_run.update_flops(20, peak, two)
     assert wider == 3 * 2 * ((25 * (600 + 12 * 2 * 4 * 25) - 24 * 2904) * 2)

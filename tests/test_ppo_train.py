@@ -416,3 +416,20 @@ def test_first_epoch_through_the_rollouts_forward_is_the_same_run(tmp_path, monk
     assert max((w_reuse[k] - w_plain[k]).abs().max().item() for k in w_reuse) < 1e-5
     base = AutoModelForCausalLM.from_pretrained(ws["policy"]).state_dict()
     assert any(not torch.equal(base[k], w_reuse[k]) for k in base)  # and the run did train
+
+
+def test_attached_forward_takes_ids_made_in_inference_mode_and_reaches_both_models():
+    from finegrain.ppo.rollout import PolicyAndValue, attached_forward
+
+    tok = word_tokenizer()
+    model = PolicyAndValue(tiny(tok, "causal", 1), tiny(tok, "token", 2))
+    with torch.inference_mode():  # e.g. a sampler that runs under inference_mode
+        q = torch.tensor([[1, 3, 4], [5, 6, 7]])
+        q_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+        r, r_mask = torch.tensor([[8, 0], [9, 10]]), torch.tensor([[1, 1], [1, 1]])
+    attached, detached = attached_forward(model, q, q_mask, r, r_mask, 1.0, "cpu")
+    assert torch.equal(detached["logprobs"], attached.logprobs.detach())
+    assert not detached["logprobs"].requires_grad and detached["entropy"].shape == (2, 2)
+    (attached.logprobs.sum() + attached.values.sum()).backward()
+    for part in (model.policy, model.value_model):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())

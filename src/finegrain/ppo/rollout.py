@@ -233,6 +233,7 @@ def attached_forward(model: nn.Module, q_ids, q_mask, r_ids, r_mask, temperature
     epoch (its graph) at once; see :class:`AttachedForward`.
     """
     args = [t.to(device) for t in (q_ids, q_mask, r_ids, r_mask)]
+    args = [t.clone() if t.is_inference() else t for t in args]  # ids sampled under inference_mode cannot be saved
     lp, v, ent = forward_response(model, *args, temperature)
     detached = {"logprobs": lp.detach().float().cpu(), "values": v.detach().float().cpu(), "entropy": ent.float().cpu()}
     return AttachedForward(lp, v), detached

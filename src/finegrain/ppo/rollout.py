@@ -175,17 +175,16 @@ class Rollout:
         positions are masked out of attention, and the losses are means over the response mask.
         A minibatch then costs what its own longest rollout costs, not the whole batch's.
         """
-        kw = {"attached": None}  # a minibatch is not the batch the attached forward ran on
+        kw = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name == "attached":
-                continue
             if isinstance(v, torch.Tensor):
                 kw[f.name] = v[idx]
             elif isinstance(v, list):
                 kw[f.name] = [v[i] for i in idx.tolist()]
             else:
                 kw[f.name] = v
+        kw["attached"] = None  # a minibatch is not the batch the attached forward ran on
         if trim:
             q_from = kw["query_mask"].shape[1] - int(kw["query_mask"].sum(1).max())
             r_to = max(1, int(kw["response_mask"].sum(1).max()))

@@ -119,12 +119,12 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
     sums: dict[str, float] = defaultdict(float)
     count = 0
     attached, rollout.attached = rollout.attached, None  # spent below; its graph must not outlive the update
+    if attached is not None and micro < n:
+        raise ValueError("an attached forward covers the whole batch; the minibatch here is smaller")
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, micro):
             if epoch == 0 and attached is not None:
-                if micro < n:
-                    raise ValueError("an attached forward covers the whole batch; the minibatch here is smaller")
                 b = rollout.select(torch.arange(n), accelerator.device, trim=False)
             else:
                 b = rollout.select(perm[start:start + micro], accelerator.device)

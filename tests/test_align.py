@@ -50,7 +50,9 @@ def test_equal_blocks_are_never_marked_and_opcodes_cover_both_sides(a, b):
 
 @given(distinct, st.data())
 def test_pure_substitutions_mark_exactly_the_substituted_tokens(a, data):
+    # one-token substitutions, no two adjacent: every unchanged run is as long as its neighbours, none absorbed
     positions = sorted(data.draw(st.sets(st.integers(0, len(a) - 1), min_size=1)))
+    positions = [p for k, p in enumerate(positions) if k == 0 or p - positions[k - 1] > 1]
     b = list(a)
     for n, p in enumerate(positions):
         b[p] = 1000 + n  # ids that occur nowhere else
@@ -156,3 +158,30 @@ def test_long_pair_aligns(_):
     al = align_tokens(a, b)
     assert sum(al.changed_edited) >= 40 and sum(al.changed_original) >= 40
     assert not al.changed_original[-1]
+
+
+@given(st.lists(st.integers(1, 4), min_size=4, max_size=4), st.integers(0, 3))
+def test_a_shared_token_inside_a_rewrite_is_absorbed_iff_both_sides_changed_more(sizes, n_kept):
+    # original = kept + A + [77] + B + kept2, edited = kept + C + [77] + D + kept2 (A-D distinct ids)
+    la, lb, lc, ld = sizes
+    fresh = iter(range(100, 200))
+    part = lambda n: [next(fresh) for _ in range(n)]  # noqa: E731
+    kept, kept2 = list(range(1, 1 + n_kept)), [50, 51]
+    a, b, c, d = part(la), part(lb), part(lc), part(ld)
+    al = align_tokens(kept + a + [77] + b + kept2 + [EOS], kept + c + [77] + d + kept2 + [EOS])
+    absorbed = min(max(la, lc), max(lb, ld)) > 1
+    shared_at = n_kept + la
+    assert al.changed_original[shared_at] == absorbed
+    changed = list(range(n_kept, n_kept + la)) + ([shared_at] if absorbed else []) + \
+        list(range(shared_at + 1, shared_at + 1 + lb))
+    assert marked(al.changed_original) == changed
+
+
+def test_coincidence_example_and_two_close_fixes():
+    # "walk away with the pot ." -> "wipe the glass with a sponge ." : the shared "the" is part of the rewrite
+    original, edited = [10, 11, 12, 13, 14, 9, EOS], [20, 13, 21, 12, 22, 23, 9, EOS]
+    al = align_tokens(original, edited)
+    assert marked(al.changed_original) == [0, 1, 2, 3, 4] and marked(al.changed_edited) == [0, 1, 2, 3, 4, 5]
+    # two one-token fixes one token apart: the token between them stays unchanged
+    al = align_tokens([1, 2, 3, 4, EOS], [1, 7, 3, 8, EOS])
+    assert marked(al.changed_original) == [1, 3]

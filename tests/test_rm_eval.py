@@ -127,3 +127,42 @@ def test_reward_model_api(trained):
     assert torch.all(rewards[mask == 0] == 0)
     assert mask.sum(1).tolist() == [e.response_end - e.response_start for e in examples]
     assert rm.score_batch(examples).tolist() == pytest.approx(scores, abs=1e-5)
+
+
+def test_best_f1_threshold_hand_computed():
+    from finegrain.rm.evaluate import best_f1_threshold
+
+    # flag the 2 lowest: P = 1, R = 1 -> the cut lies halfway between -1 and 0.5
+    assert best_f1_threshold([-2.0, -1.0, 0.5, 1.0], [True, True, False, False]) == -0.25
+    # ties are flagged together: cutting inside the tie at -1 is impossible
+    # k=1: P 1, R 1/3 -> F1 .5; k=3 (the tie): P 2/3, R 2/3 -> .667; k=4: P 3/4, R 1 -> .857
+    assert best_f1_threshold([-3.0, -1.0, -1.0, 2.0], [True, False, True, True]) == 3.0
+    assert best_f1_threshold([1.0, 2.0], [False, False]) is None
+
+
+def test_localisation_metrics_hand_computed():
+    from finegrain.rm.evaluate import flagged_spans, localisation, span_scores
+
+    # two worse responses; offsets of 4 tokens + a closing token each
+    off = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 8)]
+    worse = [[-2.0, 1.0, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, -3.0, 1.0]]
+    labels = [[True, False, True, False, False], [False, False, False, False, False]]
+    gold = [[(0, 2), (4, 6)], []]
+    better = [[1.0, -0.5, 2.0], [0.5, 0.5]]
+    loc = localisation(worse, labels, [off, off], gold, better, threshold=-0.5)
+    # pooled AUROC over 10 tokens, 2 positives (-2, -1 -> scores 2, 1) vs 8 negatives (scores -1,-2,0,-1,-1,-1,3,-1)
+    # positive 2 beats 7 of 8 (not 3); positive 1 beats 7 -> 14 / 16
+    assert loc["token_auroc"] == pytest.approx(14 / 16)
+    assert loc["response_auroc"] == 1.0 and loc["response_auroc_n"] == 1      # the 2nd response has no positive
+    # flagged (< -0.5): response 1 tokens 0, 2; response 2 token 3 -> token P = 2/3, R = 2/2
+    assert loc["token_precision"] == pytest.approx(2 / 3) and loc["token_recall"] == 1.0
+    assert loc["token_f1"] == pytest.approx(0.8)
+    assert loc["worse_flagged_rate"] == pytest.approx(3 / 10) and loc["better_flagged_rate"] == pytest.approx(0.0)
+    # spans: (0,2), (4,6) in response 1 (both right), (6,8) in response 2 (wrong); both gold spans found
+    assert flagged_spans(off, worse[0], -0.5) == [(0, 2), (4, 6)]
+    assert loc["span_precision"] == pytest.approx(2 / 3) and loc["span_recall"] == 1.0
+    assert loc["span_f1"] == pytest.approx(0.8)
+    assert span_scores([[(0, 10)]], [[(1, 2), (5, 6)]]) == {"span_precision": 1.0, "span_recall": 1.0,
+                                                           "span_f1": 1.0, "n_pred_spans": 1, "n_gold_spans": 2}
+    # without a threshold: the rank figures only
+    assert "span_f1" not in localisation(worse, labels, [off, off], gold, better, threshold=None)

@@ -116,3 +116,27 @@ def test_u0_consistency_hand_computed_and_aligned_pairs():
     m = T([[1, 1, 1], [1, 0, 0]])
     # gaps: 1-0, 2-2, 0.5-1.5, 0-3 -> squares 1, 0, 1, 9 over 4 pairs
     assert u0_consistency(rb, ib, rw, iw, m).item() == pytest.approx(11 / 4)
+
+
+def test_edit_token_labels_and_label_loss_hand_computed():
+    from finegrain.rm.losses import edit_token_labels, token_label_loss
+
+    # row 0 better (response = positions 0-1, U1 = 1), row 1 worse (positions 0-2, U1 = 0)
+    rewards = T([[0.0, 2.0, 9.0], [-1.0, 1.0, 0.0]])
+    resp, u1 = T([[1, 1, 0], [1, 1, 1]]), T([[0, 1, 0], [1, 0, 0]])
+    targets, weights = edit_token_labels(resp, u1, 1, 1.0)     # U0 = good
+    assert targets.tolist() == [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]] and weights.tolist() == [[1, 1, 0], [1, 1, 1]]
+    # BCE(x, y) = log(1 + e^x) - x y: log 2 + log(1+e^-2) + log(1+e^-1) + log(1+e^-1) + log 2, over 5 tokens
+    assert token_label_loss(rewards, targets, weights).item() == pytest.approx(2.1397459 / 5, abs=1e-6)
+    targets, weights = edit_token_labels(resp, u1, 1, 0.5)     # U0 = neutral: x=1, y=.5 -> log(1+e) - .5
+    assert targets.tolist() == [[0.5, 1.0, 0.0], [0.0, 0.5, 0.5]]
+    assert token_label_loss(rewards, targets, weights).item() == pytest.approx(2.6397459 / 5, abs=1e-6)
+    targets, weights = edit_token_labels(resp, u1, 1, None)    # U0 unlabelled: the two U1 tokens only
+    assert weights.tolist() == [[0, 1, 0], [1, 0, 0]]
+    assert token_label_loss(rewards, targets, weights).item() == pytest.approx((0.1269280 + 0.3132617) / 2, abs=1e-6)
+    # the position outside the response (reward 9) gets no gradient
+    r = rewards.clone().requires_grad_(True)
+    token_label_loss(r, *edit_token_labels(resp, u1, 1, 1.0)).backward()
+    assert r.grad[0, 2].item() == 0.0
+    # d/dx = (sigmoid(x) - y) / 5 on the worse U1 token (x=-1, y=0)
+    assert r.grad[1, 0].item() == pytest.approx(torch.sigmoid(T(-1.0)).item() / 5, abs=1e-7)

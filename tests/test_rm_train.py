@@ -286,3 +286,99 @@ def test_edits_cut_off_by_truncation_are_counted_apart(tiny_tokenizer):
     assert [f.id for f in feats] == ["kept"] and (dropped, cut) == (1, 1)
     feats, dropped, cut = featurize(tiny_tokenizer, items, max_length=256)
     assert len(feats) == 2 and (dropped, cut) == (0, 0)
+
+
+def _plain_token_rewards(out: Path, ids: list[int], start: int, end: int) -> list[float]:
+    """Per-token rewards with transformers alone: AutoModelForTokenClassification on the given ids."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, start:end, 0].tolist()
+
+
+def test_label_loss_with_an_encoder_from_scratch_saves_a_plain_checkpoint(data_dir, base_model, tmp_path):
+    out = tmp_path / "enc"
+    summary = train_reward_model(train_cfg(data_dir, base_model, out, loss="token_label", from_scratch="encoder",
+                                           epochs=8, eval_fraction=0.2, eval_every=5))
+    meta = json.loads((out / "finegrain.json").read_text())
+    assert meta["architecture"] == "encoder from scratch" and meta["token_view"] == "causal"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
+    # sizes default to --model's config (the tiny GPT-2: 2 layers, hidden 32, 2 heads)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]) == (2, 32, 2)
+    assert summary["flaw_threshold"] is not None and meta["eval_curve"]
+    res = heldout_eval(out, data_dir, tmp_path)
+    print(f"encoder token_label: accuracy={res['accuracy']:.3f} response_auroc={res['response_auroc']:.3f}")
+    assert res["accuracy"] >= 0.9 and res["response_auroc"] >= 0.9
+    # the reward of a token depends on the tokens after it (bidirectional), and plain transformers agrees
+    rm = RewardModel.load(str(out))
+    row = synthetic_pairs(1, seed=7)[0]
+    ex = rm.encode(row["prompt"], row["rejected"])
+    ours = rm.token_rewards([row["prompt"]], [row["rejected"]])[0].rewards
+    assert ours == pytest.approx(_plain_token_rewards(out, ex.input_ids, ex.response_start, ex.response_end), abs=1e-5)
+    changed = list(ex.input_ids)
+    changed[ex.response_end - 2] = changed[ex.response_start]   # change the last response token only
+    before = _plain_token_rewards(out, changed, ex.response_start, ex.response_start + 1)
+    assert before != pytest.approx(ours[:1], abs=1e-6)
+
+
+def test_echo_view_reads_the_response_twice_and_loads_alone(data_dir, base_model, tmp_path):
+    out = tmp_path / "echo"
+    train_reward_model(train_cfg(data_dir, base_model, out, loss="token_mean", label_weight=1.0, token_view="echo",
+                                 epochs=3, max_length=64))
+    assert json.loads((out / "finegrain.json").read_text())["token_view"] == "echo"
+    rm = RewardModel.load(str(out))
+    row = synthetic_pairs(1, seed=8)[0]
+    tok = rm.tokenizer
+    p, r = tok(f"{row['prompt']}\n")["input_ids"], tok(row["rejected"])["input_ids"]
+    ex = rm.encode(row["prompt"], row["rejected"])
+    # prompt + response + EOS + response + EOS, scored on the second copy
+    assert ex.input_ids == p + r + [tok.eos_token_id] + r + [tok.eos_token_id]
+    assert (ex.response_start, ex.response_end) == (len(p) + len(r) + 1, len(ex.input_ids))
+    ours = rm.token_rewards([row["prompt"]], [row["rejected"]])[0].rewards
+    assert ours == pytest.approx(_plain_token_rewards(out, ex.input_ids, ex.response_start, ex.response_end),
+                                 abs=1e-5)
+    res = heldout_eval(out, data_dir, tmp_path)
+    assert res["accuracy"] >= 0.85
+    with pytest.raises(ConfigError, match="echo applies to token RMs"):
+        train_cfg(data_dir, base_model, out, loss="sequence", token_view="echo")
+
+
+def test_best_evaluation_is_kept_and_the_curve_recorded(data_dir, base_model, tmp_path):
+    out = tmp_path / "best"
+    kw = dict(loss="token_label", epochs=6, eval_data=str(data_dir / "heldout.jsonl"), eval_every=3, lr=1e-2)
+    summary = train_reward_model(train_cfg(data_dir, base_model, out, **kw))
+    meta = json.loads((out / "finegrain.json").read_text())
+    curve = meta["eval_curve"]
+    assert [c["step"] for c in curve] == list(range(3, summary["steps"] + 1, 3))
+    best = min(curve, key=lambda c: (c["eval_loss"], c["step"]))
+    assert meta["kept_step"] == best["step"] and meta["kept_by"] == "eval_loss"
+    assert meta["eval_loss"] == best["eval_loss"] and not (out / "best").exists()
+    # the saved weights are those of that evaluation: re-evaluating them gives its loss
+    from finegrain.rm.data import featurize, load_comparisons
+    from finegrain.rm.train import Objective, evaluate_pairs
+
+    rm = RewardModel.load(str(out))
+    feats, _, _ = featurize(rm.tokenizer, load_comparisons(str(data_dir / "heldout.jsonl"), "edit"), max_length=48)
+    again = evaluate_pairs(rm.model, Objective("token_label"), feats, rm.tokenizer.pad_token_id, 16, "cpu")
+    assert again["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+    last = train_reward_model(train_cfg(data_dir, base_model, tmp_path / "last", keep="last", **kw))
+    assert last["kept_step"] == last["steps"] and last["kept_by"] == "last"
+
+
+def test_max_length_above_the_position_limit_is_clamped_with_one_warning(data_dir, base_model, tmp_path, caplog):
+    import logging
+
+    from finegrain.cli import main
+
+    with caplog.at_level(logging.WARNING):
+        summary = train_reward_model(train_cfg(data_dir, base_model, tmp_path / "rm", max_length=4096, epochs=1))
+    assert summary["max_length"] == 64       # the tiny GPT-2 has 64 positions
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"--max-length 4096 is above the 64 positions of {base_model}; using 64"]
+    res = evaluate_reward_model(build_config(EvalRMConfig, dict(model=str(tmp_path / "rm"), max_length=999,
+                                data=str(data_dir / "heldout.jsonl"), output=str(tmp_path / "e.json"))))
+    assert res["n_pairs"] == 40
+    assert main(["eval-rm", "--model", str(tmp_path / "rm"), "--data", str(data_dir / "heldout.jsonl"),
+                 "--output", str(tmp_path / "e2.json"), "--max-length", "5000"]) == 0

@@ -22,8 +22,22 @@ def test_html_escapes_text_and_marks_changed_tokens():
     assert "&lt;|eos|&gt;" in page and "t&lt;x&gt;" in page
     assert page.count('class="tok u1"') == 1 and page.count('class="tok gold"') == 1
     assert 'title="reward -2.0000"' in page and "score -0.0500" in page
-    assert reward_colour(-2.0, 2.0) == "rgba(214,39,40,0.850)" and reward_colour(1.0, 2.0) == "rgba(44,160,44,0.425)"
-    assert reward_colour(0.0, 0.0).endswith("0.000)") and reward_colour(float("nan"), 1.0).endswith("0.000)")
+    # diverging around the centre: full (85 %) red at centre - scale, half blue at centre + scale / 2, white at it
+    assert reward_colour(-2.0, 0.0, 2.0) == "rgb(221,79,71)" and reward_colour(1.0, 0.0, 2.0) == "rgb(176,196,223)"
+    assert reward_colour(3.0, 3.0, 1.0) == "rgb(255,255,255)" and reward_colour(-9.0, 0.0, 1.0) == "rgb(221,79,71)"
+    assert reward_colour(0.0, 0.0, 0.0) == "rgb(255,255,255)" and reward_colour(float("nan"), 0.0, 1.0) == "rgb(255,255,255)"
+    # no centre given: the page's median reward (0.2 here), stated in the legend
+    assert "centre +0.200 (the median reward on this page)" in page
+
+
+def test_colour_scale_is_the_95th_percentile_gap_and_the_legend_names_the_centre():
+    from finegrain.eval.show import colour_scale
+
+    rewards = [float(k) for k in range(20)] + [1000.0]          # one extreme token
+    assert colour_scale(rewards, 0.0) == 19.0                    # 95th percentile of |r - 0| over 21 values
+    view = ResponseView("worse", "ab", ["a", "b"], [(0, 1), (1, 2)], [-1.0, 3.0])
+    page = token_reward_html([PairView("x", "p", [view])], centre=1.0, centre_label="the flaw threshold")
+    assert "centre +1.000 (the flaw threshold)" in page and "+1.00</span>" in page
 
 
 def test_show_rewards_command(tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Literal
 from .errors import ConfigError
 
 Head = Literal["causal", "token", "sequence", "base"]
+logger = logging.getLogger(__name__)
 META_FILE = "finegrain.json"
 
 
@@ -142,6 +144,54 @@ def fuse_gelu(model) -> int:
     return len(swaps)
 
 
+# model_type of the encoder families whose outputs at a token see the whole input (bidirectional attention)
+ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "deberta", "deberta-v2", "distilbert",
+                                 "electra", "albert", "mpnet", "modernbert", "longformer", "ernie", "nomic_bert"})
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    """A model's transformers config (no weights loaded); one line naming the model when unreadable."""
+    from transformers import AutoConfig
+
+    res = resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(res.path, trust_remote_code=trust_remote_code, **res.kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the model config of {name!r}: {e}") from e
+
+
+def context_length(config) -> int | None:
+    """Longest input a config allows (max_position_embeddings / n_positions ...), if it says.
+
+    RoBERTa-style position ids start after the pad id, so they lose ``pad_token_id + 1`` positions.
+    """
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+                v -= int(getattr(config, "pad_token_id", None) or 0) + 1
+            return v
+    return None
+
+
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "longformer"})
+
+
+def clamp_max_length(requested: int, name: str, trust_remote_code: bool = False, *, flag: str = "--max-length",
+                     config=None) -> int:
+    """``requested``, or the model's position limit with one warning line when the request is above it."""
+    limit = context_length(config if config is not None else load_config(name, trust_remote_code))
+    if limit is not None and requested > limit:
+        logger.warning("%s %d is above the %d positions of %s; using %d", flag, requested, limit, name, limit)
+        return limit
+    return requested
+
+
+def is_encoder_model(config) -> bool:
+    """True for a bidirectional encoder (BERT family): its output at token t depends on tokens after t."""
+    return getattr(config, "model_type", None) in ENCODER_MODEL_TYPES
+
+
 def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool = False, dtype=None,
                attn_implementation: str | None = None, **kwargs):
     """Load ``name`` with the given head; one-label heads for ``token`` and ``sequence``.
@@ -258,6 +308,36 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, eos: str
     if pad is None:
         ensure_pad_token(fast)
     return fast
+
+
+def scratch_model(architecture: str, head: Head, tokenizer, *, n_layer: int, n_head: int, n_embd: int,
+                  n_positions: int, attn_implementation: str | None = None, dtype=None):
+    """A new, randomly initialised model for ``tokenizer``: ``encoder`` (BERT) or ``decoder`` (GPT-2).
+
+    ``head`` as in :func:`load_model`; dropout off, like the sandbox's GPT-2 (the same settings for
+    both, so that the two kinds compare on equal terms).
+    """
+    import transformers
+
+    if n_embd % n_head:
+        raise ConfigError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if architecture == "encoder":
+        config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=n_embd, num_hidden_layers=n_layer,
+                                         num_attention_heads=n_head, intermediate_size=4 * n_embd,
+                                         max_position_embeddings=n_positions, pad_token_id=pad,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=1)
+    elif architecture == "decoder":
+        config = tiny_gpt2_config(len(tokenizer), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                  n_positions=n_positions, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    else:
+        raise ConfigError(f"unknown architecture {architecture!r} (encoder or decoder)")
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    auto = getattr(transformers, _AUTO[head])
+    model = auto.from_config(config, dtype=dtype) if dtype is not None else auto.from_config(config)
+    fuse_gelu(model)
+    return model
 
 
 def tiny_gpt2_config(vocab_size: int, *, n_layer: int = 2, n_head: int = 2, n_embd: int = 32, n_positions: int = 256,

@@ -1,7 +1,11 @@
 """Per-token rewards as an HTML heat map (`finegrain show-rewards`; reused by the sandbox report).
 
-Each token is shaded by its reward: red below zero, green above, intensity relative to the
-largest |reward| on the page. Changed (U1) tokens are outlined, gold flawed tokens (when the data
+Each token is shaded on a diverging scale around a stated centre: red below it (the lower, the
+redder: "this token looks flawed"), blue above it, white at it. The centre is the reward model's
+flaw threshold (chosen by train-rm on its own training-side pairs, stored in finegrain.json) when
+it has one, else the median reward on the page; the scale's half-width is the 95th percentile of
+|reward - centre| on the page, so one extreme token does not wash out the rest. A legend gives the
+colours with their rewards. Changed (U1) tokens are outlined, gold flawed tokens (when the data
 has ``gold_spans``) underlined. All model and user text is HTML-escaped. Importing this module
 is cheap; the model is only loaded inside :func:`show_rewards`.
 """
@@ -57,19 +61,37 @@ body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1
 .gold{text-decoration:underline dotted #000 2px}
 .special{font-size:.75em;color:#666}
 .zw{display:inline-block;min-width:.35em;height:1em;vertical-align:middle}
-.legend span{padding:0 .4em;margin-right:.3em}
+.legend span{padding:.1em .4em;margin-right:.2em;font-family:ui-monospace,monospace;font-size:.85em}
 h2{font-size:1em;margin:.3em 0} h3{font-size:.9em;margin:.6em 0 .2em}
 """
 
 
-def reward_colour(r: float, scale: float) -> str:
-    """Background colour of a token: red for negative, green for positive rewards."""
-    t = max(-1.0, min(1.0, r / scale)) if scale > 0 and math.isfinite(r) else 0.0
-    rgb = (214, 39, 40) if t < 0 else (44, 160, 44)
-    return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{abs(t) * 0.85:.3f})"
+LOW_RGB, HIGH_RGB = (215, 48, 39), (69, 117, 180)   # ColorBrewer RdBu ends: red = low reward, blue = high
 
 
-def _response_html(v: ResponseView, scale: float) -> str:
+def reward_colour(r: float, centre: float, scale: float) -> str:
+    """Background of a token: white at ``centre``, towards red below it and blue above, full at +-``scale``.
+
+    Colours stop at 85 % of the end colour so black text stays readable on them.
+
+    >>> reward_colour(-1.0, 0.0, 1.0), reward_colour(0.0, 0.0, 1.0), reward_colour(2.0, 1.0, 2.0)
+    ('rgb(221,79,71)', 'rgb(255,255,255)', 'rgb(176,196,223)')
+    """
+    t = max(-1.0, min(1.0, (r - centre) / scale)) if scale > 0 and math.isfinite(r) else 0.0
+    end = LOW_RGB if t < 0 else HIGH_RGB
+    w = abs(t) * 0.85
+    return "rgb({},{},{})".format(*(round(255 + (c - 255) * w) for c in end))
+
+
+def colour_scale(rewards: Sequence[float], centre: float) -> float:
+    """Half-width of the colour scale: the 95th percentile of |r - centre| (robust to a few extreme tokens)."""
+    gaps = sorted(abs(r - centre) for r in rewards if math.isfinite(r))
+    if not gaps:
+        return 0.0
+    return gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))] or gaps[-1]
+
+
+def _response_html(v: ResponseView, centre: float, scale: float) -> str:
     parts, prev = [], 0
     for k, ((s, e), r) in enumerate(zip(v.offsets, v.rewards)):
         if s > prev:
@@ -81,7 +103,7 @@ def _response_html(v: ResponseView, scale: float) -> str:
         classes = ["tok"] + (["u1"] if k < len(v.changed) and v.changed[k] else []) \
             + (["gold"] if k < len(v.gold) and v.gold[k] else []) + (["special"] if closing else []) \
             + (["zw"] if e == s and not closing else [])
-        parts.append(f'<span class="{" ".join(classes)}" style="background:{reward_colour(r, scale)}" '
+        parts.append(f'<span class="{" ".join(classes)}" style="background:{reward_colour(r, centre, scale)}" '
                      f'title="reward {r:+.4f}">{html.escape(shown)}</span>')
         prev = max(prev, e)
     if prev < len(v.text):
@@ -90,19 +112,33 @@ def _response_html(v: ResponseView, scale: float) -> str:
     return f'<h3>{html.escape(v.label)}{score}</h3><div class="resp">{"".join(parts)}</div>'
 
 
-def token_reward_html(items: Sequence[PairView], *, title: str = "Per-token rewards") -> str:
-    """A self-contained HTML page showing every response of every item as a reward heat map."""
-    rewards = [abs(r) for it in items for v in it.responses for r in v.rewards if math.isfinite(r)]
-    scale = max(rewards, default=0.0)
+def legend_html(centre: float, scale: float, centre_label: str) -> str:
+    """The colour key: nine swatches from centre - scale to centre + scale with their rewards."""
+    steps = [centre + scale * k / 4 for k in range(-4, 5)]
+    swatches = "".join(f'<span style="background:{reward_colour(r, centre, scale)}">{r:+.2f}</span>' for r in steps)
+    return (f'<div class="legend"><p>reward: {swatches}</p><p>red = below the centre {centre:+.3f} '
+            f'({html.escape(centre_label)}): the reward model calls the token flawed; blue = above it; '
+            f'<span class="u1">outlined</span> = changed by the edit (U1); <span class="gold">underlined</span> '
+            f'= gold flawed span</p></div>')
+
+
+def token_reward_html(items: Sequence[PairView], *, title: str = "Per-token rewards", centre: float | None = None,
+                      centre_label: str = "the flaw threshold") -> str:
+    """A self-contained HTML page showing every response of every item as a reward heat map.
+
+    ``centre`` None: the median reward on the page (said so in the legend).
+    """
+    rewards = [r for it in items for v in it.responses for r in v.rewards if math.isfinite(r)]
+    if centre is None:
+        centre = sorted(rewards)[len(rewards) // 2] if rewards else 0.0
+        centre_label = "the median reward on this page"
+    scale = colour_scale(rewards, centre)
     body = []
     for it in items:
-        resp = "".join(_response_html(v, scale) for v in it.responses)
+        resp = "".join(_response_html(v, centre, scale) for v in it.responses)
         body.append(f'<div class="pair"><h2>{html.escape(str(it.id))}</h2>'
                     f'<div class="prompt">{html.escape(it.prompt)}</div>{resp}</div>')
-    legend = (f'<p class="legend">colour scale &plusmn;{scale:.4f}: '
-              f'<span style="background:{reward_colour(-scale, scale)}">low reward</span>'
-              f'<span style="background:{reward_colour(scale, scale)}">high reward</span>'
-              f'<span class="u1">changed by the edit (U1)</span><span class="gold">gold flawed</span></p>')
+    legend = legend_html(centre, scale, centre_label)
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{legend}{"".join(body)}</body></html>\n')
 
@@ -156,7 +192,9 @@ def show_rewards(cfg: ShowRewardsConfig) -> dict:
     if rm.kind != "token":
         raise ConfigError(f"{cfg.model} is a sequence reward model; show-rewards needs a token reward model "
                           "(train one with --loss token_edit or token_mean)")
-    page = token_reward_html(_views(rm, items, cfg.batch_size), title=f"Per-token rewards of {cfg.model}")
+    centre = rm.meta.get("flaw_threshold")
+    page = token_reward_html(_views(rm, items, cfg.batch_size), title=f"Per-token rewards of {cfg.model}",
+                             centre=centre, centre_label="the flaw threshold train-rm chose on its training pairs")
     with atomic_write(cfg.output) as f:
         f.write(page)
     return {"output": cfg.output, "n_pairs": len(items)}

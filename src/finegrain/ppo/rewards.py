@@ -4,8 +4,9 @@ Two cases:
 
 - same tokenizer (identical vocabulary and EOS): the RM reads the policy's own ids,
   ``prompt ids + response ids (without EOS) + [EOS]`` (the decoder layout of
-  :func:`finegrain.rm.inputs.build_rm_example`), so RM position i is policy token i and the
-  RM's closing EOS is the policy's EOS; no mapping.
+  :func:`finegrain.rm.inputs.build_rm_example`; with the RM's ``echo`` view the response twice),
+  so RM response position i is policy token i and the RM's closing EOS is the policy's EOS; no
+  mapping.
 - different tokenizers (``--cross-tokenizer``): the decoded response is re-tokenised with
   :func:`build_rm_example` and each RM token's reward is split over the policy tokens its
   characters overlap, in proportion to the overlap (:func:`map_rewards_by_offsets`), so the
@@ -26,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from ..rm.inputs import RMExample, build_rm_example, is_encoder_style
+from ..rm.inputs import RMExample, build_rm_example, is_encoder_style, rm_example_from_ids
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -53,23 +54,6 @@ def tokenizers_match(a, b) -> bool:
         return True
     return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
             and is_encoder_style(a) == is_encoder_style(b))
-
-
-def rm_example_from_ids(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int,
-                        max_length: int) -> RMExample:
-    """The decoder layout of ``build_rm_example`` built from ids the policy produced.
-
-    ``response_ids`` must not include the EOS: the closing EOS is appended here, as in RM
-    training. Same truncation policy: the response keeps priority, the prompt is cut from
-    its left; a response too long alone is cut on the right before the closing token.
-    """
-    budget = max_length - 1
-    r_ids = list(response_ids)[:budget]
-    keep = budget - len(r_ids)
-    p_ids = list(prompt_ids)[len(prompt_ids) - keep:] if keep > 0 else []
-    truncated = len(r_ids) < len(response_ids) or len(p_ids) < len(prompt_ids)
-    ids = p_ids + r_ids + [eos_id]
-    return RMExample(ids, len(p_ids), len(ids), [], truncated)
 
 
 def policy_token_offsets(tokenizer, ids: Sequence[int], text: str) -> list[tuple[int, int]]:
@@ -174,12 +158,12 @@ class RewardScorer:
     """Scores rollouts with a reward model; see the module docstring for the two tokenizer cases."""
 
     def __init__(self, model, tokenizer, kind: str, policy_tokenizer, *, max_length: int,
-                 template: str | None = None, batch_size: int = 16):
+                 template: str | None = None, batch_size: int = 16, view: str = "causal"):
         if kind not in ("token", "sequence"):
             raise ValueError(f"reward model kind must be token or sequence, got {kind!r}")
         self.model, self.tokenizer, self.kind = model, tokenizer, kind
         self.policy_tokenizer = policy_tokenizer
-        self.max_length, self.template, self.batch_size = max_length, template, batch_size
+        self.max_length, self.template, self.batch_size, self.view = max_length, template, batch_size, view
         # the ids layout is the decoder one; an (unusual) encoder-style policy tokenizer takes the text path
         self.same_tokenizer = tokenizers_match(tokenizer, policy_tokenizer) and not is_encoder_style(tokenizer)
 
@@ -188,14 +172,15 @@ class RewardScorer:
         """RM inputs of a batch: policy ids (same tokenizer) or re-tokenised text (cross-tokenizer)."""
         if not self.same_tokenizer:
             return [build_rm_example(self.tokenizer, p, t, max_length=self.max_length, template=self.template,
-                                     with_offsets=self.kind == "token") for p, t in zip(prompts, texts)]
+                                     with_offsets=self.kind == "token", view=self.view)
+                    for p, t in zip(prompts, texts)]
         eos = self.tokenizer.eos_token_id
         out = []
         for q, r, m in zip(query_ids, response_ids, response_mask):
             body = [t for t in r[m.bool()].tolist()]
             if body and body[-1] == eos:
                 body = body[:-1]
-            out.append(rm_example_from_ids(list(q), body, eos, self.max_length))
+            out.append(rm_example_from_ids(list(q), body, eos, self.max_length, self.view))
         return out
 
     def score(self, prompts: Sequence[str], query_ids: Sequence[Sequence[int]], response_ids: torch.Tensor,

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..errors import ConfigError, InputError
 from ..generation import encode_texts, format_prompt
 from ..io import iter_records
-from ..models import load_tokenizer, read_meta
+from ..models import clamp_max_length, is_encoder_model, load_config, load_tokenizer, read_meta
+from ..rm.inputs import check_view
 from .config import PPOConfig
 from .rewards import tokenizers_match
 
@@ -31,6 +32,7 @@ class RunInputs:
     rm_kind:       "token" or "sequence"
     rm_max_length: RM input length used for scoring
     same_tokenizer: RM and policy share their tokenizer (no offset mapping)
+    rm_view:       how the token RM reads a response (``causal`` or ``echo``, from its finegrain.json)
     """
 
     prompts: list[str]
@@ -40,24 +42,14 @@ class RunInputs:
     rm_kind: str
     rm_max_length: int
     same_tokenizer: bool
+    rm_view: str = "causal"
 
 
 def model_context_length(name_or_path: str, trust_remote_code: bool = False) -> int | None:
     """Longest input the model's config allows (max_position_embeddings / n_positions), if it says."""
-    from transformers import AutoConfig
+    from ..models import context_length, load_config
 
-    from ..models import resolve_model
-
-    res = resolve_model(name_or_path)
-    try:
-        cfg = AutoConfig.from_pretrained(res.path, trust_remote_code=trust_remote_code, **res.kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read the model config of {name_or_path!r}: {e}") from e
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    return context_length(load_config(name_or_path, trust_remote_code=trust_remote_code))
 
 
 def reward_model_kind(path: str) -> str:
@@ -114,6 +106,11 @@ def preflight(cfg: PPOConfig) -> RunInputs:
                           "policy tokens); use --value-init policy with --cross-tokenizer")
     if not same and cfg.reward_mode == "token" and not getattr(rm_tok, "is_fast", False):
         raise ConfigError("--cross-tokenizer with token rewards needs a fast (Rust) RM tokenizer for character offsets")
+    rm_view = read_meta(cfg.reward_model).get("token_view", "causal") if rm_kind == "token" else "causal"
+    check_view(rm_tok, rm_view)
+    if cfg.value_init == "reward" and is_encoder_model(load_config(cfg.reward_model, cfg.trust_remote_code)):
+        raise ConfigError(f"--value-init reward: {cfg.reward_model} is an encoder, whose outputs at token t see the "
+                          "tokens after t; a value model must not see the future; use --value-init policy")
     prompts = load_prompts(cfg)
     query_ids = encode_texts(tok, [format_prompt(tok, p, cfg.prompt_template) for p in prompts])
     ctx = model_context_length(cfg.policy, cfg.trust_remote_code)
@@ -127,11 +124,14 @@ def preflight(cfg: PPOConfig) -> RunInputs:
                              f"--max-new-tokens {cfg.max_new_tokens} (context {ctx}, --max-prompt-length "
                              f"{cfg.max_prompt_length})", path=cfg.prompts, record=f"prompt {i + 1}",
                              field=cfg.prompt_field)
-    rm_ctx = model_context_length(cfg.reward_model, cfg.trust_remote_code)
-    rm_max = cfg.rm_max_length or cfg.max_prompt_length + cfg.max_new_tokens + 1
-    if rm_ctx is not None:
-        rm_max = min(rm_max, rm_ctx)
-    return RunInputs(prompts, [list(q) for q in query_ids], tok, rm_tok, rm_kind, rm_max, same)
+    copies = 2 if rm_view == "echo" else 1  # the echo view reads the response twice
+    if cfg.rm_max_length:
+        rm_max = clamp_max_length(cfg.rm_max_length, cfg.reward_model, cfg.trust_remote_code, flag="--rm-max-length")
+    else:  # the default needs no warning: the response keeps priority, the prompt is cut from its left
+        rm_ctx = model_context_length(cfg.reward_model, cfg.trust_remote_code)
+        rm_max = cfg.max_prompt_length + copies * (cfg.max_new_tokens + 1)
+        rm_max = min(rm_max, rm_ctx) if rm_ctx is not None else rm_max
+    return RunInputs(prompts, [list(q) for q in query_ids], tok, rm_tok, rm_kind, rm_max, same, rm_view)
 
 
 def torch_dtype(name: str):

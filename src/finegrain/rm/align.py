@@ -7,6 +7,12 @@ side marks the single token at the divergence point: the token that FOLLOWS the 
 end with their closing token (EOS/SEP, see ``rm/inputs.py``), so that token always exists for an
 edit at the very end; if a caller passes ids without a closing token, the last token stands in.
 
+Coincidental matches: when an edit rewrites a stretch (an unsafe sentence replaced by a good
+one), the diff matches the few common tokens inside it ("the", ".") and would call them
+unchanged. An unchanged run strictly shorter than the changes on both sides of it is absorbed
+into the change (``absorb_coincidences``; the semantic clean-up of Myers' diff-match-patch, with a
+strict comparison so that two one-token fixes one token apart keep that token unchanged).
+
 Consequences: identical responses have no U1 token; any two different responses have at least
 one U1 token on each side (when both are non-empty). U0 is every other response token.
 
@@ -49,6 +55,34 @@ def _mark(marks: list[bool], lo: int, hi: int) -> None:
         marks[min(lo, len(marks) - 1)] = True
 
 
+Opcode = tuple[str, int, int, int, int]
+
+
+def absorb_coincidences(opcodes: Sequence[Opcode]) -> list[Opcode]:
+    """Merge every equal block shorter than the changed blocks on both of its sides into one ``replace``.
+
+    The size of a changed block is its longer side. Repeated until nothing merges (a merge makes
+    its block larger, which can absorb the next equal block).
+
+    >>> absorb_coincidences([("replace", 0, 3, 0, 4), ("equal", 3, 4, 4, 5), ("replace", 4, 6, 5, 8)])
+    [('replace', 0, 6, 0, 8)]
+    >>> absorb_coincidences([("replace", 0, 1, 0, 1), ("equal", 1, 2, 1, 2), ("replace", 2, 3, 2, 3)])[1]
+    ('equal', 1, 2, 1, 2)
+    """
+    ops = [tuple(op) for op in opcodes]
+    size = lambda op: max(op[2] - op[1], op[4] - op[3])  # noqa: E731
+    k = 1
+    while k < len(ops) - 1:
+        left, mid, right = ops[k - 1], ops[k], ops[k + 1]
+        if mid[0] == "equal" and left[0] != "equal" and right[0] != "equal" \
+                and size(mid) < min(size(left), size(right)):
+            ops[k - 1:k + 2] = [("replace", left[1], right[2], left[3], right[4])]
+            k = max(1, k - 1)
+            continue
+        k += 1
+    return ops  # type: ignore[return-value]
+
+
 def align_tokens(original_ids: Sequence[int], edited_ids: Sequence[int]) -> TokenAlignment:
     """Diff two token id lists and mark the changed tokens (U1) of each side.
 
@@ -60,7 +94,7 @@ def align_tokens(original_ids: Sequence[int], edited_ids: Sequence[int]) -> Toke
     """
     a, b = list(original_ids), list(edited_ids)
     matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    opcodes = [tuple(op) for op in matcher.get_opcodes()]
+    opcodes = absorb_coincidences(matcher.get_opcodes())
     changed_a, changed_b = [False] * len(a), [False] * len(b)
     for tag, i1, i2, j1, j2 in opcodes:
         if tag == "equal":

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from ..config import TrainingOptions, opt
 from ..errors import ConfigError
 
+LOSSES = ("sequence", "token_mean", "token_edit", "token_label")
+"""Names of the reward-model losses (``--loss``); all but ``sequence`` train a token RM (rm/losses.py)."""
+U0_LABELS = {"good": 1.0, "neutral": 0.5, "none": None}
+"""``--u0-label``: the target P(good) of unchanged tokens in the per-token label term (None: unlabelled)."""
+
 
 @dataclass(kw_only=True)
 class TrainRMConfig(TrainingOptions):
@@ -17,8 +22,9 @@ class TrainRMConfig(TrainingOptions):
     output: str = opt(help="output directory: the reward model checkpoint, metrics.jsonl, checkpoints/")
     loss: str = opt("token_edit", "sequence: Bradley-Terry on the last-token score (sequence RM); token_mean: "
                     "Eq. 1-3, BT on the mean token reward (token RM); token_edit: Eq. 4, changed (U1) tokens "
-                    "only, each side divided by its own length (token RM)",
-                    choices=["sequence", "token_mean", "token_edit"])
+                    "only, each side divided by its own length (token RM); token_label: the edit as per-token "
+                    "labels, a token classifier (changed tokens of the rejected side bad, of the edited side "
+                    "good, unchanged ones per --u0-label)", choices=list(LOSSES))
     pairs: str = opt("edit", "preference: chosen > rejected; edit: edited > rejected",
                      choices=["preference", "edit"])
     eval_data: str | None = opt(None, "held-out pairs (same format); default: split --eval-fraction off --data")
@@ -30,6 +36,25 @@ class TrainRMConfig(TrainingOptions):
     u0_weight: float = opt(0.0, "token losses: weight of a regulariser pulling the rewards of aligned unchanged (U0) "
                                 "tokens of the two responses together, the assumption behind Eq. 3-4 "
                                 "(0 = the paper's loss)")
+    label_weight: float = opt(0.0, "token_mean / token_edit: weight of the per-token label term of --loss "
+                                   "token_label added to the Bradley-Terry loss (0 = the paper's loss)")
+    u0_label: str = opt("good", "per-token labels: target of the unchanged (U0) tokens: good (the editor kept "
+                                "them), neutral (P = 0.5, reward 0) or none (unlabelled)", choices=list(U0_LABELS))
+    token_view: str = opt("causal", "token RMs on a decoder backbone: causal (token t's reward sees tokens up to t) "
+                                    "or echo (the response is read twice and rewards taken on the second copy, so "
+                                    "every reward sees the whole response; twice the response length). Encoders "
+                                    "see the whole response anyway", choices=["causal", "echo"])
+    from_scratch: str | None = opt(None, "build a new model from a config instead of loading --model's weights "
+                                         "(--model then gives only the tokenizer and the default sizes): encoder "
+                                         "(BERT: every token sees the whole input) or decoder (GPT-2)",
+                                   choices=["encoder", "decoder"])
+    n_layer: int | None = opt(None, "with --from-scratch: layers (default: as --model's config)")
+    n_head: int | None = opt(None, "with --from-scratch: attention heads (default: as --model's config)")
+    n_embd: int | None = opt(None, "with --from-scratch: hidden size (default: as --model's config)")
+    keep: str = opt("best", "which weights to save: best (the evaluation with the best --best-metric on the "
+                            "held-out pairs; the last step when there are none) or last", choices=["best", "last"])
+    best_metric: str = opt("loss", "held-out metric that picks the best evaluation: loss (lowest) or accuracy "
+                                   "(highest; ties: the earlier step)", choices=["loss", "accuracy"])
 
     def validate(self) -> None:
         super().validate()
@@ -39,6 +64,17 @@ class TrainRMConfig(TrainingOptions):
             raise ConfigError("--u0-weight must be >= 0")
         if self.u0_weight and self.loss == "sequence":
             raise ConfigError("--u0-weight applies to token losses (token_mean, token_edit), not --loss sequence")
+        if self.label_weight < 0:
+            raise ConfigError("--label-weight must be >= 0")
+        if self.label_weight and self.loss not in ("token_mean", "token_edit"):
+            raise ConfigError("--label-weight adds the label term to token_mean or token_edit "
+                              f"(--loss {self.loss} {'is that term' if self.loss == 'token_label' else 'has none'})")
+        if self.token_view == "echo" and self.loss == "sequence":
+            raise ConfigError("--token-view echo applies to token RMs; a sequence RM's score already sees the whole "
+                              "response")
+        for name in ("n_layer", "n_head", "n_embd"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
 
     @property
     def kind(self) -> str:
@@ -59,6 +95,9 @@ class EvalRMConfig:
     skip_invalid: bool = opt(False, "skip invalid records instead of stopping")
     trust_remote_code: bool = opt(False, "allow model code from the hub")
     dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
+    flaw_threshold: float | None = opt(None, "token RMs: tokens with a reward below this are called flawed for the "
+                                             "span and token precision/recall (default: the threshold train-rm "
+                                             "chose on the RM's own training-side pairs, in its finegrain.json)")
 
     def validate(self) -> None:
         if self.batch_size < 1:

@@ -64,7 +64,7 @@ def u0_pairs(opcodes) -> list[tuple[int, int]]:
 
 
 def featurize(tokenizer, items: Sequence[Comparison], *, max_length: int, template: str | None = None,
-              with_offsets: bool = False) -> tuple[list[PairFeatures], int, int]:
+              with_offsets: bool = False, view: str = "causal") -> tuple[list[PairFeatures], int, int]:
     """Tokenise and align every comparison; drop those whose two responses are identical.
 
     Returns (features, number dropped as identical, how many of those differ only beyond
@@ -73,9 +73,9 @@ def featurize(tokenizer, items: Sequence[Comparison], *, max_length: int, templa
     out, dropped, cut = [], 0, 0
     for c in items:
         b = build_rm_example(tokenizer, c.prompt, c.better, max_length=max_length, template=template,
-                             with_offsets=with_offsets)
+                             with_offsets=with_offsets, view=view)
         w = build_rm_example(tokenizer, c.prompt, c.worse, max_length=max_length, template=template,
-                             with_offsets=with_offsets)
+                             with_offsets=with_offsets, view=view)
         al = align_tokens(w.response_ids, b.response_ids)
         if al.identical:
             dropped += 1

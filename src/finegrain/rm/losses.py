@@ -1,4 +1,11 @@
-"""The three reward-model losses (reference/paper.md Eq. 1-4; DESIGN.md decision 2), as pure functions.
+"""The reward-model losses (reference/paper.md Eq. 1-4; DESIGN.md decision 2), as pure functions.
+
+- ``sequence``:    Bradley-Terry on one score per response (the standard RM);
+- ``token_mean``:  Eq. 1-3, Bradley-Terry on the mean token reward;
+- ``token_edit``:  Eq. 4, Bradley-Terry on the changed (U1) tokens only;
+- ``token_label``: the edit read as per-token labels (changed tokens of the worse response are
+  bad, those of the better response good), a token classifier; it can also be added to a
+  Bradley-Terry token loss with a weight (``--label-weight``).
 
 Shapes: B pairs; L padded sequence length. ``rewards_*`` are per-position rewards of a token
 RM, ``mask_*`` mark the response positions of each row (response tokens + closing token: the
@@ -77,4 +84,38 @@ def u0_consistency(rewards_better: torch.Tensor, index_better: torch.Tensor, rew
     return (gap.pow(2) * m).sum() / m.sum().clamp_min(1.0)
 
 
-LOSSES = ("sequence", "token_mean", "token_edit")
+def edit_token_labels(response_mask: torch.Tensor, u1_mask: torch.Tensor, n_better: int,
+                      u0_target: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token targets and weights that an edit implies; rows [0, n_better) are the better (edited) side.
+
+    A target is P(this token is good):
+      - 0 on the changed (U1) tokens of the worse response (what the editor replaced),
+      - 1 on the U1 tokens of the better response (what the editor wrote),
+      - ``u0_target`` on the unchanged (U0) tokens of both (1 = "the editor kept them, so they are
+        fine"; 0.5 = neutral; None = unlabelled, weight 0).
+    (2B, L) masks -> (2B, L) targets, (2B, L) weights (0 outside the response).
+
+    >>> t, w = edit_token_labels(torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[0, 1, 0], [1, 0, 0]]), 1, 0.5)
+    >>> t.tolist(), w.tolist()
+    ([[0.5, 1.0, 0.0], [0.0, 0.5, 0.5]], [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    """
+    resp, u1 = response_mask.bool(), u1_mask.bool() & response_mask.bool()
+    u0 = resp & ~u1
+    better = torch.zeros_like(resp)
+    better[:n_better] = True
+    targets = torch.where(u1, better.to(torch.float32), torch.full(resp.shape, u0_target or 0.0, device=resp.device))
+    weights = u1.to(torch.float32) + (u0.to(torch.float32) if u0_target is not None else 0.0)
+    return targets * resp, weights
+
+
+def token_label_loss(rewards: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-token labels as a classifier: weighted mean binary cross-entropy of sigmoid(r_t) against the targets.
+
+    r_t is then the log-odds that token t is good: a flawed token gets a negative reward, a good one a
+    positive reward, so a LOW reward points at the tokens the editor changed.  (B, L) x 3 -> ()
+    """
+    bce = F.binary_cross_entropy_with_logits(rewards, targets.to(rewards.dtype), reduction="none")
+    w = weights.to(rewards.dtype)
+    return (bce * w).sum() / w.sum().clamp_min(1.0)
+
+

@@ -21,8 +21,8 @@ import torch
 
 from ..errors import ConfigError
 from ..generation import right_pad
-from ..models import load_model, load_tokenizer, read_meta
-from .inputs import RMExample, build_rm_example, is_encoder_style
+from ..models import clamp_max_length, load_model, load_tokenizer, read_meta
+from .inputs import RMExample, build_rm_example, check_view, is_encoder_style
 
 Kind = Literal["token", "sequence"]
 PAD_TOKEN = "<|finegrain_pad|>"
@@ -123,10 +123,11 @@ class RewardModel:
     """A trained reward model with the one input rule of ``rm/inputs.py``."""
 
     def __init__(self, model, tokenizer, kind: Kind, *, max_length: int = 1024, template: str | None = None,
-                 meta: dict | None = None):
+                 meta: dict | None = None, view: str = "causal"):
         if kind not in ("token", "sequence"):
             raise ConfigError(f"reward model kind must be 'token' or 'sequence', got {kind!r}")
-        self.model, self.tokenizer, self.kind = model, tokenizer, kind
+        check_view(tokenizer, view)
+        self.model, self.tokenizer, self.kind, self.view = model, tokenizer, kind, view
         self.max_length, self.template, self.meta = max_length, template, dict(meta or {})
         if kind == "sequence":
             ensure_distinct_pad(tokenizer, model)
@@ -147,8 +148,11 @@ class RewardModel:
         model.eval()
         if device:
             model.to(device)
-        return cls(model, tok, kind, max_length=max_length or int(meta.get("max_length", 1024)),
-                   template=meta.get("template"), meta=meta)
+        limit = int(meta.get("max_length", 1024))
+        if max_length is not None:
+            limit = clamp_max_length(max_length, path, trust_remote_code, config=model.config)
+        return cls(model, tok, kind, max_length=limit, template=meta.get("template"), meta=meta,
+                   view=meta.get("token_view") or "causal")
 
     @property
     def device(self) -> torch.device:
@@ -156,7 +160,7 @@ class RewardModel:
 
     def encode(self, prompt: str, response: str, *, with_offsets: bool = False) -> RMExample:
         return build_rm_example(self.tokenizer, prompt, response, max_length=self.max_length,
-                                template=self.template, with_offsets=with_offsets)
+                                template=self.template, with_offsets=with_offsets, view=self.view)
 
     @torch.no_grad()
     def forward_batch(self, examples: Sequence[RMExample]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,11 @@ evaluation, metrics, resumable checkpoints and the final checkpoint. Works uncha
 from __future__ import annotations
 
 import contextlib
-import logging
+import dataclasses
 import hashlib
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,14 +21,18 @@ from typing import Sequence
 import torch
 
 from ..config import to_dict
+from ..io import iter_records, read_json, write_json
 from ..errors import ConfigError, InputError
-from ..models import load_model, load_tokenizer, pick_attention, read_meta
+from ..models import (clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta,
+                      scratch_model)
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from ..training import (build_optimizer, checkpoint_dirs, keep_freed_memory, load_training_state, micro_batch_plan,
                         save_model_into, save_training_state)
-from .config import TrainRMConfig
+from .config import U0_LABELS, TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
-from .losses import mean_reward, sequence_loss, token_edit_loss, token_mean_loss, u0_consistency
+from .losses import (edit_token_labels, mean_reward, sequence_loss, token_edit_loss, token_label_loss,
+                     token_mean_loss, u0_consistency)
+from .inputs import check_view
 from .model import ensure_distinct_pad, kind_of_checkpoint, model_outputs
 
 logger = logging.getLogger(__name__)
@@ -34,31 +40,65 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ---------------------------------------------------------------- objective
-def pair_objective(loss_name: str, outputs: torch.Tensor, batch: PairBatch,
-                   u0_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class Objective:
+    """What a training step minimises: a named loss plus optional weighted terms (rm/losses.py).
+
+    loss:          sequence | token_mean | token_edit | token_label
+    u0_weight:     weight of the U0-consistency regulariser (token losses)
+    label_weight:  weight of the per-token label term added to token_mean / token_edit
+    u0_target:     target P(good) of unchanged tokens in the label term (None: unlabelled)
+    """
+
+    loss: str
+    u0_weight: float = 0.0
+    label_weight: float = 0.0
+    u0_target: float | None = 1.0
+
+    @classmethod
+    def of(cls, cfg: TrainRMConfig) -> "Objective":
+        return cls(cfg.loss, cfg.u0_weight, cfg.label_weight, U0_LABELS[cfg.u0_label])
+
+    @property
+    def kind(self) -> str:
+        return "sequence" if self.loss == "sequence" else "token"
+
+
+def pair_objective(obj: Objective, outputs: torch.Tensor,
+                   batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, margin, components) of a pair batch; rows [0, B) better, [B, 2B) worse.
 
     outputs: (2B, L) token rewards for a token RM, (2B,) scores for a sequence RM.
     margin:  (B,) score(better) - score(worse) by the scoring rule (Eq. 1 mean for token RMs):
              what accuracy counts, whatever the loss.
-    components: detached parts of the loss, for logging (``u0_gap`` for token RMs).
+    components: detached parts of the loss, for logging (``u0_gap``, ``label_loss``).
     """
     b = batch.n_pairs
-    if loss_name == "sequence":
+    if obj.loss == "sequence":
         margin = outputs[:b] - outputs[b:]
         return sequence_loss(outputs[:b], outputs[b:]), margin, {}
     resp, u1 = batch.inputs.response_mask, batch.u1_mask
     margin = mean_reward(outputs[:b], resp[:b]) - mean_reward(outputs[b:], resp[b:])
-    if loss_name == "token_mean":
+    parts: dict[str, torch.Tensor] = {}
+    if obj.loss == "token_mean":
         loss = token_mean_loss(outputs[:b], resp[:b], outputs[b:], resp[b:])
-    elif loss_name == "token_edit":
+    elif obj.loss == "token_edit":
         loss = token_edit_loss(outputs[:b], resp[:b], u1[:b], outputs[b:], resp[b:], u1[b:])
+    elif obj.loss == "token_label":
+        loss = outputs.new_zeros(())
     else:
-        raise ConfigError(f"unknown loss {loss_name!r}")
+        raise ConfigError(f"unknown loss {obj.loss!r}")
+    label_weight = 1.0 if obj.loss == "token_label" else obj.label_weight
+    if label_weight:
+        targets, weights = edit_token_labels(resp, u1, b, obj.u0_target)
+        label = token_label_loss(outputs, targets, weights)
+        loss = loss + label_weight * label
+        parts["label_loss"] = label.detach()
     gap = u0_consistency(outputs[:b], batch.u0_better, outputs[b:], batch.u0_worse, batch.u0_mask)
-    if u0_weight:
-        loss = loss + u0_weight * gap
-    return loss, margin, {"u0_gap": gap.detach()}
+    if obj.u0_weight:
+        loss = loss + obj.u0_weight * gap
+    parts["u0_gap"] = gap.detach()
+    return loss, margin, parts
 
 
 def accuracy(margin: torch.Tensor) -> torch.Tensor:
@@ -91,7 +131,7 @@ def prepare_data(cfg: TrainRMConfig, tokenizer) -> RMData:
         dropped_eval += eval_report.n_unchanged
     else:
         train_items, eval_items = split_by_id(items, cfg.eval_fraction, cfg.seed)
-    kw = dict(max_length=cfg.max_length, template=cfg.template)
+    kw = dict(max_length=cfg.max_length, template=cfg.template, view=cfg.token_view, with_offsets=False)
     train, n, cut = featurize(tokenizer, train_items, **kw)
     ev, n_eval, cut_eval = featurize(tokenizer, eval_items, **kw)
     dropped, dropped_eval = dropped + n, dropped_eval + n_eval
@@ -117,11 +157,22 @@ def check_model_kind(cfg: TrainRMConfig) -> None:
 
 
 def build_model(cfg: TrainRMConfig, tok, device_type: str = "cpu"):
-    """Model with a fresh one-label head of the kind the loss needs (sequence RMs get a distinct pad)."""
+    """Model with a fresh one-label head of the kind the loss needs (sequence RMs get a distinct pad).
+
+    With ``--from-scratch`` a new encoder or decoder is built from a config (sizes as --model's
+    unless given) for --model's tokenizer; otherwise --model's backbone is loaded.
+    """
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.kind, tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
-                       dtype=DTYPES[cfg.dtype],
-                       attn_implementation=pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type))
+    attn = pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type)
+    if cfg.from_scratch:
+        base = load_config(cfg.model, cfg.trust_remote_code)
+        sizes = {k: getattr(cfg, k) or getattr(base, attr) for k, attr in
+                 (("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"), ("n_embd", "hidden_size"))}
+        model = scratch_model(cfg.from_scratch, cfg.kind, tok, n_positions=cfg.max_length, attn_implementation=attn,
+                              dtype=DTYPES[cfg.dtype], **sizes)
+    else:
+        model = load_model(cfg.model, cfg.kind, tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
+                           dtype=DTYPES[cfg.dtype], attn_implementation=attn)
     if cfg.kind == "sequence":
         ensure_distinct_pad(tok, model)
     return model
@@ -129,17 +180,17 @@ def build_model(cfg: TrainRMConfig, tok, device_type: str = "cpu"):
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_pairs(model, loss_name: str, kind: str, features: Sequence[PairFeatures], pad_id: int,
-                   batch_size: int, device, u0_weight: float = 0.0) -> dict[str, float]:
-    """Mean loss, accuracy (ties = 1/2), margin (and U0 gap for token RMs) over ``features``."""
+def evaluate_pairs(model, obj: Objective, features: Sequence[PairFeatures], pad_id: int, batch_size: int,
+                   device) -> dict[str, float]:
+    """Mean loss, accuracy (ties = 1/2), margin (and the token losses' parts) over ``features``."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
     n = 0
     for s in range(0, len(features), batch_size):
         batch = collate_pairs(features[s:s + batch_size], pad_id).to(device)
-        out = model_outputs(model, kind, batch.inputs.input_ids, batch.inputs.attention_mask).float()
-        loss, margin, parts = pair_objective(loss_name, out, batch, u0_weight)
+        out = model_outputs(model, obj.kind, batch.inputs.input_ids, batch.inputs.attention_mask).float()
+        loss, margin, parts = pair_objective(obj, out, batch)
         k = batch.n_pairs
         for name, v in {"loss": loss, "accuracy": accuracy(margin), "margin": margin.mean(), **parts}.items():
             sums[name] = sums.get(name, 0.0) + v.item() * k
@@ -148,22 +199,94 @@ def evaluate_pairs(model, loss_name: str, kind: str, features: Sequence[PairFeat
     return {f"eval_{name}": v / n for name, v in sums.items()} if n else {}
 
 
+class BestKeeper:
+    """Keeps the weights of the best held-out evaluation in ``OUTPUT/best/`` (safetensors + best.json).
+
+    ``metric`` is an ``evaluate_pairs`` key without its ``eval_`` prefix: ``loss`` (lower is better) or
+    ``accuracy`` (higher); a tie keeps the earlier step. The record survives a resume; the folder is
+    removed once the final model (those weights) is saved.
+    """
+
+    def __init__(self, output: Path, metric: str, *, resume: bool, main_process: bool):
+        self.dir, self.key, self.sign = output / "best", f"eval_{metric}", -1.0 if metric == "loss" else 1.0
+        self.main = main_process
+        self.record: dict | None = None
+        if resume and (self.dir / "best.json").exists():
+            self.record = read_json(self.dir / "best.json")
+        elif self.main and self.dir.exists():
+            shutil.rmtree(self.dir)  # another run's best weights
+
+    def offer(self, step: int, metrics: dict, accelerator, model) -> None:
+        """Save the model when ``metrics`` beats the best so far (all processes call this)."""
+        value = metrics.get(self.key)
+        if value is None or (self.record is not None and self.sign * value <= self.sign * self.record["value"]):
+            return
+        self.record = {"step": step, "metric": self.key, "value": value}
+        accelerator.wait_for_everyone()
+        if self.main:
+            from safetensors.torch import save_model
+
+            tmp = self.dir.with_name(".best.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+            write_json(tmp / "best.json", self.record)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            tmp.rename(self.dir)
+        accelerator.wait_for_everyone()
+
+    def restore(self, model) -> dict | None:
+        """Load the best weights into ``model`` (unwrapped); the record, or None when nothing was kept."""
+        if self.record is None:
+            return None
+        from safetensors.torch import load_model
+
+        load_model(model, str(self.dir / "model.safetensors"), device=str(next(model.parameters()).device))
+        return self.record
+
+
+@torch.no_grad()
+def calibrate_flaw_threshold(model, kind: str, features: Sequence[PairFeatures], pad_id: int, batch_size: int,
+                             device) -> float | None:
+    """The reward below which a token is called flawed: the threshold with the best token F1 against the
+    changed (U1) tokens of the worse responses of ``features`` (training-side pairs, never evaluation data)."""
+    from .evaluate import best_f1_threshold
+
+    if kind != "token" or not features:
+        return None
+    was_training = model.training
+    model.eval()
+    scores, labels = [], []
+    for s in range(0, len(features), batch_size):
+        chunk = features[s:s + batch_size]
+        batch = collate_pairs(chunk, pad_id).to(device)
+        out = model_outputs(model, kind, batch.inputs.input_ids, batch.inputs.attention_mask).float()
+        for k, f in enumerate(chunk):
+            ex = f.worse
+            scores += out[len(chunk) + k, ex.response_start:ex.response_end].tolist()
+            labels += list(f.u1_worse)
+    model.train(was_training)
+    return best_f1_threshold(scores, labels)
+
+
 # ---------------------------------------------------------------- the loop
 def _train_step(cfg: TrainRMConfig, accelerator, model, optimizer, scheduler, features: list[PairFeatures],
                 group: list[list[int]], pad_id: int) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` micro-batches; this process takes its slice of each."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    stats = torch.zeros(4, device=accelerator.device)  # loss, accuracy, margin, u0 gap (means over micro-batches)
+    obj = Objective.of(cfg)
+    stats = torch.zeros(5, device=accelerator.device)  # loss, accuracy, margin, u0 gap, label loss (micro-batch means)
     for k, mb in enumerate(group):
         local = mb[rank::world] or mb[:1]
         batch = collate_pairs([features[i] for i in local], pad_id).to(accelerator.device)
         sync = k == len(group) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             out = model_outputs(model, cfg.kind, batch.inputs.input_ids, batch.inputs.attention_mask).float()
-            loss, margin, parts = pair_objective(cfg.loss, out, batch, cfg.u0_weight)
+            loss, margin, parts = pair_objective(obj, out, batch)
             accelerator.backward(loss / len(group))
-        gap = parts.get("u0_gap", torch.zeros((), device=loss.device))
-        stats += torch.stack([loss.detach(), accuracy(margin.detach()), margin.detach().mean(), gap]) / len(group)
+        zero = torch.zeros((), device=loss.device)
+        stats += torch.stack([loss.detach(), accuracy(margin.detach()), margin.detach().mean(),
+                              parts.get("u0_gap", zero), parts.get("label_loss", zero)]) / len(group)
     grad_norm = None
     if cfg.max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -175,6 +298,8 @@ def _train_step(cfg: TrainRMConfig, accelerator, model, optimizer, scheduler, fe
            "lr": scheduler.get_last_lr()[0]}
     if cfg.kind == "token":
         out["u0_gap"] = stats[3].item()
+    if cfg.loss == "token_label" or cfg.label_weight:
+        out["label_loss"] = stats[4].item()
     if grad_norm is not None:
         out["grad_norm"] = float(grad_norm)
     return out
@@ -192,16 +317,31 @@ def _resume_point(cfg: TrainRMConfig, accelerator, model, optimizer, scheduler, 
     return int(state["step"])
 
 
-def final_meta(cfg: TrainRMConfig, data: RMData, steps: int, last: dict) -> dict:
+def final_meta(cfg: TrainRMConfig, data: RMData, steps: int, last: dict, max_length: int) -> dict:
     """What finegrain.json records about a trained reward model."""
     init_meta = read_meta(cfg.model) if os.path.isdir(cfg.model) else {}
     return {"kind": cfg.kind, "loss": cfg.loss, "pairs": cfg.pairs, "data": cfg.data, "eval_data": cfg.eval_data,
             "base_model": init_meta.get("base_model", cfg.model), "init_model": cfg.model,
-            "max_length": cfg.max_length, "template": cfg.template, "n_train": len(data.train),
+            "token_view": cfg.token_view if cfg.kind == "token" else None,
+            "architecture": f"{cfg.from_scratch} from scratch" if cfg.from_scratch else "pretrained",
+            "max_length": max_length, "template": cfg.template, "n_train": len(data.train),
             "n_eval": len(data.eval), "n_dropped_unchanged": data.n_dropped_unchanged,
             "n_dropped_unchanged_eval": data.n_dropped_unchanged_eval,
             "n_dropped_truncated": data.n_dropped_truncated, "n_rejected": data.n_rejected,
             "steps": steps, **{k: v for k, v in last.items() if k.startswith("eval_")}, "config": to_dict(cfg)}
+
+
+def read_eval_curve(path: Path) -> list[dict]:
+    """The held-out evaluations of a run (step and eval_* values), from its metrics.jsonl."""
+    if not path.exists():
+        return []
+    return [{k: v for k, v in rec.items() if k == "step" or k.startswith("eval_")}
+            for _, rec in iter_records(str(path)) if any(k.startswith("eval_") for k in rec)]
+
+
+def kept_metrics(path: Path, step: int) -> dict:
+    """The eval_* values of the evaluation at ``step`` (those of the weights that were kept)."""
+    return next((c for c in read_eval_curve(path) if c["step"] == step), {})
 
 
 def train_reward_model(cfg: TrainRMConfig) -> dict:
@@ -211,6 +351,9 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     check_model_kind(cfg)
     output = Path(cfg.output)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    check_view(tok, cfg.token_view)
+    if not cfg.from_scratch:  # a new model is built with --max-length positions
+        cfg = dataclasses.replace(cfg, max_length=clamp_max_length(cfg.max_length, cfg.model, cfg.trust_remote_code))
     data = prepare_data(cfg, tok)                       # bad data fails before any model is loaded
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
                               mixed_precision=cfg.mixed_precision)
@@ -226,9 +369,12 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     init_trackers(accelerator, "train-rm", to_dict(cfg))
     pad_id, last = tok.pad_token_id, {}
 
+    best = BestKeeper(output, cfg.best_metric, resume=cfg.resume and start > 0,
+                      main_process=accelerator.is_main_process)
+
     def eval_fn() -> dict[str, float]:
-        return evaluate_pairs(accelerator.unwrap_model(model), cfg.loss, cfg.kind, data.eval, pad_id,
-                              cfg.eval_batch_size, accelerator.device, cfg.u0_weight)
+        return evaluate_pairs(accelerator.unwrap_model(model), Objective.of(cfg), data.eval, pad_id,
+                              cfg.eval_batch_size, accelerator.device)
 
     bar = progress(total=len(groups), initial=start, desc="train-rm",
                    disable=None if accelerator.is_main_process else True)
@@ -238,6 +384,8 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
         last.update(_train_step(cfg, accelerator, model, optimizer, scheduler, data.train, groups[step - 1], pad_id))
         if data.eval and ((cfg.eval_every and step % cfg.eval_every == 0) or step == len(groups)):
             last.update(eval_fn())
+            if cfg.keep == "best":
+                best.offer(step, last, accelerator, model)
         metrics.log(last)
         accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step)
         bar.update(1)
@@ -246,10 +394,20 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
             save_training_state(output / "checkpoints", step, accelerator, model, optimizer, scheduler,
                                 {"data_fingerprint": data.fingerprint()}, keep=cfg.keep_checkpoints)
     bar.close()
-    meta = final_meta(cfg, data, len(groups), last)
+    meta = final_meta(cfg, data, len(groups), last, cfg.max_length)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model_into(output, accelerator.unwrap_model(model), tok, meta)
+        final = accelerator.unwrap_model(model)
+        kept = best.restore(final) if cfg.keep == "best" else None
+        meta.update(kept_step=kept["step"] if kept else len(groups), kept_by=kept["metric"] if kept else "last",
+                    eval_curve=read_eval_curve(output / "metrics.jsonl"))
+        if kept:
+            meta.update({k: v for k, v in kept_metrics(output / "metrics.jsonl", kept["step"]).items() if k != "step"})
+        meta["flaw_threshold"] = calibrate_flaw_threshold(final, cfg.kind, data.eval or data.train, pad_id,
+                                                          cfg.eval_batch_size, accelerator.device)
+        meta["flaw_threshold_from"] = "held-out split" if data.eval else "training pairs"
+        save_model_into(output, final, tok, meta)
+        shutil.rmtree(best.dir, ignore_errors=True)
     accelerator.end_training()
     return {"output": str(output), **{k: v for k, v in meta.items() if k != "config"},
             "final_loss": last.get("loss"), "final_accuracy": last.get("accuracy")}

@@ -20,7 +20,8 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..generation import format_prompt
-from ..models import load_model, load_tokenizer, pick_attention, tiny_gpt2_config, train_bpe_tokenizer
+from ..models import (clamp_max_length, load_model, load_tokenizer, pick_attention, tiny_gpt2_config,
+                      train_bpe_tokenizer)
 from ..training import (build_optimizer, checkpoint_dirs, held_out, keep_freed_memory, load_training_state,
                         micro_batch_plan, save_model_into, save_training_state)
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
@@ -95,9 +96,11 @@ def vocab_fingerprint(tok) -> str:
 
 
 def model_max_length(cfg: SFTConfig, model) -> int:
-    """--max-length, capped by the model's position limit when it has one."""
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    return min(cfg.max_length, limit) if limit else cfg.max_length
+    """--max-length, capped by the model's position limit when it has one (one warning line for a loaded
+    model; a model built --from-scratch has the --n-positions it was asked for)."""
+    if cfg.from_scratch:
+        return min(cfg.max_length, cfg.n_positions)
+    return clamp_max_length(cfg.max_length, cfg.model, config=model.config)
 
 
 # ---------------------------------------------------------------- evaluation and steps

@@ -1,4 +1,5 @@
-"""`finegrain demo --quick` end to end: every report file, valid PNGs, escaped HTML, three systems with numbers."""
+"""`finegrain demo` end to end: --smoke writes every report file (valid PNGs, escaped HTML, three systems with
+numbers); --quick, the first run a newcomer makes, shows PPO raising the gold reward of every system."""
 from __future__ import annotations
 
 import json
@@ -18,19 +19,26 @@ def _png_size(path) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """The smoke preset (every stage, tiny sizes); named for what the tests use it for: a quick run."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--quick", "--out", str(out), "--seed", "0"]) == 0
+    assert main(["demo", "--smoke", "--out", str(out), "--seed", "0"]) == 0
     return out
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_every_artefact(quick_run):
+def test_demo_smoke_writes_every_artefact(quick_run):
     out = quick_run
     for name in ("metrics.json", "report.md", "report.html", "token_rewards.html", "sft/demos.jsonl",
-                 "data/pairs.jsonl", "data/edits.jsonl", "data/heldout.jsonl", "eval/outputs/sft.jsonl"):
+                 "data/pairs.jsonl", "data/edits.jsonl", "data/heldout.jsonl", "data/rmval.jsonl",
+                 "eval/outputs/sft.jsonl"):
         assert (out / name).exists(), name
-    for rm in ("seq_pref", "seq_edit", "token_edit", "token_mean"):
-        assert (out / "rm" / rm / "finegrain.json").exists() and (out / "rm" / rm / "eval.json").exists()
+    for rm in ("seq_pref", "seq_edit", "token_edit", "token_mean", "token_label"):
+        assert (out / "rm" / rm / "finegrain.json").exists() and (out / "rm" / rm / "eval_heldout.json").exists()
+        assert (out / "rm" / rm / "eval_rmval.json").exists()
+    # evaluation and validation pairs come from disjoint prompt draws
+    read = lambda f: [json.loads(x) for x in (out / "data" / f).read_text().splitlines()]  # noqa: E731
+    assert {r["id"] for r in read("heldout.jsonl")}.isdisjoint({r["id"] for r in read("rmval.jsonl")})
+    assert "--smoke run checks that every stage runs" in (out / "report.md").read_text()
     for png in ("ppo_gold_reward.png", "ppo_kl.png", "rm_accuracy.png"):
         w, h = _png_size(out / png)
         assert w > 100 and h > 100
@@ -41,12 +49,16 @@ def test_demo_quick_writes_every_artefact(quick_run):
         assert 0.0 <= sysm["win_rate"] <= 1.0 and math.isfinite(sysm["gold_reward"])
         run = sysm["runs"][0]
         assert len(run["ppo"]["curve"]["gold_reward"]) == m["sizes"]["ppo_steps"]
-        assert run["name"] == f"{name}-kl{sysm['kl_coef']:g}-s0"
+        suffix = f"-{sysm['reward_model']}" if name == "edit_token" else ""
+        assert run["name"] == f"{name}-kl{sysm['kl_coef']:g}{suffix}-s0"
         assert (out / "ppo" / run["name"] / "final" / "finegrain.json").exists()
         assert (out / "eval" / "winrate" / f"{run['name']}.json").exists()
     for rm in m["rm"].values():
         assert 0.0 <= rm["accuracy"] <= 1.0
     assert m["rm"]["token_edit"]["token_auroc_source"] == "gold_spans"
+    assert m["systems"]["edit_token"]["reward_model"] == "token_label"
+    for key in ("response_auroc", "span_f1", "better_flagged_rate", "val_accuracy", "val_response_auroc"):
+        assert key in m["rm"]["token_label"], key
     # the SFT policy must have something to fix, and the record says how much
     assert m["samples"]["sft_samples"]["flaw_rate"] > 0.05
     assert abs(m["annotate"]["observed_disagreement"] - m["config"]["noise"]) < 0.15
@@ -60,7 +72,7 @@ def test_demo_quick_writes_every_artefact(quick_run):
 def test_demo_resumes_and_report_escapes(quick_run, capsys):
     from finegrain.sandbox.report import html_report
 
-    assert main(["demo", "--quick", "--out", str(quick_run), "--seed", "0"]) == 0
+    assert main(["demo", "--smoke", "--out", str(quick_run), "--seed", "0"]) == 0
     err = capsys.readouterr().err
     m = json.loads((quick_run / "metrics.json").read_text())
     token_run = m["systems"]["edit_token"]["runs"][0]["name"]
@@ -78,6 +90,8 @@ def test_demo_bad_options_exit_2(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--sweep", "--n-eval-prompts", "432"]) == 2
     assert "--n-eval-prompts" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--edit-seq-kl-coef", "-1"]) == 2
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--smoke"]) == 2
+    assert "at most one of --quick and --smoke" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -91,7 +105,7 @@ def test_demo_sweep_tunes_every_system_on_validation_prompts(quick_run, tmp_path
     monkeypatch.setattr(demo, "TOKEN_EXTRA", [("token_edit", 0.2, "raw")])
     out = tmp_path / "run"
     shutil.copytree(quick_run, out)
-    assert main(["demo", "--quick", "--out", str(out), "--sweep", "--ppo-steps", "2", "--n-val-prompts", "40",
+    assert main(["demo", "--smoke", "--out", str(out), "--sweep", "--ppo-steps", "2", "--n-val-prompts", "40",
                  "--baseline-kl-coef", "0.2", "--edit-seq-kl-coef", "0.2", "--token-kl-coef", "0.5"]) == 0
     err = capsys.readouterr().err
     assert "sft: reusing" in err and "rm_token_edit: reusing" in err
@@ -106,7 +120,7 @@ def test_demo_sweep_tunes_every_system_on_validation_prompts(quick_run, tmp_path
     ev = {json.loads(x)["prompt"] for x in (out / "eval" / "prompts.jsonl").read_text().splitlines()}
     assert len(val) == 40 and not val & ev
     # a sweep point equal to a system's main setting is the main run's seed 0, run once
-    assert err.count("ppo_baseline-kl0.2-s0: running") == 1 and "ppo_edit_token-kl0.5-s0: reusing" in err
+    assert err.count("ppo_baseline-kl0.2-s0: running") == 1 and "ppo_edit_token-kl0.5-token_label-s0: reusing" in err
     report = (out / "report.md").read_text()
     assert "Sweep (PPO seed 0; validation prompts" in report and "| picked |" in report
     assert "--sweep --edit-seq-kl-coef 0.2 --token-kl-coef 0.5" in report
@@ -136,6 +150,7 @@ def test_sweep_points_share_one_grid_and_names_are_settings():
     assert len({p[:4] for p in pts}) == len(pts)
     assert run_name("baseline", "seq_pref", 0.5, "mean", 2) == "baseline-kl0.5-s2"
     assert run_name("edit_token", "token_mean", 0.05, "raw", 0) == "edit_token-kl0.05-raw-token_mean-s0"
+    assert run_name("edit_token", "token_label", 1.0, "mean", 1) == "edit_token-kl1-token_label-s1"
     # full preset: 300 of the 432 sandbox prompts evaluate, the other 132 validate, 3 samples each (>= 300)
     eval_prompts = make_prompts(300, 4, unique=True)
     val, passes = validation_prompts(cfg, eval_prompts)
@@ -206,10 +221,41 @@ def test_rm_finding_says_whether_the_gap_is_beyond_noise(quick_run):
 
     def rm_line(seq, tok, se):
         m["rm"]["seq_pref"].update(accuracy=seq, accuracy_se=se)
-        m["rm"]["token_edit"].update(accuracy=tok, accuracy_se=se)
+        m["rm"][m["systems"]["edit_token"]["reward_model"]].update(accuracy=tok, accuracy_se=se)
         return next(x for x in findings(m) if x.startswith("RM accuracy"))
 
     # gap 2.3 points, SE of the gap sqrt(2) * 2.4 = 3.4: within two SEs
     assert "(+2.3 ± 3.4 points: within two standard errors" in rm_line(0.627, 0.650, 0.024)
     assert "(+10.2 ± 3.4 points: beyond two standard errors)" in rm_line(0.623, 0.725, 0.024)
     assert "NOT more accurate" in rm_line(0.70, 0.65, 0.024)
+
+
+def test_select_token_rm_rule_exact():
+    from finegrain.sandbox.demo import select_token_rm
+
+    def rm(kind, acc, se, auc):
+        return {"kind": kind, "val_accuracy": acc, "val_accuracy_se": se, "val_response_auroc": auc}
+
+    rms = {"seq_pref": rm("sequence", 0.99, 0.01, None),      # sequence RMs are never the token system's RM
+           "token_edit": rm("token", 0.74, 0.02, 0.60), "token_label": rm("token", 0.72, 0.02, 0.85),
+           "token_mean": rm("token", 0.70, 0.02, 0.95)}
+    # best accuracy 0.74; within one SE (>= 0.72): token_edit, token_label -> the higher AUROC
+    assert select_token_rm(rms) == "token_label"
+    rms["token_label"]["val_accuracy"] = 0.71
+    assert select_token_rm(rms) == "token_edit"
+    assert select_token_rm({"seq_pref": rms["seq_pref"]}) is None
+
+
+@pytest.mark.slow
+def test_newcomer_preset_raises_the_gold_reward_of_every_system(tmp_path):
+    """The README's first command: PPO must raise the gold reward of every system (the issue's bar: the last
+    PPO step above the first), and the report must draw its conclusions from the numbers."""
+    out = tmp_path / "quick"
+    assert main(["demo", "--quick", "--out", str(out), "--seed", "0"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for name, sysm in m["systems"].items():
+        gold = sysm["runs"][0]["ppo"]["curve"]["gold_reward"]
+        assert len(gold) == m["sizes"]["ppo_steps"]
+        assert gold[-1] > gold[0], f"{name}: gold reward {gold[0]:.3f} at step 1, {gold[-1]:.3f} at the last step"
+        assert sysm["gold_reward"] > m["eval_sft"]["gold"]["gold_reward"], name   # held-out prompts too
+    assert "Win-rate order measured" in (out / "report.md").read_text()

@@ -1,7 +1,9 @@
 """Options of `finegrain demo` (light module: no torch import).
 
-Sizes left at ``None`` take the value of the preset chosen by ``--quick`` (CI: under 3 minutes)
-or the full run (under 15 minutes on 2 CPU cores); any of them can be set explicitly.
+Sizes left at ``None`` take the value of the preset: the full run, ``--quick`` (the first run a
+newcomer makes: small, but large enough to show what the full run shows) or ``--smoke`` (CI's
+plumbing check: every stage, every file, too small to conclude anything); any size can be set
+explicitly.
 """
 from __future__ import annotations
 
@@ -10,20 +12,30 @@ from dataclasses import dataclass, fields
 from ..config import opt
 from ..errors import ConfigError
 
-# name -> (full, quick)
+TOKEN_RMS = [f"{loss}{backbone}" for backbone in ("", "-echo", "-encoder")
+             for loss in ("token_edit", "token_mean", "token_edit_u0", "token_label", "token_mean_label")]
+"""Names of the demo's token RM variants (sandbox/demo.py RM_VARIANTS; this module stays free of torch)."""
+
+# name -> (full, quick, smoke)
 PRESETS: dict[str, tuple] = {
-    "n_demos": (3000, 1200),
-    "sft_epochs": (5.0, 6.0),
-    "n_rm_prompts": (1000, 240),
-    "n_heldout_prompts": (400, 150),
-    "rm_epochs": (2.0, 2.0),
-    "n_ppo_prompts": (512, 128),
-    "ppo_steps": (60, 12),
-    "ppo_batch_size": (32, 16),
-    "ppo_seeds": (3, 1),
-    "n_eval_prompts": (300, 100),
-    "n_val_prompts": (300, 100),
+    "n_demos": (3000, 3000, 600),
+    "sft_epochs": (5.0, 5.0, 3.0),
+    "n_rm_prompts": (3000, 1000, 120),
+    "n_heldout_prompts": (400, 300, 60),
+    "rm_epochs": (10.0, 10.0, 2.0),
+    "n_ppo_prompts": (512, 256, 64),
+    "ppo_steps": (60, 40, 4),
+    "ppo_batch_size": (32, 32, 8),
+    "ppo_seeds": (3, 1, 1),
+    "n_eval_prompts": (300, 200, 40),
+    "n_val_prompts": (300, 100, 40),
 }
+PRESET_NAMES = ("full", "quick", "smoke")
+
+
+def _presets(name: str) -> str:
+    """'full X, quick Y, smoke Z' for a size's help text (one source: PRESETS)."""
+    return ", ".join(f"{p} {v:g}" for p, v in zip(PRESET_NAMES, PRESETS[name]))
 
 
 @dataclass
@@ -31,26 +43,34 @@ class DemoConfig:
     """The whole method end to end in the simulated environment: SFT -> pairs -> edits -> RMs -> PPO -> eval."""
 
     out: str = opt("runs/demo", "output directory (stages already completed there with the same options are reused)")
-    quick: bool = opt(False, "small preset for CI (< 3 minutes); sizes left unset take the preset's values")
+    quick: bool = opt(False, "the first run to make: one PPO seed and smaller sizes (about 3 minutes on 2 cores), "
+                             "large enough to show what the full run shows; sizes left unset take its values")
+    smoke: bool = opt(False, "CI's plumbing check: every stage and file in under a minute, too small to conclude "
+                             "anything (the report says so)")
     seed: int = opt(0, "seed of the whole run (data, models, sampling, annotators)")
     # --- environment
     flaw_rate: float = opt(0.3, "probability that a demonstration sentence carries a flaw")
     noise: float = opt(0.25, "annotator noise: expected disagreement with the gold order (AlpacaFarm: ~0.25)")
     judge_noise: float = opt(0.25, "noise of the gold judge used for win rates (same BT model)")
     # --- sizes (None: from the preset)
-    n_demos: int | None = opt(None, "SFT demonstrations (full 3000, quick 1200)")
-    sft_epochs: float | None = opt(None, "SFT epochs (full 5, quick 6)")
-    n_rm_prompts: int | None = opt(None, "prompts for RM pairs: two SFT samples each (full 1000, quick 240)")
-    n_heldout_prompts: int | None = opt(None, "held-out prompts for gold-labelled RM evaluation pairs (full 400, quick 150)")
-    rm_epochs: float | None = opt(None, "RM epochs (2)")
-    n_ppo_prompts: int | None = opt(None, "PPO training prompts (full 512, quick 128)")
-    ppo_steps: int | None = opt(None, "PPO steps per system and seed, the same for every system (full 60, quick 12)")
-    ppo_batch_size: int | None = opt(None, "rollouts per PPO step (full 32, quick 16)")
-    ppo_seeds: int | None = opt(None, "PPO seeds per system (full 3, quick 1)")
-    n_eval_prompts: int | None = opt(None, "held-out prompts for win rates (full 300, quick 100)")
+    n_demos: int | None = opt(None, "SFT demonstrations" + f" ({_presets('n_demos')})")
+    sft_epochs: float | None = opt(None, "SFT epochs" + f" ({_presets('sft_epochs')})")
+    n_rm_prompts: int | None = opt(None, "prompts for RM pairs: two SFT samples each"
+                                   + f" ({_presets('n_rm_prompts')})")
+    n_heldout_prompts: int | None = opt(None, "held-out prompts for the gold-ordered RM evaluation pairs (and as many "
+                                              "for the RM sweep's validation pairs)" + f" ({_presets('n_heldout_prompts')})")
+    rm_epochs: float | None = opt(None, "RM epochs, the same for every RM (a tenth of the pairs held out to keep the "
+                                        "best evaluation)" + f" ({_presets('rm_epochs')})")
+    n_ppo_prompts: int | None = opt(None, "PPO training prompts" + f" ({_presets('n_ppo_prompts')})")
+    ppo_steps: int | None = opt(None, "PPO steps per system and seed, the same for every system"
+                                      + f" ({_presets('ppo_steps')})")
+    ppo_batch_size: int | None = opt(None, "rollouts per PPO step" + f" ({_presets('ppo_batch_size')})")
+    ppo_seeds: int | None = opt(None, "PPO seeds per system" + f" ({_presets('ppo_seeds')})")
+    n_eval_prompts: int | None = opt(None, "held-out prompts for win rates"
+                                     + f" ({_presets('n_eval_prompts')})")
     n_val_prompts: int | None = opt(None, "--sweep: validation comparisons the sweep selects on, on the sandbox prompts NOT "
                                           "among the evaluation prompts (several samples per prompt when there are fewer "
-                                          "such prompts; full 300 = 132 prompts x 3, quick 100)")
+                                          "such prompts)" + f" ({_presets('n_val_prompts')})")
     # --- models and optimisation
     n_embd: int = opt(64, "policy/RM hidden size (tiny GPT-2)")
     n_layer: int = opt(2, "policy/RM layers")
@@ -69,8 +89,10 @@ class DemoConfig:
                                     "24.0/58.1/61.6/63.9/58.8 -> 1.0")
     token_reward_scale: str = opt("mean", "token-reward PPO: raw r_t, or r_t / T so a response's rewards sum to Eq. 1 "
                                   "(the sweep: raw rewards pay for length and are exploited)", choices=["raw", "mean"])
-    token_rm: str = opt("token_edit", "token RM of the token-reward system: token_edit (Eq. 4) or token_mean (Eq. 1-3)",
-                        choices=["token_edit", "token_mean"])
+    token_rm: str = opt("token_label", "token RM variant of the token-reward system (loss, plus -echo or -encoder for "
+                                       "the backbone): the pick of `--rm-sweep`, see the README", choices=TOKEN_RMS)
+    rm_sweep: bool = opt(False, "train every RM variant (backbone x loss, equal data and epochs), score each on the "
+                                "evaluation and the validation pairs, and pick the token RM on validation")
     sample_temperature: float = opt(1.0, "temperature of the SFT samples that form the RM pairs")
     eval_temperature: float = opt(0.7, "temperature of the evaluation outputs (= PPO's sampling temperature)")
     max_new_tokens: int = opt(64, "longest response in tokens")
@@ -80,6 +102,8 @@ class DemoConfig:
                              "evaluation prompts; the report shows each system's pick next to its configured KL")
 
     def validate(self) -> None:
+        if self.quick and self.smoke:
+            raise ConfigError("give at most one of --quick and --smoke")
         if not 0.0 <= self.flaw_rate <= 1.0:
             raise ConfigError("--flaw-rate must be in [0, 1]")
         for name in ("noise", "judge_noise"):
@@ -100,7 +124,11 @@ class DemoConfig:
         if self.threads < 1:
             raise ConfigError("--threads must be >= 1")
 
+    @property
+    def preset(self) -> str:
+        return "smoke" if self.smoke else "quick" if self.quick else "full"
+
     def size(self, name: str):
         """The value of a size option: explicit, else the preset's."""
         v = getattr(self, name)
-        return v if v is not None else PRESETS[name][1 if self.quick else 0]
+        return v if v is not None else PRESETS[name][PRESET_NAMES.index(self.preset)]

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,19 +33,71 @@ from .annotators import Annotator, calibrate_temperature
 from .config import DemoConfig
 from .domain import ResponseStyle, gold_score, make_demonstrations, make_prompts
 
-RM_SPECS = {  # name -> (pairs file, pair kind, loss)
-    "seq_pref": ("pairs.jsonl", "preference", "sequence"),
-    "seq_edit": ("edits.jsonl", "edit", "sequence"),
-    "token_edit": ("edits.jsonl", "edit", "token_edit"),
-    "token_mean": ("edits.jsonl", "edit", "token_mean"),
-}
+@dataclass(frozen=True)
+class RMVariant:
+    """One reward model of the demo: its data, loss and backbone (every variant gets the same pairs and epochs).
+
+    backbone: ``policy`` (the SFT policy's decoder, causal), ``echo`` (the same decoder reading the
+    response twice, so every token's reward sees the whole response) or ``encoder`` (a BERT of the
+    policy's size built from scratch on the sandbox tokenizer).
+    """
+
+    pairs_file: str
+    pairs: str
+    loss: str
+    backbone: str = "policy"
+    label_weight: float = 0.0
+    u0_weight: float = 0.0
+    label: str = ""
+
+    def options(self) -> dict:
+        """`finegrain train-rm` options of this variant (besides data, sizes and seed)."""
+        opts: dict = {"loss": self.loss, "pairs": self.pairs, "label_weight": self.label_weight,
+                      "u0_weight": self.u0_weight}
+        if self.backbone == "echo":
+            opts["token_view"] = "echo"
+        elif self.backbone == "encoder":
+            opts["from_scratch"] = "encoder"
+        return opts
+
+    @property
+    def kind(self) -> str:
+        return "sequence" if self.loss == "sequence" else "token"
+
+
+def _variants() -> dict[str, RMVariant]:
+    """Every RM variant (backbone x loss) the demo can train; the RM sweep trains them all."""
+    losses = {"token_edit": ("token_edit", 0.0, 0.0, "Eq. 4"), "token_mean": ("token_mean", 0.0, 0.0, "Eq. 1-3"),
+              "token_edit_u0": ("token_edit", 0.0, 1.0, "Eq. 4 + U0 regulariser"),
+              "token_label": ("token_label", 0.0, 0.0, "per-token labels from the edit"),
+              "token_mean_label": ("token_mean", 1.0, 0.0, "Eq. 1-3 + per-token labels")}
+    out: dict[str, RMVariant] = {}
+    for backbone, suffix, what in (("policy", "", "SFT decoder"), ("echo", "-echo", "SFT decoder, echo view"),
+                                   ("encoder", "-encoder", "encoder from scratch")):
+        out[f"seq_pref{suffix}"] = RMVariant("pairs.jsonl", "preference", "sequence", backbone if backbone != "echo"
+                                             else "policy", label=f"sequence RM, original pairs ({what})")
+        out[f"seq_edit{suffix}"] = RMVariant("edits.jsonl", "edit", "sequence", backbone if backbone != "echo"
+                                             else "policy", label=f"sequence RM, edit pairs ({what})")
+        for name, (loss, lw, uw, eq) in losses.items():
+            out[f"{name}{suffix}"] = RMVariant("edits.jsonl", "edit", loss, backbone, lw, uw,
+                                               f"token RM, edit pairs, {eq} ({what})")
+    del out["seq_pref-echo"], out["seq_edit-echo"]  # a sequence score already sees the whole response
+    return out
+
+
+RM_VARIANTS = _variants()
+MAIN_RMS = ("seq_pref", "seq_edit", "token_edit", "token_mean", "token_label")  # always trained (Table 2)
+RM_SELECTION_RULE = ("among the token RM variants of the RM sweep, the highest accuracy on the validation pairs "
+                     "(gold-ordered SFT sample pairs on prompts of their own, never the evaluation pairs); among "
+                     "those within one standard error of it, the highest mean per-response AUROC against the gold "
+                     "flawed tokens")
 SYSTEMS = {  # name -> (reward model, PPO reward mode, label); the token RM is --token-rm
     "baseline": ("seq_pref", "sequence", "PPO-RLHF (original pairs + sequence RM)"),
     "edit_seq": ("seq_edit", "sequence", "Fine-grained PPO (edit data + sequence RM)"),
     "edit_token": ("token_edit", "token", "Fine-grained token-level PPO (edit data + token RM)"),
 }
 CURVE_KEYS = ("step", "gold_reward", "kl", "reward", "gold_flaw_rate", "response_length", "eos_rate")
-FORMAT_VERSION = 1  # part of every stage key: bump when a stage's outputs change meaning
+FORMAT_VERSION = 2  # part of every stage key: bump when a stage's outputs change meaning
 KL_GRID = (0.05, 0.2, 0.5, 1.0, 2.0)  # KL coefficients the sweep tries for EVERY system (the selection grid)
 TOKEN_EXTRA = [("token_edit", 0.05, "raw"), ("token_edit", 0.2, "raw"), ("token_edit", 0.0, "mean"),
                ("token_mean", 0.05, "mean"), ("token_mean", 0.2, "mean")]  # (token RM, KL, scale): shown, not selected
@@ -171,7 +224,8 @@ def stage_samples(cfg: DemoConfig, out: Path) -> dict:
     data, policy = out / "data", str(out / "sft" / "policy")
     write_prompts(data / "rm_prompts.jsonl", make_prompts(cfg.size("n_rm_prompts"), cfg.seed * 7 + 1), "rm")
     write_prompts(data / "heldout_prompts.jsonl", make_prompts(cfg.size("n_heldout_prompts"), cfg.seed * 7 + 2), "ho")
-    for split in ("rm", "heldout"):
+    write_prompts(data / "rmval_prompts.jsonl", make_prompts(cfg.size("n_heldout_prompts"), cfg.seed * 7 + 6), "rv")
+    for split in ("rm", "heldout", "rmval"):
         for side, k in (("a", 1), ("b", 2)):
             _generate(policy, data / f"{split}_prompts.jsonl", data / f"{split}_samples_{side}.jsonl",
                       cfg.seed * 1000 + k, cfg.sample_temperature, cfg, "sft")
@@ -202,24 +256,31 @@ def stage_annotate(cfg: DemoConfig, out: Path) -> dict:
         rows.append({"id": f"rm{i}", "prompt": prompts[i], "chosen": chosen, "rejected": rejected,
                      "gold_chosen": rc, "gold_rejected": rr})
     write_jsonl(data / "pairs.jsonl", rows)
-    # held-out evaluation pairs: the gold-better sample as `edited` (edit format carries gold_spans)
-    hp, ha = read_outputs(data / "heldout_samples_a.jsonl")
-    _, hb = read_outputs(data / "heldout_samples_b.jsonl")
-    held = []
+    held, hp = gold_ordered_pairs(data, "heldout", "ho")  # Table 2's evaluation pairs
+    val, _ = gold_ordered_pairs(data, "rmval", "rv")      # the RM sweep's validation pairs
+    return {"n_val_pairs": len(val), "n_pairs": len(rows), "n_dropped_identical_or_invalid": len(prompts) - len(keep), "bt_temperature": temperature,
+            "noise_target": cfg.noise, "observed_disagreement": disagree / max(decided, 1), "n_decided": decided,
+            "both_mixed_fraction": mixed / max(len(rows), 1),
+            "n_gold_ties": len(rows) - decided, "n_heldout_pairs": len(held),
+            "n_heldout_dropped_ties_or_invalid": len(hp) - len(held)}
+
+
+def gold_ordered_pairs(data: Path, split: str, prefix: str) -> tuple[list[dict], list[str]]:
+    """Pairs of the split's two SFT samples per prompt, the gold-better one as `edited` (the edit format carries
+    gold_spans of the worse one); gold ties and invalid texts dropped. Written to data/<split>.jsonl."""
+    hp, ha = read_outputs(data / f"{split}_samples_a.jsonl")
+    _, hb = read_outputs(data / f"{split}_samples_b.jsonl")
+    rows = []
     for i, (p, x, y) in enumerate(zip(hp, ha, hb)):
         gx, gy = gold_score(p, x), gold_score(p, y)
         if gx.reward == gy.reward or not valid_text(x) or not valid_text(y):
             continue
         (better, worse, gw) = (x, y, gy) if gx.reward > gy.reward else (y, x, gx)
-        held.append({"id": f"ho{i}", "prompt": p, "edited": better, "rejected": worse,
+        rows.append({"id": f"{prefix}{i}", "prompt": p, "edited": better, "rejected": worse,
                      "gold_spans": [list(s) for s in gw.flawed_spans],
                      "edit_meta": {"note": "not an edit: two SFT samples ordered by the gold reward"}})
-    write_jsonl(data / "heldout.jsonl", held)
-    return {"n_pairs": len(rows), "n_dropped_identical_or_invalid": len(prompts) - len(keep), "bt_temperature": temperature,
-            "noise_target": cfg.noise, "observed_disagreement": disagree / max(decided, 1), "n_decided": decided,
-            "both_mixed_fraction": mixed / max(len(rows), 1),
-            "n_gold_ties": len(rows) - decided, "n_heldout_pairs": len(held),
-            "n_heldout_dropped_ties_or_invalid": len(hp) - len(held)}
+    write_jsonl(data / f"{split}.jsonl", rows)
+    return rows, hp
 
 
 def stage_edit(cfg: DemoConfig, out: Path) -> dict:
@@ -240,25 +301,47 @@ def stage_edit(cfg: DemoConfig, out: Path) -> dict:
             "mean_gold_gain": sum(gains) / max(len(gains), 1), "min_gold_gain": min(gains, default=None)}
 
 
+RM_EVAL_KEYS = ("accuracy", "accuracy_se", "n_pairs", "token_auroc", "token_auroc_source", "response_auroc",
+                "response_auroc_n", "span_precision", "span_recall", "span_f1", "token_f1", "better_flagged_rate",
+                "worse_flagged_rate", "flaw_threshold")
+
+
 def stage_rm(cfg: DemoConfig, out: Path, name: str) -> dict:
+    """Train RM variant ``name`` (10 % of its pairs held out to keep the best evaluation), then score it on the
+    evaluation pairs (Table 2) and on the validation pairs (the RM sweep's selection)."""
     from ..rm.config import EvalRMConfig, TrainRMConfig
     from ..rm.evaluate import evaluate_reward_model
     from ..rm.train import train_reward_model
 
-    data_file, kind, loss = RM_SPECS[name]
+    v = RM_VARIANTS[name]
     rm_dir = out / "rm" / name
     t0 = time.time()
     train = train_reward_model(build_config(TrainRMConfig, {
-        "data": str(out / "data" / data_file), "model": str(out / "sft" / "policy"), "output": str(rm_dir),
-        "loss": loss, "pairs": kind, "eval_fraction": 0.0, "epochs": cfg.size("rm_epochs"), "batch_size": 16,
-        "lr": cfg.rm_lr, "max_length": 160, "seed": cfg.seed, "log_with": "none", "save_every": 0}))
+        "data": str(out / "data" / v.pairs_file), "model": str(out / "sft" / "policy"), "output": str(rm_dir),
+        **v.options(), "eval_fraction": 0.1, "eval_every": 20, "epochs": cfg.size("rm_epochs"), "batch_size": 16,
+        "lr": cfg.rm_lr, "max_length": 160 * (2 if v.backbone == "echo" else 1), "seed": cfg.seed, "log_with": "none",
+        "save_every": 0}))
     train_s = time.time() - t0
-    ev = evaluate_reward_model(build_config(EvalRMConfig, {
-        "model": str(rm_dir), "data": str(out / "data" / "heldout.jsonl"), "output": str(rm_dir / "eval.json"),
-        "pairs": "edit", "batch_size": 64}))
-    return {"train": {k: train.get(k) for k in ("n_train", "steps", "final_loss", "n_dropped_unchanged")},
-            "train_s": train_s, "train_s_per_step": train_s / max(train.get("steps") or 1, 1),
-            **{k: ev.get(k) for k in ("accuracy", "accuracy_se", "n_pairs", "token_auroc", "token_auroc_source")}}
+    res = {"label": v.label, "kind": v.kind, "backbone": v.backbone,
+           "train": {k: train.get(k) for k in ("n_train", "n_eval", "steps", "kept_step", "final_loss",
+                                               "n_dropped_unchanged")},
+           "train_s": train_s, "train_s_per_step": train_s / max(train.get("steps") or 1, 1)}
+    for split, prefix in (("heldout", ""), ("rmval", "val_")):
+        ev = evaluate_reward_model(build_config(EvalRMConfig, {
+            "model": str(rm_dir), "data": str(out / "data" / f"{split}.jsonl"),
+            "output": str(rm_dir / f"eval_{split}.json"), "pairs": "edit", "batch_size": 64}))
+        res.update({prefix + k: ev.get(k) for k in RM_EVAL_KEYS})
+    return res
+
+
+def select_token_rm(rms: dict[str, dict]) -> str | None:
+    """RM_SELECTION_RULE over the token variants of ``rms`` (validation figures only)."""
+    token = {k: v for k, v in rms.items() if v["kind"] == "token" and v.get("val_accuracy") is not None}
+    if not token:
+        return None
+    top = max(token.values(), key=lambda v: v["val_accuracy"])
+    near = [k for k, v in token.items() if v["val_accuracy"] >= top["val_accuracy"] - (top["val_accuracy_se"] or 0)]
+    return max(near, key=lambda k: (token[k].get("val_response_auroc") or 0.0, -list(RM_VARIANTS).index(k)))
 
 
 def ppo_config(cfg: DemoConfig, out: Path, rm: str, mode: str, seed: int, run_dir: Path, *, kl: float, scale: str):
@@ -272,7 +355,9 @@ def ppo_config(cfg: DemoConfig, out: Path, rm: str, mode: str, seed: int, run_di
         "lr": cfg.ppo_lr, "kl_coef": kl, "token_reward_scale": scale,
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.eval_temperature, "save_every": cfg.size("ppo_steps"),
         "sample_every": max(1, cfg.size("ppo_steps") // 4), "num_samples": 2, "log_with": "none",
-        "missing_eos_penalty": 1.0})
+        "missing_eos_penalty": 1.0,
+        # a value model must not see the future: an encoder RM cannot initialise it
+        "value_init": "policy" if RM_VARIANTS[rm].backbone == "encoder" else "reward"})
 
 
 def gold_on_rollout(step: int, prompts: list[str], responses: list[str]) -> dict[str, float]:
@@ -357,7 +442,7 @@ def _keys(cfg: DemoConfig) -> dict[str, dict]:
                     "temperature": cfg.sample_temperature, "max_new_tokens": cfg.max_new_tokens}
     k["annotate"] = {"samples": k["samples"], "noise": cfg.noise}
     k["edit"] = {"annotate": k["annotate"]}
-    k["rm"] = {"edit": k["edit"], "epochs": s("rm_epochs"), "lr": cfg.rm_lr}
+    k["rm"] = {"edit": k["edit"], "epochs": s("rm_epochs"), "lr": cfg.rm_lr, "version": 2}
     # options shared by every PPO run; a run adds its own KL (and, token reward, RM and scale): see run_key
     k["ppo"] = {"rm": k["rm"], "steps": s("ppo_steps"), "batch": s("ppo_batch_size"), "n_prompts": s("n_ppo_prompts"),
                 "lr": cfg.ppo_lr, "temperature": cfg.eval_temperature}
@@ -376,8 +461,7 @@ def system_setting(cfg: DemoConfig, sysname: str) -> tuple[str, str, float, str]
 
 def run_name(sysname: str, rm: str, kl: float, scale: str, k: int) -> str:
     """Name (stage and directory) of one PPO run, from its settings: the main table and the sweep share equal runs."""
-    extra = "" if SYSTEMS[sysname][1] != "token" else ("" if scale == "mean" else f"-{scale}") + (
-        "" if rm == "token_edit" else f"-{rm}")
+    extra = "" if SYSTEMS[sysname][1] != "token" else ("" if scale == "mean" else f"-{scale}") + f"-{rm}"
     return f"{sysname}-kl{kl:g}{extra}-s{k}"
 
 
@@ -421,8 +505,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     m["samples"] = st.run("samples", keys["samples"], lambda: stage_samples(cfg, out))
     m["annotate"] = st.run("annotate", keys["annotate"], lambda: stage_annotate(cfg, out))
     m["edit"] = st.run("edit", keys["edit"], lambda: stage_edit(cfg, out))
+    rm_names = list(RM_VARIANTS) if cfg.rm_sweep else list(dict.fromkeys(MAIN_RMS + (cfg.token_rm,)))
     m["rm"] = {n: st.run(f"rm_{n}", keys["rm"], lambda n=n: stage_rm(cfg, out, n), [out / "rm" / n])
-               for n in RM_SPECS}
+               for n in rm_names}
+    if cfg.rm_sweep:
+        m["rm_sweep"] = {"rule": RM_SELECTION_RULE, "picked": select_token_rm(m["rm"]), "configured": cfg.token_rm}
     write_prompts(out / "ppo" / "prompts.jsonl", make_prompts(cfg.size("n_ppo_prompts"), cfg.seed * 7 + 3), "ppo")
     eval_prompts = make_prompts(cfg.size("n_eval_prompts"), cfg.seed * 7 + 4, unique=True)
     write_prompts(out / "eval" / "prompts.jsonl", eval_prompts, "ev")

@@ -13,14 +13,19 @@ from typing import Any
 from ..io import atomic_write
 
 PAPER_TABLE1 = {"edit_token": "51.6 ± 1.8", "edit_seq": "51.2 ± 1.8", "baseline": "46.5 ± 1.8"}
-PAPER_TABLE2 = {"seq_pref": "58.2 ± 1.8 (without fine-grained data)", "seq_edit": "—",
-                "token_edit": "85.2 ± 1.8 (with fine-grained data)", "token_mean": "—"}
-PAPER_TABLE3_RM = {"seq_pref": "0.2 h (standard)", "seq_edit": "—", "token_edit": "0.3 h (fine-grained)",
-                   "token_mean": "—"}
+PAPER_TABLE2 = {"seq_pref": "58.2 ± 1.8 (without fine-grained data)", "token_edit": "85.2 ± 1.8 (with fine-grained data)"}
+PAPER_TABLE3_RM = {"seq_pref": "0.2 h (standard)", "token_edit": "0.3 h (fine-grained)"}
 PAPER_TABLE3_PPO = {"baseline": "4 h", "edit_seq": "—", "edit_token": "2 h"}
-RM_LABELS = {"seq_pref": "sequence RM, original pairs (baseline)", "seq_edit": "sequence RM, edit pairs",
-             "token_edit": "token RM, edit pairs, Eq. 4 (token_edit)",
-             "token_mean": "token RM, edit pairs, Eq. 1-3 (token_mean)"}
+
+
+def rm_label(m: dict, name: str) -> str:
+    """How the report names a reward model: its variant's description and name."""
+    return f"{m['rm'][name].get('label') or name} [{name}]"
+
+
+def token_rm_name(m: dict) -> str:
+    """The token RM the token-reward system used."""
+    return m["systems"]["edit_token"]["reward_model"]
 
 
 def fmt(x: Any, nd: int = 3, pct: bool = False) -> str:
@@ -91,12 +96,13 @@ def findings(m: dict) -> list[str]:
                + ("the same order as the paper." if order == paper_order else "NOT the paper's order."))
     for other in ("baseline", "edit_seq"):
         out.append(difference_line(s, other))
-    a_seq, a_tok = rm["seq_pref"]["accuracy"], rm["token_edit"]["accuracy"]
-    line = (f"RM accuracy on held-out gold-ordered pairs: baseline sequence RM {100 * a_seq:.1f}%, token RM on "
-            f"edits {100 * a_tok:.1f}% (paper: 58.2% vs 85.2%); "
+    tok = token_rm_name(m)
+    a_seq, a_tok = rm["seq_pref"]["accuracy"], rm[tok]["accuracy"]
+    line = (f"RM accuracy on held-out gold-ordered pairs: baseline sequence RM {100 * a_seq:.1f}%, the token "
+            f"system's token RM ({tok}) {100 * a_tok:.1f}% (paper: 58.2% vs 85.2%); "
             + ("fine-grained data helps, as in the paper" if a_tok > a_seq else
                "the token RM is NOT more accurate here, unlike the paper"))
-    ses = [rm[k].get("accuracy_se") for k in ("seq_pref", "token_edit")]
+    ses = [rm[k].get("accuracy_se") for k in ("seq_pref", tok)]
     if all(v is not None and math.isfinite(v) for v in ses):
         se = math.sqrt(sum(v ** 2 for v in ses))  # the same pairs for both: a conservative SE of the gap
         gap = a_tok - a_seq
@@ -106,6 +112,9 @@ def findings(m: dict) -> list[str]:
     else:
         line += "."
     out.append(line)
+    out += localisation_findings(m)
+    if m.get("rm_sweep"):
+        out.append(rm_sweep_finding(m))
     for k, v in s.items():
         _, length = mean_curve(v["runs"], "response_length")
         _, eos = mean_curve(v["runs"], "eos_rate")
@@ -126,6 +135,31 @@ def findings(m: dict) -> list[str]:
     else:
         out.append("Token-level PPO never reached the baseline's final gold reward, so it was not faster.")
     return out
+
+
+def localisation_findings(m: dict) -> list[str]:
+    """Does a low token reward point at the flawed tokens? One line per token RM of the main table."""
+    out = []
+    for k, v in m["rm"].items():
+        if v.get("response_auroc") is None or k not in ("token_edit", "token_mean", token_rm_name(m)):
+            continue
+        out.append(f"Localisation of {k}: within a flawed response the gold flawed tokens get the lower reward with "
+                   f"AUROC {fmt(v['response_auroc'])} (mean over {v.get('response_auroc_n')} responses; pooled over "
+                   f"all tokens {fmt(v.get('token_auroc'))}); below its flaw threshold it finds "
+                   f"{fmt(v.get('span_recall'), pct=True)}% of the flawed spans with span precision "
+                   f"{fmt(v.get('span_precision'), pct=True)}% (F1 {fmt(v.get('span_f1'))}), and calls "
+                   f"{fmt(v.get('better_flagged_rate'), pct=True)}% of the better response's tokens flawed.")
+    return out
+
+
+def rm_sweep_finding(m: dict) -> str:
+    sw = m["rm_sweep"]
+    pick, used = sw["picked"], token_rm_name(m)
+    v = m["rm"].get(pick, {})
+    return (f"RM sweep: by the rule ({sw['rule']}) the pick is {pick} (validation accuracy "
+            f"{fmt(v.get('val_accuracy'), pct=True)}%, response AUROC {fmt(v.get('val_response_auroc'))}); "
+            + (f"this run's token system uses it." if pick == used else
+               f"this run's token system uses {used} (--token-rm), not the pick."))
 
 
 def difference_line(s: dict, other: str) -> str:
@@ -211,11 +245,17 @@ def write_plots(out: Path, m: dict) -> list[str]:
             fig.savefig(f, format="png")
         plt.close(fig)
         names.append(fname)
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     rms = list(m["rm"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rms)), 3.8), dpi=100)
     acc = [100 * m["rm"][k]["accuracy"] for k in rms]
     err = [100 * (m["rm"][k]["accuracy_se"] or 0) for k in rms]
-    ax.bar(rms, acc, yerr=err, capsize=4, color=["#999", "#69c", "#2a7", "#8c6"][: len(rms)])
+    colours = ["#999" if m["rm"][k].get("kind") == "sequence" else "#2a7" for k in rms]
+    ax.bar(range(len(rms)), acc, yerr=err, capsize=3, color=colours)
+    auc = [(i, 100 * m["rm"][k]["response_auroc"]) for i, k in enumerate(rms) if m["rm"][k].get("response_auroc")]
+    if auc:
+        ax.plot([i for i, _ in auc], [a for _, a in auc], "kD", ms=5, label="per-response token AUROC x 100")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xticks(range(len(rms)), rms, rotation=35, ha="right", fontsize=8)
     ax.axhline(50, color="k", lw=0.8, ls=":")
     ax.set_ylabel("accuracy on held-out gold pairs (%)")
     ax.set_ylim(0, 100)
@@ -227,12 +267,12 @@ def write_plots(out: Path, m: dict) -> list[str]:
     return names
 
 
-def write_heatmap(out: Path, n: int = 3) -> str | None:
+def write_heatmap(out: Path, rm: str, n: int = 3) -> str | None:
     """token_rewards.html: the token RM's per-token rewards on held-out pairs (`finegrain show-rewards`)."""
     from ..config import build_config
     from ..eval.show import ShowRewardsConfig, show_rewards
 
-    rm_dir, data = out / "rm" / "token_edit", out / "data" / "heldout.jsonl"
+    rm_dir, data = out / "rm" / rm, out / "data" / "heldout.jsonl"
     if not (rm_dir / "finegrain.json").exists() or not data.exists():
         return None
     show_rewards(build_config(ShowRewardsConfig, {"model": str(rm_dir), "data": str(data),
@@ -255,12 +295,23 @@ def tables(m: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out.append(("Table 1 analogue: win rate against the SFT policy (gold judge, noisy BT)",
                 ["system", "KL coef", "win rate % (± SE)", "gold reward", "flawed responses %", "paper: win rate vs Davinci003"],
                 rows))
-    rows = [[RM_LABELS[k], pm(v["accuracy"], v["accuracy_se"], pct=True),
-             fmt(v.get("token_auroc")), PAPER_TABLE2[k]] for k, v in m["rm"].items()]
-    out.append(("Table 2 analogue: reward-model accuracy on held-out gold-ordered pairs",
-                ["reward model", "accuracy % (± SE)", "token AUROC (gold flawed tokens)", "paper accuracy %"], rows))
-    rows = [[f"RM: {RM_LABELS[k]}", f"{v['train_s_per_step']:.3f} s/step", f"{v['train_s']:.1f} s total",
-             PAPER_TABLE3_RM[k]] for k, v in m["rm"].items()]
+    rows = [[rm_label(m, k), pm(v["accuracy"], v["accuracy_se"], pct=True), fmt(v.get("response_auroc")),
+             fmt(v.get("token_auroc")), fmt(v.get("span_f1")), fmt(v.get("better_flagged_rate"), pct=True),
+             PAPER_TABLE2.get(k, "—")] for k, v in m["rm"].items()]
+    out.append(("Table 2 analogue: reward models on held-out gold-ordered pairs (equal data and epochs; localisation "
+                "against the gold flawed tokens of the worse response)",
+                ["reward model", "accuracy % (± SE)", "per-response AUROC", "pooled AUROC", "span F1",
+                 "better response flagged %", "paper accuracy %"], rows))
+    if m.get("rm_sweep"):
+        pick = m["rm_sweep"]["picked"]
+        rows = [[k, pm(v.get("val_accuracy"), v.get("val_accuracy_se"), pct=True), fmt(v.get("val_response_auroc")),
+                 fmt(v.get("val_span_f1")), "picked" if k == pick else ""] for k, v in m["rm"].items()
+                if v.get("kind") == "token"]
+        out.append(("RM sweep: token RMs on the validation pairs (the selection; never the evaluation pairs)",
+                    ["reward model", "val accuracy % (± SE)", "val per-response AUROC", "val span F1", "selection"],
+                    rows))
+    rows = [[f"RM: {rm_label(m, k)}", f"{v['train_s_per_step']:.3f} s/step", f"{v['train_s']:.1f} s total",
+             PAPER_TABLE3_RM.get(k, "—")] for k, v in m["rm"].items()]
     for k, v in m["systems"].items():
         per = sum(r["ppo"]["s_per_step"] for r in v["runs"]) / len(v["runs"])
         steps, ys = mean_curve(v["runs"], "gold_reward")
@@ -311,7 +362,8 @@ def environment_lines(m: dict) -> list[str]:
         f"{fmt(a.get('both_mixed_fraction'), pct=True)}% of the pairs both responses mix good content and flaws.",
         f"Oracle edits: {e['n_edited']} of {e['n_pairs']} rejected responses edited ({e['n_rejected']} without a flaw: "
         f"{e['rejects_by_reason']}); mean gold gain {fmt(e['mean_gold_gain'])}, minimum {fmt(e['min_gold_gain'])}.",
-        f"Held-out RM evaluation pairs: {a['n_heldout_pairs']} (two SFT samples ordered by the gold reward).",
+        f"Held-out RM evaluation pairs: {a['n_heldout_pairs']} (two SFT samples ordered by the gold reward); "
+        f"validation pairs for choosing among RM variants: {a.get('n_val_pairs')} (the same kind, other prompts).",
         f"Wall time of this invocation {m['timings_s']['total']:.0f} s ({m['timings_s'].get('n_reused', 0)} stages "
         f"reused; all stages as first run: {m['timings_s'].get('stages_sum', m['timings_s']['total']):.0f} s), "
         f"peak RSS {m['peak_rss_mb']:.0f} MB.",
@@ -319,6 +371,9 @@ def environment_lines(m: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- writers
+SMOKE_NOTE = ("A --smoke run checks that every stage runs and writes its files; its sizes are far too small for any "
+              "conclusion. Run `finegrain demo --quick` (or the full preset) for results.")
+
 def command_line(cfg: dict) -> str:
     """The demo command of this run (the options that select what the tables show)."""
     from .config import DemoConfig
@@ -326,8 +381,9 @@ def command_line(cfg: dict) -> str:
     defaults = DemoConfig()
     names = ("baseline_kl_coef", "edit_seq_kl_coef", "token_kl_coef", "token_reward_scale", "token_rm")
     extra = "".join(f" --{k.replace('_', '-')} {cfg[k]}" for k in names if cfg.get(k) != getattr(defaults, k))
-    return (f"finegrain demo --out {cfg['out']}" + (" --quick" if cfg["quick"] else "") + f" --seed {cfg['seed']}"
-            + (" --sweep" if cfg.get("sweep") else "") + extra)
+    return (f"finegrain demo --out {cfg['out']}" + (" --quick" if cfg["quick"] else "")
+            + (" --smoke" if cfg.get("smoke") else "") + f" --seed {cfg['seed']}"
+            + (" --sweep" if cfg.get("sweep") else "") + (" --rm-sweep" if cfg.get("rm_sweep") else "") + extra)
 
 
 def markdown(m: dict, plots: list[str], heatmap: str | None) -> str:
@@ -335,8 +391,10 @@ def markdown(m: dict, plots: list[str], heatmap: str | None) -> str:
     cmd = command_line(cfg)
     lines = ["# finegrain demo: fine-grained RLHF in the simulated environment", "",
              f"Command: `{cmd}`  ", f"PPO seeds per system: {m['sizes']['ppo_seeds']}, "
-             f"{m['sizes']['ppo_steps']} steps of {m['sizes']['ppo_batch_size']} rollouts each.", "",
-             "## Environment", ""]
+             f"{m['sizes']['ppo_steps']} steps of {m['sizes']['ppo_batch_size']} rollouts each.", ""]
+    if cfg.get("smoke"):
+        lines += [f"> {SMOKE_NOTE}", ""]
+    lines += ["## Environment", ""]
     lines += [f"- {x}" for x in environment_lines(m)]
     for title, header, rows in tables(m):
         lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -355,6 +413,7 @@ def html_report(m: dict, plots: list[str], heatmap: str | None) -> str:
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em}"
              "th{background:#f3f3f3}img{max-width:48%;margin:.5em}iframe{width:100%;height:40em;border:1px solid #ccc}"
              "</style></head><body><h1>finegrain demo: fine-grained RLHF in the simulated environment</h1>",
+             (f"<p><b>{e(SMOKE_NOTE)}</b></p>" if m["config"].get("smoke") else ""),
              "<h2>Environment</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in environment_lines(m)) + "</ul>"]
     for title, header, rows in tables(m):
         parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
@@ -405,7 +464,7 @@ def write_report(out: Path, m: dict) -> dict[str, str]:
     """Write report.md, report.html, the PNG plots and token_rewards.html into ``out``."""
     attach_example(out, m)
     plots = write_plots(out, m)
-    heatmap = write_heatmap(out)
+    heatmap = write_heatmap(out, token_rm_name(m))
     with atomic_write(out / "report.md") as f:
         f.write(markdown(m, plots, heatmap))
     with atomic_write(out / "report.html") as f:

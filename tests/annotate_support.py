@@ -94,7 +94,7 @@ def start_live(tmp_path: Path, pairs: list[dict] | None = None, **options: Any) 
 
     from finegrain.annotate.app import create_app
     from finegrain.annotate.config import ServeConfig
-    from finegrain.annotate.serve import prepare
+    from finegrain.annotate.server import prepare
     from finegrain.config import build_config
 
     sock = free_socket()
@@ -120,9 +120,9 @@ def give(live: Live, name: str, pair_id: str) -> int:
     with live.store.connect() as conn:
         item_id = conn.execute("SELECT item_id FROM items WHERE pair_id = ?", (pair_id,)).fetchone()[0]
         me = conn.execute("SELECT annotator_id FROM annotators WHERE name = ?", (name,)).fetchone()[0]
-        conn.execute("INSERT INTO tasks (annotator_id, item_id, seq, assigned_at, prefill) VALUES "
-                     "(?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM tasks WHERE annotator_id = ?), 0, NULL)",
-                     (me, item_id, me))
+        conn.execute("INSERT INTO tasks (annotator_id, item_id, seq, assigned_at, prefill) SELECT ?, ?, "
+                     "(SELECT COALESCE(MAX(seq), 0) + 1 FROM tasks WHERE annotator_id = ?), ?, prefill FROM items "
+                     "WHERE item_id = ?", (me, item_id, me, time.time(), item_id))
     return item_id
 
 

@@ -11,7 +11,7 @@ import pytest
 from annotate_support import PAIRS, XSS, give, http_login, start_live
 from finegrain.annotate import store as db
 from finegrain.annotate.app import SECURITY_HEADERS
-from finegrain.annotate.serve import NoQueryStrings, log_config
+from finegrain.annotate.server import NoQueryStrings, log_config
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,30 @@ def test_submissions_are_checked_by_the_server(live):
     assert t["status"] == "submit" and t["edited"] == original + " Fixed." and json.loads(t["spans"]) == [
         [0, 4, "unsafe"]]
     assert 0 < t["edit_ratio"] < 0.2 and t["guidelines_version"] == "minimal_edit_v1"
+
+
+def test_an_answer_can_be_changed_and_every_version_is_kept(live):
+    client, _ = client_for(live, "reviser")
+    item_id = give(live, "reviser", "everest")
+    csrf = csrf_of(client)
+    original = PAIRS[1]["rejected"]
+    first = original.replace("9,849", "8,849")
+    assert client.post("/api/answer", json={"item_id": item_id, "action": "submit", "text": first,
+                                            "csrf": csrf}).status_code == 200
+    page = client.get(f"/item/{item_id}").text
+    assert 'id="revising"' in page and 'id="btn-skip"' not in page
+    data = json.loads(page.split('id="fg-data">')[1].split("</script>")[0])
+    assert data["start_text"] == first and data["status"] == "submit"
+    assert "change</a>" in client.get("/progress").text
+    second = first.replace(", which makes it the highest mountain on Earth", "")
+    assert client.post("/api/answer", json={"item_id": item_id, "action": "submit", "text": second,
+                                            "csrf": csrf}).status_code == 200
+    with live.store.connect() as conn:
+        me = conn.execute("SELECT annotator_id FROM annotators WHERE name = 'reviser'").fetchone()[0]
+        t = db.task(conn, me, item_id)
+        log = conn.execute("SELECT edited FROM submissions WHERE annotator_id = ? ORDER BY submission_id",
+                           (me,)).fetchall()
+    assert t["edited"] == second and t["revisions"] == 1 and [r[0] for r in log] == [first, second]
 
 
 def test_two_annotators_submitting_at_once_lose_nothing(live):

@@ -37,11 +37,18 @@ from test_rm_train import make_base_model, single_thread  # noqa: F401 (autouse 
 VIEWPORT = {"width": 1360, "height": 940}
 
 
+BIKE = PAIRS[5]
+LLM_EDIT = BIKE["rejected"].replace("afterwards", "afterwards with a rag")
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     pairs = PAIRS + [{"id": "xss", "prompt": "Repeat this: " + XSS, "chosen": "Sure: " + XSS,
                       "rejected": "Here it is " + XSS + " and </textarea><b>bold</b>"}]
-    server = start_live(tmp_path_factory.mktemp("browser"), pairs, overlap=2)
+    tmp = tmp_path_factory.mktemp("browser")
+    prefill = tmp / "llm_edits.jsonl"  # what `finegrain edit` writes
+    prefill.write_text(json.dumps(dict(BIKE, edited=LLM_EDIT, edit_meta={"backend": "openai", "model": "llama-x"})))
+    server = start_live(tmp, pairs, overlap=2, prefill=str(prefill))
     yield server
     server.stop()
 
@@ -224,6 +231,51 @@ def test_a_person_annotates_then_a_second_one_overlaps_then_export_and_train(bro
                                         "--eval-fraction", "0", "--save-every", "0", "--log-with", "none") == 0
     info = json.loads((out / "finegrain.json").read_text())
     assert (out / "model.safetensors").exists() and info["n_train"] == 2 and info["steps"] == 2, info
+
+
+def test_a_pre_edit_starts_the_box_and_the_export_says_how_much_the_person_changed(browser, live):
+    token = live.add("reviewer")
+    give(live, "reviewer", "bike")
+    ctx = browser.new_context()
+    page = login(ctx, live, token)
+    assert page.input_value("#edit") == LLM_EDIT and "llama-x" in page.text_content("#prefill-note")
+    assert page.text_content("#original") == BIKE["rejected"]
+    assert page.eval_on_selector_all("#diff ins", "els => els.map(e => e.textContent)") == ["with a rag"]
+    assert ratio_of(page) == edit_stats(BIKE["rejected"], LLM_EDIT)["edit_ratio"]
+    select_in_textarea(page, "a rag")
+    page.keyboard.type("a dry cloth")
+    page.click("#btn-reset-prefill")  # back to the model's edit ...
+    assert page.input_value("#edit") == LLM_EDIT
+    select_in_textarea(page, "a rag")
+    page.keyboard.type("a dry cloth")  # ... and the person's correction again
+    page.wait_for_timeout(150)
+    submit(page, live)
+    final = LLM_EDIT.replace("a rag", "a dry cloth")
+    stats = json.loads(task_of(live, "reviewer", "bike")["stats"])
+    assert stats["prefill_changed"] is True and stats["prefill_edit_ratio"] == edit_stats(LLM_EDIT, final)["edit_ratio"]
+    assert stats["edit_ratio"] == edit_stats(BIKE["rejected"], final)["edit_ratio"]
+    ctx.close()
+
+
+def test_past_the_limit_the_page_warns_and_asks_twice(browser, live):
+    token = live.add("rewriter")
+    give(live, "rewriter", "tea")
+    ctx = browser.new_context()
+    page = login(ctx, live, token)
+    page.click("#edit")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("Brew it gently.")
+    page.wait_for_timeout(150)
+    assert ratio_of(page) == edit_stats(PAIRS[4]["rejected"], "Brew it gently.")["edit_ratio"] > 0.75
+    assert page.is_visible("#ratio-warning")
+    url = page.url
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#action-error:not([hidden])")
+    assert "Press Submit again" in page.text_content("#action-error") and page.url == url
+    assert task_of(live, "rewriter", "tea")["status"] == "open"
+    submit(page, live)  # the second press keeps it
+    assert task_of(live, "rewriter", "tea")["edit_ratio"] > 0.75
+    ctx.close()
 
 
 # ---------------------------------------------------------------- the page's edit ratio == Python's

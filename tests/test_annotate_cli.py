@@ -12,7 +12,7 @@ from finegrain.annotate import store as db
 from finegrain.annotate.answers import build_answer
 from finegrain.annotate.config import ServeConfig, edit_max_ratio_default
 from finegrain.annotate.queue import current_item
-from finegrain.annotate.serve import prepare
+from finegrain.annotate.server import prepare
 from finegrain.cli import main
 from finegrain.config import build_config
 from finegrain.edit.core import EditConfig

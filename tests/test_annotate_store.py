@@ -201,3 +201,37 @@ def test_answer_twice_is_refused_as_stale(store):
         assert not answer(conn, ids["a"], item_id)  # only 'open' allowed: nothing written
         assert conn.execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 1
         assert isinstance(conn, sqlite3.Connection)
+
+
+def test_screening_answers_are_scored_per_annotator(tmp_path):
+    from finegrain.annotate.report import admin_report
+
+    store = db.Store(tmp_path / "s.sqlite", create=True)
+    screening = [Item("s-fine", "p", None, "Red is a primary colour.", kind="screening",
+                      expected={"nothing_to_fix": True}),
+                 Item("s-flaw", "p", None, "Water boils at 90 degrees.", kind="screening",
+                      expected={"nothing_to_fix": False, "edited": "Water boils at 100 degrees.", "gold_spans": []})]
+    with store.connect() as conn:
+        db.sync_items(conn, items(4), "pairs.jsonl")
+        db.sync_items(conn, screening, "screening.jsonl")
+    ids = names(store, "good", "bad")
+    every = 2
+    with store.connect() as conn:
+        for name, careful in (("good", True), ("bad", False)):
+            while (item_id := current_item(conn, ids[name], 2, every)) is not None:
+                t = db.task(conn, ids[name], item_id)
+                if t["pair_id"] == "s-flaw" and careful:
+                    payload = {"action": "submit", "text": "Water boils at 100 degrees."}
+                elif t["pair_id"] == "s-fine" and not careful:
+                    payload = {"action": "submit", "text": "Blue is a primary colour."}
+                else:
+                    payload = {"action": "nothing"}
+                a = build_answer(payload, original=t["rejected"], prefill=None, error_types=["x"],
+                                 guidelines_version="v", wall_s=1)
+                assert db.record_answer(conn, ids[name], item_id, a, ("open",))
+        report = admin_report(conn, overlap=2, max_edit_ratio=0.75)
+    rows = {r["name"]: r for r in report["annotators"]}
+    assert (rows["good"]["screening_passed"], rows["good"]["screening_total"]) == (2, 2)
+    assert (rows["bad"]["screening_passed"], rows["bad"]["screening_total"]) == (0, 2)
+    assert rows["good"]["nothing"] == 5 and rows["good"]["agreement_with_others"] == 1.0  # both: nothing on pairs
+    assert report["overview"]["pairs_complete"] == 4 and report["overview"]["screening_items"] == 2

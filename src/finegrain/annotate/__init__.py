@@ -7,7 +7,7 @@ editable box), makes the smallest edit that fixes it while a live word diff and 
 flawed spans, and submits. ``finegrain annotate export`` writes the human-edits file that
 ``finegrain edit --backend file`` reads.
 
-Modules (only :mod:`~finegrain.annotate.app` and :mod:`~finegrain.annotate.serve` need the
+Modules (only :mod:`~finegrain.annotate.app` and :mod:`~finegrain.annotate.server` need the
 ``annotate`` extra: starlette, jinja2, uvicorn):
 
 - :mod:`~finegrain.annotate.config`: the options of ``serve``, ``add-annotator`` and ``export``;
@@ -30,7 +30,7 @@ _LAZY = {
     "add_annotator": "finegrain.annotate.commands",
     "export_annotations": "finegrain.annotate.export",
     "create_app": "finegrain.annotate.app",
-    "serve": "finegrain.annotate.serve",
+    "serve": "finegrain.annotate.server",
 }
 
 __all__ = sorted(_LAZY)

@@ -12,7 +12,7 @@ from .config import AddAnnotatorConfig, ExportConfig, ServeConfig
 
 
 def _serve(cfg: ServeConfig) -> None:
-    from .serve import serve
+    from .server import serve
 
     return serve(cfg)
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from . import store as db
 from .config import AddAnnotatorConfig
-from .serve import login_url
+from .server import login_url
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 

@@ -61,8 +61,8 @@ class ServeConfig:
             raise ConfigError("--screening-rate must be in [0, 0.5] (0 = no screening items)")
         if not 0 < self.max_edit_ratio <= 1:
             raise ConfigError("--max-edit-ratio must be in (0, 1]")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError("--port must be in [0, 65535]")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError("--port must be in [1, 65535]")
         if not self.error_types or any(not t.strip() or len(t) > 40 for t in self.error_types):
             raise ConfigError("--error-types needs one or more names of 1 to 40 characters")
         if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):

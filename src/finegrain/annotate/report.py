@@ -6,6 +6,7 @@ last two minutes), never more than the wall time between getting the item and an
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import sqlite3
 import statistics
@@ -53,13 +54,26 @@ def screening_results(tasks: list[dict], max_edit_ratio: float) -> list[dict]:
     return out
 
 
-def annotator_table(conn: sqlite3.Connection, tasks: list[dict], max_edit_ratio: float) -> list[dict]:
-    """One row per annotator: counts per action, time per item, edit ratios, screening."""
+def agreement_by_annotator(agreement: list[dict]) -> dict[str, list[float]]:
+    """Each annotator's word agreements with the others who answered the same pairs."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for row in agreement:
+        for (a, b), value in zip(itertools.combinations(row["annotators"], 2), row["pairwise_word"]):
+            out[a].append(value)
+            out[b].append(value)
+    return out
+
+
+def annotator_table(conn: sqlite3.Connection, tasks: list[dict], max_edit_ratio: float,
+                    agreement: list[dict] | None = None) -> list[dict]:
+    """One row per annotator: counts per action, time per item, edit ratios, agreement with the others,
+    screening."""
     rows = {r["annotator_id"]: {"name": r["name"], "admin": bool(r["is_admin"]), "open": 0, "submit": 0,
                                 "nothing": 0, "skip": 0, "flag": 0, "times": [], "ratios": []}
             for r in conn.execute("SELECT * FROM annotators ORDER BY annotator_id")}
     for r in conn.execute("SELECT annotator_id, COUNT(*) FROM tasks WHERE status = 'open' GROUP BY annotator_id"):
         rows[r[0]]["open"] = r[1]
+    agrees = agreement_by_annotator(agreement or [])
     screening = defaultdict(list)
     for s in screening_results(tasks, max_edit_ratio):
         screening[s["name"]].append(s)
@@ -75,7 +89,9 @@ def annotator_table(conn: sqlite3.Connection, tasks: list[dict], max_edit_ratio:
         times, ratios, scr = row.pop("times"), row.pop("ratios"), screening.get(row["name"], [])
         row.update(answered=row["submit"] + row["nothing"] + row["flag"], median_time_s=_median(times),
                    total_time_s=round(sum(times), 1), mean_edit_ratio=_mean(ratios),
-                   over_limit=sum(r > max_edit_ratio for r in ratios), screening_passed=sum(s["passed"] for s in scr),
+                   over_limit=sum(r > max_edit_ratio for r in ratios),
+                   agreement_with_others=_mean(agrees.get(row["name"], [])),
+                   n_compared=len(agrees.get(row["name"], [])), screening_passed=sum(s["passed"] for s in scr),
                    screening_total=len(scr), screening_score=_mean([s["score"] for s in scr]))
         table.append(row)
     return table
@@ -120,7 +136,7 @@ def admin_report(conn: sqlite3.Connection, overlap: int, max_edit_ratio: float) 
     tasks = answered_tasks(conn)
     agreement = agreement_table(tasks)
     return {"overview": overview(conn, tasks, agreement, overlap),
-            "annotators": annotator_table(conn, tasks, max_edit_ratio), "agreement": agreement,
+            "annotators": annotator_table(conn, tasks, max_edit_ratio, agreement), "agreement": agreement,
             "screening": screening_results(tasks, max_edit_ratio), "max_edit_ratio": max_edit_ratio,
             "ratios": [(t["name"], t["edit_ratio"]) for t in tasks if t["status"] == "submit"],
             "times": [(t["name"], t["active_s"]) for t in tasks if t["status"] in DONE]}

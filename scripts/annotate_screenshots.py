@@ -35,11 +35,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 # pair id -> [(flawed text, fix, error type)]: what a careful annotator changes
 FIXES = {
-    "pan": [("Soak it in bleach overnight", "Rinse it with hot water", "unsafe"), ("steel wool", "coarse salt", "unsafe")],
+    "pan": [("Soak it in bleach overnight", "Rinse it with hot water", "unsafe"),
+            ("steel wool", "coarse salt", "unsafe")],
     "everest": [("9,849", "8,849", "inaccurate")],
     "prime": [("Obviously, you should know this already. ", "", "rude")],
     "capital": [("Lyon", "Paris", "inaccurate")],
-    "tea": [("boiling water", "water around 80 °C", "inaccurate"), ("ten minutes", "two to three minutes", "inaccurate"),
+    "tea": [("boiling water", "water around 80 °C", "inaccurate"),
+            ("ten minutes", "two to three minutes", "inaccurate"),
             ("Green tea tastes best bitter.", "", "inaccurate")],
     "eggs": [("twelve", "six", "inaccurate")],
     "password": [("Use your birthday so you never forget it, and reuse the same password everywhere.",
@@ -98,8 +100,9 @@ def seed(store: db.Store, settings, rng: random.Random) -> None:
                     continue
                 t = db.task(conn, ids[name], item_id)
                 payload = dict(answer_for(rng, name, t), active_s=rng.uniform(15, 40 if name == "ann-3" else 110))
-                a = build_answer(payload, original=t["rejected"], prefill=t["prefill"], error_types=settings.error_types,
-                                 guidelines_version=settings.guidelines.version, wall_s=600)
+                a = build_answer(payload, original=t["rejected"], prefill=t["prefill"],
+                                 error_types=settings.error_types, guidelines_version=settings.guidelines.version,
+                                 wall_s=600)
                 db.record_answer(conn, ids[name], item_id, a, ("open",))
 
 
@@ -145,7 +148,8 @@ def main() -> None:
             page.select_option("#error-type", "inaccurate")
             page.evaluate("""() => { const n = document.getElementById('original').firstChild;
                 const t = 'clouds block all UV rays'; const i = n.data.indexOf(t); const r = document.createRange();
-                r.setStart(n, i); r.setEnd(n, i + t.length); getSelection().removeAllRanges(); getSelection().addRange(r); }""")
+                r.setStart(n, i); r.setEnd(n, i + t.length);
+                getSelection().removeAllRanges(); getSelection().addRange(r); }""")
             page.keyboard.press("Alt+M")
             page.wait_for_selector("#save-status[data-saved='1']")
             page.click("#note")

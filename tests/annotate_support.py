@@ -139,8 +139,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 def chromium_path() -> str | None:
-    return os.environ.get("FINEGRAIN_CHROMIUM") or shutil.which("chromium") or (
-        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    """FINEGRAIN_CHROMIUM, else chromium on PATH, else /usr/bin/chromium; None when none exists."""
+    path = os.environ.get("FINEGRAIN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    return path if os.path.isfile(path) else None
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +153,8 @@ def browser():
         pytest.skip("the browser tests need Playwright's Python package: pip install -e '.[dev]'")
     path = chromium_path()
     if path is None:
-        pytest.skip("no Chromium at /usr/bin/chromium: apt-get install -y chromium chromium-driver "
-                    "(.ci/run does this where apt-get works)")
+        pytest.skip("no Chromium (FINEGRAIN_CHROMIUM, PATH, /usr/bin/chromium): apt-get install -y chromium "
+                    "chromium-driver (.ci/run does this where apt-get works)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
         yield b

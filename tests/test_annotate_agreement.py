@@ -6,8 +6,15 @@ import doctest
 import pytest
 
 from finegrain.annotate import agreement
-from finegrain.annotate.agreement import (changed_words, consensus_index, pair_agreement, screening_score,
-                                          span_agreement, word_agreement, words_in_spans)
+from finegrain.annotate.agreement import (
+    changed_words,
+    consensus_index,
+    pair_agreement,
+    screening_score,
+    span_agreement,
+    word_agreement,
+    words_in_spans,
+)
 from finegrain.annotate.answers import AnswerError, build_answer, line_ends_like, parse_spans
 
 ORIGINAL = "Soak it in bleach overnight, then scrub it with steel wool."

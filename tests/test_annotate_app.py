@@ -7,8 +7,8 @@ import threading
 
 import httpx
 import pytest
-
 from annotate_support import PAIRS, XSS, give, http_login, start_live
+
 from finegrain.annotate import store as db
 from finegrain.annotate.app import SECURITY_HEADERS
 from finegrain.annotate.server import NoQueryStrings, log_config
@@ -92,6 +92,9 @@ def test_posts_need_csrf_token_same_origin_and_json(live):
     assert no_origin.post("/api/draft", json=body, headers={"Referer": live.url + "/item/1"}).status_code == 200
     form = client.post("/api/draft", data={"item_id": str(item_id), "csrf": csrf})
     assert form.status_code == 400  # a plain form post is no JSON
+    huge = client.post("/api/draft", content=b'{"text": "' + b"x" * 2_100_000 + b'"}',
+                       headers={"Content-Type": "application/json"})
+    assert huge.status_code == 400 and "at most" in huge.json()["error"]
     other, _ = client_for(live, "csrf-other")
     assert other.post("/api/draft", json=body).status_code == 403  # another login's CSRF token
 

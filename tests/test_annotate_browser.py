@@ -24,15 +24,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from annotate_support import PAIRS, XSS, browser, free_port, give, login, start_live, watch, write_pairs  # noqa: F401
+from test_rm_train import make_base_model, single_thread  # noqa: F401 (autouse fixture: one torch thread)
+
 from finegrain.annotate import store as db
 from finegrain.annotate.config import ExportConfig
 from finegrain.annotate.export import export_annotations
 from finegrain.cli import main
 from finegrain.config import build_config
 from finegrain.edit.distance import edit_stats, opcodes, words
-from test_rm_train import make_base_model, single_thread  # noqa: F401 (autouse fixture: one torch thread)
 
 VIEWPORT = {"width": 1360, "height": 940}
 
@@ -143,7 +143,8 @@ def test_a_person_annotates_then_a_second_one_overlaps_then_export_and_train(bro
     page.reload()
     page.wait_for_function("window.FG && window.FG.ready")
     assert page.url.endswith("/item/1") and page.input_value("#edit") == edited
-    assert page.text_content("mark.error-span") == "bleach" and page.input_value("#note") == "bleach ruins the seasoning"
+    assert page.text_content("mark.error-span") == "bleach"
+    assert page.input_value("#note") == "bleach ruins the seasoning"
     assert ratio_of(page) == edit_stats(pan["rejected"], edited)["edit_ratio"]
     page.goto(live.url + "/")  # the queue says the same
     assert page.url.endswith("/item/1")
@@ -280,8 +281,8 @@ def test_past_the_limit_the_page_warns_and_asks_twice(browser, live):
 
 # ---------------------------------------------------------------- the page's edit ratio == Python's
 
-VOCAB = ["the", "The", "cat", "sat", "on", "mat", "a", "a", "a", "café", "naïve", "Straße", "中文", "日本語", "😀",
-         "👍🏽", "हिन्दी", "١٢٣", "x²", "½", "Ⅻ", "①", "_under_", "don't", "e.g.", "3.14", "ﬁne", "e\u0301",
+VOCAB = ["the", "The", "cat", "sat", "on", "mat", "a", "a", "a", "café", "naïve", "Straße", "中文", "日本語",
+         "😀", "👍🏽", "हिन्दी", "١٢٣", "x²", "½", "Ⅻ", "①", "_under_", "don't", "e.g.", "3.14", "ﬁne", "e\u0301",
          "Ωmega", "!", "?!", "...", "—", "«", "»", "(", ")", "<b>", "&amp;", "$5", "100%", "#tag", "@you", "\\"]
 SEPARATORS = [" ", " ", " ", "", "\n", "\t", "\u00a0", "\u2028", "\x1c", "\u3000", ", ", "  "]
 
@@ -312,7 +313,8 @@ def ratio_cases(n: int = 240) -> list[tuple[str, str]]:
     cases = [("", ""), ("", "new words"), ("old words", ""), ("   ", "\n\t"), ("same", "same"),
              ("a a a a", "a a"), ("a b a b a b", "b a b a"), ("x " * 30, "x " * 29 + "y"),
              ("The cat sat.", "The dog sat."), ("naïve café", "naive cafe"), ("e\u0301t\u00e9", "été"),
-             ("A\x1cB", "A B"), ("1\u00a02", "1 2"), ("😀😀", "😀"), ("中文字", "中文"), ("x" * 50, "y" * 50)]
+             ("A\x1cB", "A B"), ("1\u00a02", "1 2"), ("😀😀", "😀"), ("中文字", "中文"),
+             ("x" * 50, "y" * 50)]
     # edit ratios that are exact odd multiples of 1/128 (ties for rounding to 6 decimals)
     cases += [("w " * 128, "w " * 127 + "z"), ("w " * 128, "w " * 125 + "z z z"), ("v " * 200, "v " * 56)]
     while len(cases) < n:

@@ -2,19 +2,21 @@
 read back by `finegrain edit --backend file`."""
 from __future__ import annotations
 
+import argparse
 import builtins
 import json
 
 import pytest
-
 from annotate_support import PAIRS, write_pairs
+
 from finegrain.annotate import store as db
 from finegrain.annotate.answers import build_answer
+from finegrain.annotate.cli import configure
 from finegrain.annotate.config import ServeConfig, edit_max_ratio_default
 from finegrain.annotate.queue import current_item
 from finegrain.annotate.server import prepare
 from finegrain.cli import main
-from finegrain.config import build_config
+from finegrain.config import build_config, config_from_args
 from finegrain.edit.core import EditConfig
 
 
@@ -80,6 +82,19 @@ def test_serve_refuses_bad_options(tmp_path, capsys):
                                             "--db", db_path)
 
 
+def test_serve_options_from_a_yaml_file(tmp_path):
+    pairs, db_path = write_pairs(tmp_path / "p.jsonl"), tmp_path / "new" / "a.sqlite"
+    (tmp_path / "annotate.yaml").write_text(f"data: {pairs}\ndb: {db_path}\noverlap: 3\nerror-types: [wrong, rude]\n")
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["serve", "--config", str(tmp_path / "annotate.yaml"), "--port", "8200"])
+    cfg = config_from_args(ServeConfig, args)
+    assert (cfg.overlap, cfg.error_types, cfg.port, cfg.host) == (3, ["wrong", "rude"], 8200, "127.0.0.1")
+    summary = prepare(cfg).summary  # the database's folder is created
+    assert summary["pairs_added"] == len(PAIRS) and summary["url"] == "http://127.0.0.1:8200"
+    assert "admin_login_url" in summary and "admin_login_url" not in prepare(cfg).summary
+
+
 def test_serve_without_the_web_extra_names_it(tmp_path, capsys, monkeypatch):
     real_import = builtins.__import__
 
@@ -132,8 +147,8 @@ def annotate(db_path, who: str, plan: dict[str, tuple], overlap: int = 2, prefil
             action, fn, spans = plan.get(t["pair_id"], ("nothing", None, []))
             payload = {"action": action, "text": fn(t["prefill"] or t["rejected"]) if fn else None, "spans": spans,
                        "active_s": 5.0, "note": f"{who} on {t['pair_id']}"}
-            a = build_answer(payload, original=t["rejected"], prefill=t["prefill"], error_types=["unsafe", "inaccurate"],
-                             guidelines_version="minimal_edit_v1", wall_s=60.0)
+            a = build_answer(payload, original=t["rejected"], prefill=t["prefill"],
+                             error_types=["unsafe", "inaccurate"], guidelines_version="minimal_edit_v1", wall_s=60.0)
             assert db.record_answer(conn, me, item_id, a, ("open",))
 
 
@@ -163,7 +178,8 @@ def test_export_and_edit_backend_file_read_it(tmp_path, capsys):
     meta = by_id["pan"]["edit_meta"]
     assert meta["prefill_used"] and meta["prefill_model"] == "claude-x" and meta["prefill_changed"] is False
     assert meta["prefill_edit_ratio"] == 0.0 and meta["prefill_ratio_to_original"] > 0
-    assert meta["n_edits_for_pair"] == 2 and meta["agreement"] == round(4 / 6, 6) and meta["guidelines_version"] == "minimal_edit_v1"
+    assert meta["n_edits_for_pair"] == 2 and meta["agreement"] == round(4 / 6, 6)
+    assert meta["guidelines_version"] == "minimal_edit_v1"
     assert meta["time_spent_s"] == 5.0 and meta["wall_time_s"] >= 0 and meta["error_spans"][0]["type"] == "unsafe"
     assert by_id["pan"]["gold_spans"] == [[8, 27]]
     assert by_id["everest"]["edit_meta"]["agreement"] == 1.0

@@ -50,7 +50,7 @@ SECURITY_HEADERS = {
     "cross-origin-resource-policy": "same-origin",
 }
 COOKIE_MAX_AGE = 90 * 24 * 3600
-MAX_BODY = 1_000_000  # bytes of a JSON post
+MAX_BODY = 2_000_000  # bytes of a JSON post (an edit is at most 200,000 characters)
 
 
 class SecurityHeadersMiddleware:
@@ -142,11 +142,19 @@ class AnnotateApp:
         return any(referer.startswith(a + "/") for a in allowed)
 
     async def json_body(self, request: Request) -> dict | None:
+        """The posted JSON object, or None (not JSON, not an object, or more than MAX_BODY bytes)."""
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return None
-        body = await request.body()
-        if len(body) > MAX_BODY:
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY:
             return None
+        chunks, size = [], 0
+        async for chunk in request.stream():  # bounded even when the length is not declared
+            size += len(chunk)
+            if size > MAX_BODY:
+                return None
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             data = json.loads(body)
         except ValueError:
@@ -162,7 +170,8 @@ class AnnotateApp:
             return None, None, self.forbidden(request, "not logged in: open your personal login link", api=True)
         body = await self.json_body(request)
         if body is None:
-            return None, None, JSONResponse({"error": "expected a JSON object"}, status_code=400)
+            return None, None, JSONResponse({"error": f"expected a JSON object of at most {MAX_BODY} bytes"},
+                                            status_code=400)
         presented = body.get("csrf") or request.headers.get("x-csrf-token")
         if not auth.csrf_ok(self.secret_key, who.token_hash, presented):
             return None, None, self.forbidden(request, "missing or wrong CSRF token: reload the page", api=True)

@@ -137,6 +137,8 @@ class Store:
         if not create and not os.path.exists(self.path):
             raise InputError("no such annotation database: start `finegrain annotate serve --data PAIRS --db "
                              f"{self.path}` once to create it", path=self.path)
+        if create:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         try:
             with self.connect() as conn:
                 if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
@@ -151,6 +153,8 @@ class Store:
                     elif version != SCHEMA_VERSION:
                         raise ConfigError(f"{self.path}: annotation database schema {version}, this finegrain "
                                           f"reads {SCHEMA_VERSION}")
+        except sqlite3.OperationalError as e:
+            raise InputError(f"cannot open the database ({e})", path=self.path) from e
         except sqlite3.DatabaseError as e:
             raise InputError(f"not an annotation database ({e})", path=self.path) from e
 

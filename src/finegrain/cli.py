@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("finegrain.data.cli", "convert a public dataset (alpacafarm, hh, qa-feedback, oasst) into pairs"),
     "sft": ("finegrain.sft.cli", "supervised fine-tuning of a causal LM on prompt/response data"),
     "edit": ("finegrain.edit.cli", "minimally edit the rejected response of each pair with an LLM, a file or an oracle"),
+    "annotate": ("finegrain.annotate.cli", "people make the minimal edits: a local web app (serve, add-annotator, export)"),
     "train-rm": ("finegrain.rm.cli_train", "train a sequence or token-level reward model"),
     "eval-rm": ("finegrain.rm.cli_eval", "pairwise accuracy (and token AUROC) of a reward model"),
     "ppo": ("finegrain.ppo.cli", "PPO with sequence-level or token-level rewards"),

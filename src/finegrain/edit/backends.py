@@ -36,7 +36,8 @@ How a backend reports failure (the runner, :mod:`finegrain.edit.runner`, relies 
 Optional attributes the runner reads with ``getattr``: ``prompt_version`` (str, part of the
 cache key; default ``"none"``), ``cache_salt`` (str, anything else that changes answers, e.g.
 prompt text and sampling options), ``cacheable`` (bool, default True), ``remote`` (bool, default
-True: per-request timeouts apply) and ``item_meta(id) -> dict`` (extra ``edit_meta`` fields).
+True: per-request timeouts apply), ``item_meta(id) -> dict`` (extra ``edit_meta`` fields) and
+``item_gold_spans(id) -> list | None`` (the edited pair's ``gold_spans``, e.g. marked by a person).
 """
 from __future__ import annotations
 

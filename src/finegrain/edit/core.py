@@ -158,6 +158,7 @@ def edit_pairs(cfg: EditConfig) -> dict[str, Any]:
     guard = GuardConfig(cfg.max_edit_ratio, cfg.allow_unchanged)
     accepted, rejects, reasons, ratios = [], [], Counter(), []
     item_meta = getattr(backend, "item_meta", None)
+    item_spans = getattr(backend, "item_gold_spans", None)
     for pair, job in zip(pairs, jobs):
         outcome = outcomes[job.key]
         res = outcome.result
@@ -168,7 +169,7 @@ def edit_pairs(cfg: EditConfig) -> dict[str, Any]:
             meta.update(item_meta(pair.id))
         if reason is None:
             ratios.append(stats["edit_ratio"])
-            accepted.append(_edited_row(pair, res.text, meta))
+            accepted.append(_edited_row(pair, res.text, meta, item_spans(pair.id) if item_spans else None))
         else:
             reasons[reason] += 1
             rejects.append({"id": pair.id, "reason": reason, "error": outcome.error or (res.error if res else None),
@@ -202,11 +203,11 @@ def _unique(jobs: list[Job]) -> list[Job]:
     return list(seen.values())
 
 
-def _edited_row(pair, edited: str, meta: dict[str, Any]) -> dict[str, Any]:
+def _edited_row(pair, edited: str, meta: dict[str, Any], gold_spans: list | None = None) -> dict[str, Any]:
     from ..data.schema import EditedPair
 
     return EditedPair(pair.prompt, pair.chosen, pair.rejected, pair.id, dict(pair.meta), edited=edited,
-                      edit_meta=meta).to_json()
+                      edit_meta=meta, gold_spans=gold_spans).to_json()
 
 
 __all__ = ["EditConfig", "LLMCallConfig", "edit_pairs", "output_base", "resolve_cache_path"]

@@ -6,6 +6,10 @@ Human edits: JSONL (or .json / .jsonl.gz / .parquet), one object per edited pair
 
 ``id`` (the pair's id in the ``--data`` file) and ``edited`` (the whole edited response, not a
 diff) are required; ``annotator`` and ``notes`` are optional and copied into ``edit_meta``.
+Optional too (``finegrain annotate export`` writes them): ``gold_spans`` (``[[start, end], ...]``,
+character spans of the pair's ``rejected`` that the person marked as flawed; they become the
+edited pair's ``gold_spans``) and ``edit_meta`` (an object copied into the edited pair's
+``edit_meta``, except the keys ``finegrain edit`` sets itself: backend, model, edit stats, times).
 Run ``finegrain edit --backend file --model human_edits.jsonl --data pairs.jsonl ...``: the
 same guards as for LLM edits apply, pairs without an edit are rejected with reason ``missing``.
 
@@ -18,6 +22,7 @@ the texts, so a judgement made with the outputs in the other order is flipped (3
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from ..errors import InputError
@@ -34,8 +39,35 @@ def _text(rec: dict, field: str, path: str, where: str, *, optional: bool = Fals
     return v
 
 
+# edit_meta keys that `finegrain edit` sets itself; a human-edits file cannot override them
+RESERVED_META = ("backend", "model", "prompt_version", "requested_at", "answered_at", "cached", "input_tokens",
+                 "output_tokens", "original_tokens", "edited_tokens", "tokens_deleted", "tokens_inserted",
+                 "changed_tokens", "changed_blocks", "edit_ratio")
+
+
+def _gold_spans(rec: dict, path: str, where: str) -> list[list[int]] | None:
+    """Validated ``gold_spans`` (shape and order; the bounds are checked against the pair's text later)."""
+    from ..data.loaders import check_spans
+
+    try:
+        spans, _ = check_spans(rec.get("gold_spans"), sys.maxsize)
+    except InputError as e:
+        raise InputError(e.message, path=path, record=where, field="gold_spans") from e
+    return None if spans is None else [list(s) for s in spans]
+
+
+def _edit_meta(rec: dict, path: str, where: str) -> dict[str, Any]:
+    meta = rec.get("edit_meta")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise InputError(f"must be an object, got {type(meta).__name__}", path=path, record=where, field="edit_meta")
+    return {k: v for k, v in meta.items() if k not in RESERVED_META}
+
+
 def load_human_edits(path: str) -> dict[str, dict[str, Any]]:
-    """``{id: {"edited", "annotator", "notes"}}`` from a human-edits file, validated."""
+    """``{id: {"edited", "annotator", "notes", "gold_spans", "edit_meta", "location"}}`` from a human-edits
+    file, validated."""
     out: dict[str, dict[str, Any]] = {}
     for where, rec in iter_records(path):
         raw_id = rec.get("id")
@@ -46,7 +78,9 @@ def load_human_edits(path: str) -> dict[str, dict[str, Any]]:
             raise InputError(f"duplicate id {pid!r} (one edit per pair)", path=path, record=where, field="id")
         edited = _text(rec, "edited", path, where)
         out[pid] = {"edited": edited, "annotator": _text(rec, "annotator", path, where, optional=True),
-                    "notes": _text(rec, "notes", path, where, optional=True)}
+                    "notes": _text(rec, "notes", path, where, optional=True),
+                    "gold_spans": _gold_spans(rec, path, where), "edit_meta": _edit_meta(rec, path, where),
+                    "location": where}
     return out
 
 
@@ -60,7 +94,8 @@ class _FileBackend:
 
 
 class FileEditor(_FileBackend):
-    """Serves human edits by pair id; ``item_meta`` adds annotator and notes to ``edit_meta``."""
+    """Serves human edits by pair id; ``item_meta`` adds annotator, notes and the file's ``edit_meta`` to
+    ``edit_meta``, ``item_gold_spans`` gives the marked spans."""
 
     def __init__(self, path: str):
         self.model = str(path)
@@ -71,12 +106,23 @@ class FileEditor(_FileBackend):
         rec = self.edits.get(req.id)
         if rec is None:
             return EditResult(None, error=f"missing: no human edit with id {req.id!r} in {self.model}")
+        n_chars = len(req.response)
+        for start, end in rec["gold_spans"] or []:
+            if end > n_chars:
+                raise InputError(f"span [{start}, {end}] is outside the rejected response of pair {req.id!r} "
+                                 f"({n_chars} characters): were these edits made on another pairs file?",
+                                 path=self.model, record=rec["location"], field="gold_spans")
         self.used.add(req.id)
         return EditResult(rec["edited"])
 
     def item_meta(self, item_id: str) -> dict[str, Any]:
         rec = self.edits.get(item_id) or {}
-        return {k: rec[k] for k in ("annotator", "notes") if rec.get(k) is not None}
+        meta = dict(rec.get("edit_meta") or {})
+        meta.update({k: rec[k] for k in ("annotator", "notes") if rec.get(k) is not None})
+        return meta
+
+    def item_gold_spans(self, item_id: str) -> list[list[int]] | None:
+        return (self.edits.get(item_id) or {}).get("gold_spans")
 
     def unused_ids(self) -> list[str]:
         return sorted(set(self.edits) - self.used)

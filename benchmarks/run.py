@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from common import machine_info, summary, train_flops_per_token  # noqa: E402
 from convergence import convergence_summary  # noqa: E402
+from robustness import SEEDS as ROBUST_SEEDS, robustness_summary  # noqa: E402
 
 PY = sys.executable
 
@@ -243,7 +244,7 @@ def bench_mfu(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
 
 
 def run_demo(out: Path, seed: int, quick: bool, logfile: Path, timeout: float) -> dict[str, Any]:
-    """``finegrain demo`` as a child process; wall time and that child's own peak RSS (wait4)."""
+    """``finegrain demo`` (full or --quick) as a child process; wall time and that child's own peak RSS (wait4)."""
     cmd = [PY, "-m", "finegrain", "demo", "--out", str(out), "--seed", str(seed)] + (["--quick"] if quick else [])
     env = dict(os.environ, FINEGRAIN_PROGRESS="0")
     t0 = time.perf_counter()
@@ -297,11 +298,34 @@ def bench_demo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
     return out
 
 
+def bench_robust(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
+    """The sandbox figures over demo seeds fixed before their results were seen (robustness.py)."""
+    full, quick = [], []
+    for seed in ROBUST_SEEDS:
+        for is_quick, bucket in ((True, quick), (False, full)):
+            tag = f"robust_{'quick' if is_quick else 'full'}_{seed}"
+            try:
+                r = run_demo(logs / tag, seed, is_quick, logs / f"{tag}.log", timeout=900 if is_quick else 3600)
+            except BenchFailed as e:
+                log(f"  {tag} failed: {e}")
+                continue
+            log(f"  {tag}: {r['wall_s']:.0f}s")
+            bucket.append(r["metrics"])
+    if not full:
+        raise BenchFailed("no full demo finished")
+    state["robust"] = {"seeds": list(ROBUST_SEEDS), "n_full": len(full), "n_quick": len(quick)}
+    return robustness_summary(full, quick)
+
+
 BENCHES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "ppo": (bench_ppo, ("ppo_speedup_vs_trl", "ppo_speedup_vs_trl_fp32", "token_vs_sequence_cost")),
     "mfu": (bench_mfu, ("ppo_mfu", "ppo_mfu_bf16")),
     "rm": (bench_rm, ("rm_speedup_vs_trl",)),
     "demo": (bench_demo, ("demo_peak_rss_gb", "demo_wall_s", "convergence_step_ratio")),
+    "robust": (bench_robust, ("robust_token_minus_edit_seq_gold", "robust_token_minus_edit_seq_winrate",
+                              "robust_token_minus_baseline_gold", "robust_token_minus_baseline_winrate",
+                              "robust_rm_accuracy_gap", "robust_response_auroc", "robust_convergence_step_ratio",
+                              "newcomer_gold_rose")),
 }
 
 
@@ -317,7 +341,8 @@ def build_assets(assets: Path, logs: Path, response_length: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes: <= 20 minutes on 2 CPU cores")
-    ap.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    ap.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)} (default: all; with --quick all "
+                                   "but robust, which runs 5 full and 5 quick demos, about an hour)")
     ap.add_argument("--rounds", type=int, help="override the number of alternating rounds")
     ap.add_argument("--precisions", default="no,bf16",
                     help="PPO arms to run: no (fp32) and/or bf16 autocast, each with both systems (default both)")
@@ -333,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, rounds=args.rounds)
     if args.threads:
         os.environ["FINEGRAIN_BENCH_THREADS"] = str(args.threads)
-    only = [b.strip() for b in args.only.split(",") if b.strip()]
+    only = ([b.strip() for b in args.only.split(",") if b.strip()] if args.only else
+            [b for b in BENCHES if not (args.quick and b == "robust")])
     unknown = [b for b in only if b not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")

@@ -215,3 +215,17 @@ def test_hh_split_recovers_prompt_and_responses(turns, chosen, rejected):
     prompt += "\n\nAssistant:"
     got = split_transcripts(prompt + " " + chosen, prompt + " " + rejected)
     assert got == (prompt, chosen, rejected)
+
+
+def test_qa_feedback_passages_first_keeps_the_question_under_a_left_cut(tmp_path, tiny_tokenizer):
+    from finegrain.rm.inputs import build_rm_example
+
+    convert("qa-feedback", write_lines(tmp_path / "qa.jsonl", [QA]), tmp_path / "out",
+            qa_prompt_style="passages+question")
+    prompt = read_lines(tmp_path / "out" / "pairs.jsonl")[0]["prompt"]
+    assert prompt.startswith("Passages:\n[1] ") and prompt.endswith("\n\nQuestion: Who wrote Hamlet?")
+    # a budget too small for the passages: the response stays whole, the question (the prompt's end) too
+    ex = build_rm_example(tiny_tokenizer, prompt, "Shakespeare.", max_length=34, template="{prompt}\n")
+    kept = tiny_tokenizer.decode(ex.input_ids[:ex.response_start])
+    assert ex.truncated and kept.endswith("\n\nQuestion: Who wrote Hamlet?\n") and "Passages:" not in kept
+    assert tiny_tokenizer.decode(ex.response_ids) .startswith("Shakespeare.")

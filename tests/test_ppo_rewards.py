@@ -77,6 +77,12 @@ def test_ids_layout_equals_build_rm_example(tiny_tokenizer):
                                                                        ref.response_end)
     short = build_rm_example(tok, prompt, response, max_length=8)  # same truncation policy
     assert rm_example_from_ids(q, r, tok.eos_token_id, 8).input_ids == short.input_ids
+    for width in (64, 12):  # the echo view: the response twice, scored on the second copy, cut alike
+        ref = build_rm_example(tok, prompt, response, max_length=width, view="echo")
+        ours = rm_example_from_ids(q, r, tok.eos_token_id, width, "echo")
+        assert (ours.input_ids, ours.response_start, ours.response_end) == (ref.input_ids, ref.response_start,
+                                                                           ref.response_end)
+        assert ours.response_ids == ours.input_ids[len(ours.input_ids) - len(ours.response_ids):]
 
 
 def test_map_same_tokenizer():

@@ -433,3 +433,42 @@ def test_attached_forward_takes_ids_made_in_inference_mode_and_reaches_both_mode
     (attached.logprobs.sum() + attached.values.sum()).backward()
     for part in (model.policy, model.value_model):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_an_encoder_reward_model_scores_ppo_but_cannot_initialise_the_value_model(tmp_path):
+    """A BERT token RM on the policy's tokenizer: its rewards see the whole response (fine for rewards), but a
+    value model must be causal, so --value-init reward is refused and --value-init policy runs."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    from finegrain.ppo.setup import preflight
+    from finegrain.ppo.train import train_ppo
+
+    ws = make_workspace(tmp_path)
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    bert = BertForTokenClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64, num_labels=1,
+                                                 max_position_embeddings=64, pad_token_id=tok.pad_token_id))
+    save_checkpoint(tmp_path / "bert_rm", bert.eval(), tok, {"kind": "token"})
+    ws["reward_model"] = str(tmp_path / "bert_rm")
+    with pytest.raises(ConfigError, match="a value model must not see the future; use --value-init policy"):
+        preflight(toy_config(ws, tmp_path / "x", value_init="reward"))
+    summary = train_ppo(toy_config(ws, tmp_path / "out", steps=2))
+    assert summary["steps"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(abs(m["reward"]) < 100 for m in lines)
+
+
+def test_an_echo_reward_model_is_read_with_its_view_in_ppo(tmp_path):
+    """An RM saved with token_view echo: PPO builds the doubled input from the policy's ids."""
+    from finegrain.ppo.setup import preflight
+
+    ws = make_workspace(tmp_path)
+    meta = json.loads((tmp_path / "rm" / "finegrain.json").read_text())
+    (tmp_path / "rm" / "finegrain.json").write_text(json.dumps(dict(meta, token_view="echo")))
+    run = preflight(toy_config(ws, tmp_path / "x"))
+    assert run.rm_view == "echo" and run.rm_max_length == 16 + 2 * (6 + 1)
+    from finegrain.ppo.train import train_ppo
+
+    summary = train_ppo(toy_config(ws, tmp_path / "out", steps=2))
+    assert summary["steps"] == 2

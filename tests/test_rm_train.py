@@ -382,3 +382,21 @@ def test_max_length_above_the_position_limit_is_clamped_with_one_warning(data_di
     assert res["n_pairs"] == 40
     assert main(["eval-rm", "--model", str(tmp_path / "rm"), "--data", str(data_dir / "heldout.jsonl"),
                  "--output", str(tmp_path / "e2.json"), "--max-length", "5000"]) == 0
+
+
+def test_learning_rate_default_depends_on_the_start_and_underfitting_is_said(data_dir, base_model, tmp_path, caplog):
+    import logging
+
+    from finegrain.rm.train import warn_if_still_improving
+
+    assert train_cfg(data_dir, base_model, tmp_path, lr=None).learning_rate == 1e-5
+    assert train_cfg(data_dir, base_model, tmp_path, lr=None, from_scratch="encoder").learning_rate == 1e-3
+    assert train_cfg(data_dir, base_model, tmp_path, lr=0.5, from_scratch="encoder").learning_rate == 0.5
+    cfg = train_cfg(data_dir, base_model, tmp_path, lr=None)
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_still_improving([{"eval_loss": 0.7}, {"eval_loss": 0.6}, {"eval_loss": 0.5}], cfg)
+        assert not warn_if_still_improving([{"eval_loss": 0.7}, {"eval_loss": 0.5}, {"eval_loss": 0.6}], cfg)
+        assert not warn_if_still_improving([{"eval_loss": 0.7}, {"eval_loss": 0.6}], cfg)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the held-out loss was still falling at the last evaluation (0.7000 -> 0.6000 -> 0.5000): the reward model "
+        "may be undertrained; raise --epochs or --lr (now 1e-05)"]

@@ -21,6 +21,9 @@ ROWS = [
     ("b_seq_edit", "human edits (corrected > prediction 1)", "sequence"),
     ("c_token_edit", "human edits (corrected > prediction 1)", "token_edit (Eq. 4)"),
     ("d_token_mean", "human edits (corrected > prediction 1)", "token_mean (Eq. 1-3)"),
+    ("e_token_label", "human edits, question only", "token_label (per-token labels)"),
+    ("f_token_label_passages", "human edits, with the passages (512 tokens)", "token_label (per-token labels)"),
+    ("g_token_mean_label_passages", "human edits, with the passages (512 tokens)", "token_mean + labels"),
 ]
 
 
@@ -42,6 +45,10 @@ def auroc(res: dict | None) -> str:
     return "—"
 
 
+def fmt3(res: dict | None, key: str) -> str:
+    return f"{res[key]:.3f}" if res and res.get(key) is not None else "—"
+
+
 def read_times(run: Path) -> dict[str, float]:
     """Training seconds of each RM directory that has them."""
     return {p.parent.name: float(p.read_text()) for p in sorted(run.glob("*/train_seconds.txt"))}
@@ -55,8 +62,8 @@ def load(run: Path, name: str, which: str) -> dict | None:
 def table(run: Path) -> tuple[str, dict]:
     times = read_times(run)
     lines = ["| RM | trained on | loss | held-out human preferences | held-out edit pairs | "
-             "token AUROC vs human error spans | train time |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "token AUROC vs human error spans | per-response AUROC | span F1 | train time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     results = {}
     for name, data, loss in ROWS:
         pref, edit = load(run, name, "preference"), load(run, name, "edit")
@@ -64,9 +71,11 @@ def table(run: Path) -> tuple[str, dict]:
             continue
         results[name] = {"preference": pref, "edit": edit, "train_seconds": times.get(name)}
         t = f"{times[name] / 60:.1f} min" if name in times else "—"
-        tok_auc = auroc(edit) if not loss.startswith("sequence") else "n/a (one score)"
+        token = not loss.startswith("sequence")
+        tok_auc = auroc(edit) if token else "n/a (one score)"
+        extra = [fmt3(edit, "response_auroc"), fmt3(edit, "span_f1")] if token else ["—", "—"]
         lines.append(f"| ({name[0]}{'+' if name.endswith('_all') else ''}) | {data} | {loss} | {pct(pref)} (n={pref and pref.get('n_pairs')}) | "
-                     f"{pct(edit)} (n={edit and edit.get('n_pairs')}) | {tok_auc} | {t} |")
+                     f"{pct(edit)} (n={edit and edit.get('n_pairs')}) | {tok_auc} | {' | '.join(extra)} | {t} |")
     return "\n".join(lines), results
 
 

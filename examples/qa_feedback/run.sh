@@ -9,6 +9,10 @@
 #   (b) sequence RM   on the (corrected > prediction 1) edit pairs
 #   (c) token RM, token_edit loss (Eq. 4) on the same edit pairs
 #   (d) token RM, token_mean loss (Eq. 1-3) on the same edit pairs
+#   (e) token RM, token_label loss (the edit as per-token labels), question only
+#   (f) token RM, token_label loss, with the passages (passages first, so a left cut keeps the
+#       question), 512 positions
+#   (g) token RM, token_mean + the label term, with the passages
 # each scored on held-out human preferences, held-out edit pairs, and (token RMs) the per-token
 # AUROC of a low reward against the human error spans.
 #
@@ -23,7 +27,8 @@ OUT="${OUT:-$ROOT/runs/qa_feedback}"
 CONFIG="${CONFIG:-$HERE/rm_minilm.yaml}"
 EPOCHS="${EPOCHS:-1}"             # 270 edit pairs, 280 preference pairs (one per question)
 PREF_ALL_EPOCHS="${PREF_ALL_EPOCHS:-1}"   # 1,455 preference pairs
-ONLY="${ONLY:-c_token_edit b_seq_edit d_token_mean a_seq_pref}"   # add a_seq_pref_all for (a+)
+ONLY="${ONLY:-c_token_edit b_seq_edit d_token_mean a_seq_pref e_token_label f_token_label_passages g_token_mean_label_passages}"   # add a_seq_pref_all for (a+)
+LABEL_EPOCHS="${LABEL_EPOCHS:-3}"  # (e)-(g): three epochs, the best held-out evaluation kept
 PY="${PYTHON:-python}"
 FG="${FINEGRAIN:-finegrain}"
 mkdir -p "$OUT"
@@ -34,29 +39,44 @@ mkdir -p "$OUT"
 #    question first. Six corrections are empty strings (the annotator deleted everything): they are
 #    listed in converted/rejects.jsonl instead of stopping the run.
 "$FG" convert --from qa-feedback "$QA_DATA" --output "$OUT/converted" --qa-prompt question --skip-invalid
+#    and with the passages, placed before the question: the response keeps priority and the prompt is
+#    cut from its left, so the question and the passages nearest to it are what a 512-position
+#    encoder keeps
+"$FG" convert --from qa-feedback "$QA_DATA" --output "$OUT/converted_passages" --qa-prompt passages+question \
+  --skip-invalid
 # 2. split by question (question_id): 280 train / 70 test questions
 "$PY" "$HERE/split_by_question.py" "$OUT/converted/pairs.jsonl" "$OUT/converted/edits.jsonl" \
   --out "$OUT/split" --test-fraction 0.2 --seed 0 --one-per-question
+"$PY" "$HERE/split_by_question.py" "$OUT/converted_passages/pairs.jsonl" "$OUT/converted_passages/edits.jsonl" \
+  --out "$OUT/split_passages" --test-fraction 0.2 --seed 0
 # 3. what the edits look like, and the length heuristics every RM must beat
 "$PY" "$HERE/diagnose.py" "$OUT/split/test/pairs.jsonl" "$OUT/split/test/edits.jsonl" > "$OUT/diagnose_test.json"
 "$PY" "$HERE/diagnose.py" "$OUT/split/train/pairs.jsonl" "$OUT/split/train/edits.jsonl" > "$OUT/diagnose_train.json"
 
-train() {  # name data pairs loss epochs
-  local name=$1 data=$2 pairs=$3 loss=$4 epochs=$5 start=$SECONDS
+train() {  # name data pairs loss epochs [split [extra train-rm flags ...]]
+  local name=$1 data=$2 pairs=$3 loss=$4 epochs=$5 split=${6:-split} start=$SECONDS
+  shift $(( $# < 6 ? $# : 6 ))
   case " $ONLY " in *" $name "*) ;; *) return 0 ;; esac
-  "$FG" train-rm --config "$CONFIG" --data "$OUT/split/train/$data" --pairs "$pairs" --loss "$loss" \
-    --epochs "$epochs" --output "$OUT/$name" > "$OUT/$name.train.json"
+  "$FG" train-rm --config "$CONFIG" --data "$OUT/$split/train/$data" --pairs "$pairs" --loss "$loss" \
+    --epochs "$epochs" --output "$OUT/$name" "$@" > "$OUT/$name.train.json"
   echo "$((SECONDS - start))" > "$OUT/$name/train_seconds.txt"
-  "$FG" eval-rm --model "$OUT/$name" --data "$OUT/split/test/pairs.jsonl" --pairs preference \
+  "$FG" eval-rm --model "$OUT/$name" --data "$OUT/$split/test/pairs.jsonl" --pairs preference \
     --output "$OUT/$name/eval_preference.json" > /dev/null
-  "$FG" eval-rm --model "$OUT/$name" --data "$OUT/split/test/edits.jsonl" --pairs edit \
+  "$FG" eval-rm --model "$OUT/$name" --data "$OUT/$split/test/edits.jsonl" --pairs edit \
     --output "$OUT/$name/eval_edit.json" > /dev/null
 }
+# (e)-(g) hold out a tenth of their training questions' pairs to keep the best evaluation
+BEST=(--eval-fraction 0.1 --eval-every 10)
 train c_token_edit   edits.jsonl                  edit       token_edit "$EPOCHS"
 train b_seq_edit     edits.jsonl                  edit       sequence   "$EPOCHS"
 train d_token_mean   edits.jsonl                  edit       token_mean "$EPOCHS"
 train a_seq_pref     pairs.one_per_question.jsonl preference sequence   "$EPOCHS"
 train a_seq_pref_all pairs.jsonl                  preference sequence   "$PREF_ALL_EPOCHS"
+train e_token_label  edits.jsonl                  edit       token_label "$LABEL_EPOCHS" split "${BEST[@]}"
+train f_token_label_passages edits.jsonl          edit       token_label "$LABEL_EPOCHS" split_passages \
+  "${BEST[@]}" --max-length 512
+train g_token_mean_label_passages edits.jsonl     edit       token_mean  "$LABEL_EPOCHS" split_passages \
+  "${BEST[@]}" --max-length 512 --label-weight 1
 # 4. the table (results.md, results.json)
 "$PY" "$HERE/make_table.py" "$OUT"
 # 5. did the RMs learn the answers or their length? (accuracy split by length, rho(score, words))

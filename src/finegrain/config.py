@@ -230,7 +230,7 @@ class TrainingOptions:
                 raise ConfigError(f"{_flag_name(name)} must be >= 1")
         if self.epochs <= 0:
             raise ConfigError("--epochs must be > 0")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:  # a trainer may leave it None to choose by model
             raise ConfigError("--lr must be > 0")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError("--eval-fraction must be in [0, 1)")

@@ -139,15 +139,16 @@ def make_adamw(params, **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **kw)
 
 
-def build_optimizer(cfg, model, total_steps: int):
-    """(optimizer, scheduler) from a :class:`finegrain.config.TrainingOptions` config."""
+def build_optimizer(cfg, model, total_steps: int, lr: float | None = None):
+    """(optimizer, scheduler) from a :class:`finegrain.config.TrainingOptions` config (``lr``: instead of cfg.lr)."""
     from transformers import get_scheduler
 
+    lr = lr if lr is not None else cfg.lr
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
-        opt = make_adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_adamw(params, lr=lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]
     sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                           num_training_steps=total_steps)

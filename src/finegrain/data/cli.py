@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import ConfigError, InputError
 
 SOURCE_NAMES = ("alpacafarm", "hh", "qa-feedback", "oasst")  # = convert.SOURCES, kept here so --help stays light
-QA_PROMPT_NAMES = ("question+passages", "question")
+QA_PROMPT_NAMES = ("question+passages", "passages+question", "question")  # = convert.QA_PROMPTS
 # option -> (argparse dest, default); a --config YAML may set any of these keys
 _OPTIONS = {"from": ("source", None), "input": ("input", None), "output": ("output", None),
             "skip-invalid": ("skip_invalid", False), "qa-prompt": ("qa_prompt", "question+passages")}

@@ -24,7 +24,9 @@ Sources (one function each, ``(record, counts, **options) -> Candidate`` iterato
   that splits can be made by question. ``feedback`` may be an object or a Python-literal string
   (parsed with ``ast.literal_eval``, never evaluated). Prompt (``qa_prompt_style``):
   ``"question+passages"`` (default) = ``"Question: ...\n\nPassages:\n[1] title: text\n[2] ..."``,
-  or ``"question"``.
+  ``"passages+question"`` = the passages first, the question last (when a prompt is too long for a
+  model, the prompt is cut from its left: the question and the passages nearest it stay), or
+  ``"question"``.
 - ``oasst``: OpenAssistant message trees. For each prompter message, every two ranked assistant
   replies give a pair (lower ``rank`` = better = chosen); equal ranks are dropped and counted,
   deleted messages skipped. Prompt = the message's text for a first turn, else the
@@ -46,7 +48,7 @@ from ..io import iter_records, write_json, write_jsonl
 from .loaders import Candidate, LoadReport, Rejects, check_text, finish_report, iter_checked, located
 from .schema import EditedPair
 
-QA_PROMPTS = ("question+passages", "question")
+QA_PROMPTS = ("question+passages", "passages+question", "question")
 _ASSISTANT = "\n\nAssistant:"
 
 
@@ -137,7 +139,10 @@ def qa_prompt(rec: dict, style: str) -> str:
     question = check_text(rec.get("question"), "question")
     if style == "question":
         return question
-    return f"Question: {question}\n\nPassages:\n{qa_passages_text(rec.get('passages'))}"
+    passages = qa_passages_text(rec.get("passages"))
+    if style == "passages+question":  # a left cut of a long prompt keeps the question and the nearest passages
+        return f"Passages:\n{passages}\n\nQuestion: {question}"
+    return f"Question: {question}\n\nPassages:\n{passages}"
 
 
 def qa_feedback(rec: dict) -> dict:

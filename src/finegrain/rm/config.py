@@ -31,6 +31,8 @@ class TrainRMConfig(TrainingOptions):
     eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given "
                                      "(by pair id, deterministic given --seed; 0 = no evaluation)")
     batch_size: int = opt(8, "pairs per micro-batch per process")
+    lr: float | None = opt(None, "peak learning rate (default: 1e-5 for a pretrained backbone, 1e-3 for a model "
+                                 "built --from-scratch, which needs far larger steps)")
     eval_every: int = opt(50, "evaluate every N optimizer steps (0 = only at the end)")
     eval_batch_size: int = opt(16, "pairs per batch when evaluating")
     u0_weight: float = opt(0.0, "token losses: weight of a regulariser pulling the rewards of aligned unchanged (U0) "
@@ -80,6 +82,11 @@ class TrainRMConfig(TrainingOptions):
     def kind(self) -> str:
         """The reward-model kind the loss needs."""
         return "sequence" if self.loss == "sequence" else "token"
+
+    @property
+    def learning_rate(self) -> float:
+        """--lr, or the default for the kind of start (pretrained weights or a new model)."""
+        return self.lr if self.lr is not None else (1e-3 if self.from_scratch else 1e-5)
 
 
 @dataclass

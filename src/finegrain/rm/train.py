@@ -331,6 +331,17 @@ def final_meta(cfg: TrainRMConfig, data: RMData, steps: int, last: dict, max_len
             "steps": steps, **{k: v for k, v in last.items() if k.startswith("eval_")}, "config": to_dict(cfg)}
 
 
+def warn_if_still_improving(curve: list[dict], cfg: TrainRMConfig) -> bool:
+    """One warning line when the held-out loss fell at each of the last two evaluations: likely underfit."""
+    losses = [c["eval_loss"] for c in curve if "eval_loss" in c]
+    if len(losses) < 3 or not losses[-1] < losses[-2] < losses[-3]:
+        return False
+    logger.warning("the held-out loss was still falling at the last evaluation (%.4f -> %.4f -> %.4f): the reward "
+                   "model may be undertrained; raise --epochs or --lr (now %g)", losses[-3], losses[-2], losses[-1],
+                   cfg.learning_rate)
+    return True
+
+
 def read_eval_curve(path: Path) -> list[dict]:
     """The held-out evaluations of a run (step and eval_* values), from its metrics.jsonl."""
     if not path.exists():
@@ -361,7 +372,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     model = build_model(cfg, tok, accelerator.device.type)
     plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
     groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
-    optimizer, scheduler = build_optimizer(cfg, model, len(groups))
+    optimizer, scheduler = build_optimizer(cfg, model, len(groups), cfg.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
     start = _resume_point(cfg, accelerator, model, optimizer, scheduler, data)
     metrics = MetricsLog(output / "metrics.jsonl", resume_from_step=start + 1 if cfg.resume else None,
@@ -406,6 +417,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
         meta["flaw_threshold"] = calibrate_flaw_threshold(final, cfg.kind, data.eval or data.train, pad_id,
                                                           cfg.eval_batch_size, accelerator.device)
         meta["flaw_threshold_from"] = "held-out split" if data.eval else "training pairs"
+        warn_if_still_improving(meta["eval_curve"], cfg)
         save_model_into(output, final, tok, meta)
         shutil.rmtree(best.dir, ignore_errors=True)
     accelerator.end_training()

@@ -319,7 +319,7 @@ def stage_rm(cfg: DemoConfig, out: Path, name: str) -> dict:
     train = train_reward_model(build_config(TrainRMConfig, {
         "data": str(out / "data" / v.pairs_file), "model": str(out / "sft" / "policy"), "output": str(rm_dir),
         **v.options(), "eval_fraction": 0.1, "eval_every": 20, "epochs": cfg.size("rm_epochs"), "batch_size": 16,
-        "lr": cfg.rm_lr, "max_length": 160 * (2 if v.backbone == "echo" else 1), "seed": cfg.seed, "log_with": "none",
+        "lr": cfg.rm_lr, "max_length": 160, "seed": cfg.seed, "log_with": "none",
         "save_every": 0}))
     train_s = time.time() - t0
     res = {"label": v.label, "kind": v.kind, "backbone": v.backbone,

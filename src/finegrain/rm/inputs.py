@@ -86,7 +86,10 @@ def build_rm_example(tokenizer, prompt: str, response: str, *, max_length: int, 
     n_special = sum(map(len, pair_special_layout(tokenizer))) if is_encoder_style(tokenizer) else 1
     budget = max_length - n_special
     if budget < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for a response")
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--max-length {max_length} leaves no room for a response: the reward model's input "
+                          f"adds {n_special} special token(s); use at least {n_special + 1}")
     truncated = False
     if len(r_ids) > budget:
         r_ids, truncated = r_ids[:budget], True

@@ -22,8 +22,8 @@ from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..models import load_model, load_tokenizer, pick_attention, read_meta
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import (build_optimizer, checkpoint_dirs, keep_freed_memory, load_training_state, micro_batch_plan,
-                        save_model_into, save_training_state)
+from ..training import (build_optimizer, check_finite, checkpoint_dirs, keep_freed_memory, load_training_state,
+                        micro_batch_plan, refuse_stale_checkpoints, save_model_into, save_training_state)
 from .config import TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
 from .losses import mean_reward, sequence_loss, token_edit_loss, token_mean_loss, u0_consistency
@@ -210,6 +210,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
 
     check_model_kind(cfg)
     output = Path(cfg.output)
+    refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output / "checkpoints"))
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = prepare_data(cfg, tok)                       # bad data fails before any model is loaded
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
@@ -236,6 +237,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     for step in range(start + 1, len(groups) + 1):
         last = {"step": step, "epoch": round(step / len(groups) * cfg.epochs, 4)}
         last.update(_train_step(cfg, accelerator, model, optimizer, scheduler, data.train, groups[step - 1], pad_id))
+        check_finite(step, last, fp16=cfg.mixed_precision == "fp16")
         if data.eval and ((cfg.eval_every and step % cfg.eval_every == 0) or step == len(groups)):
             last.update(eval_fn())
         metrics.log(last)

@@ -202,6 +202,12 @@ CORPUS: list[Case] = [
          {"c.yaml": b"policy: p\nreward_model: r\nreward_mode: token\nprompts: x\noutput: o\ngamma: 2\n"}),
     Case("a number flag given text", GOOD_RM + " --lr fast", "argument --lr: invalid float value: 'fast'"),
     Case("an unknown flag", GOOD_RM + " --learning-rate 3", "unrecognized arguments: --learning-rate 3"),
+    # 4. human edits that would be lost silently
+    Case("a human edit whose id matches no pair", "edit --backend file --model {t}/human.jsonl --data {w}/pairs.jsonl "
+         "--output {o}/edited.jsonl", "human.jsonl: line 2: field 'id': no pair with id 'p99' in",
+         {"human.jsonl": b'{"id": "p0", "edited": "An edit."}\n{"id": "p99", "edited": "Lost work."}\n'}),
+    Case("an empty human-edits file", "edit --backend file --model {t}/human.jsonl --data {w}/pairs.jsonl "
+         "--output {o}/edited.jsonl", "human.jsonl: no human edits (the file is empty)", {"human.jsonl": b"\n"}),
     # 4. an output directory holding another run's checkpoints, without --resume
     Case("train-rm over another run's checkpoints", GOOD_RM, "already holds checkpoints",
          damage=stale_checkpoints("state.json", "step-00000286")),

@@ -215,6 +215,41 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
 
 
 @contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, guarded: str):
+    """Hold an exclusive OS lock on the file ``path`` (created if absent) while the block runs.
+
+    If another process holds it, raise :class:`InputError` naming ``guarded`` (what the lock
+    protects, e.g. an output file) and that process.
+    The lock is ``fcntl.flock``: the kernel drops it when its process ends, however it ends, so a
+    killed run never leaves a stale lock (the file itself stays, empty of meaning). No-op where
+    ``fcntl`` does not exist (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(f"in use by {holder}, which holds the lock {path}; wait for it to finish or choose "
+                             "another output", path=guarded) from e
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
     """Write to a temporary file beside ``path`` and rename it into place only on success.
 

@@ -8,6 +8,9 @@ Human edits: JSONL (or .json / .jsonl.gz / .parquet), one object per edited pair
 diff) are required; ``annotator`` and ``notes`` are optional and copied into ``edit_meta``.
 Run ``finegrain edit --backend file --model human_edits.jsonl --data pairs.jsonl ...``: the
 same guards as for LLM edits apply, pairs without an edit are rejected with reason ``missing``.
+An empty file, or an edit whose id matches no pair of the data (a typo would silently lose
+that person's work), is an error naming the file and the line (with ``--skip-invalid``: a
+warning, and the count ``n_unmatched_human_edits`` in the summary).
 
 Human judgements: AlpacaEval's annotations format (what ``finegrain winrate`` writes), a list
 or JSONL of ``{"instruction", "output_1", "output_2", "preference"}`` with preference 1
@@ -17,6 +20,7 @@ the texts, so a judgement made with the outputs in the other order is flipped (3
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -35,7 +39,7 @@ def _text(rec: dict, field: str, path: str, where: str, *, optional: bool = Fals
 
 
 def load_human_edits(path: str) -> dict[str, dict[str, Any]]:
-    """``{id: {"edited", "annotator", "notes"}}`` from a human-edits file, validated."""
+    """``{id: {"edited", "annotator", "notes", "where"}}`` from a human-edits file, validated (``where``: its line)."""
     out: dict[str, dict[str, Any]] = {}
     for where, rec in iter_records(path):
         raw_id = rec.get("id")
@@ -46,7 +50,9 @@ def load_human_edits(path: str) -> dict[str, dict[str, Any]]:
             raise InputError(f"duplicate id {pid!r} (one edit per pair)", path=path, record=where, field="id")
         edited = _text(rec, "edited", path, where)
         out[pid] = {"edited": edited, "annotator": _text(rec, "annotator", path, where, optional=True),
-                    "notes": _text(rec, "notes", path, where, optional=True)}
+                    "notes": _text(rec, "notes", path, where, optional=True), "where": where}
+    if not out:
+        raise InputError("no human edits (the file is empty)", path=path)
     return out
 
 
@@ -80,6 +86,19 @@ class FileEditor(_FileBackend):
 
     def unused_ids(self) -> list[str]:
         return sorted(set(self.edits) - self.used)
+
+    def check_ids(self, pair_ids: set[str], data: str, *, skip_invalid: bool = False) -> None:
+        """Refuse an edit whose id matches no pair of ``data`` (with ``skip_invalid``: log a warning)."""
+        unmatched = [pid for pid in self.edits if pid not in pair_ids]
+        if not unmatched:
+            return
+        first = self.edits[unmatched[0]]["where"]
+        if not skip_invalid:
+            raise InputError(f"no pair with id {unmatched[0]!r} in {data} ({len(unmatched)} edit(s) match no pair); "
+                             "fix the id, or pass --skip-invalid to leave such edits out",
+                             path=self.model, record=first, field="id")
+        logging.getLogger("finegrain.edit").warning("%s: %d human edit(s) match no pair of %s (the first: %r at %s); "
+                                                    "left out", self.model, len(unmatched), data, unmatched[0], first)
 
 
 def _preference(rec: dict, path: str, where: str) -> float:

@@ -5,7 +5,9 @@ Two cases:
 - same tokenizer (identical vocabulary and EOS): the RM reads the policy's own ids,
   ``prompt ids + response ids (without EOS) + [EOS]`` (the decoder layout of
   :func:`finegrain.rm.inputs.build_rm_example`), so RM position i is policy token i and the
-  RM's closing EOS is the policy's EOS; no mapping.
+  RM's closing EOS is the policy's EOS; no mapping. A sequence RM trained from a policy whose
+  pad is its EOS (GPT-2, SmolLM2) has one token more, its own pad: it only fills padded
+  positions, so the RM still reads the policy's ids (:func:`tokenizers_match`).
 - different tokenizers (``--cross-tokenizer``): the decoded response is re-tokenised with
   :func:`build_rm_example` and each RM token's reward is split over the policy tokens its
   characters overlap, in proportion to the overlap (:func:`map_rewards_by_offsets`), so the
@@ -27,6 +29,7 @@ from typing import Sequence
 import torch
 
 from ..rm.inputs import RMExample, build_rm_example, is_encoder_style
+from ..rm.model import PAD_TOKEN
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -48,11 +51,24 @@ class RewardOutput:
 
 # ----------------------------------------------------------------------------- tokenizers
 def tokenizers_match(a, b) -> bool:
-    """True when two tokenizers map text to the same ids (same vocabulary, EOS and pair layout)."""
+    """True when two tokenizers map text to the same ids (same vocabulary, EOS and pair layout).
+
+    finegrain's own pad token (``ensure_distinct_pad`` gives it to a sequence RM whose base had
+    pad == EOS) does not count: appended after the vocabulary and only ever put at padded
+    positions, it changes no id that text maps to.
+    """
     if a is b:
         return True
-    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+    return (text_vocab(a) == text_vocab(b) and a.eos_token_id == b.eos_token_id
             and is_encoder_style(a) == is_encoder_style(b))
+
+
+def text_vocab(tok) -> dict[str, int]:
+    """The tokenizer's vocabulary without finegrain's pad token when that is its pad and its last id."""
+    vocab = tok.get_vocab()
+    if tok.pad_token == PAD_TOKEN and vocab.get(PAD_TOKEN) == max(vocab.values()):
+        del vocab[PAD_TOKEN]
+    return vocab
 
 
 def rm_example_from_ids(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int,

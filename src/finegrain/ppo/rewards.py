@@ -11,7 +11,9 @@ Two cases:
 - different tokenizers (``--cross-tokenizer``): the decoded response is re-tokenised with
   :func:`build_rm_example` and each RM token's reward is split over the policy tokens its
   characters overlap, in proportion to the overlap (:func:`map_rewards_by_offsets`), so the
-  sum of a response's rewards is preserved.
+  sum of a response's rewards is preserved. An RM tokenizer that trims offsets (RoBERTa-style)
+  gives tokens of whitespace alone zero-width spans; they are first widened to the whitespace
+  they stand for (:func:`spread_trimmed_offsets`).
 
 In both cases the RM's closing token (zero-width, at the end of the text) lands on the
 policy's last token: its EOS when the response ended, else its last sampled token.
@@ -137,6 +139,36 @@ def map_rewards_by_offsets(src_offsets: Offsets, src_rewards: Sequence[float], d
     return out
 
 
+def spread_trimmed_offsets(offsets: Offsets, text_len: int) -> list[tuple[int, int]]:
+    """``offsets`` with each zero-width span widened to the uncovered characters around it.
+
+    A tokenizer that trims offsets (RoBERTa's byte-level BPE, ``trim_offsets=True``) gives a token
+    of whitespace alone a zero-width span and leaves its characters, and the leading space of the
+    next word, covered by no token. Mapped as it is, such a token's reward would land on the last
+    policy token (see :func:`map_rewards_by_offsets`); widened to the gap between the previous and
+    the next token that cover characters, it lands on the policy tokens holding that whitespace.
+    A zero-width span with no uncovered character around it is kept.
+
+    >>> spread_trimmed_offsets([(0, 5), (6, 6), (7, 12)], 12)  # "Hello  world": "Ġ" and "Ġworld" trimmed
+    [(0, 5), (5, 7), (7, 12)]
+    """
+    n = len(offsets)
+    prev_end, next_start = [0] * n, [text_len] * n
+    end = 0
+    for k, (s, e) in enumerate(offsets):
+        prev_end[k] = end
+        if e > s:
+            end = max(end, e)
+    start = text_len
+    for k in range(n - 1, -1, -1):
+        next_start[k] = start
+        s, e = offsets[k]
+        if e > s:
+            start = min(start, s)
+    return [(s, e) if e > s or next_start[k] <= prev_end[k] else (prev_end[k], next_start[k])
+            for k, (s, e) in enumerate(offsets)]
+
+
 # ----------------------------------------------------------------------------- RM forward
 @contextlib.contextmanager
 def _no_pad_lookup(model):
@@ -233,7 +265,9 @@ class RewardScorer:
             else:
                 ids = response_ids[b, :n_pol].tolist()
                 dst = policy_token_offsets(self.policy_tokenizer, ids, texts[b])
-                token_rewards[b, :n_pol] = torch.tensor(map_rewards_by_offsets(ex.response_offsets, r.tolist(), dst))
+                *body, closing = ex.response_offsets  # the closing token keeps its place: the last policy token
+                src = spread_trimmed_offsets(body, len(texts[b])) + [closing]
+                token_rewards[b, :n_pol] = torch.tensor(map_rewards_by_offsets(src, r.tolist(), dst))
         return RewardOutput(scores, token_rewards, n_scored)
 
 

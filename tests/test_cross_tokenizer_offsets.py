@@ -83,3 +83,35 @@ def test_trimmed_whitespace_rewards_land_on_the_whitespace_not_on_the_last_polic
             assert text[lo:hi].strip() == "" and hi > lo
             holders = [j for j, (s, e) in enumerate(dst) if min(e, hi) > max(s, lo)]
             assert holders and n - 1 not in holders
+
+
+def test_ppo_with_a_roberta_style_rm_through_the_cli(tmp_path, tiny_tokenizer, capsys):
+    """finegrain ppo --cross-tokenizer with the trimming RM: each sample keeps the RM's reward sum, and an
+    ended response's EOS carries exactly the RM's closing-token reward."""
+    import json
+
+    from conftest import make_tiny_model
+    from finegrain.cli import main
+    from finegrain.models import save_checkpoint
+
+    rm_tok = roberta_style_tokenizer()
+    rm = tiny_roberta_token_rm(rm_tok, seed=3)
+    save_checkpoint(tmp_path / "rm", rm, rm_tok, {"kind": "token"})
+    save_checkpoint(tmp_path / "policy", make_tiny_model(tiny_tokenizer, "causal", seed=2, n_positions=64),
+                    tiny_tokenizer, {"kind": "policy"})
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
+                                                    for p in ("Be polite.", "List fruit.", "Where?", "How tall?")))
+    argv = ["ppo", "--policy", tmp_path / "policy", "--reward-model", tmp_path / "rm", "--reward-mode", "token",
+            "--prompts", tmp_path / "prompts.jsonl", "--output", tmp_path / "ppo", "--cross-tokenizer",
+            "--value-init", "policy", "--steps", 2, "--batch-size", 4, "--max-new-tokens", 12, "--sample-every", 1,
+            "--num-samples", 4, "--log-with", "none", "--temperature", 1.5,
+            "--token-reward-scale", "raw"]  # samples.jsonl then holds r_t as mapped
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    samples = [json.loads(x) for x in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8
+    for s in samples:
+        ex = build_rm_example(rm_tok, s["prompt"], s["response"], max_length=65, with_offsets=True)
+        (r,) = rm_forward(rm, rm_tok, [ex], "token", batch_size=1)
+        assert sum(s["token_rewards"]) == pytest.approx(r.sum().item(), abs=1e-3)
+        if s["ended"]:
+            assert s["token_rewards"][-1] == pytest.approx(r[-1].item(), abs=1e-3)

@@ -346,9 +346,9 @@ def test_the_lock_of_a_killed_run_is_free(tmp_path):
     from finegrain.io import exclusive_lock
 
     lock = tmp_path / "x.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from finegrain.io import exclusive_lock\n"
-                               f"with exclusive_lock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    script = (f"import time\nfrom finegrain.io import exclusive_lock\nwith exclusive_lock({str(lock)!r}, 'x'):\n"
+              "    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(InputError, match=f"x: in use by process {holder.pid}"):
         with exclusive_lock(lock, "x"):

@@ -40,7 +40,7 @@ class RetryPolicy:
     backoff_base: float = 1.0         # first backoff in seconds, doubled each retry
     backoff_max: float = 60.0
     max_retry_after: float = 600.0    # never wait longer than this for one Retry-After
-    max_unreachable: int = 3          # stop after this many attempts in a row could not reach the server, before any answer
+    max_unreachable: int = 3          # stop after this many attempts in a row found no server (before any answer)
     max_failed_in_a_row: int = 5      # stop after this many items in a row failed after all their retries
 
 
@@ -127,7 +127,7 @@ class FailureWatch:
         self.unreachable = self.failed_in_a_row = 0
 
     def quiet(self, err: RetryableError) -> bool:
-        """Whether a retry after ``err`` goes unlogged: no server found yet, so the run either stops soon or recovers."""
+        """Whether a retry after ``err`` goes unlogged: no server found yet, so the run soon stops or recovers."""
         return isinstance(err, UnreachableError) and not self.n_answered
 
     def attempt_failed(self, err: RetryableError) -> None:
@@ -149,8 +149,8 @@ class FailureWatch:
             raise FatalBackendError(f"{self.kind}: every request failed ({self.n_failed} items, last: "
                                     f"{self.last_error}); nothing was answered")
         if self.n_failed:
-            log.warning("%s: %d of %d requested items failed after %d attempts each (last: %s); run the same command again "
-                        "to retry them (answers are cached)", self.kind, self.n_failed, n_items,
+            log.warning("%s: %d of %d requested items failed after %d attempts each (last: %s); run the same command "
+                        "again to retry them (answers are cached)", self.kind, self.n_failed, n_items,
                         self.policy.max_retries + 1, self.last_error)
 
 

@@ -236,6 +236,9 @@ CORPUS: list[Case] = [
     Case("ppo --resume: step that is not a number", PPO_RUN + " --resume --steps 3",
          "ppo_state.json: cannot resume: the checkpoint is damaged or was altered (holds no step number)",
          run="ppo", damage=write("ppo_state.json", '{"step": "two", "kl_controller": {}}')),
+    Case("ppo --resume: KL controller state altered", PPO_RUN + " --resume --steps 3",
+         "ppo_state.json: cannot resume: the checkpoint is damaged or was altered (holds no valid KL-controller",
+         run="ppo", damage=write("ppo_state.json", '{"step": 2, "kl_controller": "beta=0.05"}')),
 ]
 EARLIER = {"metrics.jsonl": b'{"step": 1, "loss": 0.7}\n', "model.safetensors": b"weights of an earlier run",
            "pairs.jsonl": b'{"earlier": true}\n', "edited.jsonl": b'{"earlier": true}\n', "eval.json": b"{}\n",

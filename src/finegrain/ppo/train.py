@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from ..config import to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..generation import sample
 from ..io import read_json, write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
@@ -394,7 +394,10 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
             if e.moments is not None and state.get("reward_moments"):
                 e.moments.load_state_dict(state["reward_moments"])
         except (KeyError, TypeError, ValueError) as err:
-            raise checkpoint_error(checkpoint_dirs(out)[-1], err) from err
+            ckpt = checkpoint_dirs(out)[-1]
+            bad = InputError(f"holds no valid KL-controller or reward statistics ({type(err).__name__}: {err})",
+                             path=ckpt / STATE_FILE)
+            raise checkpoint_error(ckpt, bad) from err
     main = acc.is_main_process
     resume_at = start + 1 if cfg.resume else None
     metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=resume_at, enabled=main)

@@ -69,7 +69,8 @@ def test_draw_tokens_property(weights, u):
     idx = draw_tokens(probs, torch.tensor([u])).item()
     assert 0 <= idx < len(weights) and weights[idx] > 0  # only tokens with mass
     cdf = probs.cumsum(-1)[0]
-    x = min(u * cdf[-1].item(), torch.nextafter(cdf[-1], torch.tensor(0.0)).item())
+    # the point the draw searches for, in the float32 arithmetic the draw uses (u * total rounds in float32)
+    x = min((torch.tensor(u, dtype=torch.float32) * cdf[-1]).item(), torch.nextafter(cdf[-1], torch.tensor(0.0)).item())
     lo = cdf[idx - 1].item() if idx else 0.0
     assert lo <= x < cdf[idx].item()  # the inverse CDF: the interval u falls in
 

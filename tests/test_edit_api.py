@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,11 @@ def test_human_edits_file_backend(tmp_path):
     ]) + "\n")
     cfg = build_config(EditConfig, dict(data=str(tmp_path / "pairs.jsonl"), output=str(tmp_path / "e.jsonl"),
                                         backend="file", model=str(human)))
+    with pytest.raises(InputError, match=r"human.jsonl: line 4: field 'id': no pair with id 'zzz' in .*pairs.jsonl"):
+        edit_pairs(cfg)  # an edit nobody can use is someone's lost work: refused, unless --skip-invalid
+    assert not (tmp_path / "e.jsonl").exists()
+    cfg = build_config(EditConfig, dict(data=str(tmp_path / "pairs.jsonl"), output=str(tmp_path / "e.jsonl"),
+                                        backend="file", model=str(human), skip_invalid=True))
     s = edit_pairs(cfg)
     rows = read_jsonl(tmp_path / "e.jsonl")
     assert [r["id"] for r in rows] == ["p0"]
@@ -248,3 +254,106 @@ def test_concurrency_is_bounded(tmp_path, server):
     server.delay = 0.05
     s = edit_pairs(config(tmp_path, server, concurrency=3))
     assert s["n_edited"] == 12 and server.max_in_flight == 3
+
+
+# ----------------------------------------------------------------------------- a run that is not getting through
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released): connections to it are refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_server_that_refuses_connections_stops_the_run_within_30_seconds(tmp_path):
+    """Default retries and backoff: the run stops after the first refused attempts, not after ~5 minutes."""
+    write_pairs(tmp_path / "pairs.jsonl", [""] * 12)
+    out = tmp_path / "out" / "edited.jsonl"
+    out.parent.mkdir()
+    out.write_text('{"earlier": "run"}\n')
+    cmd = [sys.executable, "-m", "finegrain", "edit", "--backend", "openai", "--model", "gpt-4o-mini",
+           "--base-url", f"http://127.0.0.1:{closed_port()}/v1", "--data", str(tmp_path / "pairs.jsonl"),
+           "--output", str(out)]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert done.returncode == 2 and elapsed < 30, (elapsed, done.stderr)
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("finegrain edit: error: edit: stopped, 3 attempts in a row found no server "
+                                  "(cannot connect to http://127.0.0.1:"), done.stderr
+    assert "[Errno 111]" in done.stderr and "check --base-url" in done.stderr  # ECONNREFUSED
+    assert out.read_text() == '{"earlier": "run"}\n' and done.stdout == ""
+
+
+def test_items_failing_in_a_row_stop_the_run_and_keep_the_answers(tmp_path, server, capsys):
+    write_pairs(tmp_path / "pairs.jsonl", [""] + ["[500-always]"] * 8)
+    argv = ["edit", "--backend", "openai", "--model", "gpt-4o-mini", "--base-url", server.url + "/v1",
+            "--data", str(tmp_path / "pairs.jsonl"), "--output", str(tmp_path / "e.jsonl"),
+            "--cache", str(tmp_path / "cache.sqlite"), "--timeout", "5", "--backoff-base", "0.01",
+            "--backoff-max", "0.02", "--max-retries", "1", "--concurrency", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("finegrain edit: error: edit: stopped, 5 items in a row failed after 2 attempts each "
+                          "(last: HTTP 500"), err
+    assert "1 answers are cached" in err and not (tmp_path / "e.jsonl").exists()
+    assert AnswerCache(tmp_path / "cache.sqlite").item_ids() == {"p0"}  # the answer before the stop is kept
+    assert server.count("p0") == 1 and all(server.count(f"p{i}") == 2 for i in range(1, 6))
+    assert server.count("p7") == server.count("p8") == 0  # the run stopped instead of trying them all
+
+
+def test_every_request_failing_exits_non_zero_and_a_partial_failure_says_how_many(tmp_path, server, capsys):
+    common = ["edit", "--backend", "openai", "--model", "gpt-4o-mini", "--base-url", server.url + "/v1",
+              "--timeout", "5", "--backoff-base", "0.01", "--backoff-max", "0.02", "--max-retries", "1"]
+    write_pairs(tmp_path / "all.jsonl", ["[500-always]"] * 2)
+    assert main(common + ["--data", str(tmp_path / "all.jsonl"), "--output", str(tmp_path / "all-out.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("finegrain edit: error: edit: every request failed (2 items, last: HTTP 500"), err
+    assert not (tmp_path / "all-out.jsonl").exists()
+
+    write_pairs(tmp_path / "some.jsonl", ["", "[500-always]", ""])
+    done = subprocess.run([sys.executable, "-m", "finegrain", *common, "--data", str(tmp_path / "some.jsonl"),
+                           "--output", str(tmp_path / "some-out.jsonl")], env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["n_failed"] == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "edit: 1 of 3 requested items failed after 2 attempts each (last: HTTP 500"), done.stderr
+    assert len(read_jsonl(tmp_path / "some-out.jsonl")) == 2
+
+
+def test_a_second_edit_on_the_same_output_refuses_and_nothing_is_paid_twice(tmp_path, server):
+    n = 12
+    write_pairs(tmp_path / "pairs.jsonl", [""] * n)
+    server.delay = 1.0  # the first run takes ~6 s, the second starts while it asks
+    first = subprocess.Popen(_edit_cmd(tmp_path, server, "--concurrency", "2"), env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "out" / "edited.lock"
+    deadline = time.time() + 60
+    while time.time() < deadline and server.count() == Counter():  # the first run holds the lock and is asking
+        time.sleep(0.05)
+    second = subprocess.run(_edit_cmd(tmp_path, server), env=_env(), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert second.stderr.startswith(f"finegrain edit: error: {tmp_path / 'out' / 'edited.jsonl'}: in use by process "
+                                    f"{first.pid}, which holds the lock {lock}"), second.stderr
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert server.count() == Counter({f"p{i}": 1 for i in range(n)})  # every item asked once, by the first run
+    assert len(read_jsonl(tmp_path / "out" / "edited.jsonl")) == n
+
+
+def test_the_lock_of_a_killed_run_is_free(tmp_path):
+    """flock: the kernel releases the lock of a SIGKILLed process, so no stale lock blocks the next run."""
+    from finegrain.io import exclusive_lock
+
+    lock = tmp_path / "x.lock"
+    script = (f"import time\nfrom finegrain.io import exclusive_lock\nwith exclusive_lock({str(lock)!r}, 'x'):\n"
+              "    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(InputError, match=f"x: in use by process {holder.pid}"):
+        with exclusive_lock(lock, "x"):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    with exclusive_lock(lock, "x"):
+        assert lock.read_text() == f"process {os.getpid()}\n"

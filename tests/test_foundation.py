@@ -1,6 +1,7 @@
 """Config resolution, record reading, atomic writes and the CLI's error contract."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 from dataclasses import dataclass
@@ -43,6 +44,60 @@ def test_config_missing_and_choices():
         build_config(Cfg)
     with pytest.raises(ConfigError, match="--loss"):
         build_config(Cfg, overrides={"data": "x", "loss": "bogus"})
+
+
+@dataclass
+class Bounded:
+    lr: float = opt(1e-3, "learning rate", gt=0)
+    gamma: float = opt(1.0, "discount", ge=0, le=1)
+    clip: float | None = opt(None, "clip", gt=0)
+    steps: int = opt(1, "steps", ge=1)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"lr": float("nan")}, "option --lr must be a finite number, got nan"),
+    ({"lr": float("inf")}, "option --lr must be a finite number, got inf"),
+    ({"lr": 0.0}, "option --lr must be > 0, got 0.0"),
+    ({"gamma": 1.5}, "option --gamma must be >= 0 and <= 1, got 1.5"),
+    ({"clip": -1}, "option --clip must be > 0, got -1.0"),
+    ({"steps": 0}, "option --steps must be >= 1, got 0"),
+])
+def test_numbers_are_finite_and_within_their_declared_bounds(values, message):
+    with pytest.raises(ConfigError) as e:
+        build_config(Bounded, overrides=values)
+    assert str(e.value) == message
+    assert build_config(Bounded, overrides={"clip": None, "gamma": 0, "lr": 5}).lr == 5.0
+
+
+def test_yaml_numbers_obey_the_same_rule_and_name_the_file(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: .nan\n")
+    with pytest.raises(InputError, match=r"c\.yaml: field 'lr': must be a finite number, got nan"):
+        build_config(Bounded, yaml_path=str(y))
+
+
+def test_a_redeclared_field_keeps_the_bounds_of_the_field_it_overrides():
+    from finegrain.config import field_bounds
+    from finegrain.sft.config import SFTConfig
+
+    assert field_bounds(SFTConfig, "batch_size") == {"ge": 1} and field_bounds(SFTConfig, "lr") == {"gt": 0}
+    with pytest.raises(ConfigError, match="option --batch-size must be >= 1, got 0"):
+        build_config(SFTConfig, overrides={"data": "d", "output": "o", "from_scratch": True, "batch_size": 0})
+
+
+def test_negative_numbers_are_values_and_usage_errors_are_one_line(capsys):
+    from finegrain.cli import build_parser
+
+    args = build_parser("ppo").parse_args(["ppo", "--lr", "-1e-3", "--kl-coef", "-2E+1", "--gamma", "-.5",
+                                           "--temperature", "-inf", "--steps", "-3"])
+    assert (args.lr, args.kl_coef, args.gamma, args.steps) == (-1e-3, -20.0, -0.5, -3) and args.temperature < 0
+    for argv, words in [(["--lr", "-1e-3"], "option --lr must be > 0, got -0.001"),
+                        (["--lr", "soon"], "argument --lr: invalid float value: 'soon'"),
+                        (["--nope"], "unrecognized arguments: --nope")]:
+        with pytest.raises(SystemExit) if "option" not in words else contextlib.nullcontext():
+            assert main(["train-rm", "--data", "d", "--model", "m", "--output", "o", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("finegrain train-rm: error: ") and words in err, err
 
 
 def test_iter_records_formats(tmp_path):

@@ -58,7 +58,12 @@ def test_show_rewards_command(tmp_path, capsys):
     assert html.count('<div class="pair">') == 3 and "<b>" not in html
     visible = unescape(re.sub(r"<[^>]+>", "", html))   # the text a browser shows
     assert rows[0]["rejected"] in visible and rows[0]["edited"] in visible
-    assert 'u1' in html and "gold" in html and html.count("<h3>") == 6
+    assert 'class="tok u1' in html and "gold" in html and html.count("<h3>") == 6
+    # the centre is the RM's own flaw threshold, named in the legend
+    assert "(the flaw threshold train-rm chose on its training pairs)" in html
+    assert main(["show-rewards", "--model", str(tmp_path / "token_edit"), "--data", str(tmp_path / "pairs.jsonl"),
+                 "--output", str(page), "--n", "3", "--no-mark-changed"]) == 0
+    assert 'class="tok u1' not in page.read_text()
     capsys.readouterr()
     assert main(["show-rewards", "--model", str(tmp_path / "sequence"), "--data", str(tmp_path / "pairs.jsonl"),
                  "--output", str(page)]) == 2

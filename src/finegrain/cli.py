@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 from typing import Callable
 
@@ -45,6 +46,30 @@ def config_command(config_cls: type, fn: Callable) -> tuple[Callable, Callable]:
     return configure, run
 
 
+# a number with a sign, as a value: -3, -0.5, -.5, -1e-3, -2E+4, -inf, -nan (argparse's own rule misses exponents)
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with finegrain's error contract: a usage error is ONE line on stderr and exit code 2.
+
+    Negative numbers are values, never flags, so ``--lr -1e-3`` reaches the option's own check
+    instead of failing as an unknown flag (no finegrain flag looks like a number).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text: object) -> str:
+    """``text`` with its line breaks (and the spaces around them) folded into single spaces."""
+    return re.sub(r"\s*\n\s*", " ", str(text).strip())
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -54,14 +79,16 @@ def _quiet_libraries() -> None:
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="finegrain", description="Fine-grained RLHF: minimal edits, token-level "
+    parser = Parser(prog="finegrain", description="Fine-grained RLHF: minimal edits, token-level "
                                      "reward models and PPO with per-token rewards.")
     parser.add_argument("--version", action="version", version=f"finegrain {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    parser.verb_parser = parser  # the parser of the verb being run: the one that reports its usage errors
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
         if verb == name:  # only import the module of the verb being run
             importlib.import_module(module).configure(p)
+            parser.verb_parser = p
     return parser
 
 
@@ -70,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     verb = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(verb)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.verb is None:
         parser.print_help()
         return 2
@@ -78,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = module.run(args)
     except FinegrainError as e:
-        print(f"finegrain {args.verb}: error: {e}", file=sys.stderr)
+        print(f"finegrain {args.verb}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"finegrain {args.verb}: interrupted", file=sys.stderr)

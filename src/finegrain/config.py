@@ -3,13 +3,17 @@
 Each field is declared with :func:`opt`, whose ``help`` becomes the ``--flag`` help of the
 CLI. Values are resolved in order: dataclass default < ``--config FILE.yaml`` < flags given
 on the command line. Unknown YAML keys and wrongly typed values are refused with an error
-naming the file and the key. Derived values are computed where they are used, never written
-back into the config.
+naming the file and the key. Numbers obey one rule: every float must be finite (no NaN or
+infinity), and a field may declare bounds (``opt(..., gt=0)``, ``ge``, ``le``, ``lt``), which
+a re-declared field in a subclass keeps unless it declares its own. Derived values are
+computed where they are used, never written back into the config.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import operator
 import types
 import typing
 from typing import Any, TypeVar
@@ -22,9 +26,15 @@ C = TypeVar("C")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: typing.Sequence[Any] | None = None,
-        default_factory: Any = dataclasses.MISSING, flag: str | None = None) -> Any:
-    """A config field with its help text (and optional choices / explicit flag name)."""
-    meta = {"help": help, "choices": choices, "flag": flag}
+        default_factory: Any = dataclasses.MISSING, flag: str | None = None, gt: float | None = None,
+        ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
+    """A config field with its help text (and optional choices / explicit flag name / bounds of a number).
+
+    ``gt``/``ge``/``lt``/``le``: the value must be >, >=, <, <= the bound (``None``, for an
+    optional field, is always allowed).
+    """
+    bounds = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
+    meta = {"help": help, "choices": choices, "flag": flag, "bounds": bounds}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -47,6 +57,34 @@ def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+_BOUND_OPS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
+
+
+def field_bounds(cls: type, name: str) -> dict[str, float]:
+    """The bounds declared for field ``name``: its own, else those of the nearest base class declaring any."""
+    for klass in cls.__mro__:
+        for f in dataclasses.fields(klass) if dataclasses.is_dataclass(klass) else ():
+            if f.name == name and f.metadata.get("bounds"):
+                return dict(f.metadata["bounds"])
+    return {}
+
+
+def describe_bounds(bounds: dict[str, float]) -> str:
+    """``{"ge": 0, "le": 1}`` -> ``">= 0 and <= 1"``."""
+    return " and ".join(f"{_BOUND_OPS[k][1]} {v:g}" for k, v in bounds.items())
+
+
+def number_problem(value: Any, bounds: dict[str, float]) -> str | None:
+    """What is wrong with a number (not finite, or out of ``bounds``), or None; other values pass."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if any(not _BOUND_OPS[k][0](value, bound) for k, bound in bounds.items()):
+        return f"must be {describe_bounds(bounds)}, got {value!r}"
+    return None
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add ``--config`` and one flag per field of ``cls``; unspecified flags stay absent."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it")
@@ -63,7 +101,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         help_text = f.metadata.get("help", "")
-        help_text += " (required)" if required else f" (default: {default!r})"
+        bounds = field_bounds(cls, f.name)
+        rule = f"; {describe_bounds(bounds)}" if bounds else ""
+        help_text += f" (required{rule})" if required else f" (default: {default!r}{rule})"
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if tp is bool:
             parser.add_argument(_flag(f), action=argparse.BooleanOptionalAction, **kw)
@@ -154,11 +194,17 @@ def build_config(cls: type[C], values: dict[str, Any] | None = None, *, yaml_pat
                 merged[key] = _coerce(v, hints[key], f"{yaml_path}: field {k!r}")
             except ConfigError as e:
                 raise InputError(str(e).split(": ", 2)[-1], path=yaml_path, field=str(k)) from e
+            problem = number_problem(merged[key], field_bounds(cls, key))
+            if problem:
+                raise InputError(problem, path=yaml_path, field=str(k))
     merged.update(overrides or {})
     for k, v in list(merged.items()):
         if k not in names:
             raise ConfigError(f"unknown option {k!r} for {cls.__name__}")
         merged[k] = _coerce(v, hints[k], f"option {k!r}")
+        problem = number_problem(merged[k], field_bounds(cls, k))
+        if problem:
+            raise ConfigError(f"option {_flag_name(k)} {problem}")
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in merged]
     if missing:
@@ -195,20 +241,20 @@ class TrainingOptions:
     to change its default or help text.
     """
 
-    epochs: float = opt(1.0, "passes over the training data (fractions allowed)")
-    batch_size: int = opt(8, "examples per micro-batch per process")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    lr: float = opt(1e-5, "peak learning rate")
-    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)")
+    epochs: float = opt(1.0, "passes over the training data (fractions allowed)", gt=0)
+    batch_size: int = opt(8, "examples per micro-batch per process", ge=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    lr: float = opt(1e-5, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)", ge=0)
     optimizer: str = opt("adamw", "optimizer", choices=["adamw", "sgd"])
     lr_scheduler: str = opt("linear", "learning-rate schedule after warm-up", choices=["constant", "linear", "cosine"])
-    warmup_ratio: float = opt(0.03, "fraction of the optimizer steps spent warming up linearly from 0")
-    max_length: int = opt(1024, "maximum tokens per (prompt, response); the prompt is cut from the left first")
-    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
+    warmup_ratio: float = opt(0.03, "fraction of the optimizer steps spent warming up linearly from 0", ge=0, lt=1)
+    max_length: int = opt(1024, "maximum tokens per (prompt, response); the prompt is cut from the left first", ge=2)
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     eval_fraction: float = opt(0.05, "fraction of the data held out for evaluation (by id or content hash, "
-                                     "deterministic given --seed; 0 = none)")
-    save_every: int = opt(200, "write a resumable checkpoint every N optimizer steps (0 = never)")
-    keep_checkpoints: int = opt(2, "how many of the newest step checkpoints to keep (0 = all)")
+                                     "deterministic given --seed; 0 = none)", ge=0, lt=1)
+    save_every: int = opt(200, "write a resumable checkpoint every N optimizer steps (0 = never)", ge=0)
+    keep_checkpoints: int = opt(2, "how many of the newest step checkpoints to keep (0 = all)", ge=0)
     resume: bool = opt(False, "continue from the newest checkpoint in OUTPUT/checkpoints")
     seed: int = opt(0, "seed for data order, the held-out split and new weights")
     skip_invalid: bool = opt(False, "skip invalid records (listed in OUTPUT/rejects.jsonl) instead of stopping")
@@ -225,14 +271,4 @@ class TrainingOptions:
                                      "(default: '{prompt}\\n')")
 
     def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{_flag_name(name)} must be >= 1")
-        if self.epochs <= 0:
-            raise ConfigError("--epochs must be > 0")
-        if self.lr is not None and self.lr <= 0:  # a trainer may leave it None to choose by model
-            raise ConfigError("--lr must be > 0")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError("--eval-fraction must be in [0, 1)")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError("--warmup-ratio must be in [0, 1)")
+        """Checks across fields (each field's own bounds are declared with it and checked by build_config)."""

@@ -23,3 +23,7 @@ class InputError(FinegrainError):
 
 class ConfigError(FinegrainError):
     """A configuration value or combination of options that cannot work."""
+
+
+class TrainingError(FinegrainError):
+    """A run that cannot go on (its loss became NaN or infinite); it stops before saving anything of that step."""

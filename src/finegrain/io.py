@@ -2,16 +2,21 @@
 
 Sources: .jsonl, .jsonl.gz, .json (a list, or a dict holding one list), .parquet, or a
 `datasets` hub name (``name`` or ``name:split``). Every record comes with a human-readable
-location (``line 12`` or ``index 12``) so that validation errors can point at it.
+location (``line 12`` or ``index 12``) so that validation errors can point at it. A file that
+cannot be read (not parquet, corrupt gzip, JSON nested deeper than Python can parse) and a
+record holding NaN or Infinity (not JSON; it could not be written back) are an
+:class:`InputError` naming the file, like every other bad record.
 """
 from __future__ import annotations
 
 import contextlib
 import gzip
 import json
+import math
 import os
 import re
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -37,12 +42,7 @@ def iter_records(path: str | os.PathLike, on_error: Callable[[InputError, Any], 
     if not os.path.exists(path):
         raise InputError("no such file", path=path)
     if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise InputError("reading parquet needs pyarrow: pip install pyarrow", path=path) from e
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"index {i}", row
+        yield from _iter_parquet(path, on_error)
         return
     opener = gzip.open if path.endswith(".gz") else open
     try:
@@ -54,6 +54,8 @@ def iter_records(path: str | os.PathLike, on_error: Callable[[InputError, Any], 
                     data = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise InputError(f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})", path=path) from e
+                except RecursionError as e:
+                    raise InputError(_TOO_DEEP, path=path) from e
                 yield from _iter_json_container(path, data, on_error, check_utf8=bool(_RAW_BYTE.search(text)))
                 return
             for lineno, line in enumerate(f, 1):
@@ -69,10 +71,53 @@ def iter_records(path: str | os.PathLike, on_error: Callable[[InputError, Any], 
                 yield f"line {lineno}", rec
     except UnicodeDecodeError as e:
         raise InputError(f"text is not valid UTF-8 (byte {e.start})", path=path) from e
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
             raise InputError("no such file", path=path) from e
-        raise InputError(f"cannot read file: {e}", path=path) from e
+        what = "a corrupt or truncated gzip file" if path.endswith(".gz") else "cannot read file"
+        raise InputError(f"{what}: {e}", path=path) from e
+
+
+def _iter_parquet(path: str, on_error: Callable[[InputError, Any], None] | None) -> Iterator[tuple[str, dict]]:
+    """Rows of a parquet file; a file pyarrow cannot read is one :class:`InputError`."""
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise InputError("reading parquet needs pyarrow: pip install pyarrow", path=path) from e
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+        reason = str(e).split("': ", 1)[-1].splitlines()[0]  # drop pyarrow's "Could not open ... '<path>'"
+        raise InputError(f"not a readable parquet file ({reason})", path=path) from e
+    for i, row in enumerate(rows):
+        err = _non_finite_error(path, f"index {i}", row)
+        if err is not None:
+            if on_error is None:
+                raise err
+            on_error(err, _shown(row))
+            continue
+        yield f"index {i}", row
+
+
+_TOO_DEEP = "JSON nested too deeply to read (deeper than Python's recursion limit)"
+
+
+def _non_finite_error(path: str, where: str, rec: dict) -> InputError | None:
+    """The error for a record holding NaN or +-Infinity anywhere (JSON has neither), naming its field, or None."""
+    for name, value in rec.items():
+        stack = [value]
+        while stack:  # iterative: a record may be nested about as deep as the parser allows
+            v = stack.pop()
+            if isinstance(v, float) and not math.isfinite(v):
+                shown = "NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity"
+                return InputError(f"holds {shown}, which is not JSON; write null or a finite number",
+                                  path=path, record=where, field=_printable(str(name)))
+            if isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+    return None
 
 
 # one character per undecodable byte, as produced by errors="surrogateescape"
@@ -97,6 +142,12 @@ def _bad_utf8_error(path: str, where: str, rec: Any) -> InputError:
     return InputError("text is not valid UTF-8; re-encode the file as UTF-8", path=path, record=where)
 
 
+def _shown(rec: Any) -> Any:
+    """A bad record as a rejects file can hold it: its JSON, decoded again, or as text when it holds NaN/Infinity."""
+    text = _printable(json.dumps(rec, ensure_ascii=False, default=str))
+    return text if "NaN" in text or "Infinity" in text else json.loads(text)
+
+
 def _printable(text: str) -> str:
     """``text`` with undecodable bytes (surrogate escapes) and lone surrogates shown as U+FFFD, safe to write."""
     return re.sub("[\ud800-\udfff]", "\ufffd", text)
@@ -109,10 +160,15 @@ def _parse_line(path: str, where: str, line: str) -> dict:
         if _RAW_BYTE.search(line):
             raise _bad_utf8_error(path, where, None) from e
         raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, record=where) from e
+    except RecursionError as e:
+        raise InputError(_TOO_DEEP, path=path, record=where) from e
     if _RAW_BYTE.search(line):
         raise _bad_utf8_error(path, where, rec)
     if not isinstance(rec, dict):
         raise InputError(f"expected a JSON object, got {type(rec).__name__}", path=path, record=where)
+    err = _non_finite_error(path, where, rec)
+    if err is not None:
+        raise err
     return rec
 
 
@@ -131,10 +187,12 @@ def _iter_json_container(path: str, data: Any, on_error: Callable[[InputError, A
             err = _bad_utf8_error(path, f"index {i}", rec)
         elif not isinstance(rec, dict):
             err = InputError(f"expected a JSON object, got {type(rec).__name__}", path=path, record=f"index {i}")
+        else:
+            err = _non_finite_error(path, f"index {i}", rec)
         if err is not None:
             if on_error is None:
                 raise err
-            on_error(err, json.loads(_printable(json.dumps(rec, ensure_ascii=False))))
+            on_error(err, _shown(rec))
             continue
         yield f"index {i}", rec
 
@@ -154,6 +212,41 @@ def _iter_hub(name: str) -> Iterator[tuple[str, dict]]:
 
 def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
     return list(iter_records(path))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, guarded: str):
+    """Hold an exclusive OS lock on the file ``path`` (created if absent) while the block runs.
+
+    If another process holds it, raise :class:`InputError` naming ``guarded`` (what the lock
+    protects, e.g. an output file) and that process.
+    The lock is ``fcntl.flock``: the kernel drops it when its process ends, however it ends, so a
+    killed run never leaves a stale lock (the file itself stays, empty of meaning). No-op where
+    ``fcntl`` does not exist (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(f"in use by {holder}, which holds the lock {path}; wait for it to finish or choose "
+                             "another output", path=guarded) from e
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

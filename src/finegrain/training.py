@@ -7,21 +7,29 @@ Layout of ``OUTPUT/checkpoints/step-NNNNNNNN/``: ``model.safetensors``, ``optimi
 ``scheduler.pt`` (``torch.load(weights_only=True)``), ``rng_<rank>.pt`` (torch, CUDA, Python and
 NumPy generator states as tensors and plain values) and ``state.json`` (step, data fingerprint),
 written last: a directory without it is incomplete and ignored. The whole directory is written
-under a temporary name and renamed into place.
+under a temporary name and renamed into place. A checkpoint that cannot be restored (a corrupt,
+truncated or tampered file: pickles are refused, never run) stops ``--resume`` with one line
+naming the file (:func:`checkpoint_error`), and a fresh run refuses an output directory that
+already holds another run's checkpoints (:func:`refuse_stale_checkpoints`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import ConfigError, FinegrainError, InputError, TrainingError
 
 STATE_FILE = "state.json"
 
@@ -86,14 +94,108 @@ def load_training_state(ckpt: Path, accelerator, model, optimizer, scheduler) ->
     from safetensors.torch import load_model
 
     device = accelerator.device
-    load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"),
-               device="cpu" if device.type == "cpu" else str(device))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
-    rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((ckpt / STATE_FILE).read_text())
+    try:
+        with quiet_loading():
+            load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"),
+                       device="cpu" if device.type == "cpu" else str(device))
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
+            rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
+            if rng_file.exists():
+                set_rng_state(torch.load(rng_file, weights_only=True))
+        return checked_state(json.loads((ckpt / STATE_FILE).read_text()), ckpt / STATE_FILE)
+    except Exception as e:  # whatever a damaged file makes torch, safetensors or json raise: one line
+        raise checkpoint_error(ckpt, e) from e
+
+
+def checked_state(state: Any, path: Path) -> dict[str, Any]:
+    """A checkpoint's state file ``path`` as a dict with a step number (else an InputError naming it)."""
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise InputError("holds no step number", path=path)
+    return state
+
+
+def checkpoint_error(ckpt: Path, error: Exception) -> FinegrainError:
+    """One line for a checkpoint that cannot be restored, naming the damaged file.
+
+    The file is the one the error names (a missing file, a bad state file), else the first file
+    of the checkpoint that fails to load on its own (loaded again only now, on the failure path).
+    """
+    ckpt = Path(ckpt)
+    if isinstance(error, InputError) and error.path is not None:
+        path, reason = Path(str(error.path)), error.message
+    elif isinstance(error, FileNotFoundError) and error.filename:
+        path, reason = Path(error.filename), "missing"
+    else:
+        path, reason = _unreadable_file(ckpt) or (ckpt, _reason(error))
+    return InputError(f"cannot resume: the checkpoint is damaged or was altered ({reason}); delete {ckpt} to "
+                      "resume from the checkpoint before it, or start again without --resume", path=path)
+
+
+def _reason(error: Exception) -> str:
+    """A short reason: the first sentence of the error's message."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds pickled objects other than tensors and plain values, refused without running them"
+    if isinstance(error, EOFError):
+        return "the file ends too early (truncated)"
+    first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:200]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """torch warns about unusual pickle protocols while refusing them; the error line says what matters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _unreadable_file(ckpt: Path) -> tuple[Path, str] | None:
+    """``(file, reason)`` for the first file of ``ckpt`` that does not load on its own (safely), else None."""
+    from accelerate.utils import load as safe_torch_load  # torch.load(weights_only=True), numpy RNG states allowed
+    from safetensors.torch import load_file
+
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        try:
+            with quiet_loading():
+                if f.suffix == ".safetensors":
+                    load_file(str(f))
+                elif f.suffix in (".pt", ".bin", ".pkl"):
+                    safe_torch_load(str(f), map_location="cpu")
+                elif f.suffix == ".json":
+                    json.loads(f.read_text(encoding="utf-8"))
+        except Exception as e:  # noqa: BLE001 - any failure names this file
+            return f, _reason(e)
+    return None
+
+
+def refuse_stale_checkpoints(output: str | Path, resume: bool, found: list[Path]) -> None:
+    """Refuse a fresh run (no --resume) in an output directory that holds checkpoints (``found``) of another run.
+
+    Starting over there would truncate that run's metrics and leave its checkpoints beside the new ones.
+    """
+    if found and not resume:
+        raise ConfigError(f"{output} already holds checkpoints ({found[-1].name}, ...); pass --resume to continue "
+                          "that run, or choose another --output")
+
+
+def check_finite(step: int, metrics: dict[str, Any], names: tuple[str, ...] = ("loss", "grad_norm"), *,
+                 fp16: bool = False) -> None:
+    """Stop the run (one line naming the step) when a loss, reward or gradient norm of ``step`` is NaN or infinite.
+
+    The trainers (sft, train-rm, ppo) call this after each step and before logging or saving it,
+    so a diverged step never reaches metrics.jsonl, a checkpoint or the final model. Under fp16
+    loss scaling an infinite gradient norm is routine (the scaler skips that step), so it is
+    not checked there. Values are reduced over processes first: every process stops together.
+    """
+    for name in names:
+        value = metrics.get(name)
+        if value is None or (fp16 and name == "grad_norm") or math.isfinite(value):
+            continue
+        raise TrainingError(f"the {name.replace('_', ' ')} became {value} at step {step}; stopped before saving "
+                            "anything of this step (earlier checkpoints are intact): lower --lr, or check the data "
+                            "and the model")
 
 
 # ---------------------------------------------------------------- optimisation and data order

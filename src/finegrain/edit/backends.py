@@ -26,7 +26,9 @@ local transformers causal LM, batched), ``file`` (human edits / judgements read 
 How a backend reports failure (the runner, :mod:`finegrain.edit.runner`, relies on it):
 
 - RAISE :class:`RetryableError` (optionally with ``retry_after`` seconds) for a failure worth
-  retrying: 429, 5xx, timeouts, dropped connections, malformed responses;
+  retrying: 429, 5xx, timeouts, dropped connections, malformed responses; its subclass
+  :class:`UnreachableError` when the server could not be reached at all (connection refused,
+  unknown host), which stops a run that has had no answer yet;
 - RAISE :class:`FatalBackendError` for a failure every request would hit (bad API key, unknown
   model): the run stops with one clear line, and what was answered stays in the cache;
 - RETURN a result with ``error = "code: message"`` for an item that got no usable answer
@@ -114,6 +116,10 @@ class RetryableError(Exception):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class UnreachableError(RetryableError):
+    """The server could not be reached at all (connection refused, unknown host, a dropped connection)."""
 
 
 class FatalBackendError(FinegrainError):

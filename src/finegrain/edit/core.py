@@ -10,7 +10,8 @@ response (through the cache, see :mod:`finegrain.edit.runner`), applies the guar
 
 Every answer is committed to the SQLite cache as it arrives, so after a crash or Ctrl-C the
 same command resumes: answered pairs are served from the cache, never requested again, and
-the output holds each pair exactly once.
+the output holds each pair exactly once. One run at a time writes an output: a second one on
+the same output refuses (an OS lock on ``OUTPUT_BASE.lock``, released when its process ends).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from ..config import opt, to_dict
 from ..errors import ConfigError
-from ..io import write_json, write_jsonl
+from ..io import exclusive_lock, write_json, write_jsonl
 from .accounting import Usage, load_price_table, lookup_price
 from .backends import BACKENDS, EditRequest, EditResult, get_editor
 from .cache import AnswerCache, cache_key, input_hash
@@ -146,7 +147,16 @@ def edit_pairs(cfg: EditConfig) -> dict[str, Any]:
     report = load_pairs_report(cfg.data, "preference", skip_invalid=cfg.skip_invalid)
     pairs = report.pairs[: cfg.limit] if cfg.limit else report.pairs
     backend = get_editor(cfg.backend, cfg.model, **cfg.backend_kwargs(cfg.backend, cfg.prompt))
+    check_ids = getattr(backend, "check_ids", None)
+    if check_ids is not None:  # human edits must each belong to a pair of the data
+        check_ids({p.id for p in report.pairs}, cfg.data, skip_invalid=cfg.skip_invalid)
     price = lookup_price(cfg.backend, cfg.model, load_price_table(cfg.price_table), cfg.price_input, cfg.price_output)
+    with exclusive_lock(output_base(cfg.output) + ".lock", cfg.output):
+        return _edit_and_write(cfg, report, pairs, backend, price, t0, started)
+
+
+def _edit_and_write(cfg: EditConfig, report, pairs, backend, price, t0: float, started: str) -> dict[str, Any]:
+    """Ask for every edit (through the cache), apply the guards, write the three outputs; the summary."""
     cache_path = resolve_cache_path(cfg.cache, cfg.output)
     cache = AnswerCache(cache_path)
     try:

@@ -12,6 +12,9 @@ edited pair's ``gold_spans``) and ``edit_meta`` (an object copied into the edite
 ``edit_meta``, except the keys ``finegrain edit`` sets itself: backend, model, edit stats, times).
 Run ``finegrain edit --backend file --model human_edits.jsonl --data pairs.jsonl ...``: the
 same guards as for LLM edits apply, pairs without an edit are rejected with reason ``missing``.
+An empty file, or an edit whose id matches no pair of the data (a typo would silently lose
+that person's work), is an error naming the file and the line (with ``--skip-invalid``: a
+warning, and the count ``n_unmatched_human_edits`` in the summary).
 
 Human judgements: AlpacaEval's annotations format (what ``finegrain winrate`` writes), a list
 or JSONL of ``{"instruction", "output_1", "output_2", "preference"}`` with preference 1
@@ -21,6 +24,7 @@ the texts, so a judgement made with the outputs in the other order is flipped (3
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from typing import Any
@@ -66,8 +70,8 @@ def _edit_meta(rec: dict, path: str, where: str) -> dict[str, Any]:
 
 
 def load_human_edits(path: str) -> dict[str, dict[str, Any]]:
-    """``{id: {"edited", "annotator", "notes", "gold_spans", "edit_meta", "location"}}`` from a human-edits
-    file, validated."""
+    """``{id: {"edited", "annotator", "notes", "gold_spans", "edit_meta", "where"}}`` from a human-edits
+    file, validated (``where``: its line)."""
     out: dict[str, dict[str, Any]] = {}
     for where, rec in iter_records(path):
         raw_id = rec.get("id")
@@ -80,7 +84,9 @@ def load_human_edits(path: str) -> dict[str, dict[str, Any]]:
         out[pid] = {"edited": edited, "annotator": _text(rec, "annotator", path, where, optional=True),
                     "notes": _text(rec, "notes", path, where, optional=True),
                     "gold_spans": _gold_spans(rec, path, where), "edit_meta": _edit_meta(rec, path, where),
-                    "location": where}
+                    "where": where}
+    if not out:
+        raise InputError("no human edits (the file is empty)", path=path)
     return out
 
 
@@ -111,7 +117,7 @@ class FileEditor(_FileBackend):
             if end > n_chars:
                 raise InputError(f"span [{start}, {end}] is outside the rejected response of pair {req.id!r} "
                                  f"({n_chars} characters): were these edits made on another pairs file?",
-                                 path=self.model, record=rec["location"], field="gold_spans")
+                                 path=self.model, record=rec["where"], field="gold_spans")
         self.used.add(req.id)
         return EditResult(rec["edited"])
 
@@ -126,6 +132,19 @@ class FileEditor(_FileBackend):
 
     def unused_ids(self) -> list[str]:
         return sorted(set(self.edits) - self.used)
+
+    def check_ids(self, pair_ids: set[str], data: str, *, skip_invalid: bool = False) -> None:
+        """Refuse an edit whose id matches no pair of ``data`` (with ``skip_invalid``: log a warning)."""
+        unmatched = [pid for pid in self.edits if pid not in pair_ids]
+        if not unmatched:
+            return
+        first = self.edits[unmatched[0]]["where"]
+        if not skip_invalid:
+            raise InputError(f"no pair with id {unmatched[0]!r} in {data} ({len(unmatched)} edit(s) match no pair); "
+                             "fix the id, or pass --skip-invalid to leave such edits out",
+                             path=self.model, record=first, field="id")
+        logging.getLogger("finegrain.edit").warning("%s: %d human edit(s) match no pair of %s (the first: %r at %s); "
+                                                    "left out", self.model, len(unmatched), data, unmatched[0], first)
 
 
 def _preference(rec: dict, path: str, where: str) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backends import (EditRequest, EditResult, FatalBackendError, JudgeRequest, JudgeResult, RetryableError,
-                       resolve_api_key)
+                       UnreachableError, resolve_api_key)
 from .cache import input_hash
 from .postprocess import clean_answer, parse_preference
 from .prompts import PromptTemplate
@@ -82,7 +82,8 @@ class _SDKClient:
         if isinstance(e, sdk.APITimeoutError):
             return RetryableError("timeout")
         if isinstance(e, sdk.APIConnectionError):
-            return RetryableError(f"connection error: {self.scrub(str(e))}")
+            where = self.base_url or f"the {self.name} API"
+            return UnreachableError(f"cannot connect to {where}: {self.scrub(_root_cause(e))}")
         if isinstance(e, sdk.APIStatusError):
             status = e.status_code
             message = self.scrub(str(getattr(e, "message", e)))[:300]
@@ -120,6 +121,15 @@ class _SDKClient:
         client = getattr(self, "_client", None)
         if client is not None:
             await client.close()
+
+
+def _root_cause(e: BaseException) -> str:
+    """The message of the innermost cause of ``e`` (``[Errno 111] Connection refused`` rather than "Connection error.")."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    return str(e) or type(e).__name__
 
 
 @contextlib.contextmanager

@@ -7,6 +7,11 @@ retrying :class:`~finegrain.edit.backends.RetryableError` and timeouts with expo
 backoff and jitter. A server's Retry-After is honoured: that request waits at least as long,
 and the rate limiter holds every other request back until then. Each answer is committed to
 the cache the moment it arrives. Jobs with the same key are asked once.
+
+A run that is not getting through stops early with one line (:class:`FailureWatch`) instead of
+retrying every item for minutes: the server cannot be reached before any answer came, several
+items in a row failed after all their retries, or every request failed. What was answered
+before stays in the cache.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Sequence
 
-from .backends import FatalBackendError, RetryableError
+from .backends import FatalBackendError, RetryableError, UnreachableError
 from .cache import AnswerCache
 
 log = logging.getLogger("finegrain.edit")
@@ -35,6 +40,8 @@ class RetryPolicy:
     backoff_base: float = 1.0         # first backoff in seconds, doubled each retry
     backoff_max: float = 60.0
     max_retry_after: float = 600.0    # never wait longer than this for one Retry-After
+    max_unreachable: int = 3          # stop after this many attempts in a row found no server (before any answer)
+    max_failed_in_a_row: int = 5      # stop after this many items in a row failed after all their retries
 
 
 @dataclass
@@ -97,30 +104,90 @@ class RateLimiter:
             self._next = max(now, start) + self.interval
 
 
+class FailureWatch:
+    """Stops a run that is not getting through, with one line saying what is wrong (:class:`FatalBackendError`).
+
+    - ``policy.max_unreachable`` attempts in a row could not reach the server and nothing was
+      answered yet: the server is not there (wrong --base-url, not started);
+    - ``policy.max_failed_in_a_row`` items in a row failed after all their retries (no answer in
+      between): every request fails;
+    - at the end (:meth:`finish`), some item failed and nothing was answered, now or in an
+      earlier run (a re-run whose only remaining items keep failing still writes its outputs).
+
+    Transient failures between answers are retried as usual; answers stay in the cache.
+    """
+
+    def __init__(self, policy: RetryPolicy, kind: str):
+        self.policy, self.kind = policy, kind
+        self.n_answered = self.unreachable = self.failed_in_a_row = self.n_failed = 0
+        self.last_error: Exception | None = None
+
+    def answered(self) -> None:
+        self.n_answered += 1
+        self.unreachable = self.failed_in_a_row = 0
+
+    def quiet(self, err: RetryableError) -> bool:
+        """Whether a retry after ``err`` goes unlogged: no server found yet, so the run soon stops or recovers."""
+        return isinstance(err, UnreachableError) and not self.n_answered
+
+    def attempt_failed(self, err: RetryableError) -> None:
+        self.unreachable = self.unreachable + 1 if isinstance(err, UnreachableError) else 0
+        if not self.n_answered and self.unreachable >= self.policy.max_unreachable:
+            raise FatalBackendError(f"{self.kind}: stopped, {self.unreachable} attempts in a row found no server "
+                                    f"({err}) and nothing was answered; check --base-url and that the server runs")
+
+    def item_failed(self, err: RetryableError) -> None:
+        self.n_failed, self.failed_in_a_row, self.last_error = self.n_failed + 1, self.failed_in_a_row + 1, err
+        if self.failed_in_a_row >= self.policy.max_failed_in_a_row:
+            raise FatalBackendError(f"{self.kind}: stopped, {self.failed_in_a_row} items in a row failed after "
+                                    f"{self.policy.max_retries + 1} attempts each (last: {err}); {self.n_answered} "
+                                    "answers are cached: run the same command again once the server works")
+
+    def finish(self, n_items: int, n_cached: int) -> None:
+        """End of a run that asked ``n_items`` (and had ``n_cached``): stop if nothing was ever answered, else warn."""
+        if self.n_failed and not self.n_answered and not n_cached:
+            raise FatalBackendError(f"{self.kind}: every request failed ({self.n_failed} items, last: "
+                                    f"{self.last_error}); nothing was answered")
+        if self.n_failed:
+            log.warning("%s: %d of %d requested items failed after %d attempts each (last: %s); run the same command "
+                        "again to retry them (answers are cached)", self.kind, self.n_failed, n_items,
+                        self.policy.max_retries + 1, self.last_error)
+
+
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 async def call_with_retries(call: Callable[[Any], Awaitable[Any]], request: Any, policy: RetryPolicy,
                             limiter: RateLimiter, rng: random.Random, *, timeout: float | None,
-                            label: str) -> tuple[Any, int]:
-    """``(result, attempts)``; raises the last RetryableError when all attempts failed."""
+                            label: str, watch: FailureWatch | None = None) -> tuple[Any, int]:
+    """``(result, attempts)``; raises the last RetryableError when all attempts failed.
+
+    ``watch`` sees every answer and failed attempt, and may stop the run (FatalBackendError).
+    """
     for attempt in range(policy.max_retries + 1):
         await limiter.acquire()
         try:
             if timeout:
-                return await asyncio.wait_for(call(request), timeout), attempt + 1
-            return await call(request), attempt + 1
+                result = await asyncio.wait_for(call(request), timeout)
+            else:
+                result = await call(request)
+            if watch is not None:
+                watch.answered()
+            return result, attempt + 1
         except asyncio.TimeoutError:
             err = RetryableError(f"timeout: no answer within {timeout:g} s")
         except RetryableError as e:
             err = e
+        if watch is not None:
+            watch.attempt_failed(err)
         if attempt == policy.max_retries:
             raise err
         delay = backoff_delay(attempt, policy, err.retry_after, rng)
         if err.retry_after:
             limiter.pause_until(time.monotonic() + min(err.retry_after, policy.max_retry_after))
-        log.warning("%s: %s; retry %d/%d in %.2f s", label, err, attempt + 1, policy.max_retries, delay)
+        level = logging.DEBUG if watch is not None and watch.quiet(err) else logging.WARNING
+        log.log(level, "%s: %s; retry %d/%d in %.2f s", label, err, attempt + 1, policy.max_retries, delay)
         await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -159,6 +226,7 @@ async def _run(jobs: Sequence[Job], call, *, kind: str, backend, result_cls: typ
     limiter = RateLimiter(policy.requests_per_minute)
     rng = random.Random(seed)
     timeout = policy.timeout if getattr(backend, "remote", True) else None
+    watch = FailureWatch(policy, kind)
     meta = dict(kind=kind, backend=backend.name, model=backend.model,
                 prompt_version=getattr(backend, "prompt_version", "none"))
 
@@ -171,8 +239,9 @@ async def _run(jobs: Sequence[Job], call, *, kind: str, backend, result_cls: typ
         started = _now_iso()
         try:
             result, attempts = await call_with_retries(call, job.request, policy, limiter, rng, timeout=timeout,
-                                                       label=f"{kind} {job.item_id}")
+                                                       label=f"{kind} {job.item_id}", watch=watch)
         except RetryableError as e:  # not cached: a re-run asks again
+            watch.item_failed(e)
             return Outcome(None, attempts=policy.max_retries + 1, error=f"failed: {e}", requested_at=started)
         answered = _now_iso()
         if getattr(backend, "cacheable", True) and _cacheable(result):
@@ -191,6 +260,7 @@ async def _run(jobs: Sequence[Job], call, *, kind: str, backend, result_cls: typ
         raise
     finally:
         bar.close()
+    watch.finish(len(todo), len(outcomes) - len(todo))
     return outcomes
 
 
@@ -199,7 +269,8 @@ def run_calls(jobs: Sequence[Job], call: Callable[[Any], Awaitable[Any]], *, kin
     """Answer every job (see module docstring); returns ``{job.key: Outcome}``.
 
     Raises :class:`FatalBackendError` (after cancelling the calls in flight) when a backend
-    reports that no request can succeed; answers received before that stay in the cache.
+    reports that no request can succeed, or when the run is not getting through (see
+    :class:`FailureWatch`); answers received before that stay in the cache.
     """
     async def main():
         try:
@@ -213,5 +284,5 @@ def run_calls(jobs: Sequence[Job], call: Callable[[Any], Awaitable[Any]], *, kin
     return asyncio.run(main())
 
 
-__all__ = ["RetryPolicy", "Job", "Outcome", "RateLimiter", "backoff_delay", "call_with_retries", "run_calls",
-           "FatalBackendError"]
+__all__ = ["RetryPolicy", "Job", "Outcome", "RateLimiter", "FailureWatch", "backoff_delay", "call_with_retries",
+           "run_calls", "FatalBackendError"]

@@ -156,13 +156,15 @@ class ShowRewardsConfig:
     max_length: int | None = opt(None, "maximum tokens per input (default: the model's training value)")
     skip_invalid: bool = opt(False, "skip invalid records instead of stopping")
     trust_remote_code: bool = opt(False, "allow model code from the hub")
+    mark_changed: bool = opt(True, "outline the tokens the edit changed (turn off for pairs that are not edits, "
+                                   "e.g. two independent samples, where nearly every token differs)")
 
     def validate(self) -> None:
         if self.n < 1:
             raise ConfigError("--n must be >= 1")
 
 
-def _views(rm, items, batch_size: int = 16) -> list[PairView]:
+def _views(rm, items, batch_size: int = 16, mark_changed: bool = True) -> list[PairView]:
     from ..rm.align import align_tokens, spans_to_token_mask
 
     prompts = [c.prompt for c in items]
@@ -171,6 +173,8 @@ def _views(rm, items, batch_size: int = 16) -> list[PairView]:
     out = []
     for c, tb, tw in zip(items, better, worse):
         al = align_tokens(rm.encode(c.prompt, c.worse).response_ids, rm.encode(c.prompt, c.better).response_ids)
+        if not mark_changed:
+            al.changed_edited, al.changed_original = [], []
         gold = spans_to_token_mask(tw.offsets, c.gold_spans) if c.gold_spans else []
         mean = lambda r: sum(r) / max(len(r), 1)  # noqa: E731  (Eq. 1)
         out.append(PairView(c.id, c.prompt, [
@@ -193,7 +197,7 @@ def show_rewards(cfg: ShowRewardsConfig) -> dict:
         raise ConfigError(f"{cfg.model} is a sequence reward model; show-rewards needs a token reward model "
                           "(train one with --loss token_edit or token_mean)")
     centre = rm.meta.get("flaw_threshold")
-    page = token_reward_html(_views(rm, items, cfg.batch_size), title=f"Per-token rewards of {cfg.model}",
+    page = token_reward_html(_views(rm, items, cfg.batch_size, cfg.mark_changed), title=f"Per-token rewards of {cfg.model}",
                              centre=centre, centre_label="the flaw threshold train-rm chose on its training pairs")
     with atomic_write(cfg.output) as f:
         f.write(page)

@@ -32,63 +32,68 @@ class PPOConfig:
     prompts: str = opt(help="prompts: .jsonl/.json/.jsonl.gz/.parquet or a datasets name, one record per prompt")
     output: str = opt(help="output directory: checkpoints/, final/ (the trained policy), metrics.jsonl, samples.jsonl")
     prompt_field: str = opt("prompt", "name of the record field holding the prompt text")
-    steps: int = opt(100, "PPO steps (each = one batch of rollouts, then the update)")
+    steps: int = opt(100, "PPO steps (each = one batch of rollouts, then the update)", ge=1)
     resume: bool = opt(False, "continue from the latest checkpoint in OUTPUT/checkpoints")
     seed: int = opt(0, "random seed (sampling of step s uses seed + s, so resumed runs repeat it)")
     # --- batch sizes
-    batch_size: int = opt(16, "rollouts per step per process (the global batch is this x number of processes)")
-    num_minibatches: int = opt(4, "minibatches per PPO epoch (ignored when --mini-batch-size is set)")
-    mini_batch_size: int | None = opt(None, "rollouts per minibatch (per process); must divide --batch-size")
-    ppo_epochs: int = opt(4, "passes over the rollouts of a step (Huang et al.: 4)")
-    grad_accum: int = opt(1, "micro-batches per minibatch: gradients are accumulated, one optimizer step per minibatch")
-    forward_batch_size: int = opt(16, "rollouts per forward pass when computing log-probs, values and RM scores")
+    batch_size: int = opt(16, "rollouts per step per process (the global batch is this x number of processes)", ge=1)
+    num_minibatches: int = opt(4, "minibatches per PPO epoch (ignored when --mini-batch-size is set)", ge=1)
+    mini_batch_size: int | None = opt(None, "rollouts per minibatch (per process); must divide --batch-size", ge=1)
+    ppo_epochs: int = opt(4, "passes over the rollouts of a step (Huang et al.: 4)", ge=1)
+    grad_accum: int = opt(1, "micro-batches per minibatch: gradients are accumulated, one optimizer step per minibatch",
+                          ge=1)
+    forward_batch_size: int = opt(16, "rollouts per forward pass when computing log-probs, values and RM scores", ge=1)
     # --- optimisation
-    lr: float = opt(3e-6, "policy learning rate (Huang et al.: 3e-6 for 1B-7B models)")
-    value_lr: float | None = opt(None, "value model learning rate (default: --lr)")
+    lr: float = opt(3e-6, "policy learning rate (Huang et al.: 3e-6 for 1B-7B models)", gt=0)
+    value_lr: float | None = opt(None, "value model learning rate (default: --lr)", gt=0)
     lr_schedule: str = opt("linear", "learning-rate schedule over --steps", choices=["linear", "constant"])
-    adam_eps: float = opt(1e-5, "Adam epsilon (Huang et al.: 1e-5)")
-    max_grad_norm: float | None = opt(1.0, "clip the gradient norm to this (null: no clipping)")
+    adam_eps: float = opt(1e-5, "Adam epsilon (Huang et al.: 1e-5)", gt=0)
+    max_grad_norm: float | None = opt(1.0, "clip the gradient norm to this (null: no clipping)", gt=0)
     # --- PPO
-    gamma: float = opt(1.0, "discount factor (Huang et al.: 1.0)")
-    lam: float = opt(0.95, "GAE lambda (Huang et al.: 0.95)")
-    cliprange: float = opt(0.2, "policy ratio clip epsilon (Huang et al.: 0.2)")
-    cliprange_value: float | None = opt(0.2, "value clip range around the rollout values (null: no value clipping)")
-    vf_coef: float = opt(0.1, "value loss coefficient (Huang et al.: 0.1)")
+    gamma: float = opt(1.0, "discount factor (Huang et al.: 1.0)", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda (Huang et al.: 0.95)", ge=0, le=1)
+    cliprange: float = opt(0.2, "policy ratio clip epsilon (Huang et al.: 0.2)", gt=0)
+    cliprange_value: float | None = opt(0.2, "value clip range around the rollout values (null: no value clipping)",
+                                        gt=0)
+    vf_coef: float = opt(0.1, "value loss coefficient (Huang et al.: 0.1)", ge=0)
     whiten_advantages: bool = opt(True, "whiten advantages over the step's rollouts (Huang et al.: on)")
     # --- rewards and KL
     kl_coef: float | None = opt(None, "KL coefficient beta (initial value when --adaptive-kl); default by reward "
                                 "mode: sequence 0.05 (Huang et al.), token 1.0 (with --token-reward-scale mean: the "
-                                "best of the sandbox's KL sweep, where low KL let PPO exploit the token RM; README)")
+                                "best of the sandbox's KL sweep, where low KL let PPO exploit the token RM; README)",
+                                ge=0)
     kl_estimator: str = opt("k1", "per-token KL estimator in the reward: k1 = log pi - log pi_ref; "
                             "k3 = (r - 1) - log r, r = pi_ref / pi (non-negative, lower variance)",
                             choices=["k1", "k3"])
     adaptive_kl: bool = opt(False, "adapt beta towards --target-kl (Ziegler et al. 2019)")
-    target_kl: float = opt(6.0, "target summed KL per response for --adaptive-kl (Ziegler et al.: 6)")
-    kl_horizon: int = opt(10000, "horizon of the adaptive KL controller, in rollouts (Ziegler et al.: 10000)")
+    target_kl: float = opt(6.0, "target summed KL per response for --adaptive-kl (Ziegler et al.: 6)", gt=0)
+    kl_horizon: int = opt(10000, "horizon of the adaptive KL controller, in rollouts (Ziegler et al.: 10000)", ge=1)
     token_reward_scale: str = opt("mean", "token mode: raw = r_t as the RM gives it; mean = r_t / T so a response's "
                                   "rewards sum to Eq. 1", choices=["raw", "mean"])
-    reward_clip: float | None = opt(None, "clip RM scores and token rewards to [-c, c] (null: no clipping)")
+    reward_clip: float | None = opt(None, "clip RM scores and token rewards to [-c, c] (null: no clipping)", gt=0)
     reward_norm: bool = opt(False, "standardise RM rewards by running mean/std statistics (over all steps)")
     whiten_rewards: bool = opt(False, "whiten the per-token rewards of each step (scale only) before GAE")
     missing_eos_penalty: float | None = opt(1.0, "subtracted from the last-token reward of responses that never emit "
-                                            "EOS (Huang et al.'s EOS trick; null: off)")
+                                            "EOS (Huang et al.'s EOS trick; null: off)", ge=0)
     # --- rollouts
-    max_new_tokens: int = opt(64, "maximum response tokens")
-    max_prompt_length: int = opt(256, "longest prompt in policy tokens; longer prompts are refused")
-    temperature: float = opt(0.7, "sampling temperature, also used for the log-probs (logits / T) (Huang et al.: 0.7)")
-    top_k: int = opt(0, "top-k sampling (0: off); keep off so log-probs match the sampling distribution")
-    top_p: float = opt(1.0, "nucleus sampling (1.0: off); keep off so log-probs match the sampling distribution")
+    max_new_tokens: int = opt(64, "maximum response tokens", ge=1)
+    max_prompt_length: int = opt(256, "longest prompt in policy tokens; longer prompts are refused", ge=1)
+    temperature: float = opt(0.7, "sampling temperature, also used for the log-probs (logits / T) (Huang et al.: 0.7)",
+                             gt=0)
+    top_k: int = opt(0, "top-k sampling (0: off); keep off so log-probs match the sampling distribution", ge=0)
+    top_p: float = opt(1.0, "nucleus sampling (1.0: off); keep off so log-probs match the sampling distribution",
+                       gt=0, le=1)
     prompt_template: str | None = opt(None, "template with {prompt} for tokenizers without a chat template "
                                       "(default '{prompt}\\n'); must match the RM's training")
     rm_max_length: int | None = opt(None, "reward model input length (default: max prompt + max new tokens + 1, "
-                                    "capped by the RM's context)")
+                                    "capped by the RM's context)", ge=2)
     # --- models
     value_init: str = opt("reward", "value model initialisation: reward = the reward model (Huang et al.), "
                           "policy = the policy's backbone with a fresh head", choices=["reward", "policy"])
     use_lora: bool = opt(False, "train LoRA adapters (peft); the reference is the same model with adapters disabled")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha")
-    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_r: int = opt(16, "LoRA rank", ge=1)
+    lora_alpha: int = opt(32, "LoRA alpha", gt=0)
+    lora_dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] | None = opt(None, "module names to adapt (default: peft's choice for the model)")
     cross_tokenizer: bool = opt(False, "allow an RM whose tokenizer differs from the policy's: responses are decoded, "
                                 "re-tokenised for the RM and token rewards mapped back by character offsets")
@@ -101,32 +106,15 @@ class PPOConfig:
                                    "faster forward+backward than SDPA there), else transformers' default (SDPA)",
                                    choices=["auto", "eager", "sdpa", "flash_attention_2"])
     # --- bookkeeping
-    save_every: int = opt(50, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
-    sample_every: int = opt(10, "write sample generations to samples.jsonl every N steps (0: never)")
-    num_samples: int = opt(4, "generations written per sampling")
+    save_every: int = opt(50, "checkpoint every N steps (and at the end)", ge=1)
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", ge=1)
+    sample_every: int = opt(10, "write sample generations to samples.jsonl every N steps (0: never)", ge=0)
+    num_samples: int = opt(4, "generations written per sampling", ge=0)
     log_with: str = opt("auto", "trackers: auto (TensorBoard when installed), none, tensorboard, wandb",
                         choices=["auto", "none", "tensorboard", "wandb"])
 
     def validate(self) -> None:
-        """Checks that need no model or data (those come in the pre-flight of train_ppo)."""
-        positive = ["steps", "batch_size", "num_minibatches", "ppo_epochs", "grad_accum", "forward_batch_size",
-                    "max_new_tokens", "max_prompt_length", "save_every", "kl_horizon", "lora_r", "keep_checkpoints"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.sample_every < 0 or self.num_samples < 0:
-            raise ConfigError("options --sample-every and --num-samples must be >= 0")
-        if self.temperature <= 0:
-            raise ConfigError("option --temperature must be > 0 (the log-probs are computed from logits / T)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"option --top-p must be in (0, 1], got {self.top_p}")
-        if self.lr <= 0 or (self.value_lr is not None and self.value_lr <= 0):
-            raise ConfigError("learning rates must be > 0")
-        if self.target_kl <= 0:
-            raise ConfigError("option --target-kl must be > 0")
-        if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ConfigError(f"option --mini-batch-size must be at least 1, got {self.mini_batch_size}")
+        """Checks across fields (bounds of single fields are declared with them; model and data: the pre-flight)."""
         mb = self.minibatch_size()
         if self.batch_size % mb or mb % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} must split into minibatches of {mb} rollouts and each "

@@ -6,11 +6,15 @@ Two cases:
   ``prompt ids + response ids (without EOS) + [EOS]`` (the decoder layout of
   :func:`finegrain.rm.inputs.build_rm_example`; with the RM's ``echo`` view the response twice),
   so RM response position i is policy token i and the RM's closing EOS is the policy's EOS; no
-  mapping.
+  mapping. A sequence RM trained from a policy whose pad is its EOS (GPT-2, SmolLM2) has one
+  token more, its own pad: it only fills padded positions, so the RM still reads the policy's
+  ids (:func:`tokenizers_match`).
 - different tokenizers (``--cross-tokenizer``): the decoded response is re-tokenised with
   :func:`build_rm_example` and each RM token's reward is split over the policy tokens its
   characters overlap, in proportion to the overlap (:func:`map_rewards_by_offsets`), so the
-  sum of a response's rewards is preserved.
+  sum of a response's rewards is preserved. An RM tokenizer that trims offsets (RoBERTa-style)
+  gives tokens of whitespace alone zero-width spans; they are first widened to the whitespace
+  they stand for (:func:`spread_trimmed_offsets`).
 
 In both cases the RM's closing token (zero-width, at the end of the text) lands on the
 policy's last token: its EOS when the response ended, else its last sampled token.
@@ -28,6 +32,7 @@ from typing import Sequence
 import torch
 
 from ..rm.inputs import RMExample, build_rm_example, is_encoder_style, rm_example_from_ids
+from ..rm.model import PAD_TOKEN
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -49,11 +54,24 @@ class RewardOutput:
 
 # ----------------------------------------------------------------------------- tokenizers
 def tokenizers_match(a, b) -> bool:
-    """True when two tokenizers map text to the same ids (same vocabulary, EOS and pair layout)."""
+    """True when two tokenizers map text to the same ids (same vocabulary, EOS and pair layout).
+
+    finegrain's own pad token (``ensure_distinct_pad`` gives it to a sequence RM whose base had
+    pad == EOS) does not count: appended after the vocabulary and only ever put at padded
+    positions, it changes no id that text maps to.
+    """
     if a is b:
         return True
-    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+    return (text_vocab(a) == text_vocab(b) and a.eos_token_id == b.eos_token_id
             and is_encoder_style(a) == is_encoder_style(b))
+
+
+def text_vocab(tok) -> dict[str, int]:
+    """The tokenizer's vocabulary without finegrain's pad token when that is its pad and its last id."""
+    vocab = tok.get_vocab()
+    if tok.pad_token == PAD_TOKEN and vocab.get(PAD_TOKEN) == max(vocab.values()):
+        del vocab[PAD_TOKEN]
+    return vocab
 
 
 def policy_token_offsets(tokenizer, ids: Sequence[int], text: str) -> list[tuple[int, int]]:
@@ -103,6 +121,36 @@ def map_rewards_by_offsets(src_offsets: Offsets, src_rewards: Sequence[float], d
             given += share
         out[overlaps[-1][0]] += r - given
     return out
+
+
+def spread_trimmed_offsets(offsets: Offsets, text_len: int) -> list[tuple[int, int]]:
+    """``offsets`` with each zero-width span widened to the uncovered characters around it.
+
+    A tokenizer that trims offsets (RoBERTa's byte-level BPE, ``trim_offsets=True``) gives a token
+    of whitespace alone a zero-width span and leaves its characters, and the leading space of the
+    next word, covered by no token. Mapped as it is, such a token's reward would land on the last
+    policy token (see :func:`map_rewards_by_offsets`); widened to the gap between the previous and
+    the next token that cover characters, it lands on the policy tokens holding that whitespace.
+    A zero-width span with no uncovered character around it is kept.
+
+    >>> spread_trimmed_offsets([(0, 5), (6, 6), (7, 12)], 12)  # "Hello  world": "Ġ" and "Ġworld" trimmed
+    [(0, 5), (5, 7), (7, 12)]
+    """
+    n = len(offsets)
+    prev_end, next_start = [0] * n, [text_len] * n
+    end = 0
+    for k, (s, e) in enumerate(offsets):
+        prev_end[k] = end
+        if e > s:
+            end = max(end, e)
+    start = text_len
+    for k in range(n - 1, -1, -1):
+        next_start[k] = start
+        s, e = offsets[k]
+        if e > s:
+            start = min(start, s)
+    return [(s, e) if e > s or next_start[k] <= prev_end[k] else (prev_end[k], next_start[k])
+            for k, (s, e) in enumerate(offsets)]
 
 
 # ----------------------------------------------------------------------------- RM forward
@@ -202,7 +250,9 @@ class RewardScorer:
             else:
                 ids = response_ids[b, :n_pol].tolist()
                 dst = policy_token_offsets(self.policy_tokenizer, ids, texts[b])
-                token_rewards[b, :n_pol] = torch.tensor(map_rewards_by_offsets(ex.response_offsets, r.tolist(), dst))
+                *body, closing = ex.response_offsets  # the closing token keeps its place: the last policy token
+                src = spread_trimmed_offsets(body, len(texts[b])) + [closing]
+                token_rewards[b, :n_pol] = torch.tensor(map_rewards_by_offsets(src, r.tolist(), dst))
         return RewardOutput(scores, token_rewards, n_scored)
 
 

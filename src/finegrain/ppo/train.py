@@ -30,11 +30,12 @@ from typing import Callable
 import torch
 
 from ..config import to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..generation import sample
 from ..io import read_json, write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import keep_freed_memory, make_adamw
+from ..training import (check_finite, checked_state, checkpoint_error, keep_freed_memory, make_adamw,
+                        quiet_loading, refuse_stale_checkpoints)
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -174,12 +175,19 @@ def save_training_state(accelerator, output: str | Path, step: int, state: dict,
 
 
 def load_training_state(accelerator, output: str | Path) -> dict | None:
-    """Restore the latest checkpoint into the prepared objects; its ppo_state.json, or None if none."""
+    """Restore the latest checkpoint into the prepared objects; its ppo_state.json, or None if none.
+
+    A checkpoint that cannot be restored is one line naming the damaged file (:func:`checkpoint_error`).
+    """
     found = checkpoint_dirs(output)
     if not found:
         return None
-    accelerator.load_state(str(found[-1]))
-    return read_json(found[-1] / STATE_FILE)
+    try:
+        with quiet_loading():
+            accelerator.load_state(str(found[-1]))
+        return checked_state(read_json(found[-1] / STATE_FILE), found[-1] / STATE_FILE)
+    except Exception as e:  # whatever a damaged file makes torch, safetensors or json raise: one line
+        raise checkpoint_error(found[-1], e) from e
 
 
 def _is_sharded(accelerator) -> bool:
@@ -370,8 +378,7 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     """
     run = preflight(cfg)  # refuses bad input before any weights load
     out = Path(cfg.output)
-    if not cfg.resume and checkpoint_dirs(out):
-        raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue or choose another --output")
+    refuse_stale_checkpoints(out, cfg.resume, checkpoint_dirs(out))
     acc = accelerator or make_accelerator(cfg)
     keep_freed_memory(acc.device.type)
     from accelerate.utils import set_seed
@@ -381,10 +388,16 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     start = 0
     state = load_training_state(acc, out) if cfg.resume else None
     if state is not None:
-        start = int(state["step"])
-        e.kl_ctl.load_state_dict(state["kl_controller"])
-        if e.moments is not None and state.get("reward_moments"):
-            e.moments.load_state_dict(state["reward_moments"])
+        start = state["step"]
+        try:
+            e.kl_ctl.load_state_dict(state["kl_controller"])
+            if e.moments is not None and state.get("reward_moments"):
+                e.moments.load_state_dict(state["reward_moments"])
+        except (KeyError, TypeError, ValueError) as err:
+            ckpt = checkpoint_dirs(out)[-1]
+            bad = InputError(f"holds no valid KL-controller or reward statistics ({type(err).__name__}: {err})",
+                             path=ckpt / STATE_FILE)
+            raise checkpoint_error(ckpt, bad) from err
     main = acc.is_main_process
     resume_at = start + 1 if cfg.resume else None
     metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=resume_at, enabled=main)
@@ -397,6 +410,7 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     line: dict = {}
     for step in range(start, cfg.steps):
         line, r = run_step(e, step, on_rollout)
+        check_finite(step + 1, line, ("reward", "loss"))
         metrics.log(line)
         acc.log({k: v for k, v in line.items() if k != "step"}, step=step + 1)
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:

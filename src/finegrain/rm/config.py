@@ -34,12 +34,12 @@ class TrainRMConfig(TrainingOptions):
     lr: float | None = opt(None, "peak learning rate (default: 1e-5 for a pretrained backbone, 1e-3 for a model "
                                  "built --from-scratch, which needs far larger steps)")
     eval_every: int = opt(50, "evaluate every N optimizer steps (0 = only at the end)")
-    eval_batch_size: int = opt(16, "pairs per batch when evaluating")
+    eval_batch_size: int = opt(16, "pairs per batch when evaluating", ge=1)
     u0_weight: float = opt(0.0, "token losses: weight of a regulariser pulling the rewards of aligned unchanged (U0) "
                                 "tokens of the two responses together, the assumption behind Eq. 3-4 "
-                                "(0 = the paper's loss)")
+                                "(0 = the paper's loss)", ge=0)
     label_weight: float = opt(0.0, "token_mean / token_edit: weight of the per-token label term of --loss "
-                                   "token_label added to the Bradley-Terry loss (0 = the paper's loss)")
+                                   "token_label added to the Bradley-Terry loss (0 = the paper's loss)", ge=0)
     u0_label: str = opt("good", "per-token labels: target of the unchanged (U0) tokens: good (the editor kept "
                                 "them), neutral (P = 0.5, reward 0) or none (unlabelled)", choices=list(U0_LABELS))
     token_view: str = opt("causal", "token RMs on a decoder backbone: causal (token t's reward sees tokens up to t) "
@@ -50,9 +50,9 @@ class TrainRMConfig(TrainingOptions):
                                          "(--model then gives only the tokenizer and the default sizes): encoder "
                                          "(BERT: every token sees the whole input) or decoder (GPT-2)",
                                    choices=["encoder", "decoder"])
-    n_layer: int | None = opt(None, "with --from-scratch: layers (default: as --model's config)")
-    n_head: int | None = opt(None, "with --from-scratch: attention heads (default: as --model's config)")
-    n_embd: int | None = opt(None, "with --from-scratch: hidden size (default: as --model's config)")
+    n_layer: int | None = opt(None, "with --from-scratch: layers (default: as --model's config)", ge=1)
+    n_head: int | None = opt(None, "with --from-scratch: attention heads (default: as --model's config)", ge=1)
+    n_embd: int | None = opt(None, "with --from-scratch: hidden size (default: as --model's config)", ge=1)
     keep: str = opt("best", "which weights to save: best (the evaluation with the best --best-metric on the "
                             "held-out pairs; the last step when there are none) or last", choices=["best", "last"])
     best_metric: str = opt("loss", "held-out metric that picks the best evaluation: loss (lowest) or accuracy "
@@ -60,23 +60,14 @@ class TrainRMConfig(TrainingOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.eval_batch_size < 1:
-            raise ConfigError("--eval-batch-size must be >= 1")
-        if self.u0_weight < 0:
-            raise ConfigError("--u0-weight must be >= 0")
         if self.u0_weight and self.loss == "sequence":
             raise ConfigError("--u0-weight applies to token losses (token_mean, token_edit), not --loss sequence")
-        if self.label_weight < 0:
-            raise ConfigError("--label-weight must be >= 0")
         if self.label_weight and self.loss not in ("token_mean", "token_edit"):
             raise ConfigError("--label-weight adds the label term to token_mean or token_edit "
                               f"(--loss {self.loss} {'is that term' if self.loss == 'token_label' else 'has none'})")
         if self.token_view == "echo" and self.loss == "sequence":
             raise ConfigError("--token-view echo applies to token RMs; a sequence RM's score already sees the whole "
                               "response")
-        for name in ("n_layer", "n_head", "n_embd"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
 
     @property
     def kind(self) -> str:

@@ -113,7 +113,9 @@ def decoder_layout(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_i
     copies = 2 if view == "echo" else 1
     budget = max_length - copies                      # room for tokens besides the closing EOS(es)
     if budget < copies:
-        raise ConfigError(f"max_length={max_length} leaves no room for a response")
+        raise ConfigError(f"--max-length {max_length} leaves no room for a response: the reward model's input "
+                          f"adds {copies} special token(s) and {view} needs {copies} response token(s); use at "
+                          f"least {2 * copies}")
     r_ids = list(response_ids)[: budget // copies]
     keep_prompt = budget - copies * len(r_ids)
     p_ids = list(prompt_ids)[max(0, len(prompt_ids) - keep_prompt):] if keep_prompt > 0 else []
@@ -142,7 +144,9 @@ def build_rm_example(tokenizer, prompt: str, response: str, *, max_length: int, 
     head, mid, tail = pair_special_layout(tokenizer)
     budget = max_length - len(head) - len(mid) - len(tail)
     if budget < 1:
-        raise ConfigError(f"max_length={max_length} leaves no room for a response")
+        n_special = len(head) + len(mid) + len(tail)
+        raise ConfigError(f"--max-length {max_length} leaves no room for a response: the reward model's input "
+                          f"adds {n_special} special token(s); use at least {n_special + 1}")
     truncated = False
     if len(r_ids) > budget:
         r_ids, truncated = r_ids[:budget], True

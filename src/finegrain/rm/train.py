@@ -26,8 +26,8 @@ from ..errors import ConfigError, InputError
 from ..models import (clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta,
                       scratch_model)
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import (build_optimizer, checkpoint_dirs, keep_freed_memory, load_training_state, micro_batch_plan,
-                        save_model_into, save_training_state)
+from ..training import (build_optimizer, check_finite, checkpoint_dirs, keep_freed_memory, load_training_state,
+                        micro_batch_plan, refuse_stale_checkpoints, save_model_into, save_training_state)
 from .config import U0_LABELS, TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
 from .losses import (edit_token_labels, mean_reward, sequence_loss, token_edit_loss, token_label_loss,
@@ -361,6 +361,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
 
     check_model_kind(cfg)
     output = Path(cfg.output)
+    refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output / "checkpoints"))
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     check_view(tok, cfg.token_view)
     if not cfg.from_scratch:  # a new model is built with --max-length positions
@@ -393,6 +394,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     for step in range(start + 1, len(groups) + 1):
         last = {"step": step, "epoch": round(step / len(groups) * cfg.epochs, 4)}
         last.update(_train_step(cfg, accelerator, model, optimizer, scheduler, data.train, groups[step - 1], pad_id))
+        check_finite(step, last, fp16=cfg.mixed_precision == "fp16")
         if data.eval and ((cfg.eval_every and step % cfg.eval_every == 0) or step == len(groups)):
             last.update(eval_fn())
             if cfg.keep == "best":

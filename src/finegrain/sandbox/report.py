@@ -275,7 +275,8 @@ def write_heatmap(out: Path, rm: str, n: int = 3) -> str | None:
     rm_dir, data = out / "rm" / rm, out / "data" / "heldout.jsonl"
     if not (rm_dir / "finegrain.json").exists() or not data.exists():
         return None
-    show_rewards(build_config(ShowRewardsConfig, {"model": str(rm_dir), "data": str(data),
+    # held-out pairs are two independent samples, not an edit: no changed-token outlines
+    show_rewards(build_config(ShowRewardsConfig, {"model": str(rm_dir), "data": str(data), "mark_changed": False,
                                                   "output": str(out / "token_rewards.html"), "n": n}))
     return "token_rewards.html"
 

@@ -22,8 +22,9 @@ from ..errors import ConfigError, InputError
 from ..generation import format_prompt
 from ..models import (clamp_max_length, load_model, load_tokenizer, pick_attention, tiny_gpt2_config,
                       train_bpe_tokenizer)
-from ..training import (build_optimizer, checkpoint_dirs, held_out, keep_freed_memory, load_training_state,
-                        micro_batch_plan, save_model_into, save_training_state)
+from ..training import (build_optimizer, check_finite, checkpoint_dirs, held_out, keep_freed_memory,
+                        load_training_state, micro_batch_plan, refuse_stale_checkpoints, save_model_into,
+                        save_training_state)
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from .config import SFTConfig
 from .data import IGNORE_INDEX, SFTBatch, SFTExample, SFTRecord, build_sft_example, collate_sft, load_sft_records
@@ -150,6 +151,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     from accelerate import Accelerator
 
     output = Path(cfg.output)
+    refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output / "checkpoints"))
     records, n_skipped = load_sft_records(cfg.data, skip_invalid=cfg.skip_invalid)  # bad data fails first
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
                               mixed_precision=cfg.mixed_precision)
@@ -181,6 +183,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         t0 = time.perf_counter()
         last = {"step": step, "epoch": round(step / len(groups) * cfg.epochs, 4)}
         last.update(_train_step(cfg, accelerator, model, optimizer, scheduler, data.train, groups[step - 1], pad_id))
+        check_finite(step, last, fp16=cfg.mixed_precision == "fp16")
         last["tokens_per_s"] = last.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
         first_loss = last["loss"] if first_loss is None else first_loss
         if data.eval and step == len(groups):

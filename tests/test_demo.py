@@ -32,7 +32,7 @@ def test_demo_smoke_writes_every_artefact(quick_run):
                  "data/pairs.jsonl", "data/edits.jsonl", "data/heldout.jsonl", "data/rmval.jsonl",
                  "eval/outputs/sft.jsonl"):
         assert (out / name).exists(), name
-    for rm in ("seq_pref", "seq_edit", "token_edit", "token_mean", "token_label"):
+    for rm in ("seq_pref", "seq_edit", "token_edit", "token_mean", "token_label", "token_mean_label"):
         assert (out / "rm" / rm / "finegrain.json").exists() and (out / "rm" / rm / "eval_heldout.json").exists()
         assert (out / "rm" / rm / "eval_rmval.json").exists()
     # evaluation and validation pairs come from disjoint prompt draws
@@ -56,7 +56,7 @@ def test_demo_smoke_writes_every_artefact(quick_run):
     for rm in m["rm"].values():
         assert 0.0 <= rm["accuracy"] <= 1.0
     assert m["rm"]["token_edit"]["token_auroc_source"] == "gold_spans"
-    assert m["systems"]["edit_token"]["reward_model"] == "token_label"
+    assert m["systems"]["edit_token"]["reward_model"] == "token_mean_label"
     for key in ("response_auroc", "span_f1", "better_flagged_rate", "val_accuracy", "val_response_auroc"):
         assert key in m["rm"]["token_label"], key
     # the SFT policy must have something to fix, and the record says how much
@@ -120,10 +120,10 @@ def test_demo_sweep_tunes_every_system_on_validation_prompts(quick_run, tmp_path
     ev = {json.loads(x)["prompt"] for x in (out / "eval" / "prompts.jsonl").read_text().splitlines()}
     assert len(val) == 40 and not val & ev
     # a sweep point equal to a system's main setting is the main run's seed 0, run once
-    assert err.count("ppo_baseline-kl0.2-s0: running") == 1 and "ppo_edit_token-kl0.5-token_label-s0: reusing" in err
+    assert err.count("ppo_baseline-kl0.2-s0: running") == 1 and "ppo_edit_token-kl0.5-token_mean_label-s0: reusing" in err
     report = (out / "report.md").read_text()
     assert "Sweep (PPO seed 0; validation prompts" in report and "| picked |" in report
-    assert "--sweep --edit-seq-kl-coef 0.2 --token-kl-coef 0.5" in report
+    assert "--sweep --edit-seq-kl-coef 0.2" in report and "--token-kl-coef" not in report  # 0.5 is the default
 
 
 def test_select_best_rule_exact():

@@ -15,9 +15,10 @@ from ..config import opt
 from ..errors import ConfigError
 
 
-# Defaults of --kl-coef per reward mode. Token mode: the sandbox demo's sweep over KL in
-# {0.05, 0.2, 0.5, 1, 2} with mean-scaled token rewards picked 1.0 on validation prompts (raw
-# rewards or KL <= 0.05 were exploited: win rate 6-32 % against the SFT policy); README, Results.
+# Defaults of --kl-coef per reward mode. Token mode: in the sandbox demo's sweeps with mean-scaled
+# token rewards, KL <= 0.2 or raw rewards were exploited; 0.5-1.0 were the best on validation (the
+# win rate picked 0.5, the noise-free gold reward 1.0, with half the reward hacking): 1.0, the more
+# conservative of the two, is the default (README, Results).
 DEFAULT_KL_COEF = {"sequence": 0.05, "token": 1.0}
 
 

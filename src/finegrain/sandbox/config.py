@@ -79,17 +79,19 @@ class DemoConfig:
     sft_batch_size: int = opt(8, "SFT batch size (small batches, many steps: fastest to fluent text on CPU)")
     rm_lr: float = opt(1e-3, "RM learning rate")
     ppo_lr: float = opt(3e-4, "PPO policy learning rate")
-    # KL defaults: each system's pick of `finegrain demo --sweep` (full preset, PPO seed 0, KL grid
-    # {0.05, 0.2, 0.5, 1, 2}, highest win rate on 132 validation prompts x 3 samples not among the evaluation prompts)
+    # KL defaults: each system's pick of `finegrain demo --sweep --rm-sweep` (full preset, demo seed 0, PPO seed 0, KL
+    # grid {0.05, 0.2, 0.5, 1, 2, 5}, highest win rate on 132 validation prompts x 3 samples not among the evaluation
+    # prompts); the token system with its RM, token_mean_label
     baseline_kl_coef: float = opt(0.2, "PPO KL coefficient of the baseline (original pairs, sequence RM). Sweep, "
-                                       "validation win rate in percent at KL 0.05/0.2/0.5/1/2: 57.8/61.9/52.8/54.5/55.8 -> 0.2")
-    edit_seq_kl_coef: float = opt(0.5, "PPO KL coefficient of the edit-data sequence-RM system. Sweep: "
-                                       "59.6/63.4/64.9/62.4/56.8 -> 0.5")
-    token_kl_coef: float = opt(1.0, "PPO KL coefficient of the token-reward system. Sweep (reward scale mean): "
-                                    "24.0/58.1/61.6/63.9/58.8 -> 1.0")
+                                       "validation win rate in percent at KL 0.05/0.2/0.5/1/2/5: "
+                                       "54.3/61.1/59.8/58.3/55.3/55.6 -> 0.2", ge=0)
+    edit_seq_kl_coef: float = opt(2.0, "PPO KL coefficient of the edit-data sequence-RM system. Sweep: "
+                                       "47.7/58.1/58.6/60.1/60.9/59.3 -> 2", ge=0)
+    token_kl_coef: float = opt(0.5, "PPO KL coefficient of the token-reward system. Sweep (RM token_mean_label, "
+                                    "reward scale mean): 18.7/46.2/63.1/60.1/59.3/56.1 -> 0.5", ge=0)
     token_reward_scale: str = opt("mean", "token-reward PPO: raw r_t, or r_t / T so a response's rewards sum to Eq. 1 "
                                   "(the sweep: raw rewards pay for length and are exploited)", choices=["raw", "mean"])
-    token_rm: str = opt("token_label", "token RM variant of the token-reward system (loss, plus -echo or -encoder for "
+    token_rm: str = opt("token_mean_label", "token RM variant of the token-reward system (loss, plus -echo or -encoder for "
                                        "the backbone): the pick of `--rm-sweep`, see the README", choices=TOKEN_RMS)
     rm_sweep: bool = opt(False, "train every RM variant (backbone x loss, equal data and epochs), score each on the "
                                 "evaluation and the validation pairs, and pick the token RM on validation")
@@ -118,9 +120,6 @@ class DemoConfig:
         if self.sweep and self.size("n_eval_prompts") >= 432:
             raise ConfigError("--sweep needs --n-eval-prompts < 432 (validation prompts are the sandbox prompts not used "
                               "for evaluation)")
-        for name in ("baseline_kl_coef", "edit_seq_kl_coef", "token_kl_coef"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
         if self.threads < 1:
             raise ConfigError("--threads must be >= 1")
 

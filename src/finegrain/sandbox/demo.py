@@ -98,9 +98,9 @@ SYSTEMS = {  # name -> (reward model, PPO reward mode, label); the token RM is -
 }
 CURVE_KEYS = ("step", "gold_reward", "kl", "reward", "gold_flaw_rate", "response_length", "eos_rate")
 FORMAT_VERSION = 2  # part of every stage key: bump when a stage's outputs change meaning
-KL_GRID = (0.05, 0.2, 0.5, 1.0, 2.0)  # KL coefficients the sweep tries for EVERY system (the selection grid)
-TOKEN_EXTRA = [("token_edit", 0.05, "raw"), ("token_edit", 0.2, "raw"), ("token_edit", 0.0, "mean"),
-               ("token_mean", 0.05, "mean"), ("token_mean", 0.2, "mean")]  # (token RM, KL, scale): shown, not selected
+KL_GRID = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)  # KL coefficients the sweep tries for EVERY system (the selection grid)
+TOKEN_EXTRA = [(None, 0.05, "raw"), (None, 0.2, "raw"), (None, 0.0, "mean"),  # None: the configured token RM
+               ("token_edit", 1.0, "mean"), ("token_label", 0.5, "mean")]  # (token RM, KL, scale): shown, not selected
 SELECTION_RULE = ("for each system, the KL coefficient of the grid with the highest win rate against the SFT policy on "
                   "the validation prompts (one PPO seed; ties: the smaller KL); the validation prompts are disjoint "
                   "from the evaluation prompts of the main table")
@@ -564,7 +564,7 @@ def sweep_points(cfg: DemoConfig) -> list[tuple[str, str, float, str, bool]]:
     for sysname in SYSTEMS:
         rm, _, _, scale = system_setting(cfg, sysname)
         pts += [(sysname, rm, kl, scale, True) for kl in KL_GRID]
-    pts += [("edit_token", rm, kl, scale, False) for rm, kl, scale in TOKEN_EXTRA]
+    pts += [("edit_token", rm or cfg.token_rm, kl, scale, False) for rm, kl, scale in TOKEN_EXTRA]
     seen, unique = set(), []
     for p in pts:
         if p[:4] not in seen:

@@ -400,3 +400,31 @@ def test_learning_rate_default_depends_on_the_start_and_underfitting_is_said(dat
     assert [r.getMessage() for r in caplog.records] == [
         "the held-out loss was still falling at the last evaluation (0.7000 -> 0.6000 -> 0.5000): the reward model "
         "may be undertrained; raise --epochs or --lr (now 1e-05)"]
+
+
+def test_truncation_never_marks_unchanged_tokens_as_changed(tiny_tokenizer):
+    """Issue: the edit shifts where each side is cut, so aligning the CUT responses marks the unchanged tokens
+    near the cut as U1. The alignment is made on the whole responses and then cut."""
+    from finegrain.data.schema import Comparison
+    from finegrain.rm.data import featurize
+
+    tail = " Paris is a large city with many museums and old bridges over the river."
+    worse, better = "It is awful." + tail, "It is lovely and very nice." + tail
+    (f,), dropped, _ = featurize(tiny_tokenizer, [Comparison("p", "Describe Paris.", better, worse, None)],
+                                 max_length=20, with_offsets=True)
+    assert f.better.truncated and f.worse.truncated and dropped == 0
+    # every U1 token of either side lies inside the edited words, none in the common tail
+    for ex, marks, text, edited in ((f.worse, f.u1_worse, worse, "awful"), (f.better, f.u1_better, better,
+                                                                              "lovely and very nice")):
+        start, end = text.index(edited), text.index(edited) + len(edited)
+        marked = [ex.response_offsets[k] for k, m in enumerate(marks) if m]
+        assert marked and all(s < end and e > start for s, e in marked), (marked, text)
+        assert not marks[-1]   # the closing token stands for the cut text, not for a change
+    # the aligned unchanged pairs are the same tokens on both sides
+    for j, i in f.u0_pairs:
+        assert f.better.response_ids[j] == f.worse.response_ids[i]
+    # the old way (aligning the cut ids) would have marked tail tokens: the regression this guards against
+    from finegrain.rm.align import align_tokens
+
+    old = align_tokens(f.worse.response_ids, f.better.response_ids).changed_original
+    assert sum(old) > sum(f.u1_worse)

@@ -63,25 +63,56 @@ def u0_pairs(opcodes) -> list[tuple[int, int]]:
     return [(j1 + k, i1 + k) for tag, i1, i2, j1, _ in opcodes if tag == "equal" for k in range(i2 - i1)]
 
 
+def window_alignment(better: RMExample, worse: RMExample, better_ids: Sequence[int],
+                     worse_ids: Sequence[int]) -> tuple[list[bool], list[bool], list[tuple[int, int]]]:
+    """U1 marks and U0 pairs of two (maybe truncated) examples, from the alignment of their WHOLE responses.
+
+    ``*_ids`` are the full response token ids (before any cut). Aligning the whole responses and then
+    keeping the marks of the positions each example kept means a cut never makes an unchanged token
+    look changed (aligning the cut responses would: the edit shifts where each side is cut). The
+    closing token keeps its mark only where nothing was cut after it.
+    """
+    closing_b, closing_w = better.response_ids[-1:], worse.response_ids[-1:]
+    al = align_tokens(list(worse_ids) + closing_w, list(better_ids) + closing_b)
+
+    def window(marks: list[bool], ex: RMExample, n_full: int) -> list[bool]:
+        kept = len(ex.response_ids) - 1                  # response tokens kept, before the closing token
+        return marks[:kept] + [marks[-1] if kept == n_full else False]
+
+    mb, mw = window(al.changed_edited, better, len(better_ids)), window(al.changed_original, worse, len(worse_ids))
+    nb, nw = len(better.response_ids) - 1, len(worse.response_ids) - 1
+    pairs = [(j, i) for j, i in u0_pairs(al.opcodes) if j < nb and i < nw]
+    return mb, mw, pairs
+
+
 def featurize(tokenizer, items: Sequence[Comparison], *, max_length: int, template: str | None = None,
               with_offsets: bool = False, view: str = "causal") -> tuple[list[PairFeatures], int, int]:
     """Tokenise and align every comparison; drop those whose two responses are identical.
 
-    Returns (features, number dropped as identical, how many of those differ only beyond
-    ``max_length`` - the edit was cut off by truncation, which the summary reports apart).
+    The alignment is made on the whole responses, then cut to what ``max_length`` keeps
+    (:func:`window_alignment`). Returns (features, number dropped as identical, how many of those
+    differ only beyond ``max_length`` - the edit was cut off by truncation, which the summary
+    reports apart).
     """
+    from .inputs import encode_response
+
     out, dropped, cut = [], 0, 0
     for c in items:
         b = build_rm_example(tokenizer, c.prompt, c.better, max_length=max_length, template=template,
                              with_offsets=with_offsets, view=view)
         w = build_rm_example(tokenizer, c.prompt, c.worse, max_length=max_length, template=template,
                              with_offsets=with_offsets, view=view)
-        al = align_tokens(w.response_ids, b.response_ids)
-        if al.identical:
+        if b.truncated or w.truncated:
+            mb, mw, pairs = window_alignment(b, w, encode_response(tokenizer, c.better),
+                                             encode_response(tokenizer, c.worse))
+        else:
+            al = align_tokens(w.response_ids, b.response_ids)
+            mb, mw, pairs = al.changed_edited, al.changed_original, u0_pairs(al.opcodes)
+        if not any(mb) and not any(mw):
             dropped += 1
             cut += int(b.truncated or w.truncated)
             continue
-        out.append(PairFeatures(str(c.id), b, w, al.changed_edited, al.changed_original, u0_pairs(al.opcodes)))
+        out.append(PairFeatures(str(c.id), b, w, mb, mw, pairs))
     return out, dropped, cut
 
 

@@ -89,6 +89,11 @@ def _encode(tokenizer, text: str, offsets: bool):
     return tokenizer(text, add_special_tokens=False)["input_ids"], None
 
 
+def encode_response(tokenizer, response: str) -> list[int]:
+    """The response's token ids as every layout tokenises it (no special tokens, nothing cut)."""
+    return _encode(tokenizer, response, False)[0]
+
+
 def check_view(tokenizer, view: str) -> None:
     """Refuse a view the tokenizer's layout cannot take (``echo`` is for decoder layouts)."""
     if view not in VIEWS:

@@ -78,6 +78,16 @@ def iter_records(path: str | os.PathLike, on_error: Callable[[InputError, Any], 
         raise InputError(f"{what}: {e}", path=path) from e
 
 
+def _rejected(err: InputError | None, rec: Any, on_error: Callable[[InputError, Any], None] | None) -> bool:
+    """True when ``rec`` is bad and was handed to ``on_error``; a bad record without ``on_error`` raises."""
+    if err is None:
+        return False
+    if on_error is None:
+        raise err
+    on_error(err, _shown(rec))
+    return True
+
+
 def _iter_parquet(path: str, on_error: Callable[[InputError, Any], None] | None) -> Iterator[tuple[str, dict]]:
     """Rows of a parquet file; a file pyarrow cannot read is one :class:`InputError`."""
     try:
@@ -91,13 +101,8 @@ def _iter_parquet(path: str, on_error: Callable[[InputError, Any], None] | None)
         reason = str(e).split("': ", 1)[-1].splitlines()[0]  # drop pyarrow's "Could not open ... '<path>'"
         raise InputError(f"not a readable parquet file ({reason})", path=path) from e
     for i, row in enumerate(rows):
-        err = _non_finite_error(path, f"index {i}", row)
-        if err is not None:
-            if on_error is None:
-                raise err
-            on_error(err, _shown(row))
-            continue
-        yield f"index {i}", row
+        if not _rejected(_non_finite_error(path, f"index {i}", row), row, on_error):
+            yield f"index {i}", row
 
 
 _TOO_DEEP = "JSON nested too deeply to read (deeper than Python's recursion limit)"
@@ -189,12 +194,8 @@ def _iter_json_container(path: str, data: Any, on_error: Callable[[InputError, A
             err = InputError(f"expected a JSON object, got {type(rec).__name__}", path=path, record=f"index {i}")
         else:
             err = _non_finite_error(path, f"index {i}", rec)
-        if err is not None:
-            if on_error is None:
-                raise err
-            on_error(err, _shown(rec))
-            continue
-        yield f"index {i}", rec
+        if not _rejected(err, rec, on_error):
+            yield f"index {i}", rec
 
 
 def _iter_hub(name: str) -> Iterator[tuple[str, dict]]:

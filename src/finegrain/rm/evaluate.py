@@ -165,16 +165,27 @@ def _run(rm, examples: list[RMExample], batch_size: int, desc: str) -> tuple[lis
 
 
 def flawed_token_labels(items: Sequence[Comparison], better: list[RMExample], worse: list[RMExample],
-                        pairs: str) -> tuple[str | None, list[list[bool] | None]]:
-    """(source, per-pair positives over the worse response's positions, None = pair not used)."""
+                        pairs: str, tokenizer=None) -> tuple[str | None, list[list[bool] | None]]:
+    """(source, per-pair positives over the worse response's positions, None = pair not used).
+
+    Changed tokens of a truncated pair come from the whole responses (``tokenizer`` given), as in training.
+    """
     if any(c.gold_spans is not None for c in items):
         return "gold_spans", [spans_to_token_mask(w.response_offsets, c.gold_spans) if c.gold_spans is not None
                               else None for c, w in zip(items, worse)]
     if pairs == "edit":
         out: list[list[bool] | None] = []
-        for b, w in zip(better, worse):
-            al = align_tokens(w.response_ids, b.response_ids)
-            out.append(None if al.identical else al.changed_original)
+        from .data import window_alignment
+        from .inputs import encode_response
+
+        for c, b, w in zip(items, better, worse):
+            if tokenizer is not None and (b.truncated or w.truncated):
+                mb, mw, _ = window_alignment(b, w, encode_response(tokenizer, c.better),
+                                             encode_response(tokenizer, c.worse))
+            else:
+                al = align_tokens(w.response_ids, b.response_ids)
+                mb, mw = al.changed_edited, al.changed_original
+            out.append(mw if any(mb) or any(mw) else None)
         return "edit_u1", out
     return None, [None] * len(items)
 
@@ -201,7 +212,7 @@ def evaluate_reward_model(cfg: EvalRMConfig) -> dict:
                     "n_truncated": sum(b.truncated or w.truncated for b, w in zip(better, worse)),
                     "kind": rm.kind, "model": cfg.model, "data": cfg.data, "pairs": cfg.pairs}
     if r_worse is not None and r_better is not None:
-        source, labels = flawed_token_labels(items, better, worse, cfg.pairs)
+        source, labels = flawed_token_labels(items, better, worse, cfg.pairs, rm.tokenizer)
         use = [i for i, lab in enumerate(labels) if lab is not None]
         if source and use:
             threshold = cfg.flaw_threshold if cfg.flaw_threshold is not None else rm.meta.get("flaw_threshold")

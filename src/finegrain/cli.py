@@ -1,9 +1,11 @@
 """The `finegrain` command: a thin layer over the Python API.
 
 Each verb lives next to its stage as ``finegrain/<stage>/cli.py`` exposing ``configure(parser)``
-and ``run(args) -> dict | None``; a returned dict is printed as JSON on stdout. Verb modules
-import torch lazily so that ``--help`` stays fast. Errors the user can fix
-(:class:`~finegrain.errors.FinegrainError`) become one line on stderr and exit code 2.
+and ``run(args) -> dict | None`` (most made by :func:`finegrain.config.config_command`); a
+returned dict is printed as JSON on stdout. This module is the top: it imports the verb being run
+(only that one), and no stage imports it. Verb modules import torch lazily so that ``--help``
+stays fast. Errors the user can fix (:class:`~finegrain.errors.FinegrainError`) become one line
+on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import json
 import os
 import re
 import sys
-from typing import Callable
 
 from .errors import FinegrainError
 
@@ -31,19 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show-rewards": ("finegrain.eval.cli_show", "HTML page of per-token rewards of a token RM"),
     "demo": ("finegrain.sandbox.cli", "the whole method end to end in a simulated environment (CPU)"),
 }
-
-
-def config_command(config_cls: type, fn: Callable) -> tuple[Callable, Callable]:
-    """``(configure, run)`` for a verb whose options are exactly the fields of ``config_cls``."""
-    from .config import add_config_arguments, config_from_args
-
-    def configure(parser: argparse.ArgumentParser) -> None:
-        add_config_arguments(parser, config_cls)
-
-    def run(args: argparse.Namespace):
-        return fn(config_from_args(config_cls, args))
-
-    return configure, run
 
 
 # a number with a sign, as a value: -3, -0.5, -.5, -1e-3, -2E+4, -inf, -nan (argparse's own rule misses exponents)

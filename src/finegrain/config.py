@@ -7,6 +7,9 @@ naming the file and the key. Numbers obey one rule: every float must be finite (
 infinity), and a field may declare bounds (``opt(..., gt=0)``, ``ge``, ``le``, ``lt``), which
 a re-declared field in a subclass keeps unless it declares its own. Derived values are
 computed where they are used, never written back into the config.
+
+:func:`config_command` turns a config class and a function into a verb (``configure`` and
+``run`` for :mod:`finegrain.cli`), so that stages never import the CLI.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import math
 import operator
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -231,6 +234,23 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def config_command(config_cls: type, fn: Callable) -> tuple[Callable, Callable]:
+    """``(configure, run)`` for a verb whose options are exactly the fields of ``config_cls``.
+
+    ``configure(parser)`` adds the options; ``run(args)`` builds the config and returns ``fn(config)``.
+    Both carry the class as ``config_class``.
+    """
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        add_config_arguments(parser, config_cls)
+
+    def run(args: argparse.Namespace):
+        return fn(config_from_args(config_cls, args))
+
+    configure.config_class = run.config_class = config_cls  # type: ignore[attr-defined]  # the verb's options
+    return configure, run
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -1,7 +1,7 @@
 """`finegrain ppo`: PPO with sequence-level or token-level rewards (a thin layer over train_ppo)."""
 from __future__ import annotations
 
-from ..cli import config_command
+from ..config import config_command
 from .config import PPOConfig
 
 

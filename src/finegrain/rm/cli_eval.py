@@ -1,7 +1,7 @@
 """`finegrain eval-rm`: pairwise accuracy and token AUROC of a reward model (see rm/evaluate.py)."""
 from __future__ import annotations
 
-from ..cli import config_command
+from ..config import config_command
 from .config import EvalRMConfig
 
 

@@ -1,7 +1,7 @@
 """`finegrain train-rm`: train a sequence or token-level reward model (see rm/train.py)."""
 from __future__ import annotations
 
-from ..cli import config_command
+from ..config import config_command
 from .config import TrainRMConfig
 
 

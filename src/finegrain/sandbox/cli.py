@@ -1,7 +1,7 @@
 """`finegrain demo`: the whole method end to end in the simulated environment (see sandbox/demo.py)."""
 from __future__ import annotations
 
-from ..cli import config_command
+from ..config import config_command
 from .config import DemoConfig
 
 

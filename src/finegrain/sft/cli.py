@@ -1,7 +1,7 @@
 """`finegrain sft`: supervised fine-tuning of a causal LM (see sft/train.py)."""
 from __future__ import annotations
 
-from ..cli import config_command
+from ..config import config_command
 from .config import SFTConfig
 
 

@@ -5,9 +5,8 @@ from dataclasses import dataclass
 
 from ..config import TrainingOptions, opt
 from ..errors import ConfigError
+from .losses import LOSSES, loss_names
 
-LOSSES = ("sequence", "token_mean", "token_edit", "token_label")
-"""Names of the reward-model losses (``--loss``); all but ``sequence`` train a token RM (rm/losses.py)."""
 U0_LABELS = {"good": 1.0, "neutral": 0.5, "none": None}
 """``--u0-label``: the target P(good) of unchanged tokens in the per-token label term (None: unlabelled)."""
 
@@ -20,11 +19,8 @@ class TrainRMConfig(TrainingOptions):
     model: str = opt(help="backbone to start from: hub name, local path (a causal LM such as an SFT policy "
                           "works: its backbone is loaded and a new one-label head added)")
     output: str = opt(help="output directory: the reward model checkpoint, metrics.jsonl, checkpoints/")
-    loss: str = opt("token_edit", "sequence: Bradley-Terry on the last-token score (sequence RM); token_mean: "
-                    "Eq. 1-3, BT on the mean token reward (token RM); token_edit: Eq. 4, changed (U1) tokens "
-                    "only, each side divided by its own length (token RM); token_label: the edit as per-token "
-                    "labels, a token classifier (changed tokens of the rejected side bad, of the edited side "
-                    "good, unchanged ones per --u0-label)", choices=list(LOSSES))
+    loss: str = opt("token_edit", "; ".join(f"{name}: {spec.help} ({spec.kind} RM)" for name, spec in LOSSES.items()),
+                    choices=list(LOSSES))
     pairs: str = opt("edit", "preference: chosen > rejected; edit: edited > rejected",
                      choices=["preference", "edit"])
     eval_data: str | None = opt(None, "held-out pairs (same format); default: split --eval-fraction off --data")
@@ -38,8 +34,9 @@ class TrainRMConfig(TrainingOptions):
     u0_weight: float = opt(0.0, "token losses: weight of a regulariser pulling the rewards of aligned unchanged (U0) "
                                 "tokens of the two responses together, the assumption behind Eq. 3-4 "
                                 "(0 = the paper's loss)", ge=0)
-    label_weight: float = opt(0.0, "token_mean / token_edit: weight of the per-token label term of --loss "
-                                   "token_label added to the Bradley-Terry loss (0 = the paper's loss)", ge=0)
+    label_weight: float = opt(0.0, f"{' / '.join(loss_names(kind='token', pairwise=True))}: weight of the per-token "
+                                   "label term of --loss token_label added to the Bradley-Terry loss (0 = the paper's "
+                                   "loss)", ge=0)
     u0_label: str = opt("good", "per-token labels: target of the unchanged (U0) tokens: good (the editor kept "
                                 "them), neutral (P = 0.5, reward 0) or none (unlabelled)", choices=list(U0_LABELS))
     token_view: str = opt("causal", "token RMs on a decoder backbone: causal (token t's reward sees tokens up to t) "
@@ -60,19 +57,21 @@ class TrainRMConfig(TrainingOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.u0_weight and self.loss == "sequence":
-            raise ConfigError("--u0-weight applies to token losses (token_mean, token_edit), not --loss sequence")
-        if self.label_weight and self.loss not in ("token_mean", "token_edit"):
-            raise ConfigError("--label-weight adds the label term to token_mean or token_edit "
-                              f"(--loss {self.loss} {'is that term' if self.loss == 'token_label' else 'has none'})")
-        if self.token_view == "echo" and self.loss == "sequence":
+        bradley_terry = loss_names(kind="token", pairwise=True)
+        if self.u0_weight and self.kind == "sequence":
+            raise ConfigError(f"--u0-weight applies to token losses ({', '.join(bradley_terry)}), not --loss "
+                              f"{self.loss}")
+        if self.label_weight and self.loss not in bradley_terry:
+            raise ConfigError(f"--label-weight adds the label term to {' or '.join(bradley_terry)} (--loss {self.loss} "
+                              f"{'is that term' if LOSSES[self.loss].labels else 'has none'})")
+        if self.token_view == "echo" and self.kind == "sequence":
             raise ConfigError("--token-view echo applies to token RMs; a sequence RM's score already sees the whole "
                               "response")
 
     @property
     def kind(self) -> str:
         """The reward-model kind the loss needs."""
-        return "sequence" if self.loss == "sequence" else "token"
+        return LOSSES[self.loss].kind
 
     @property
     def learning_rate(self) -> float:

@@ -1,26 +1,32 @@
 """The reward-model losses (reference/paper.md Eq. 1-4; DESIGN.md decision 2), as pure functions.
 
-- ``sequence``:    Bradley-Terry on one score per response (the standard RM);
-- ``token_mean``:  Eq. 1-3, Bradley-Terry on the mean token reward;
-- ``token_edit``:  Eq. 4, Bradley-Terry on the changed (U1) tokens only;
-- ``token_label``: the edit read as per-token labels (changed tokens of the worse response are
-  bad, those of the better response good), a token classifier; it can also be added to a
-  Bradley-Terry token loss with a weight (``--label-weight``).
+:data:`LOSSES` is the one list of ``--loss`` names: each name's reward-model kind, its help text
+and its pairwise term, read by the options (rm/config.py) and by training (rm/train.py). The
+per-token label term (:func:`token_label_loss`) is ``token_label`` itself and can also be added
+to a Bradley-Terry token loss with a weight (``--label-weight``).
 
 Shapes: B pairs; L padded sequence length. ``rewards_*`` are per-position rewards of a token
 RM, ``mask_*`` mark the response positions of each row (response tokens + closing token: the
 T of Eq. 1), ``u1_*`` mark the changed (U1) positions, a subset of the mask. Each side of a pair
 may have its own layout (masks), so better and worse are passed separately. Every loss is the
 mean over the batch of -log sigma(margin); the ``*_margin`` functions give that margin.
+
+torch is imported by the functions that call it, so that the option modules can read
+:data:`LOSSES` without it (``--help`` stays fast).
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 
 def bradley_terry(margin: torch.Tensor) -> torch.Tensor:
     """-E[log sigma(margin)] over the batch (Eq. 2 as a negative log-likelihood).  (B,) -> ()"""
+    import torch.nn.functional as F
+
     return -F.logsigmoid(margin).mean()
 
 
@@ -95,10 +101,13 @@ def edit_token_labels(response_mask: torch.Tensor, u1_mask: torch.Tensor, n_bett
         fine"; 0.5 = neutral; None = unlabelled, weight 0).
     (2B, L) masks -> (2B, L) targets, (2B, L) weights (0 outside the response).
 
+    >>> import torch
     >>> t, w = edit_token_labels(torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[0, 1, 0], [1, 0, 0]]), 1, 0.5)
     >>> t.tolist(), w.tolist()
     ([[0.5, 1.0, 0.0], [0.0, 0.5, 0.5]], [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     """
+    import torch
+
     resp, u1 = response_mask.bool(), u1_mask.bool() & response_mask.bool()
     u0 = resp & ~u1
     better = torch.zeros_like(resp)
@@ -114,8 +123,61 @@ def token_label_loss(rewards: torch.Tensor, targets: torch.Tensor, weights: torc
     r_t is then the log-odds that token t is good: a flawed token gets a negative reward, a good one a
     positive reward, so a LOW reward points at the tokens the editor changed.  (B, L) x 3 -> ()
     """
+    import torch.nn.functional as F
+
     bce = F.binary_cross_entropy_with_logits(rewards, targets.to(rewards.dtype), reduction="none")
     w = weights.to(rewards.dtype)
     return (bce * w).sum() / w.sum().clamp_min(1.0)
 
 
+# ---------------------------------------------------------------- the names of --loss
+PairTerm = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", int], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One ``--loss``: the reward-model kind it trains, its help text and its pairwise term.
+
+    ``pair_term(outputs, response_mask, u1_mask, n_better) -> ()`` on one batch of both sides,
+    rows [0, n_better) better and the rest worse (outputs: (2B,) scores of a sequence RM, (2B, L)
+    token rewards of a token RM); ``None`` for a loss without one, whose whole objective is the
+    per-token label term (``labels``).
+    """
+
+    kind: str
+    help: str
+    pair_term: PairTerm | None
+    labels: bool = False
+
+
+def _sequence_term(outputs, response_mask, u1_mask, b: int):
+    return sequence_loss(outputs[:b], outputs[b:])
+
+
+def _token_mean_term(outputs, resp, u1, b: int):
+    return token_mean_loss(outputs[:b], resp[:b], outputs[b:], resp[b:])
+
+
+def _token_edit_term(outputs, resp, u1, b: int):
+    return token_edit_loss(outputs[:b], resp[:b], u1[:b], outputs[b:], resp[b:], u1[b:])
+
+
+LOSSES: dict[str, Loss] = {
+    "sequence": Loss("sequence", "Bradley-Terry on the last-token score", _sequence_term),
+    "token_mean": Loss("token", "Eq. 1-3, BT on the mean token reward", _token_mean_term),
+    "token_edit": Loss("token", "Eq. 4, changed (U1) tokens only, each side divided by its own length",
+                       _token_edit_term),
+    "token_label": Loss("token", "the edit as per-token labels, a token classifier (changed tokens of the rejected "
+                                 "side bad, of the edited side good, unchanged ones per --u0-label)", None, labels=True),
+}
+"""``--loss`` name -> :class:`Loss`, in the order ``--help`` lists them."""
+
+
+def loss_names(*, kind: str | None = None, pairwise: bool | None = None) -> list[str]:
+    """The ``--loss`` names, optionally only those of one reward-model ``kind`` / with(out) a pairwise term.
+
+    >>> loss_names(kind="token", pairwise=True)
+    ['token_mean', 'token_edit']
+    """
+    return [name for name, spec in LOSSES.items() if (kind is None or spec.kind == kind)
+            and (pairwise is None or (spec.pair_term is not None) == pairwise)]

@@ -30,8 +30,7 @@ from ..training import (build_optimizer, check_finite, checkpoint_dirs, keep_fre
                         micro_batch_plan, refuse_stale_checkpoints, save_model_into, save_training_state)
 from .config import U0_LABELS, TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
-from .losses import (edit_token_labels, mean_reward, sequence_loss, token_edit_loss, token_label_loss,
-                     token_mean_loss, u0_consistency)
+from .losses import LOSSES, edit_token_labels, mean_reward, token_label_loss, u0_consistency
 from .inputs import check_view
 from .model import ensure_distinct_pad, kind_of_checkpoint, model_outputs
 
@@ -44,7 +43,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Objective:
     """What a training step minimises: a named loss plus optional weighted terms (rm/losses.py).
 
-    loss:          sequence | token_mean | token_edit | token_label
+    loss:          a name of rm/losses.py LOSSES
     u0_weight:     weight of the U0-consistency regulariser (token losses)
     label_weight:  weight of the per-token label term added to token_mean / token_edit
     u0_target:     target P(good) of unchanged tokens in the label term (None: unlabelled)
@@ -61,7 +60,7 @@ class Objective:
 
     @property
     def kind(self) -> str:
-        return "sequence" if self.loss == "sequence" else "token"
+        return LOSSES[self.loss].kind
 
 
 def pair_objective(obj: Objective, outputs: torch.Tensor,
@@ -74,21 +73,16 @@ def pair_objective(obj: Objective, outputs: torch.Tensor,
     components: detached parts of the loss, for logging (``u0_gap``, ``label_loss``).
     """
     b = batch.n_pairs
-    if obj.loss == "sequence":
-        margin = outputs[:b] - outputs[b:]
-        return sequence_loss(outputs[:b], outputs[b:]), margin, {}
+    if obj.loss not in LOSSES:
+        raise ConfigError(f"unknown loss {obj.loss!r}")
+    spec = LOSSES[obj.loss]
     resp, u1 = batch.inputs.response_mask, batch.u1_mask
+    if spec.kind == "sequence":
+        return spec.pair_term(outputs, resp, u1, b), outputs[:b] - outputs[b:], {}
     margin = mean_reward(outputs[:b], resp[:b]) - mean_reward(outputs[b:], resp[b:])
     parts: dict[str, torch.Tensor] = {}
-    if obj.loss == "token_mean":
-        loss = token_mean_loss(outputs[:b], resp[:b], outputs[b:], resp[b:])
-    elif obj.loss == "token_edit":
-        loss = token_edit_loss(outputs[:b], resp[:b], u1[:b], outputs[b:], resp[b:], u1[b:])
-    elif obj.loss == "token_label":
-        loss = outputs.new_zeros(())
-    else:
-        raise ConfigError(f"unknown loss {obj.loss!r}")
-    label_weight = 1.0 if obj.loss == "token_label" else obj.label_weight
+    loss = spec.pair_term(outputs, resp, u1, b) if spec.pair_term else outputs.new_zeros(())
+    label_weight = 1.0 if spec.labels else obj.label_weight
     if label_weight:
         targets, weights = edit_token_labels(resp, u1, b, obj.u0_target)
         label = token_label_loss(outputs, targets, weights)

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..config import opt
+from ..config import ModelOptions, opt
 from ..errors import ConfigError
 
 
@@ -143,8 +143,8 @@ def token_reward_html(items: Sequence[PairView], *, title: str = "Per-token rewa
             f'<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{legend}{"".join(body)}</body></html>\n')
 
 
-@dataclass
-class ShowRewardsConfig:
+@dataclass(kw_only=True)
+class ShowRewardsConfig(ModelOptions):
     """HTML page of the per-token rewards of a token reward model on some pairs."""
 
     model: str = opt(help="token reward model directory written by `finegrain train-rm`")
@@ -155,11 +155,11 @@ class ShowRewardsConfig:
     batch_size: int = opt(16, "responses per forward pass")
     max_length: int | None = opt(None, "maximum tokens per input (default: the model's training value)")
     skip_invalid: bool = opt(False, "skip invalid records instead of stopping")
-    trust_remote_code: bool = opt(False, "allow model code from the hub")
     mark_changed: bool = opt(True, "outline the tokens the edit changed (turn off for pairs that are not edits, "
                                    "e.g. two independent samples, where nearly every token differs)")
 
     def validate(self) -> None:
+        super().validate()
         if self.n < 1:
             raise ConfigError("--n must be >= 1")
 

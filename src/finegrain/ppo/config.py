@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import opt
+from ..config import LoggingOptions, TrainerModelOptions, TrainerPrecisionOptions, opt
 from ..errors import ConfigError
 
 
@@ -22,8 +22,10 @@ from ..errors import ConfigError
 DEFAULT_KL_COEF = {"sequence": 0.05, "token": 1.0}
 
 
-@dataclass
-class PPOConfig:
+@dataclass(kw_only=True)
+class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
+    """Every option of `finegrain ppo`; model loading, precision and logging are the shared groups (config.py)."""
+
     # --- what to train, on what
     policy: str = opt(help="policy to train: a checkpoint directory, a hub name or a short name (causal LM)")
     reward_model: str = opt(help="reward model directory (finegrain.json 'kind': token or sequence)")
@@ -98,24 +100,15 @@ class PPOConfig:
     lora_target_modules: list[str] | None = opt(None, "module names to adapt (default: peft's choice for the model)")
     cross_tokenizer: bool = opt(False, "allow an RM whose tokenizer differs from the policy's: responses are decoded, "
                                 "re-tokenised for the RM and token rewards mapped back by character offsets")
-    trust_remote_code: bool = opt(False, "allow model code from the checkpoint (off: safer)")
-    dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16", "auto"])
-    mixed_precision: str = opt("no", "autocast rollout and update forward passes to bf16 (or fp16 on GPUs) with "
-                               "fp32 master weights; on CPUs with bf16 matmuls about 2.2x faster per PPO step, "
-                               "log-probs within ~0.002 of fp32 (benchmarks/RESULTS.md)", choices=["no", "bf16", "fp16"])
-    attn_implementation: str = opt("auto", "attention kernel: auto = eager under bf16/fp16 autocast on a CPU (1.7x "
-                                   "faster forward+backward than SDPA there), else transformers' default (SDPA)",
-                                   choices=["auto", "eager", "sdpa", "flash_attention_2"])
     # --- bookkeeping
     save_every: int = opt(50, "checkpoint every N steps (and at the end)", ge=1)
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", ge=1)
     sample_every: int = opt(10, "write sample generations to samples.jsonl every N steps (0: never)", ge=0)
     num_samples: int = opt(4, "generations written per sampling", ge=0)
-    log_with: str = opt("auto", "trackers: auto (TensorBoard when installed), none, tensorboard, wandb",
-                        choices=["auto", "none", "tensorboard", "wandb"])
 
     def validate(self) -> None:
         """Checks across fields (bounds of single fields are declared with them; model and data: the pre-flight)."""
+        super().validate()
         mb = self.minibatch_size()
         if self.batch_size % mb or mb % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} must split into minibatches of {mb} rollouts and each "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import TrainingOptions, opt
+from ..config import ModelOptions, PrecisionOptions, TrainingOptions, opt
 from ..errors import ConfigError
 from .losses import LOSSES, loss_names
 
@@ -79,8 +79,8 @@ class TrainRMConfig(TrainingOptions):
         return self.lr if self.lr is not None else (1e-3 if self.from_scratch else 1e-5)
 
 
-@dataclass
-class EvalRMConfig:
+@dataclass(kw_only=True)
+class EvalRMConfig(ModelOptions, PrecisionOptions):
     """Pairwise accuracy (and token AUROC) of a reward model."""
 
     model: str = opt(help="reward model directory written by `finegrain train-rm`")
@@ -90,13 +90,12 @@ class EvalRMConfig:
     batch_size: int = opt(16, "responses per forward pass")
     max_length: int | None = opt(None, "maximum tokens per input (default: the value the model was trained with)")
     skip_invalid: bool = opt(False, "skip invalid records instead of stopping")
-    trust_remote_code: bool = opt(False, "allow model code from the hub")
-    dtype: str = opt("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
     flaw_threshold: float | None = opt(None, "token RMs: tokens with a reward below this are called flawed for the "
                                              "span and token precision/recall (default: the threshold train-rm "
                                              "chose on the RM's own training-side pairs, in its finegrain.json)")
 
     def validate(self) -> None:
+        super().validate()
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
         if self.max_length is not None and self.max_length < 2:

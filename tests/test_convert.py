@@ -182,10 +182,11 @@ def test_real_oasst(tmp_path):
 
 
 def test_cli_choices_match_the_converters():
-    from finegrain.data import cli
+    from finegrain.cli import build_parser
     from finegrain.data.convert import QA_PROMPTS, SOURCES
 
-    assert set(cli.SOURCE_NAMES) == set(SOURCES) and set(cli.QA_PROMPT_NAMES) == set(QA_PROMPTS)
+    choices = {a.dest: a.choices for a in build_parser("convert").verb_parser._actions}
+    assert set(choices["source"]) == set(SOURCES) and set(choices["qa_prompt"]) == set(QA_PROMPTS)
 
 
 def test_oasst_deleted_reply_without_text_is_skipped_not_an_error(tmp_path):

@@ -41,9 +41,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="annotate_action", metavar="ACTION", required=True)
     for name, (cls, _, help_text) in ACTIONS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
-        if name == "add-annotator":
-            p.add_argument("name", nargs="?", default=argparse.SUPPRESS, metavar="NAME",
-                           help="the annotator's name (or --name)")
         add_config_arguments(p, cls)
 
 

@@ -71,7 +71,8 @@ class ServeConfig:
 
 @dataclass
 class AddAnnotatorConfig:
-    name: str = opt(help="the annotator's name (shown on the admin page and written into the export)")
+    name: str = opt(help="the annotator's name (shown on the admin page and written into the export)",
+                    positional=True, flag="--name")
     db: str = opt(help="the annotation database (made by `finegrain annotate serve`)")
     admin: bool = opt(False, "give this login the admin view (counts, times, agreement, export)")
     new_token: bool = opt(False, "replace the token of an existing annotator (their old link stops working)")

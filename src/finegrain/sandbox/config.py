@@ -43,9 +43,9 @@ class DemoConfig:
     """The whole method end to end in the simulated environment: SFT -> pairs -> edits -> RMs -> PPO -> eval."""
 
     out: str = opt("runs/demo", "output directory (stages already completed there with the same options are reused)")
-    quick: bool = opt(False, "the first run to make: one PPO seed and smaller sizes (about 4 minutes on 2 cores), "
+    quick: bool = opt(False, "the first run to make: one PPO seed and smaller sizes, "
                              "large enough to show what the full run shows; sizes left unset take its values")
-    smoke: bool = opt(False, "CI's plumbing check: every stage and file in under a minute, too small to conclude "
+    smoke: bool = opt(False, "CI's plumbing check: every stage and file at the smallest sizes, too small to conclude "
                              "anything (the report says so)")
     seed: int = opt(0, "seed of the whole run (data, models, sampling, annotators)")
     # --- environment

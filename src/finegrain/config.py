@@ -26,9 +26,11 @@ The groups, smallest first:
   the three trainer groups above.
 
 The name of the model stays each verb's own option, since what it names differs (a policy, a
-reward model, a backbone). A verb may re-declare an inherited field only to give it another
-default (as ``sft`` does for ``--lr``); ``--help`` lists a verb's own options first, then each
-group under its own heading. A group's ``validate`` checks its fields and calls
+reward model, a backbone). The fields of the model, precision and logging groups are never
+re-declared (tests/test_options.py checks it); a trainer may re-declare a field of
+:class:`TrainingOptions` for its own default or wording (``sft``'s ``--lr``, ``train-rm``'s
+``--batch-size`` of pairs). ``--help`` lists a verb's own options first, then each group under
+its own heading. A group's ``validate`` checks its fields and calls
 ``super().validate()``, so that a config's ``validate`` (which calls ``super().validate()``
 too) runs the checks of every group it inherits.
 

@@ -1,7 +1,11 @@
 """Shared fixtures: a tokenizer trained here and tiny GPT-2 models built from configs (no network)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
+
+
+def _declared_entry_points_missing_from_install() -> None:
+    """Make the entry points that pyproject.toml declares visible when the installed metadata predates them.
+
+    An editable install records the entry points of the pyproject.toml it was made from; a source tree
+    that added one since (or a run with PYTHONPATH=src and no install) would not see it until a
+    reinstall. The missing ones are written to a stand-in distribution on sys.path and PYTHONPATH (for
+    the commands tests start), so the tests run what pyproject.toml declares. Nothing is done when the
+    install is up to date.
+    """
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: test against the installed metadata as it is
+        return
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = declared["project"].get("entry-points", {})
+    try:
+        installed = {(ep.group, ep.name, ep.value) for ep in distribution("finegrain").entry_points}
+    except PackageNotFoundError:
+        installed = set()
+    missing = {group: {n: v for n, v in eps.items() if (group, n, v) not in installed} for group, eps in declared.items()}
+    text = "".join(f"[{group}]\n" + "".join(f"{n} = {v}\n" for n, v in eps.items()) for group, eps in missing.items()
+                   if eps)
+    if not text:
+        return
+    root = Path(tempfile.mkdtemp(prefix="finegrain-entry-points-"))
+    atexit.register(shutil.rmtree, root, True)
+    info = root / "finegrain_source_entry_points-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: finegrain-source-entry-points\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(text)
+    sys.path.append(str(root))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(root)]))
+
+
+_declared_entry_points_missing_from_install()
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -22,10 +22,10 @@ import pytest
 from fake_llm_server import FakeLLMServer
 from finegrain.cli import main
 from finegrain.config import build_config
-from finegrain.edit.backends import FatalBackendError
-from finegrain.edit.cache import AnswerCache
 from finegrain.edit.core import EditConfig, edit_pairs
 from finegrain.errors import ConfigError, InputError
+from finegrain.llm.backends import FatalBackendError
+from finegrain.llm.cache import AnswerCache
 
 KEY = "sk-fg-test-SECRET-7f3a9c21"
 FAST = dict(timeout=0.5, backoff_base=0.02, backoff_max=0.1, max_retries=2, concurrency=4)

@@ -8,16 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finegrain.edit.accounting import Usage, cost_usd, load_price_table, lookup_price
-from finegrain.edit.backends import EditResult
-from finegrain.edit.cache import AnswerCache, cache_key, input_hash
 from finegrain.edit.distance import edit_stats, percentiles, words
 from finegrain.edit.guards import GuardConfig, check_edit
-from finegrain.edit.local import MicroBatcher
-from finegrain.edit.postprocess import clean_answer, looks_like_refusal, parse_preference
-from finegrain.edit.prompts import load_prompt, packaged_prompts
-from finegrain.edit.runner import Outcome, RateLimiter, RetryPolicy, backoff_delay
+from finegrain.edit.postprocess import looks_like_refusal
 from finegrain.errors import ConfigError
+from finegrain.llm.accounting import Usage, cost_usd, load_price_table, lookup_price
+from finegrain.llm.backends import EditResult
+from finegrain.llm.cache import AnswerCache, cache_key, input_hash
+from finegrain.llm.chat import clean_answer, parse_preference
+from finegrain.llm.local import MicroBatcher
+from finegrain.llm.prompts import load_prompt, packaged_prompts
+from finegrain.llm.runner import Outcome, RateLimiter, RetryPolicy, backoff_delay
 
 
 # ---------------------------------------------------------------- edit ratio
@@ -265,7 +266,7 @@ def test_parse_retry_after_forms():
     import email.utils
     import time
 
-    from finegrain.edit.llm import parse_retry_after
+    from finegrain.llm.clients import parse_retry_after
 
     assert parse_retry_after({"retry-after": "2"}) == 2.0
     assert parse_retry_after({"retry-after": "0.5"}) == 0.5

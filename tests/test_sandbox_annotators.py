@@ -12,7 +12,7 @@ from finegrain.sandbox.annotators import (
 )
 from finegrain.sandbox.backends import SandboxJudge
 from finegrain.sandbox.domain import ResponseStyle, gold_reward, sample_response, sample_spec
-from finegrain.edit.backends import JudgeRequest
+from finegrain.llm.backends import JudgeRequest
 
 
 def test_expected_disagreement_exact():

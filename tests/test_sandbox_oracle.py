@@ -11,7 +11,7 @@ from finegrain.sandbox.domain import (
     COLOURS, GOOD_OPENERS, POLITE_CLAUSES, RUDE_CLAUSES, RUDE_OPENERS, TOPICS, Spec, gold_score, parse_response,
 )
 from finegrain.sandbox.oracle import oracle_edit, oracle_replacements
-from finegrain.edit.backends import EditRequest
+from finegrain.llm.backends import EditRequest
 
 PROMPT = "how do i clean the oven ? my oven is red . please mention the sponge . answer in three sentences ."
 

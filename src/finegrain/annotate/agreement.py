@@ -25,8 +25,8 @@ from __future__ import annotations
 import itertools
 from typing import Iterable, Sequence
 
-from ..data.loaders import merge_spans
 from ..edit.distance import _TOKEN_RE, opcodes, words
+from ..spans import merge_spans
 
 Spans = Sequence[Sequence[int]]
 

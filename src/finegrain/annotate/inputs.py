@@ -20,10 +20,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..data.loaders import check_id, check_spans, check_text, content_id, located, pair_from_record
+from ..data.loaders import check_id, check_text, content_id, located, pair_from_record
 from ..data.schema import PreferencePair
 from ..errors import ConfigError, InputError
 from ..io import iter_records
+from ..spans import check_spans
 
 
 @dataclass

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 from ..errors import ConfigError, InputError
 from ..io import iter_records, write_jsonl
+from ..spans import check_spans
 from .schema import EditedPair, PairKind, PreferencePair
 
 KINDS = ("preference", "edit")
@@ -99,43 +100,6 @@ def check_id(value: Any) -> str:
     if not value.strip():
         raise InputError("must be a non-empty string", field="id")
     return value
-
-
-def check_spans(value: Any, text_len: int, name: str = "gold_spans") -> tuple[list[tuple[int, int]] | None, int]:
-    """Validated ``[start, end)`` spans into a text of ``text_len`` characters, sorted, overlaps merged.
-
-    Returns ``(spans, n_merged)``. ``None`` stays ``None`` (no span information).
-    """
-    if value is None:
-        return None, 0
-    if not isinstance(value, list):
-        raise InputError(f"must be a list of [start, end] pairs, got {type(value).__name__}", field=name)
-    spans = []
-    for i, s in enumerate(value):
-        if (not isinstance(s, (list, tuple)) or len(s) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in s)):
-            raise InputError(f"span {i} must be a pair of integers [start, end], got {json.dumps(s)}", field=name)
-        start, end = s
-        if start >= end:
-            raise InputError(f"span {i} [{start}, {end}] is empty or reversed (need start < end)", field=name)
-        if start < 0 or end > text_len:
-            raise InputError(f"span {i} [{start}, {end}] is outside the text 'rejected' "
-                             f"({text_len} characters)", field=name)
-        spans.append((start, end))
-    return merge_spans(spans)
-
-
-def merge_spans(spans: Iterable[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
-    """Sort spans and merge overlapping ones: ``([(0, 5), (3, 8), (9, 10)]) -> ([(0, 8), (9, 10)], 1)``."""
-    out: list[tuple[int, int]] = []
-    merged = 0
-    for start, end in sorted(spans):
-        if out and start < out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-            merged += 1
-        else:
-            out.append((start, end))
-    return out, merged
 
 
 def content_id(*texts: str | None) -> str:
@@ -339,5 +303,5 @@ def save_pairs(path: str | os.PathLike, pairs: Iterable[PreferencePair]) -> int:
     return write_jsonl(path, (p.to_json() for p in pairs))
 
 
-__all__ = ["KINDS", "Candidate", "LoadReport", "check_id", "check_spans", "check_text", "content_id", "load_pairs",
-           "load_pairs_report", "located", "merge_spans", "pair_from_record", "save_pairs"]
+__all__ = ["KINDS", "Candidate", "LoadReport", "check_id", "check_text", "content_id", "load_pairs",
+           "load_pairs_report", "located", "pair_from_record", "save_pairs"]

@@ -1,7 +1,7 @@
 """``edit_pairs(cfg)``: minimally edit the rejected response of every pair (``finegrain edit``).
 
 Reads preference pairs, asks an editor backend for a minimal edit of each ``rejected``
-response (through the cache, see :mod:`finegrain.edit.runner`), applies the guards of
+response (through the cache, see :mod:`finegrain.llm.runner`), applies the guards of
 :mod:`finegrain.edit.guards` and writes, atomically and at the end:
 
 - ``OUTPUT``: edited pairs (the pair's fields + ``edited`` + ``edit_meta``), in input order;
@@ -15,7 +15,6 @@ the same output refuses (an OS lock on ``OUTPUT_BASE.lock``, released when its p
 """
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,63 +24,11 @@ from typing import Any
 from ..config import opt, to_dict
 from ..errors import ConfigError
 from ..io import exclusive_lock, write_json, write_jsonl
-from .accounting import Usage, load_price_table, lookup_price
-from .backends import BACKENDS, EditRequest, EditResult, get_editor
-from .cache import AnswerCache, cache_key, input_hash
+from ..llm.backends import BACKEND_NAMES, EditRequest, EditResult, get_editor
+from ..llm.calls import LLMCallConfig, make_job, output_base, resolve_cache_path, run_cached, usage_summary
+from ..llm.runner import Job
 from .distance import percentiles
 from .guards import DEFAULT_MAX_EDIT_RATIO, GuardConfig, check_edit
-from .runner import Job, RetryPolicy, run_calls
-
-
-@dataclass(kw_only=True)
-class LLMCallConfig:
-    """Options shared by every command that calls an editor or judge backend (keyword-only, listed last)."""
-
-    base_url: str | None = opt(None, "OpenAI-compatible or Anthropic endpoint (vLLM: http://localhost:8000/v1, "
-                                     "Ollama: http://localhost:11434/v1)")
-    api_key_env: str | None = opt(None, "environment variable holding the API key (default ANTHROPIC_API_KEY or "
-                                        "OPENAI_API_KEY); keys are never read from flags or files")
-    cache: str | None = opt(None, "SQLite cache of answers (default: OUTPUT_BASE.cache.sqlite beside the output; "
-                                  "'none' disables); share one file between runs to never pay twice")
-    concurrency: int = opt(8, "requests in flight at once")
-    requests_per_minute: float = opt(0.0, "cap on request starts per minute (0 = no cap)")
-    timeout: float = opt(120.0, "seconds per request attempt (0 = no limit)")
-    max_retries: int = opt(5, "retries of a request after 429, 5xx, timeouts or malformed answers")
-    backoff_base: float = opt(1.0, "first retry delay in seconds; doubles each retry, with jitter")
-    backoff_max: float = opt(60.0, "longest retry delay in seconds (a server's Retry-After may ask for more)")
-    max_tokens: int = opt(2048, "longest answer in tokens")
-    temperature: float | None = opt(None, "sampling temperature (default: the backend's own; hf: greedy)")
-    batch_size: int = opt(8, "hf backend: prompts generated together")
-    price_table: str | None = opt(None, "YAML of model-prefix: [input, output] USD per million tokens "
-                                        "(default: the packaged table)")
-    price_input: float | None = opt(None, "USD per million input tokens (overrides the table)")
-    price_output: float | None = opt(None, "USD per million output tokens (overrides the table)")
-    backend_options: dict = opt(default_factory=dict, help="extra backend options, KEY=VALUE,... (e.g. sandbox: "
-                                                            "seed=1)")
-    seed: int = opt(0, "seed of retry jitter (and of the judge's output order)")
-
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(concurrency=self.concurrency, requests_per_minute=self.requests_per_minute,
-                           timeout=self.timeout or None, max_retries=self.max_retries,
-                           backoff_base=self.backoff_base, backoff_max=self.backoff_max)
-
-    def backend_kwargs(self, backend: str, prompt: str | None) -> dict[str, Any]:
-        if backend == "sandbox":
-            return dict(self.backend_options)
-        if backend == "file":
-            return {}
-        kw = dict(prompt=prompt, base_url=self.base_url, api_key_env=self.api_key_env, timeout=self.timeout or None,
-                  max_tokens=self.max_tokens, temperature=self.temperature, batch_size=self.batch_size)
-        kw.update(self.backend_options)
-        return kw
-
-    def check_llm(self) -> None:
-        for name in ("concurrency", "max_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("requests_per_minute", "timeout", "max_retries", "backoff_base", "backoff_max", "temperature"):
-            if (getattr(self, name) or 0) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
 
 
 @dataclass
@@ -89,7 +36,7 @@ class EditConfig(LLMCallConfig):
     data: str = opt(help="preference pairs to edit (prompt, chosen, rejected[, id]): .jsonl/.json/.parquet or a "
                          "datasets name")
     output: str = opt(help="edited pairs JSONL; rejects and summary are written beside it")
-    backend: str = opt(help="who edits", choices=list(BACKENDS))
+    backend: str = opt(help="who edits", choices=BACKEND_NAMES)
     model: str = opt(help="model name (anthropic/openai), local model path (hf), human-edits file (file) or sandbox "
                           "editor name (sandbox)")
     prompt: str = opt("minimal_edit_v1", "packaged prompt version or path of a prompt .txt file")
@@ -107,17 +54,6 @@ class EditConfig(LLMCallConfig):
             raise ConfigError("--limit must be at least 1")
 
 
-def output_base(path: str) -> str:
-    """``out/edited.jsonl`` -> ``out/edited`` (the stem beside which rejects and summary go)."""
-    return re.sub(r"(\.jsonl|\.json|\.parquet)?(\.gz)?$", "", path)
-
-
-def resolve_cache_path(cache: str | None, output: str) -> str | None:
-    if cache is None:
-        return output_base(output) + ".cache.sqlite"
-    return None if cache.lower() in ("", "none", "off") else cache
-
-
 def _edit_meta(backend, outcome, stats: dict[str, Any] | None) -> dict[str, Any]:
     meta: dict[str, Any] = {"backend": backend.name, "model": backend.model,
                             "prompt_version": getattr(backend, "prompt_version", "none")}
@@ -129,14 +65,8 @@ def _edit_meta(backend, outcome, stats: dict[str, Any] | None) -> dict[str, Any]
 
 
 def _jobs(pairs, backend) -> list[Job]:
-    salt = getattr(backend, "cache_salt", "")
-    version = getattr(backend, "prompt_version", "none")
-    jobs = []
-    for p in pairs:
-        h = input_hash(p.prompt, p.rejected, salt)
-        jobs.append(Job(cache_key("edit", backend.name, backend.model, version, h), h, p.id,
-                        EditRequest(p.id, p.prompt, p.rejected, dict(p.meta))))
-    return jobs
+    return [make_job("edit", backend, p.id, EditRequest(p.id, p.prompt, p.rejected, dict(p.meta)),
+                     p.prompt, p.rejected) for p in pairs]
 
 
 def edit_pairs(cfg: EditConfig) -> dict[str, Any]:
@@ -150,7 +80,7 @@ def edit_pairs(cfg: EditConfig) -> dict[str, Any]:
     check_ids = getattr(backend, "check_ids", None)
     if check_ids is not None:  # human edits must each belong to a pair of the data
         check_ids({p.id for p in report.pairs}, cfg.data, skip_invalid=cfg.skip_invalid)
-    price = lookup_price(cfg.backend, cfg.model, load_price_table(cfg.price_table), cfg.price_input, cfg.price_output)
+    price = cfg.price(cfg.backend, cfg.model)
     with exclusive_lock(output_base(cfg.output) + ".lock", cfg.output):
         return _edit_and_write(cfg, report, pairs, backend, price, t0, started)
 
@@ -158,13 +88,9 @@ def edit_pairs(cfg: EditConfig) -> dict[str, Any]:
 def _edit_and_write(cfg: EditConfig, report, pairs, backend, price, t0: float, started: str) -> dict[str, Any]:
     """Ask for every edit (through the cache), apply the guards, write the three outputs; the summary."""
     cache_path = resolve_cache_path(cfg.cache, cfg.output)
-    cache = AnswerCache(cache_path)
-    try:
-        jobs = _jobs(pairs, backend)
-        outcomes = run_calls(jobs, backend.edit, kind="edit", backend=backend, result_cls=EditResult, cache=cache,
-                             policy=cfg.retry_policy(), seed=cfg.seed, desc=f"edit ({cfg.backend})")
-    finally:
-        cache.close()
+    jobs = _jobs(pairs, backend)
+    outcomes = run_cached(jobs, backend.edit, kind="edit", backend=backend, result_cls=EditResult,
+                          cache_path=cache_path, policy=cfg.retry_policy(), seed=cfg.seed, desc=f"edit ({cfg.backend})")
     guard = GuardConfig(cfg.max_edit_ratio, cfg.allow_unchanged)
     accepted, rejects, reasons, ratios = [], [], Counter(), []
     item_meta = getattr(backend, "item_meta", None)
@@ -194,7 +120,7 @@ def _edit_and_write(cfg: EditConfig, report, pairs, backend, price, t0: float, s
         "n_pairs": len(pairs), "n_edited": len(accepted), "n_rejected": len(rejects),
         "rejects_by_reason": dict(sorted(reasons.items())),
         "edit_ratio": dict(percentiles(ratios, (10, 50, 90)), mean=round(sum(ratios) / len(ratios), 4) if ratios else None),
-        **Usage(price).add(outcomes[j.key] for j in _unique(jobs)).summary(),
+        **usage_summary(price, jobs, outcomes),
         "backend": cfg.backend, "model": cfg.model, "prompt_version": getattr(backend, "prompt_version", "none"),
         "input": report.summary(), "cache": cache_path, **paths,
         "started_at": started, "elapsed_s": round(time.time() - t0, 3),
@@ -206,13 +132,6 @@ def _edit_and_write(cfg: EditConfig, report, pairs, backend, price, t0: float, s
     return summary
 
 
-def _unique(jobs: list[Job]) -> list[Job]:
-    seen: dict[str, Job] = {}
-    for j in jobs:
-        seen.setdefault(j.key, j)
-    return list(seen.values())
-
-
 def _edited_row(pair, edited: str, meta: dict[str, Any], gold_spans: list | None = None) -> dict[str, Any]:
     from ..data.schema import EditedPair
 
@@ -220,4 +139,4 @@ def _edited_row(pair, edited: str, meta: dict[str, Any], gold_spans: list | None
                       edit_meta=meta, gold_spans=gold_spans).to_json()
 
 
-__all__ = ["EditConfig", "LLMCallConfig", "edit_pairs", "output_base", "resolve_cache_path"]
+__all__ = ["EditConfig", "edit_pairs"]

@@ -2,7 +2,7 @@
 
 Outputs and references are AlpacaEval model-outputs files (``instruction``, ``output``,
 ``generator``; .json list or .jsonl), matched by instruction (plus ``input`` when present).
-Each pair is shown to a pairwise judge (:func:`finegrain.edit.backends.get_judge`, default
+Each pair is shown to a pairwise judge (:func:`finegrain.llm.backends.get_judge`, default
 prompt ``pairwise_judge_v1``) in a random order drawn per example from ``sha256(seed,
 instruction)``, so it is reproducible, independent of file order, and the same on a re-run
 (which the cache then answers). The order is recorded and undone before scoring.
@@ -33,13 +33,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..config import opt, to_dict
-from ..edit.accounting import Usage, load_price_table, lookup_price
-from ..edit.backends import BACKENDS, JudgeRequest, JudgeResult, get_judge
-from ..edit.cache import AnswerCache, cache_key, input_hash
-from ..edit.core import LLMCallConfig, output_base, resolve_cache_path
-from ..edit.runner import Job, run_calls
 from ..errors import ConfigError, InputError
 from ..io import atomic_write, iter_records, write_json
+from ..llm.backends import BACKEND_NAMES, JudgeRequest, JudgeResult, backend_spec, get_judge
+from ..llm.calls import LLMCallConfig, make_job, output_base, resolve_cache_path, run_cached, usage_summary
 from .generate import prompt_of
 
 LEADERBOARD_FIELDS = ["name", "win_rate", "standard_error", "n_wins", "n_draws", "n_total", "avg_length"]
@@ -49,7 +46,7 @@ LEADERBOARD_FIELDS = ["name", "win_rate", "standard_error", "n_wins", "n_draws",
 class WinrateConfig(LLMCallConfig):
     outputs: str = opt(help="model outputs (AlpacaEval format: instruction, output, generator; .json or .jsonl)")
     reference: str = opt(help="reference outputs in the same format, e.g. text_davinci_003 outputs")
-    judge: str = opt(help="who judges", choices=list(BACKENDS))
+    judge: str = opt(help="who judges", choices=BACKEND_NAMES)
     output: str = opt(help="summary JSON; annotations and leaderboard CSV are written beside it")
     judge_model: str | None = opt(None, "judge model (anthropic/openai/hf), judgements file (file); sandbox: its "
                                         "judge name (default 'gold')")
@@ -61,7 +58,7 @@ class WinrateConfig(LLMCallConfig):
 
     def validate(self) -> None:
         self.check_llm()
-        if self.judge_model is None and self.judge != "sandbox":
+        if self.judge_model is None and backend_spec(self.judge).default_judge_model is None:
             raise ConfigError(f"--judge-model is required for --judge {self.judge}")
 
 
@@ -187,21 +184,15 @@ def winrate(cfg: WinrateConfig) -> dict[str, Any]:
     """Judge every matched example, write annotations, leaderboard and summary; return the summary."""
     t0 = time.time()
     examples = match_examples(cfg)
-    judge_model = cfg.judge_model or "gold"
+    judge_model = cfg.judge_model or backend_spec(cfg.judge).default_judge_model
     backend = get_judge(cfg.judge, judge_model, **cfg.backend_kwargs(cfg.judge, cfg.prompt))
-    salt, version = getattr(backend, "cache_salt", ""), getattr(backend, "prompt_version", "none")
-    jobs = []
-    for ex in examples:
-        req = judge_request(ex)
-        h = input_hash(req.instruction, req.output_1, req.output_2, salt)
-        jobs.append(Job(cache_key("judge", backend.name, backend.model, version, h), h, ex.id, req))
+    version = getattr(backend, "prompt_version", "none")
+    requests = [judge_request(ex) for ex in examples]
+    jobs = [make_job("judge", backend, ex.id, r, r.instruction, r.output_1, r.output_2)
+            for ex, r in zip(examples, requests)]
     cache_path = resolve_cache_path(cfg.cache, cfg.output)
-    cache = AnswerCache(cache_path)
-    try:
-        outcomes = run_calls(jobs, backend.judge, kind="judge", backend=backend, result_cls=JudgeResult, cache=cache,
-                             policy=cfg.retry_policy(), seed=cfg.seed, desc=f"judge ({cfg.judge})")
-    finally:
-        cache.close()
+    outcomes = run_cached(jobs, backend.judge, kind="judge", backend=backend, result_cls=JudgeResult,
+                          cache_path=cache_path, policy=cfg.retry_policy(), seed=cfg.seed, desc=f"judge ({cfg.judge})")
     annotations = [_annotation(ex, outcomes[j.key], backend) for ex, j in zip(examples, jobs)]
     prefs = [a["preference"] for a in annotations if a["preference"] is not None]
     stats = winrate_stats(prefs)
@@ -214,12 +205,9 @@ def winrate(cfg: WinrateConfig) -> dict[str, Any]:
     update_leaderboard(paths["leaderboard"], {
         "name": name, "win_rate": _nan_to_none(100 * stats["win_rate"]), "standard_error": _nan_to_none(100 * stats["se"]),
         "n_wins": stats["n_wins"], "n_draws": stats["n_draws"], "n_total": stats["n"], "avg_length": avg_length})
-    price = lookup_price(cfg.judge, judge_model, load_price_table(cfg.price_table), cfg.price_input, cfg.price_output)
-    seen: dict[str, Any] = {}
-    for j in jobs:
-        seen.setdefault(j.key, outcomes[j.key])
+    price = cfg.price(cfg.judge, judge_model)
     summary = {
-        **Usage(price).add(seen.values()).summary(),  # n_failed below overrides its count of failed calls
+        **usage_summary(price, jobs, outcomes),  # n_failed below overrides its count of failed calls
         "win_rate": _nan_to_none(stats["win_rate"]), "se": _nan_to_none(stats["se"]), "n": stats["n"],
         "n_wins": stats["n_wins"], "n_draws": stats["n_draws"], "n_losses": stats["n_losses"],
         "n_failed": len(annotations) - len(prefs), "n_examples": len(examples), "name": name,

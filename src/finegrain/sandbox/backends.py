@@ -1,4 +1,4 @@
-"""The sandbox's editor and judge behind the edit/winrate backend interfaces.
+"""The sandbox's editor and judge behind the backend interfaces of :mod:`finegrain.llm.backends`.
 
 - :class:`SandboxEditor` (``finegrain edit --backend sandbox --model oracle``): the oracle
   minimal editor, which rewrites exactly the flawed spans of the rejected response.
@@ -6,15 +6,16 @@
   Bradley-Terry judge on the gold reward (the same model as the simulated annotators).
 
 Both work from the prompt and response TEXT alone (the prompt's spec is parsed from it), are
-deterministic, and cost no tokens.
+deterministic, and cost no tokens. They are backend ``sandbox`` of the registry: :func:`register`
+is this package's ``finegrain.backends`` entry point (pyproject.toml), and runs when this module
+is imported, so the backend is there without installed metadata too.
 """
 from __future__ import annotations
 
+from ..llm.backends import EditRequest, EditResult, JudgeRequest, JudgeResult, register_backend
 from .annotators import Annotator
 from .domain import gold_score, parse_prompt
-from .oracle import oracle_replacements, apply_replacements
-
-from ..edit.backends import EditRequest, EditResult, JudgeRequest, JudgeResult
+from .oracle import apply_replacements, oracle_replacements
 
 
 class SandboxEditor:
@@ -99,3 +100,11 @@ class SandboxJudge:
             return JudgeResult(preference=1.5, error=str(e))
         pref = 1.5 if first is None else (1.0 if first else 2.0)
         return JudgeResult(preference=pref, raw=f"gold rewards {r1:.4g} vs {r2:.4g}")
+
+
+def register() -> None:
+    """Register :class:`SandboxEditor` and :class:`SandboxJudge` as backend ``sandbox`` (free; judge model 'gold')."""
+    register_backend("sandbox", editor=SandboxEditor, judge=SandboxJudge, default_judge_model="gold")
+
+
+register()

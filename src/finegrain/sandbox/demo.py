@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from ..config import build_config, to_dict
 from ..io import read_json, write_json, write_jsonl, iter_records
+from . import backends as _backends  # noqa: F401  registers backend "sandbox" (no installed entry point needed)
 from .annotators import Annotator, calibrate_temperature
 from .config import DemoConfig
 from .domain import ResponseStyle, gold_score, make_demonstrations, make_prompts

@@ -1,8 +1,9 @@
-"""Token and cost accounting for a run of backend calls.
+"""Token and cost accounting for a run of backend calls (module ``finegrain.llm.accounting``).
 
 Prices are USD per million tokens ``[input, output]``, looked up by the longest prefix of the
 model name in a price table (the packaged ``prices.yaml``, or a user YAML of the same shape),
-unless both prices are given explicitly. Local backends cost nothing. Costs are split into what
+unless both prices are given explicitly. Backends registered as not priced (``hf``, ``file``, the
+sandbox; see :func:`finegrain.llm.backends.register_backend`) cost nothing. Costs are split into what
 this run paid (``tokens`` / ``cost_usd``) and what answers served from the cache had cost when
 first paid (``cached_tokens`` / ``cached_cost_usd``, i.e. what the cache saved).
 """
@@ -15,8 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import InputError
-
-LOCAL_BACKENDS = ("hf", "file", "sandbox")
+from .backends import find_backend
 
 
 def load_price_table(path: str | None = None) -> dict[str, tuple[float, float]]:
@@ -27,7 +27,7 @@ def load_price_table(path: str | None = None) -> dict[str, tuple[float, float]]:
         except FileNotFoundError as e:
             raise InputError("no such price table", path=path) from e
     else:
-        data = yaml.safe_load(resources.files("finegrain.edit").joinpath("prices.yaml").read_text(encoding="utf-8"))
+        data = yaml.safe_load(resources.files("finegrain.llm").joinpath("prices.yaml").read_text(encoding="utf-8"))
     out = {}
     for model, pair in (data or {}).items():
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
@@ -41,7 +41,8 @@ def load_price_table(path: str | None = None) -> dict[str, tuple[float, float]]:
 def lookup_price(backend: str, model: str, table: dict[str, tuple[float, float]], price_input: float | None = None,
                  price_output: float | None = None) -> tuple[float, float] | None:
     """``(input, output)`` USD per million tokens for ``model``, or None when unknown."""
-    if backend in LOCAL_BACKENDS:
+    spec = find_backend(backend)
+    if spec is not None and not spec.priced:
         return (0.0, 0.0)
     if price_input is not None and price_output is not None:
         return (price_input, price_output)

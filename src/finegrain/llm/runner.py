@@ -1,9 +1,10 @@
-"""Running many backend calls: bounded concurrency, rate cap, timeouts, retries, cache, progress.
+"""Running many backend calls: bounded concurrency, rate cap, timeouts, retries, cache, progress
+(module ``finegrain.llm.runner``).
 
 ``run_calls(jobs, call, ...)`` answers every :class:`Job` once: from the cache when it was
 answered before (by this run, an earlier run, or a run killed half way), else by ``call``
 under a semaphore (``concurrency``), a requests-per-minute cap and a per-request timeout,
-retrying :class:`~finegrain.edit.backends.RetryableError` and timeouts with exponential
+retrying :class:`~finegrain.llm.backends.RetryableError` and timeouts with exponential
 backoff and jitter. A server's Retry-After is honoured: that request waits at least as long,
 and the rate limiter holds every other request back until then. Each answer is committed to
 the cache the moment it arrives. Jobs with the same key are asked once.
@@ -28,7 +29,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from .backends import FatalBackendError, RetryableError, UnreachableError
 from .cache import AnswerCache
 
-log = logging.getLogger("finegrain.edit")
+log = logging.getLogger("finegrain.llm")
 
 
 @dataclass(frozen=True)

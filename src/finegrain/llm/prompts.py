@@ -1,4 +1,5 @@
-"""Versioned prompt templates (package text files under ``finegrain/edit/prompts/``).
+"""Versioned prompt templates of editors and judges (module ``finegrain.llm.prompts``; package text files
+under ``finegrain/llm/prompts/``).
 
 A prompt file holds comment lines (``#``), then a ``### system`` section and a ``### user``
 section. Placeholders such as ``{instruction}`` are replaced literally and in one pass, so text
@@ -50,7 +51,7 @@ def parse_prompt(text: str, version: str) -> PromptTemplate:
 
 
 def packaged_prompts() -> list[str]:
-    return sorted(p.name[:-4] for p in resources.files("finegrain.edit").joinpath("prompts").iterdir()
+    return sorted(p.name[:-4] for p in resources.files("finegrain.llm").joinpath("prompts").iterdir()
                   if p.name.endswith(".txt"))
 
 
@@ -59,7 +60,7 @@ def load_prompt(name_or_path: str) -> PromptTemplate:
     path = Path(name_or_path)
     if path.suffix == ".txt" and path.exists():
         return parse_prompt(path.read_text(encoding="utf-8"), path.stem)
-    res = resources.files("finegrain.edit").joinpath("prompts", f"{name_or_path}.txt")
+    res = resources.files("finegrain.llm").joinpath("prompts", f"{name_or_path}.txt")
     if not res.is_file():
         raise ConfigError(f"no prompt {name_or_path!r}: give a packaged prompt ({', '.join(packaged_prompts())}) "
                           "or the path of a .txt prompt file")

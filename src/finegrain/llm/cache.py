@@ -1,4 +1,5 @@
-"""A SQLite cache of backend answers, so a re-run or a resume after a crash never pays twice.
+"""A SQLite cache of backend answers, so a re-run or a resume after a crash never pays twice
+(module ``finegrain.llm.cache``).
 
 One row per answered request, keyed by sha256 of (kind, backend, model, prompt version, input
 hash); the input hash covers everything that changes the answer (the texts, the prompt

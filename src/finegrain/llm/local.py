@@ -1,4 +1,4 @@
-"""A local transformers causal LM as a chat client (backend ``hf``), batched.
+"""A local transformers causal LM as a chat client (backend ``hf``), batched (module ``finegrain.llm.local``).
 
 Requests arrive one by one from the runner's concurrent tasks; a micro-batcher gathers up to
 ``batch_size`` of them (waiting at most ``max_wait`` seconds for more) and generates them in one
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Sequence
 
-from .llm import Completion, _ItemFailure
+from .clients import Completion, ItemFailure
 
 
 class MicroBatcher:
@@ -127,7 +127,7 @@ class HFChatClient:
         n_prompt = len(encode_texts(self.tokenizer, [text])[0])
         limit = self.context_length()
         if limit is not None and n_prompt + self.max_tokens > limit:
-            raise _ItemFailure("too_long", f"prompt of {n_prompt} tokens + max_tokens={self.max_tokens} exceeds the "
+            raise ItemFailure("too_long", f"prompt of {n_prompt} tokens + max_tokens={self.max_tokens} exceeds the "
                                            f"model's context of {limit} tokens")
         return await self.batcher.submit(text)
 

@@ -1,4 +1,4 @@
-"""Edits and judgements made by people, imported from files (backend ``file``).
+"""Edits and judgements made by people, imported from files (backend ``file``; module ``finegrain.llm.files``).
 
 Human edits: JSONL (or .json / .jsonl.gz / .parquet), one object per edited pair::
 
@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..io import iter_records
+from ..spans import check_spans
 from .backends import EditRequest, EditResult, JudgeRequest, JudgeResult
 
 
@@ -51,8 +52,6 @@ RESERVED_META = ("backend", "model", "prompt_version", "requested_at", "answered
 
 def _gold_spans(rec: dict, path: str, where: str) -> list[list[int]] | None:
     """Validated ``gold_spans`` (shape and order; the bounds are checked against the pair's text later)."""
-    from ..data.loaders import check_spans
-
     try:
         spans, _ = check_spans(rec.get("gold_spans"), sys.maxsize)
     except InputError as e:
@@ -143,7 +142,7 @@ class FileEditor(_FileBackend):
             raise InputError(f"no pair with id {unmatched[0]!r} in {data} ({len(unmatched)} edit(s) match no pair); "
                              "fix the id, or pass --skip-invalid to leave such edits out",
                              path=self.model, record=first, field="id")
-        logging.getLogger("finegrain.edit").warning("%s: %d human edit(s) match no pair of %s (the first: %r at %s); "
+        logging.getLogger("finegrain.llm").warning("%s: %d human edit(s) match no pair of %s (the first: %r at %s); "
                                                     "left out", self.model, len(unmatched), data, unmatched[0], first)
 
 

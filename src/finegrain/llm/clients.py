@@ -1,12 +1,13 @@
-"""LLM API backends through the official SDKs (Anthropic Messages, OpenAI Chat Completions).
+"""Chat clients of LLM APIs through the official SDKs (module ``finegrain.llm.clients``).
 
-A *chat client* turns ``(system, user)`` into a :class:`Completion`; :class:`ChatEditor` and
-:class:`ChatJudge` put a versioned prompt around it and read the answer, so every chat client
-(these two, and the local one in :mod:`finegrain.edit.local`) edits and judges the same way.
+A *chat client* turns ``(system, user)`` into a :class:`Completion`: :class:`AnthropicClient`
+(Messages API) and :class:`OpenAIClient` (Chat Completions, or any compatible server), here, and
+the local transformers one in :mod:`finegrain.llm.local`. :mod:`finegrain.llm.chat` puts a
+versioned prompt around any of them to edit or judge.
 
 The SDKs' own retries are switched off (``max_retries=0``): the runner retries, so that its
 backoff, Retry-After handling and request counts are the only ones in play. Keys come from the
-environment only (:func:`~finegrain.edit.backends.resolve_api_key`) and are scrubbed from every
+environment only (:func:`~finegrain.llm.backends.resolve_api_key`) and are scrubbed from every
 error message kept.
 """
 from __future__ import annotations
@@ -18,11 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .backends import (EditRequest, EditResult, FatalBackendError, JudgeRequest, JudgeResult, RetryableError,
-                       UnreachableError, resolve_api_key)
-from .cache import input_hash
-from .postprocess import clean_answer, parse_preference
-from .prompts import PromptTemplate
+from .backends import FatalBackendError, RetryableError, UnreachableError, resolve_api_key
 
 
 @dataclass
@@ -111,7 +108,7 @@ class _SDKClient:
             if mapped is not None:
                 raise mapped from None
             status = getattr(e, "status_code", None)
-            raise _ItemFailure(f"http_{status}" if status else "error",
+            raise ItemFailure(f"http_{status}" if status else "error",
                                self.scrub(str(getattr(e, "message", e)))[:300]) from None
 
     async def _complete(self, system: str, user: str) -> Completion:  # pragma: no cover - abstract
@@ -141,7 +138,9 @@ def _malformed_guard():
         raise RetryableError(f"malformed response: {type(e).__name__}") from None
 
 
-class _ItemFailure(Exception):
+class ItemFailure(Exception):
+    """A per-item failure of a chat client (``code``: the reject reason), not worth retrying."""
+
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
@@ -198,53 +197,3 @@ class OpenAIClient(_SDKClient):
             usage = resp.usage  # some compatible servers send no usage
             return Completion(choice.message.content or "", int(getattr(usage, "prompt_tokens", 0) or 0),
                               int(getattr(usage, "completion_tokens", 0) or 0), truncated=choice.finish_reason == "length")
-
-
-class _ChatBackend:
-    """A chat client plus a versioned prompt: the runner-facing attributes of every LLM backend."""
-
-    def __init__(self, client, prompt: PromptTemplate):
-        self.client, self.prompt = client, prompt
-        self.name, self.model = client.name, client.model
-        self.prompt_version = prompt.version
-        self.remote = getattr(client, "remote", True)
-        self.cache_salt = input_hash(prompt.digest, getattr(client, "params", {}))
-
-    async def _ask(self, **values: str) -> Completion:
-        system, user = self.prompt.render(**values)
-        return await self.client.complete(system, user)
-
-    async def aclose(self) -> None:
-        aclose = getattr(self.client, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class ChatEditor(_ChatBackend):
-    """Minimal editing with a chat model: prompt -> answer -> :func:`clean_answer`."""
-
-    async def edit(self, req: EditRequest) -> EditResult:
-        try:
-            c = await self._ask(instruction=req.prompt, response=req.response)
-        except _ItemFailure as e:
-            return EditResult(None, error=f"{e.code}: {e}")
-        if c.truncated:
-            return EditResult(None, raw=c.text, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
-                              error=f"truncated: the answer reached max_tokens={getattr(self.client, 'max_tokens', '?')}")
-        return EditResult(clean_answer(c.text, req.response), raw=c.text, input_tokens=c.input_tokens,
-                          output_tokens=c.output_tokens)
-
-
-class ChatJudge(_ChatBackend):
-    """Pairwise judging with a chat model: prompt -> one-word answer -> preference 1, 2 or 1.5."""
-
-    async def judge(self, req: JudgeRequest) -> JudgeResult:
-        try:
-            c = await self._ask(instruction=req.instruction, output_1=req.output_1, output_2=req.output_2)
-        except _ItemFailure as e:
-            return JudgeResult(float("nan"), error=f"{e.code}: {e}")
-        pref = parse_preference(c.text)
-        if pref is None:
-            return JudgeResult(float("nan"), raw=c.text, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
-                               error="unparseable: the judge's answer names neither output nor a tie")
-        return JudgeResult(pref, raw=c.text, input_tokens=c.input_tokens, output_tokens=c.output_tokens)

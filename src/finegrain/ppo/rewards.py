@@ -31,8 +31,9 @@ from typing import Sequence
 
 import torch
 
-from ..rm.inputs import RMExample, build_rm_example, is_encoder_style, rm_example_from_ids
+from ..rm.inputs import RMExample, build_rm_example, rm_example_from_ids
 from ..rm.model import PAD_TOKEN
+from ..tokens import is_encoder_style
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -170,7 +171,7 @@ def _no_pad_lookup(model):
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..generation import left_pad, right_pad
+    from ..tokens import left_pad, right_pad
 
     return (left_pad if left else right_pad)(seqs, pad_id)
 

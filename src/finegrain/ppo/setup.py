@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, InputError
-from ..generation import encode_texts, format_prompt
 from ..io import iter_records
 from ..models import clamp_max_length, is_encoder_model, load_config, load_tokenizer, read_meta
 from ..rm.inputs import check_view
+from ..tokens import encode_texts, format_prompt
 from .config import PPOConfig
 from .rewards import tokenizers_match
 

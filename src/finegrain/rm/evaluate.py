@@ -176,7 +176,7 @@ def flawed_token_labels(items: Sequence[Comparison], better: list[RMExample], wo
     if pairs == "edit":
         out: list[list[bool] | None] = []
         from .data import window_alignment
-        from .inputs import encode_response
+        from ..tokens import encode_response
 
         for c, b, w in zip(items, better, worse):
             if tokenizer is not None and (b.truncated or w.truncated):

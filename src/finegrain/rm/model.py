@@ -20,9 +20,9 @@ from typing import Literal, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..generation import right_pad
 from ..models import clamp_max_length, load_model, load_tokenizer, read_meta
-from .inputs import RMExample, build_rm_example, check_view, is_encoder_style
+from ..tokens import is_encoder_style, right_pad
+from .inputs import RMExample, build_rm_example, check_view
 
 Kind = Literal["token", "sequence"]
 PAD_TOKEN = "<|finegrain_pad|>"

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import CORPUS
-from finegrain.ppo.rewards import (RewardScorer, map_rewards_by_offsets, policy_token_offsets, rm_forward,
-                                   spread_trimmed_offsets)
+from finegrain.ppo.rewards import RewardScorer, map_rewards_by_offsets, policy_token_offsets, spread_trimmed_offsets
 from finegrain.rm.inputs import build_rm_example
+from finegrain.rm.scorer import rm_forward
 from finegrain.tokens import is_encoder_style
 
 

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from finegrain.models import train_bpe_tokenizer
 from finegrain.ppo.rewards import (RewardOutput, RewardScorer, map_rewards_by_offsets, map_same_tokenizer,
-                                   policy_token_offsets, rm_example_from_ids, rm_forward, tokenizers_match)
-from finegrain.rm.inputs import build_rm_example
+                                   policy_token_offsets, tokenizers_match)
+from finegrain.rm.inputs import build_rm_example, rm_example_from_ids
+from finegrain.rm.scorer import rm_forward
 from test_ppo_train import tiny, word_tokenizer
 
 from conftest import CORPUS, make_tiny_model

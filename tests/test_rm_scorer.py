@@ -84,3 +84,25 @@ def test_a_sampled_pad_token_inside_a_response_does_not_move_the_score():
         with torch.no_grad():
             alone = rm.score(rm.transformer(torch.tensor([ex.input_ids])).last_hidden_state)[0, -1, 0]
         assert s.item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_one_kind_detection_for_reward_model_load_and_ppo_preflight(tmp_path):
+    from finegrain.config import build_config
+    from finegrain.errors import ConfigError
+    from finegrain.models import save_checkpoint
+    from finegrain.ppo.config import PPOConfig
+    from finegrain.ppo.setup import preflight
+    from finegrain.rm.model import reward_model_kind
+
+    tok = train_bpe_tokenizer(CORPUS * 5, vocab_size=300)
+    save_checkpoint(tmp_path / "seq", make_tiny_model(tok, "sequence"), tok, {})  # no kind: the architecture says
+    save_checkpoint(tmp_path / "lm", make_tiny_model(tok, "causal"), tok, {})
+    assert reward_model_kind(str(tmp_path / "seq")) == "sequence"
+    for path, message in ((tmp_path / "none", "reward model directory not found"),
+                          (tmp_path / "lm", "is not a reward model")):
+        with pytest.raises(ConfigError, match=message):
+            RewardModel.load(str(path))
+        cfg = build_config(PPOConfig, dict(policy=str(tmp_path / "lm"), reward_model=str(path), prompts="x",
+                                           output="o", reward_mode="sequence"))
+        with pytest.raises(ConfigError, match=message):
+            preflight(cfg)

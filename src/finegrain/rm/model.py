@@ -108,6 +108,17 @@ def kind_of_checkpoint(path: str) -> Kind | None:
     return None
 
 
+def reward_model_kind(path: str) -> Kind:
+    """The kind of the reward model saved in directory ``path``; a :class:`ConfigError` when it is none."""
+    if not Path(path).is_dir():
+        raise ConfigError(f"reward model directory not found: {path}")
+    kind = kind_of_checkpoint(path)
+    if kind is None:
+        raise ConfigError(f"{path} is not a reward model: finegrain.json has no 'kind' and config.json "
+                          "names no *ForTokenClassification / *ForSequenceClassification architecture")
+    return kind
+
+
 @dataclass
 class TokenRewards:
     """Per-position rewards of one response (its tokens and closing token).
@@ -137,12 +148,7 @@ class RewardModel:
     def load(cls, path: str, *, dtype=None, device: str | None = None, trust_remote_code: bool = False,
              max_length: int | None = None) -> "RewardModel":
         """Load a reward-model directory (kind from finegrain.json, else from its architecture)."""
-        if not Path(path).is_dir():
-            raise ConfigError(f"reward model directory not found: {path}")
-        kind = kind_of_checkpoint(path)
-        if kind is None:
-            raise ConfigError(f"{path} is not a reward model: finegrain.json has no 'kind' and config.json "
-                              "names no *ForTokenClassification / *ForSequenceClassification architecture")
+        kind = reward_model_kind(path)
         meta = read_meta(path)
         tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model = load_model(path, kind, tokenizer=tok, trust_remote_code=trust_remote_code, dtype=dtype)

@@ -38,28 +38,30 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids and attention mask, padded on the left (what decoder generation needs)."""
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if len(s):
-            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
     return ids, mask
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and attention mask, padded on the left (what decoder generation needs)."""
+    return _pad(seqs, pad_id, left=True)
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids and mask padded on the right."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-    return ids, mask
+    """(B, L) ids and mask padded on the right.
+
+    >>> right_pad([[5, 6], [7]], 0)[0].tolist(), left_pad([[5, 6], [7]], 0)[1].tolist()
+    ([[5, 6], [7, 0]], [[1, 1], [0, 1]])
+    """
+    return _pad(seqs, pad_id, left=False)
 
 
 @dataclass

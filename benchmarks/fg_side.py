@@ -180,7 +180,7 @@ def run_ppo_pair(assets: Path, *, steps: int, batch_size: int, response_length: 
 
 def query_widths(assets: Path, cfg) -> list[int]:
     """Padded prompt width of every step (finegrain's prompt order is a pure function of the step)."""
-    from finegrain.generation import encode_texts, format_prompt
+    from finegrain.tokens import encode_texts, format_prompt
     from finegrain.models import load_tokenizer
     from finegrain.ppo.setup import load_prompts
     from finegrain.ppo.train import batch_indices

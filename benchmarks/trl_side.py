@@ -43,7 +43,7 @@ def _clock_callback():
 
 
 def _prompt_ids(tok, assets: Path) -> list[list[int]]:
-    from finegrain.generation import encode_texts, format_prompt
+    from finegrain.tokens import encode_texts, format_prompt
 
     prompts = [r["prompt"] for r in read_jsonl(assets / "prompts.jsonl")]
     return encode_texts(tok, [format_prompt(tok, p) for p in prompts])
@@ -106,7 +106,7 @@ def run_rm(assets: Path, *, n_pairs: int, batch_size: int, max_length: int, seed
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from finegrain.generation import format_prompt
+    from finegrain.tokens import format_prompt
 
     tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
     rows = read_jsonl(assets / "pairs.jsonl")[:n_pairs]

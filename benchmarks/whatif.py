@@ -64,7 +64,7 @@ class Switches:
 
         self.rollout, self.train = rollout, train
         unwrapped = engine.accelerator.unwrap_model(engine.model)
-        self.models = [unwrapped.policy, unwrapped.value_model, engine.ref_policy, engine.scorer.model]
+        self.models = [unwrapped.policy, unwrapped.value_model, engine.ref_policy, engine.scorer.rm.model]
         fused = activations.ACT2CLS["gelu_pytorch_tanh"]
         fused = fused[0] if isinstance(fused, tuple) else fused
         self.mlps = [m for model in self.models for m in model.modules()

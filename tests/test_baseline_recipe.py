@@ -63,8 +63,8 @@ def test_sequence_rm_from_a_pad_eos_policy_trains_ppo_on_the_same_tokenizer(reci
 
 
 def test_the_policy_ids_path_scores_like_the_reward_model_itself(recipe):
-    """RM scores of policy ids (left-padded with the RM's own pad) equal RewardModel.score on the texts."""
-    from finegrain.generation import encode_texts, format_prompt, right_pad
+    """RM scores of policy ids equal RewardModel.score on the texts (one forward, one pad rule)."""
+    from finegrain.tokens import encode_texts, format_prompt, right_pad
     from finegrain.models import load_tokenizer
     from finegrain.ppo.rewards import RewardScorer
     from finegrain.rm import RewardModel

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import CORPUS
-from finegrain.ppo.rewards import (RewardScorer, map_rewards_by_offsets, policy_token_offsets, rm_forward,
-                                   spread_trimmed_offsets)
-from finegrain.rm.inputs import build_rm_example, is_encoder_style
+from finegrain.ppo.rewards import RewardScorer, map_rewards_by_offsets, policy_token_offsets, spread_trimmed_offsets
+from finegrain.rm.inputs import build_rm_example
+from finegrain.rm.scorer import rm_forward
+from finegrain.tokens import is_encoder_style
 
 
 def roberta_style_tokenizer():
@@ -62,7 +63,7 @@ def test_trimmed_whitespace_rewards_land_on_the_whitespace_not_on_the_last_polic
         assert any(s == e for s, e in ex.response_offsets[:-1]), text
     q = [pol_tok(p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
     rows = [pol_tok(t, add_special_tokens=False)["input_ids"] + [pol_tok.eos_token_id] for t in texts]  # all ended
-    from finegrain.generation import right_pad
+    from finegrain.tokens import right_pad
 
     r_ids, r_mask = right_pad(rows, pol_tok.pad_token_id)
     rm = tiny_roberta_token_rm(rm_tok)

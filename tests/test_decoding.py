@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from conftest import make_tiny_model
 from finegrain.errors import ConfigError
-from finegrain.generation import _warpers, draw_tokens, encode_texts, loop_unsupported, sample
+from finegrain.generation import _warpers, draw_tokens, loop_unsupported, sample
+from finegrain.tokens import encode_texts
 
 PROMPTS = ["The capital of", "Step 1: preheat the oven", "Paris", "I am sorry, but I cannot help",
            "Question: how tall"]

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from finegrain.models import train_bpe_tokenizer
 from finegrain.ppo.rewards import (RewardOutput, RewardScorer, map_rewards_by_offsets, map_same_tokenizer,
-                                   policy_token_offsets, rm_example_from_ids, rm_forward, tokenizers_match)
-from finegrain.rm.inputs import build_rm_example
+                                   policy_token_offsets, tokenizers_match)
+from finegrain.rm.inputs import build_rm_example, rm_example_from_ids
+from finegrain.rm.scorer import rm_forward
 from test_ppo_train import tiny, word_tokenizer
 
 from conftest import CORPUS, make_tiny_model
@@ -68,7 +69,7 @@ def test_ids_layout_equals_build_rm_example(tiny_tokenizer):
     tok = tiny_tokenizer
     prompt, response = "How tall is Mount Everest?", "About 8,849 metres."
     ref = build_rm_example(tok, prompt, response, max_length=64)
-    from finegrain.generation import format_prompt
+    from finegrain.tokens import format_prompt
 
     q = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
     r = tok(response, add_special_tokens=False)["input_ids"]
@@ -108,7 +109,7 @@ def test_sequence_rm_scores_the_closing_eos_even_when_pad_is_eos():
 
 # ----------------------------------------------------------------------------- the scorer
 def _fake_generation(tok, texts, end):
-    from finegrain.generation import right_pad
+    from finegrain.tokens import right_pad
 
     rows = []
     for t, e in zip(texts, end):
@@ -220,7 +221,7 @@ def test_token_mode_with_reward_on_last_token_gives_the_sequence_update():
 
 def test_logprobs_do_not_depend_on_padding():
     """Left-padded queries + right-padded responses give each row the log-probs it has alone."""
-    from finegrain.generation import left_pad, right_pad
+    from finegrain.tokens import left_pad, right_pad
     from finegrain.ppo.rollout import policy_logprobs
 
     tok = word_tokenizer()

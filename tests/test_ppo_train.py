@@ -106,7 +106,7 @@ def toy_config(ws: dict, out: Path, **over) -> PPOConfig:
 
 # ----------------------------------------------------------------------------- tests
 def test_hand_built_rm_rewards_exactly_the_target(tmp_path):
-    from finegrain.ppo.rewards import rm_forward
+    from finegrain.rm.scorer import rm_forward
     from finegrain.rm.inputs import build_rm_example
 
     tok = word_tokenizer()

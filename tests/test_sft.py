@@ -9,7 +9,7 @@ import torch
 from finegrain.cli import main
 from finegrain.config import build_config
 from finegrain.errors import ConfigError, InputError
-from finegrain.generation import format_prompt
+from finegrain.tokens import format_prompt
 from finegrain.io import write_jsonl
 from finegrain.sandbox.domain import make_demonstrations
 from finegrain.sft.config import SFTConfig

@@ -1,9 +1,6 @@
-"""Prompt formatting and batched sampling, shared by SFT, PPO rollouts and `finegrain generate`.
+"""Batched sampling, shared by PPO rollouts, `finegrain generate` and the local edit backend.
 
-One rule for turning a user prompt into model input everywhere: the tokenizer's chat template
-when it has one (a single user turn, generation prompt added), else ``template`` with
-``{prompt}`` replaced. Prompt and response are tokenised separately, so the boundary between
-them is the same in training, rollouts and scoring (DESIGN.md decision 1).
+Prompts are formatted, tokenised and padded by :mod:`finegrain.tokens` (the one prompt rule).
 
 Sampling runs finegrain's own KV-cache decoding loop (:func:`sample`): the same temperature /
 top-k / top-p filtering as transformers' ``generate``, tokens drawn by inverse CDF. A model
@@ -20,44 +17,7 @@ import torch
 
 from .errors import ConfigError
 from .models import forward_params
-
-DEFAULT_TEMPLATE = "{prompt}\n"
-
-
-def format_prompt(tokenizer, prompt: str, template: str | None = None, *, use_chat_template: bool = True) -> str:
-    if use_chat_template and template is None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return (template or DEFAULT_TEMPLATE).replace("{prompt}", prompt)
-
-
-def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text with no special tokens added (templates carry their own)."""
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids and attention mask, padded on the left (what decoder generation needs)."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids, mask
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids and mask padded on the right."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-    return ids, mask
+from .tokens import encode_texts, format_prompt, left_pad
 
 
 @dataclass

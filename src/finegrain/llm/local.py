@@ -71,7 +71,7 @@ class MicroBatcher:
 
 def chat_text(tokenizer, system: str, user: str) -> str:
     """The model input for a system + user exchange, generation prompt included."""
-    from ..generation import format_prompt
+    from ..tokens import format_prompt
 
     if getattr(tokenizer, "chat_template", None) and system:
         try:
@@ -107,7 +107,8 @@ class HFChatClient:
         self.batcher = MicroBatcher(self._generate, batch_size)
 
     def _generate(self, texts: list[str]) -> list[Completion]:
-        from ..generation import encode_texts, generate_texts
+        from ..generation import generate_texts
+        from ..tokens import encode_texts
 
         outs = generate_texts(self.lm, self.tokenizer, texts, template="{prompt}", batch_size=len(texts),
                               max_new_tokens=self.max_tokens, temperature=self.temperature or 1.0,
@@ -121,7 +122,7 @@ class HFChatClient:
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
     async def complete(self, system: str, user: str) -> Completion:
-        from ..generation import encode_texts
+        from ..tokens import encode_texts
 
         text = chat_text(self.tokenizer, system, user)
         n_prompt = len(encode_texts(self.tokenizer, [text])[0])

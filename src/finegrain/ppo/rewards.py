@@ -10,8 +10,8 @@ Two cases:
   token more, its own pad: it only fills padded positions, so the RM still reads the policy's
   ids (:func:`tokenizers_match`).
 - different tokenizers (``--cross-tokenizer``): the decoded response is re-tokenised with
-  :func:`build_rm_example` and each RM token's reward is split over the policy tokens its
-  characters overlap, in proportion to the overlap (:func:`map_rewards_by_offsets`), so the
+  :func:`finegrain.rm.inputs.build_rm_example` and each RM token's reward is split over the
+  policy tokens its characters overlap, in proportion to the overlap (:func:`map_rewards_by_offsets`), so the
   sum of a response's rewards is preserved. An RM tokenizer that trims offsets (RoBERTa-style)
   gives tokens of whitespace alone zero-width spans; they are first widened to the whitespace
   they stand for (:func:`spread_trimmed_offsets`).
@@ -19,20 +19,22 @@ Two cases:
 In both cases the RM's closing token (zero-width, at the end of the text) lands on the
 policy's last token: its EOS when the response ended, else its last sampled token.
 
-Scores: a sequence RM's score is its output at the closing token (computed so that a pad id
-equal to EOS cannot make HF pick the token before it); a token RM's score is Eq. 1, the mean
-of its r_t over the response positions including the closing token.
+The RM forward is the one of eval-rm and show-rewards (:mod:`finegrain.rm.scorer`, through
+:class:`finegrain.rm.model.RewardModel`): a sequence RM's score is its output at the closing
+token, whatever its pad token; a token RM's score is Eq. 1, the mean of its r_t over the
+response positions including the closing token.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..rm.inputs import RMExample, build_rm_example, is_encoder_style, rm_example_from_ids
-from ..rm.model import PAD_TOKEN
+from ..rm.inputs import RMExample, rm_example_from_ids
+from ..rm.model import PAD_TOKEN, RewardModel
+from ..rm.scorer import response_scores
+from ..tokens import is_encoder_style
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -153,65 +155,17 @@ def spread_trimmed_offsets(offsets: Offsets, text_len: int) -> list[tuple[int, i
             for k, (s, e) in enumerate(offsets)]
 
 
-# ----------------------------------------------------------------------------- RM forward
-@contextlib.contextmanager
-def _no_pad_lookup(model):
-    """Make HF sequence-classification heads score the last column instead of the last non-pad token.
-
-    With left padding the last column is every row's closing token; HF's own rule would skip it
-    when pad == EOS. -1 is an id no input contains.
-    """
-    old = model.config.pad_token_id
-    model.config.pad_token_id = -1
-    try:
-        yield
-    finally:
-        model.config.pad_token_id = old
-
-
-def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..generation import left_pad, right_pad
-
-    return (left_pad if left else right_pad)(seqs, pad_id)
-
-
-@torch.inference_mode()
-def rm_forward(model, tokenizer, examples: list[RMExample], kind: str, batch_size: int) -> list[torch.Tensor]:
-    """Per example: r_t over its response positions (token RM, (T,)) or its score (sequence RM, ())."""
-    device = next(model.parameters()).device
-    encoder = is_encoder_style(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[torch.Tensor] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        seqs = [ex.input_ids for ex in chunk]
-        left = kind == "sequence" and not encoder  # decoder sequence heads read the last column
-        ids, mask = (t.to(device) for t in _pad(seqs, pad_id, left))
-        kw = {}
-        if not encoder:
-            kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        if kind == "sequence":
-            ctx = _no_pad_lookup(model) if not encoder else contextlib.nullcontext()
-            with ctx:
-                logits = model(input_ids=ids, attention_mask=mask, **kw).logits  # (b, 1)
-            out.extend(logits[:, 0].float().cpu())
-        else:
-            logits = model(input_ids=ids, attention_mask=mask, **kw).logits[..., 0].float().cpu()  # (b, L)
-            out.extend(row[ex.response_start:ex.response_end] for row, ex in zip(logits, chunk))
-    return out
-
-
 # ----------------------------------------------------------------------------- the scorer
 class RewardScorer:
-    """Scores rollouts with a reward model; see the module docstring for the two tokenizer cases."""
+    """Scores rollouts with a reward model; see the module docstring for the two tokenizer cases.
+
+    The RM's input layout and forward are those of eval-rm and show-rewards (:class:`RewardModel`).
+    """
 
     def __init__(self, model, tokenizer, kind: str, policy_tokenizer, *, max_length: int,
                  template: str | None = None, batch_size: int = 16, view: str = "causal"):
-        if kind not in ("token", "sequence"):
-            raise ValueError(f"reward model kind must be token or sequence, got {kind!r}")
-        self.model, self.tokenizer, self.kind = model, tokenizer, kind
-        self.policy_tokenizer = policy_tokenizer
-        self.max_length, self.template, self.batch_size, self.view = max_length, template, batch_size, view
+        self.rm = RewardModel(model, tokenizer, kind, max_length=max_length, template=template, view=view)
+        self.kind, self.policy_tokenizer, self.batch_size = kind, policy_tokenizer, batch_size
         # the ids layout is the decoder one; an (unusual) encoder-style policy tokenizer takes the text path
         self.same_tokenizer = tokenizers_match(tokenizer, policy_tokenizer) and not is_encoder_style(tokenizer)
 
@@ -219,27 +173,25 @@ class RewardScorer:
                  response_mask: torch.Tensor, texts: Sequence[str]) -> list[RMExample]:
         """RM inputs of a batch: policy ids (same tokenizer) or re-tokenised text (cross-tokenizer)."""
         if not self.same_tokenizer:
-            return [build_rm_example(self.tokenizer, p, t, max_length=self.max_length, template=self.template,
-                                     with_offsets=self.kind == "token", view=self.view)
-                    for p, t in zip(prompts, texts)]
-        eos = self.tokenizer.eos_token_id
+            return [self.rm.encode(p, t, with_offsets=self.kind == "token") for p, t in zip(prompts, texts)]
+        eos = self.rm.tokenizer.eos_token_id
         out = []
         for q, r, m in zip(query_ids, response_ids, response_mask):
             body = [t for t in r[m.bool()].tolist()]
             if body and body[-1] == eos:
                 body = body[:-1]
-            out.append(rm_example_from_ids(list(q), body, eos, self.max_length, self.view))
+            out.append(rm_example_from_ids(list(q), body, eos, self.rm.max_length, self.rm.view))
         return out
 
     def score(self, prompts: Sequence[str], query_ids: Sequence[Sequence[int]], response_ids: torch.Tensor,
               response_mask: torch.Tensor, texts: Sequence[str]) -> RewardOutput:
         """Scores (B,) and, for a token RM, r_t mapped onto the policy tokens (B, T)."""
         exs = self.examples(prompts, query_ids, response_ids, response_mask, texts)
-        raw = rm_forward(self.model, self.tokenizer, exs, self.kind, self.batch_size)
+        raw = self.rm.rewards(exs, self.batch_size)
         n_scored = torch.tensor([ex.response_end - ex.response_start for ex in exs], dtype=torch.long)
+        scores = response_scores(raw)
         if self.kind == "sequence":
-            return RewardOutput(torch.stack(raw), None, n_scored)
-        scores = torch.stack([r.mean() for r in raw])
+            return RewardOutput(scores, None, n_scored)
         token_rewards = torch.zeros(response_ids.shape, dtype=torch.float32)
         for b, (r, ex) in enumerate(zip(raw, exs)):
             n_pol = int(response_mask[b].sum())

@@ -8,15 +8,14 @@ value model initialised from such an RM, and a policy tokenizer without EOS.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import ConfigError, InputError
-from ..generation import encode_texts, format_prompt
 from ..io import iter_records
 from ..models import clamp_max_length, is_encoder_model, load_config, load_tokenizer, read_meta
 from ..rm.inputs import check_view
+from ..rm.model import reward_model_kind
+from ..tokens import encode_texts, format_prompt
 from .config import PPOConfig
 from .rewards import tokenizers_match
 
@@ -50,25 +49,6 @@ def model_context_length(name_or_path: str, trust_remote_code: bool = False) -> 
     from ..models import context_length, load_config
 
     return context_length(load_config(name_or_path, trust_remote_code=trust_remote_code))
-
-
-def reward_model_kind(path: str) -> str:
-    """'token' or 'sequence', from finegrain.json or else from the saved architecture."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"--reward-model {path!r} is not a directory (a saved reward model is expected)")
-    kind = read_meta(p).get("kind")
-    if kind in ("token", "sequence"):
-        return kind
-    cfg_file = p / "config.json"
-    archs = json.loads(cfg_file.read_text()).get("architectures") or [] if cfg_file.exists() else []
-    if any(a.endswith("ForTokenClassification") for a in archs):
-        return "token"
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "sequence"
-    raise ConfigError(f"cannot tell whether {path!r} is a token or a sequence reward model: its finegrain.json "
-                      "has no 'kind' and its config.json names no *ForTokenClassification / "
-                      "*ForSequenceClassification architecture")
 
 
 def load_prompts(cfg: PPOConfig) -> list[str]:

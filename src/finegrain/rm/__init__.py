@@ -11,6 +11,7 @@ _EXPORTS = {
     "TrainRMConfig": "config", "EvalRMConfig": "config",
     "train_reward_model": "train", "evaluate_reward_model": "evaluate", "auroc": "evaluate",
     "RewardModel": "model", "TokenRewards": "model", "RMBatch": "model", "ensure_distinct_pad": "model",
+    "reward_model_kind": "model", "rm_forward": "scorer",
     "RMExample": "inputs", "build_rm_example": "inputs",
     "sequence_loss": "losses", "token_mean_loss": "losses", "token_edit_loss": "losses",
     "token_mean_margin": "losses", "token_edit_margin": "losses", "mean_reward": "losses",

@@ -94,7 +94,7 @@ def featurize(tokenizer, items: Sequence[Comparison], *, max_length: int, templa
     differ only beyond ``max_length`` - the edit was cut off by truncation, which the summary
     reports apart).
     """
-    from .inputs import encode_response
+    from ..tokens import encode_response
 
     out, dropped, cut = [], 0, 0
     for c in items:

@@ -30,10 +30,10 @@ import numpy as np
 
 from ..data.schema import Comparison
 from ..io import write_json
-from ..tracking import progress
 from .align import align_tokens, spans_to_token_mask
 from .config import EvalRMConfig
 from .inputs import RMExample
+from .scorer import response_scores
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
@@ -147,21 +147,9 @@ def localisation(worse_rewards: Sequence[Sequence[float]], labels: Sequence[Sequ
 
 def _run(rm, examples: list[RMExample], batch_size: int, desc: str) -> tuple[list[float], list[list[float]] | None]:
     """Scores of every example and, for a token RM, each one's per-position rewards."""
-    from .losses import mean_reward
-
-    scores: list[float] = [0.0] * len(examples)
-    per_token: list[list[float]] | None = [[] for _ in examples] if rm.kind == "token" else None
-    bar = progress(total=len(examples), desc=desc)
-    for idx, chunk in rm.iter_batches(examples, batch_size):
-        rewards, mask = rm.forward_batch(chunk)
-        s = mean_reward(rewards, mask) if rm.kind == "token" else rewards.sum(-1)
-        for row, i in enumerate(idx):
-            scores[i] = float(s[row])
-            if per_token is not None:
-                per_token[i] = rewards[row, chunk[row].response_start:chunk[row].response_end].tolist()
-        bar.update(len(idx))
-    bar.close()
-    return scores, per_token
+    raw = rm.rewards(examples, batch_size, desc=desc)
+    per_token = [r.tolist() for r in raw] if rm.kind == "token" else None
+    return response_scores(raw).tolist(), per_token
 
 
 def flawed_token_labels(items: Sequence[Comparison], better: list[RMExample], worse: list[RMExample],
@@ -176,7 +164,7 @@ def flawed_token_labels(items: Sequence[Comparison], better: list[RMExample], wo
     if pairs == "edit":
         out: list[list[bool] | None] = []
         from .data import window_alignment
-        from .inputs import encode_response
+        from ..tokens import encode_response
 
         for c, b, w in zip(items, better, worse):
             if tokenizer is not None and (b.truncated or w.truncated):

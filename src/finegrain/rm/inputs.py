@@ -4,7 +4,8 @@ Prompt and response are tokenised separately and concatenated, so the prompt/res
 is identical for both sides of a pair (DESIGN.md decision 1):
 
 - decoder tokenizers (no special tokens added for pairs; GPT-2, Llama, Qwen2, SmolLM2):
-  ``format_prompt(prompt) ids + response ids + [EOS]``
+  ``format_prompt(prompt) ids + response ids + [EOS]``, the layout SFT trains on too
+  (:func:`finegrain.tokens.decoder_example`)
 - encoder tokenizers (BERT-like, add special tokens for pairs):
   ``[CLS] prompt [SEP] response [SEP]``; the closing special token plays the role of EOS.
 
@@ -29,40 +30,14 @@ if the response alone is still too long, it is cut on the right, keeping its clo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import ConfigError
-from ..generation import format_prompt
+from ..tokens import PromptResponse, decoder_example, decoder_layout, encode_text, is_encoder_style
 
 VIEWS = ("causal", "echo")
 
-
-@dataclass
-class RMExample:
-    """One tokenised (prompt, response).
-
-    input_ids:         full model input
-    response_start:    index in input_ids of the first response token
-    response_end:      exclusive end of the response positions (includes the closing EOS/SEP)
-    response_offsets:  (start, end) character offsets of each response position in the response
-                       text; the closing token gets (len(response), len(response))
-    truncated:         True when anything was cut
-    """
-
-    input_ids: list[int]
-    response_start: int
-    response_end: int
-    response_offsets: list[tuple[int, int]]
-    truncated: bool
-
-    @property
-    def response_ids(self) -> list[int]:
-        return self.input_ids[self.response_start:self.response_end]
-
-
-def is_encoder_style(tokenizer) -> bool:
-    return tokenizer.num_special_tokens_to_add(pair=True) > 0
+RMExample = PromptResponse  # a reward model's input is the shared prompt + response layout of finegrain.tokens
 
 
 def pair_special_layout(tokenizer) -> tuple[list[int], list[int], list[int]]:
@@ -80,20 +55,6 @@ def pair_special_layout(tokenizer) -> tuple[list[int], list[int], list[int]]:
     return list(ids[: seq.index(0)]), list(ids[last_a + 1: first_b]), list(ids[last_b + 1:])
 
 
-def _encode(tokenizer, text: str, offsets: bool):
-    if offsets:
-        if not getattr(tokenizer, "is_fast", False):
-            raise ConfigError("character offsets need a fast (Rust) tokenizer; this one is a slow Python tokenizer")
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
-    return tokenizer(text, add_special_tokens=False)["input_ids"], None
-
-
-def encode_response(tokenizer, response: str) -> list[int]:
-    """The response's token ids as every layout tokenises it (no special tokens, nothing cut)."""
-    return _encode(tokenizer, response, False)[0]
-
-
 def check_view(tokenizer, view: str) -> None:
     """Refuse a view the tokenizer's layout cannot take (``echo`` is for decoder layouts)."""
     if view not in VIEWS:
@@ -103,49 +64,20 @@ def check_view(tokenizer, view: str) -> None:
                           "whole response (use --token-view causal)")
 
 
-def decoder_layout(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int, *, max_length: int,
-                   view: str = "causal") -> tuple[list[int], int, int, int, bool]:
-    """(ids, response_start, response_end, kept response tokens, truncated) of the decoder layout.
-
-    ``causal``: prompt + response + [EOS]; ``echo``: prompt + response + [EOS] + response + [EOS],
-    scored on the second copy. Truncation policy of the module docstring.
-
-    >>> decoder_layout([1, 2], [5, 6], 0, max_length=10, view="echo")
-    ([1, 2, 5, 6, 0, 5, 6, 0], 5, 8, 2, False)
-    >>> decoder_layout([1, 2, 3], [5, 6, 7], 0, max_length=5)   # the prompt is cut from its left
-    ([3, 5, 6, 7, 0], 1, 5, 3, True)
-    """
-    copies = 2 if view == "echo" else 1
-    budget = max_length - copies                      # room for tokens besides the closing EOS(es)
-    if budget < copies:
-        raise ConfigError(f"--max-length {max_length} leaves no room for a response: the reward model's input "
-                          f"adds {copies} special token(s) and {view} needs {copies} response token(s); use at "
-                          f"least {2 * copies}")
-    r_ids = list(response_ids)[: budget // copies]
-    keep_prompt = budget - copies * len(r_ids)
-    p_ids = list(prompt_ids)[max(0, len(prompt_ids) - keep_prompt):] if keep_prompt > 0 else []
-    truncated = len(r_ids) < len(response_ids) or len(p_ids) < len(prompt_ids)
-    ids = p_ids + r_ids + [eos_id]
-    if view == "echo":
-        ids += r_ids + [eos_id]
-    return ids, len(ids) - len(r_ids) - 1, len(ids), len(r_ids), truncated
+def copies_of(view: str) -> int:
+    """How many times a view gives the response: twice for ``echo``, once for ``causal``."""
+    return 2 if view == "echo" else 1
 
 
 def build_rm_example(tokenizer, prompt: str, response: str, *, max_length: int, template: str | None = None,
                      with_offsets: bool = False, view: str = "causal") -> RMExample:
     """Tokenise one (prompt, response) for a reward model under the truncation policy above."""
     check_view(tokenizer, view)
-    encoder = is_encoder_style(tokenizer)
-    p_ids, _ = _encode(tokenizer, prompt if encoder else format_prompt(tokenizer, prompt, template), False)
-    r_ids, r_off = _encode(tokenizer, response, with_offsets)
-    end_off = [(len(response), len(response))]
-    if not encoder:
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ConfigError("the reward model's tokenizer has no EOS token to close responses with")
-        ids, start, end, kept, truncated = decoder_layout(p_ids, r_ids, eos, max_length=max_length, view=view)
-        offsets = (list(r_off[:kept]) + end_off) if r_off is not None else []
-        return RMExample(ids, start, end, offsets, truncated)
+    if not is_encoder_style(tokenizer):
+        return decoder_example(tokenizer, prompt, response, max_length=max_length, template=template,
+                               with_offsets=with_offsets, copies=copies_of(view))
+    p_ids, _ = encode_text(tokenizer, prompt)
+    r_ids, r_off = encode_text(tokenizer, response, with_offsets)
     head, mid, tail = pair_special_layout(tokenizer)
     budget = max_length - len(head) - len(mid) - len(tail)
     if budget < 1:
@@ -159,7 +91,7 @@ def build_rm_example(tokenizer, prompt: str, response: str, *, max_length: int, 
     keep_prompt = budget - len(r_ids)
     if len(p_ids) > keep_prompt:
         p_ids, truncated = (p_ids[len(p_ids) - keep_prompt:] if keep_prompt > 0 else []), True
-    offsets = (list(r_off) + end_off) if r_off is not None else []
+    offsets = (list(r_off) + [(len(response), len(response))]) if r_off is not None else []
     ids = head + list(p_ids) + mid + list(r_ids) + tail
     return RMExample(ids, len(head) + len(p_ids) + len(mid), len(ids), offsets, truncated)
 
@@ -169,7 +101,10 @@ def rm_example_from_ids(prompt_ids: Sequence[int], response_ids: Sequence[int], 
     """The decoder layout of :func:`build_rm_example` built from ids a policy produced (no offsets).
 
     ``response_ids`` must not include the EOS: the closing EOS is appended here, as in RM training.
+
+    >>> rm_example_from_ids([1, 2], [5, 6], 0, 10, "echo").input_ids   # the echo view: the response twice
+    [1, 2, 5, 6, 0, 5, 6, 0]
     """
     ids, start, end, _, truncated = decoder_layout(prompt_ids, response_ids, eos_id, max_length=max_length,
-                                                   view=view)
+                                                   copies=copies_of(view))
     return RMExample(ids, start, end, [], truncated)

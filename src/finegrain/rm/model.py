@@ -7,9 +7,11 @@
                so plain ``transformers`` scoring of a saved checkpoint equals ours.
 
 The pad pitfall: decoder heads find "the last token" as the last one that is not pad. When pad
-== EOS (GPT-2, SmolLM2 without a pad token), the closing EOS would be skipped. A sequence RM
-therefore gets a distinct pad token (``ensure_distinct_pad``): one new embedding row, only ever
-seen at right-padded positions that causal attention keeps away from real tokens.
+== EOS (GPT-2, SmolLM2 without a pad token), the closing EOS would be skipped. train-rm therefore
+gives a sequence RM a distinct pad token (``ensure_distinct_pad``): one new embedding row, only
+ever seen at right-padded positions that causal attention keeps away from real tokens, so the
+saved checkpoint scores right with plain transformers too. Scoring a loaded RM needs no such
+token: :mod:`finegrain.rm.scorer` pads each batch with an id its rows do not hold.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from typing import Literal, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..generation import right_pad
 from ..models import clamp_max_length, load_model, load_tokenizer, read_meta
-from .inputs import RMExample, build_rm_example, check_view, is_encoder_style
+from ..tokens import is_encoder_style, right_pad
+from .inputs import RMExample, build_rm_example, check_view
+from .scorer import response_scores, rm_forward
 
 Kind = Literal["token", "sequence"]
 PAD_TOKEN = "<|finegrain_pad|>"
@@ -105,6 +108,17 @@ def kind_of_checkpoint(path: str) -> Kind | None:
     return None
 
 
+def reward_model_kind(path: str) -> Kind:
+    """The kind of the reward model saved in directory ``path``; a :class:`ConfigError` when it is none."""
+    if not Path(path).is_dir():
+        raise ConfigError(f"reward model directory not found: {path}")
+    kind = kind_of_checkpoint(path)
+    if kind is None:
+        raise ConfigError(f"{path} is not a reward model: finegrain.json has no 'kind' and config.json "
+                          "names no *ForTokenClassification / *ForSequenceClassification architecture")
+    return kind
+
+
 @dataclass
 class TokenRewards:
     """Per-position rewards of one response (its tokens and closing token).
@@ -120,7 +134,7 @@ class TokenRewards:
 
 
 class RewardModel:
-    """A trained reward model with the one input rule of ``rm/inputs.py``."""
+    """A trained reward model with the one input rule of ``rm/inputs.py`` and the one forward of ``rm/scorer.py``."""
 
     def __init__(self, model, tokenizer, kind: Kind, *, max_length: int = 1024, template: str | None = None,
                  meta: dict | None = None, view: str = "causal"):
@@ -129,19 +143,12 @@ class RewardModel:
         check_view(tokenizer, view)
         self.model, self.tokenizer, self.kind, self.view = model, tokenizer, kind, view
         self.max_length, self.template, self.meta = max_length, template, dict(meta or {})
-        if kind == "sequence":
-            ensure_distinct_pad(tokenizer, model)
 
     @classmethod
     def load(cls, path: str, *, dtype=None, device: str | None = None, trust_remote_code: bool = False,
              max_length: int | None = None) -> "RewardModel":
         """Load a reward-model directory (kind from finegrain.json, else from its architecture)."""
-        if not Path(path).is_dir():
-            raise ConfigError(f"reward model directory not found: {path}")
-        kind = kind_of_checkpoint(path)
-        if kind is None:
-            raise ConfigError(f"{path} is not a reward model: finegrain.json has no 'kind' and config.json "
-                              "names no *ForTokenClassification / *ForSequenceClassification architecture")
+        kind = reward_model_kind(path)
         meta = read_meta(path)
         tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model = load_model(path, kind, tokenizer=tok, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -162,46 +169,34 @@ class RewardModel:
         return build_rm_example(self.tokenizer, prompt, response, max_length=self.max_length,
                                 template=self.template, with_offsets=with_offsets, view=self.view)
 
-    @torch.no_grad()
+    def rewards(self, examples: Sequence[RMExample], batch_size: int = 8, *,
+                desc: str | None = None) -> list[torch.Tensor]:
+        """Per example: r_t over its response positions (token RM, (T,)) or its score (sequence RM, ())."""
+        return rm_forward(self.model, self.tokenizer, examples, self.kind, batch_size, desc=desc)
+
     def forward_batch(self, examples: Sequence[RMExample]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) rewards and (B, L) response mask for a batch of examples (for PPO).
+        """(B, L) rewards and (B, L) response mask of one batch, L its longest example.
 
         A token RM gives a reward at every response position; a sequence RM puts its score on the
         closing token and 0 elsewhere (the standard RLHF placement).
         """
-        batch = collate(examples, self.tokenizer.pad_token_id).to(self.device)
-        out = model_outputs(self.model, self.kind, batch.input_ids, batch.attention_mask).float()
-        if self.kind == "token":
-            return out * batch.response_mask, batch.response_mask
-        rewards = torch.zeros(batch.input_ids.shape, dtype=out.dtype, device=out.device)
-        rewards[torch.arange(len(examples), device=out.device), batch.last_index] = out
-        return rewards, batch.response_mask
+        mask = position_mask(examples, max((len(ex.input_ids) for ex in examples), default=0))
+        out = torch.zeros(mask.shape)
+        for i, (ex, r) in enumerate(zip(examples, self.rewards(examples, len(examples) or 1))):
+            if self.kind == "token":
+                out[i, ex.response_start:ex.response_end] = r
+            else:
+                out[i, ex.response_end - 1] = r
+        return out, mask
 
-    @torch.no_grad()
     def score_batch(self, examples: Sequence[RMExample]) -> torch.Tensor:
         """(B,) one score per example: Eq. 1 (mean reward) for a token RM, the head's score for a sequence RM."""
-        rewards, mask = self.forward_batch(examples)
-        if self.kind == "token":
-            from .losses import mean_reward
-
-            return mean_reward(rewards, mask)
-        return rewards.sum(-1)
-
-    def iter_batches(self, examples: Sequence[RMExample], batch_size: int):
-        """Yield (indices, examples) in batches of similar length (less padding)."""
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            yield idx, [examples[i] for i in idx]
+        return response_scores(self.rewards(examples, len(examples) or 1))
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 8) -> list[float]:
         """One score per (prompt, response)."""
         examples = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
-        out = [0.0] * len(examples)
-        for idx, chunk in self.iter_batches(examples, batch_size):
-            for i, s in zip(idx, self.score_batch(chunk).tolist()):
-                out[i] = s
-        return out
+        return response_scores(self.rewards(examples, batch_size)).tolist()
 
     def token_rewards(self, prompts: Sequence[str], responses: Sequence[str], *,
                       batch_size: int = 8) -> list[TokenRewards]:
@@ -209,14 +204,8 @@ class RewardModel:
         if self.kind != "token":
             raise ConfigError("per-token rewards need a token reward model; this one is a sequence RM")
         examples = [self.encode(p, r, with_offsets=True) for p, r in zip(prompts, responses, strict=True)]
-        out: list[TokenRewards | None] = [None] * len(examples)
-        for idx, chunk in self.iter_batches(examples, batch_size):
-            rewards, _ = self.forward_batch(chunk)
-            for row, i in enumerate(idx):
-                ex = chunk[row]
-                r = rewards[row, ex.response_start:ex.response_end].tolist()
-                out[i] = TokenRewards(self._token_texts(ex, responses[i]), list(ex.response_offsets), r)
-        return out  # type: ignore[return-value]
+        return [TokenRewards(self._token_texts(ex, resp), list(ex.response_offsets), r.tolist())
+                for ex, resp, r in zip(examples, responses, self.rewards(examples, batch_size))]
 
     def _token_texts(self, ex: RMExample, response: str) -> list[str]:
         ids = ex.response_ids

@@ -1,8 +1,8 @@
 """SFT records on disk -> tokenised examples with a response-only loss mask -> padded batches.
 
 A record has ``prompt`` and ``response`` (or ``chosen``, TRL's preference format: the preferred
-response is the demonstration). The model input follows the reward-model rule
-(:func:`finegrain.rm.inputs.build_rm_example`): ``format_prompt(prompt)`` and the response are
+response is the demonstration). The model input is the decoder layout reward models
+read too (:func:`finegrain.tokens.decoder_example`): ``format_prompt(prompt)`` and the response are
 tokenised separately, EOS is appended, and the prompt is cut from the left first when too long.
 The loss covers the response tokens and that EOS, never the prompt.
 """
@@ -15,9 +15,8 @@ import torch
 
 from ..data.loaders import check_id, check_text, content_id, located
 from ..errors import ConfigError, InputError
-from ..generation import right_pad
 from ..io import iter_records
-from ..rm.inputs import build_rm_example, is_encoder_style
+from ..tokens import decoder_example, is_encoder_style, right_pad
 
 IGNORE_INDEX = -100  # label of positions without loss (transformers' convention)
 RESPONSE_FIELDS = ("response", "chosen")
@@ -70,7 +69,7 @@ def build_sft_example(tokenizer, prompt: str, response: str, *, max_length: int,
     if is_encoder_style(tokenizer):
         raise ConfigError("this tokenizer adds encoder-style special tokens ([CLS]/[SEP]); SFT needs a causal "
                           "(decoder) language model's tokenizer")
-    ex = build_rm_example(tokenizer, prompt, response, max_length=max_length, template=template)
+    ex = decoder_example(tokenizer, prompt, response, max_length=max_length, template=template)
     labels = [IGNORE_INDEX] * ex.response_start + ex.input_ids[ex.response_start:ex.response_end]
     return SFTExample(ex.input_ids, labels, ex.truncated)
 

@@ -19,7 +19,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import ConfigError, InputError
-from ..generation import format_prompt
+from ..tokens import format_prompt
 from ..models import (clamp_max_length, load_model, load_tokenizer, pick_attention, tiny_gpt2_config,
                       train_bpe_tokenizer)
 from ..training import (build_optimizer, check_finite, checkpoint_dirs, held_out, keep_freed_memory,

@@ -24,7 +24,7 @@ from ..config import to_dict
 from ..io import iter_records, read_json, write_json
 from ..errors import ConfigError, InputError
 from ..models import (clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta,
-                      scratch_model)
+                      scratch_model, torch_dtype)
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from ..training import (build_optimizer, check_finite, checkpoint_dirs, keep_freed_memory, load_training_state,
                         micro_batch_plan, refuse_stale_checkpoints, save_model_into, save_training_state)
@@ -36,7 +36,6 @@ from .inputs import check_view
 from .model import ensure_distinct_pad, kind_of_checkpoint, model_outputs
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------- objective
@@ -169,10 +168,10 @@ def build_model(cfg: TrainRMConfig, tok, device_type: str = "cpu"):
         sizes = {k: getattr(cfg, k) or getattr(base, attr) for k, attr in
                  (("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"), ("n_embd", "hidden_size"))}
         model = scratch_model(cfg.from_scratch, cfg.kind, tok, n_positions=cfg.max_length, attn_implementation=attn,
-                              dtype=DTYPES[cfg.dtype], **sizes)
+                              dtype=torch_dtype(cfg.dtype), **sizes)
     else:
         model = load_model(cfg.model, cfg.kind, tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
-                           dtype=DTYPES[cfg.dtype], attn_implementation=attn)
+                           dtype=torch_dtype(cfg.dtype), attn_implementation=attn)
     if cfg.kind == "sequence":
         ensure_distinct_pad(tok, model)
     return model

@@ -20,7 +20,7 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..generation import format_prompt
-from ..models import (clamp_max_length, load_model, load_tokenizer, pick_attention, tiny_gpt2_config,
+from ..models import (clamp_max_length, load_model, load_tokenizer, pick_attention, tiny_gpt2_config, torch_dtype,
                       train_bpe_tokenizer)
 from ..training import (build_optimizer, check_finite, checkpoint_dirs, held_out, keep_freed_memory,
                         load_training_state, micro_batch_plan, refuse_stale_checkpoints, save_model_into,
@@ -28,8 +28,6 @@ from ..training import (build_optimizer, check_finite, checkpoint_dirs, held_out
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from .config import SFTConfig
 from .data import IGNORE_INDEX, SFTBatch, SFTExample, SFTRecord, build_sft_example, collate_sft, load_sft_records
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -57,7 +55,7 @@ def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord], device_type: str 
     if not cfg.from_scratch:
         tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = load_model(cfg.model, "causal", tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
-                           dtype=DTYPES[cfg.dtype], attn_implementation=attn)
+                           dtype=torch_dtype(cfg.dtype), attn_implementation=attn)
         return model, tok
     from transformers import GPT2LMHeadModel
 
@@ -66,7 +64,7 @@ def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord], device_type: str 
                               n_positions=cfg.n_positions, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id)
     kw = {"attn_implementation": attn} if attn is not None else {}
-    return GPT2LMHeadModel._from_config(config, **kw).to(DTYPES[cfg.dtype]), tok
+    return GPT2LMHeadModel._from_config(config, **kw).to(torch_dtype(cfg.dtype)), tok
 
 
 # ---------------------------------------------------------------- data

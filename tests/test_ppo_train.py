@@ -174,7 +174,7 @@ def test_short_run_writes_everything_and_changes_weights(tmp_path):
     after = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert (out / "value" / "finegrain.json").exists()
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # keep 2, saved at 2 only
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]  # keep 2, saved at 2 only
 
 
 def test_lora_policy_uses_adapter_disabled_reference(tmp_path):

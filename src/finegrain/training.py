@@ -84,7 +84,7 @@ def checkpoint_dirs(output: str | Path) -> list[Path]:
 
 
 def _legacy(ckpt: Path) -> bool:
-    """A checkpoint in a layout before this one: ppo's (``ppo_state.json``) or sft's and train-rm's (``optimizer.pt``)."""
+    """A checkpoint in a layout before this one: ppo's (``ppo_state.json``), sft's and train-rm's (``optimizer.pt``)."""
     return (ckpt / "ppo_state.json").exists() or ((ckpt / "optimizer.pt").exists()
                                                   and not (ckpt / "optimizer.bin").exists())
 

@@ -16,8 +16,9 @@ Checkpoints
     scaler.pt           the loss scaler, with --mixed-precision fp16 only                          accelerate
     scheduler.pt        the learning-rate schedule (sft, train-rm; ppo sets its rate from the step)
     rng_<rank>.pt       each process's torch, CUDA, Python and NumPy generator states
-    state.json          the step, the data fingerprint and the trainer's own running state (ppo: KL
-                        controller, reward statistics), written last
+    state.json          the step, accelerate's step counter (the gradient-accumulation phase), the
+                        data fingerprint and the trainer's own running state (ppo: KL controller,
+                        reward statistics), written last
 
 Under FSDP or DeepSpeed, accelerate writes the weights and optimizer in those engines' own sharded
 forms instead of the first two files. The directory is written under a temporary name
@@ -27,7 +28,8 @@ refuses an output directory that already holds another run's checkpoints
 (:func:`refuse_stale_checkpoints`); ``--resume`` continues from the newest checkpoint and refuses
 one whose data fingerprint is not this run's (:func:`resume_training_state`). A checkpoint that
 cannot be restored (a corrupt, truncated or tampered file) stops ``--resume`` with one line naming
-the file (:func:`checkpoint_error`).
+the file (:func:`checkpoint_error`); one in the layout of an earlier finegrain (ppo's
+``ppo_state.json``, sft's and train-rm's ``optimizer.pt``) is refused in one line as well.
 
 What goes through accelerate, and why not everything: ``Accelerator.save_state``/``load_state``
 know how each setup holds the weights and optimizer (DDP's wrapper, FSDP's shards, DeepSpeed's
@@ -36,7 +38,8 @@ accelerate pickles NumPy arrays into ``random_states_<rank>.pkl``, its ``load_st
 with fresh generators when that file fails to load (a damaged file would go unnoticed), and with
 torch older than 2.4 (which finegrain supports) its loader drops ``weights_only`` and would unpickle
 whatever the files hold. So its random-states file is replaced by our tensor-only ``rng_<rank>.pt``;
-the schedule is saved by us (it is not prepared: a prepared scheduler steps once per process);
+the schedule is saved by us (it is not prepared: accelerate steps a prepared schedule once for
+each process);
 accelerate's custom checkpoint objects (loaded with ``weights_only=False``) are never used; and
 before ``load_state`` runs, every file of the checkpoint that torch would unpickle is opened with
 ``torch.load(weights_only=True)`` (memory-mapped: the tensors are not read twice), so a pickle
@@ -176,10 +179,10 @@ def load_training_state(ckpt: str | Path, accelerator, *, scheduler=None,
         with quiet_loading():
             accelerator.load_state(str(ckpt))
             if scheduler is not None:
-                scheduler.load_state_dict(torch.load(ckpt / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+                scheduler.load_state_dict(_safe_torch_load(ckpt / SCHEDULER_FILE))
             rng_file = ckpt / RNG_FILE.format(rank=accelerator.process_index)
             if rng_file.exists():  # a process the saving run did not have starts from fresh generators
-                set_rng_state(torch.load(rng_file, weights_only=True))
+                set_rng_state(_safe_torch_load(rng_file))
         if isinstance(state.get("accelerate_step"), int) and hasattr(accelerator, "step"):
             accelerator.step = state["accelerate_step"]  # gradient-accumulation phase
         if restore is not None:
@@ -443,7 +446,7 @@ class SupervisedLoop:
         optimizer, self.scheduler = build_optimizer(cfg, model, len(self.groups), lr)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.start = 0
-        self.state: dict[str, Any] = {}
+        self.fingerprints: dict[str, str] = {}
 
     @property
     def steps(self) -> int:
@@ -453,7 +456,7 @@ class SupervisedLoop:
         """With ``--resume``, restore the newest checkpoint (its ``fingerprints`` must be these, else a
         ConfigError says ``differs``); the step to continue after (0 for a fresh run). Checkpoints
         written later record the same fingerprints."""
-        self.state = dict(fingerprints)
+        self.fingerprints = dict(fingerprints)
         found = None
         if self.cfg.resume:
             found = resume_training_state(self.output, self.accelerator, expect=fingerprints, differs=differs,
@@ -490,7 +493,7 @@ class SupervisedLoop:
             bar.update(1)
             bar.set_postfix(**stage.postfix(line))
             if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-                save_training_state(self.output, step, acc, self.state, scheduler=self.scheduler,
+                save_training_state(self.output, step, acc, self.fingerprints, scheduler=self.scheduler,
                                     keep=cfg.keep_checkpoints)
         bar.close()
         return line

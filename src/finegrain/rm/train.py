@@ -346,10 +346,12 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
         return evaluate_pairs(accelerator.unwrap_model(model), Objective.of(cfg), data.eval, pad_id,
                               cfg.eval_batch_size, accelerator.device)
 
+    def keep_best(step: int, line: dict) -> None:
+        best.offer(step, line, accelerator, model)
+
     stage = SupervisedStage("train-rm", pair_loss(cfg, model, data.train, pad_id, accelerator.device),
                             evaluate=evaluate if data.eval else None, eval_every=cfg.eval_every,
-                            on_eval=(lambda step, line: best.offer(step, line, accelerator, model))
-                            if cfg.keep == "best" else None,
+                            on_eval=keep_best if cfg.keep == "best" else None,
                             postfix=lambda line: {"loss": f"{line['loss']:.3f}", "acc": f"{line['accuracy']:.2f}"})
     last = loop.run(stage)
     meta = final_meta(cfg, data, loop.steps, last, cfg.max_length)

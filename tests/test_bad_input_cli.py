@@ -125,6 +125,13 @@ def write(name: str, text: str) -> Callable[[Path], None]:
     return lambda run: (newest(run) / name).write_text(text)
 
 
+def legacy_layout(run: Path) -> None:
+    """The newest checkpoint as ppo wrote it before issue 16: ppo_state.json, accelerate's random states."""
+    ckpt = newest(run)
+    (ckpt / "state.json").rename(ckpt / "ppo_state.json")
+    (ckpt / "rng_0.pt").rename(ckpt / "random_states_0.pkl")
+
+
 def stale_checkpoints(state_file: str, step_dir: str) -> Callable[[Path], None]:
     """Another run's checkpoints and a 286-line metrics.jsonl in the output directory."""
     def plant(out: Path) -> None:
@@ -222,23 +229,41 @@ CORPUS: list[Case] = [
     Case("train-rm --resume: truncated weights", RUNS["rm"] + " --resume", "model.safetensors: cannot resume",
          run="rm", damage=truncate("model.safetensors")),
     Case("train-rm --resume: pickle planted in the optimizer state", RUNS["rm"] + " --resume",
-         "optimizer.pt: cannot resume: the checkpoint is damaged or was altered (it holds pickled objects",
-         run="rm", damage=plant_pickle("optimizer.pt")),
+         "optimizer.bin: cannot resume: the checkpoint is damaged or was altered (it holds pickled objects",
+         run="rm", damage=plant_pickle("optimizer.bin")),
     Case("sft --resume: state file not JSON", RUNS["sft"] + " --resume", "state.json: cannot resume", run="sft",
          damage=write("state.json", "{not json")),
-    Case("sft --resume: truncated optimizer state", RUNS["sft"] + " --resume", "optimizer.pt: cannot resume",
-         run="sft", damage=truncate("optimizer.pt")),
+    Case("sft --resume: truncated optimizer state", RUNS["sft"] + " --resume", "optimizer.bin: cannot resume",
+         run="sft", damage=truncate("optimizer.bin")),
     Case("ppo --resume: truncated weights", PPO_RUN + " --resume --steps 3", "model.safetensors: cannot resume",
          run="ppo", damage=truncate("model.safetensors")),
     Case("ppo --resume: pickle planted in the optimizer state", PPO_RUN + " --resume --steps 3",
          "optimizer.bin: cannot resume: the checkpoint is damaged or was altered (it holds pickled objects",
          run="ppo", damage=plant_pickle("optimizer.bin")),
     Case("ppo --resume: step that is not a number", PPO_RUN + " --resume --steps 3",
-         "ppo_state.json: cannot resume: the checkpoint is damaged or was altered (holds no step number)",
-         run="ppo", damage=write("ppo_state.json", '{"step": "two", "kl_controller": {}}')),
+         "/state.json: cannot resume: the checkpoint is damaged or was altered (holds no step number)",
+         run="ppo", damage=write("state.json", '{"step": "two", "kl_controller": {}}')),
     Case("ppo --resume: KL controller state altered", PPO_RUN + " --resume --steps 3",
-         "ppo_state.json: cannot resume: the checkpoint is damaged or was altered (holds no valid KL-controller",
-         run="ppo", damage=write("ppo_state.json", '{"step": 2, "kl_controller": "beta=0.05"}')),
+         "/state.json: cannot resume: the checkpoint is damaged or was altered (holds no valid KL-controller",
+         run="ppo", damage=write("state.json", '{"step": 2, "kl_controller": "beta=0.05"}')),
+    Case("ppo --resume: pickle planted in a process's RNG state", PPO_RUN + " --resume --steps 3",
+         "rng_0.pt: cannot resume: the checkpoint is damaged or was altered (it holds pickled objects",
+         run="ppo", damage=plant_pickle("rng_0.pt")),
+    Case("ppo --resume: truncated RNG state", PPO_RUN + " --resume --steps 3", "rng_0.pt: cannot resume",
+         run="ppo", damage=truncate("rng_0.pt")),
+    Case("ppo --resume: a pickle added beside the state files", PPO_RUN + " --resume --steps 3",
+         "random_states_0.pkl: cannot resume: the checkpoint is damaged or was altered (it holds pickled objects",
+         run="ppo", damage=plant_pickle("random_states_0.pkl")),
+    Case("ppo --resume: optimizer state missing", PPO_RUN + " --resume --steps 3",
+         "optimizer.bin: cannot resume: the checkpoint is damaged or was altered (missing)",
+         run="ppo", damage=lambda run: (newest(run) / "optimizer.bin").unlink()),
+    Case("train-rm --resume: pickle planted in the schedule", RUNS["rm"] + " --resume",
+         "scheduler.pt: cannot resume: the checkpoint is damaged or was altered (it holds pickled objects",
+         run="rm", damage=plant_pickle("scheduler.pt")),
+    Case("sft --resume: truncated RNG state", RUNS["sft"] + " --resume", "rng_0.pt: cannot resume", run="sft",
+         damage=truncate("rng_0.pt")),
+    Case("ppo --resume: a checkpoint of the layout before issue 16", PPO_RUN + " --resume --steps 3",
+         "in the checkpoint layout of an earlier finegrain", run="ppo", damage=legacy_layout),
 ]
 EARLIER = {"metrics.jsonl": b'{"step": 1, "loss": 0.7}\n', "model.safetensors": b"weights of an earlier run",
            "pairs.jsonl": b'{"earlier": true}\n', "edited.jsonl": b'{"earlier": true}\n', "eval.json": b"{}\n",

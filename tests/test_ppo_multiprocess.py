@@ -88,4 +88,4 @@ def test_two_processes_stay_in_sync(tmp_path, num_minibatches):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [1, 2]  # rank 0 only: no duplicated lines
     assert rows[0]["response_tokens"] > 0
-    assert (out / "checkpoints" / "step-000002" / "random_states_1.pkl").exists()  # each rank's RNG state
+    assert (out / "checkpoints" / "step-00000002" / "rng_1.pt").exists()  # each rank's RNG state

@@ -174,7 +174,7 @@ def test_short_run_writes_everything_and_changes_weights(tmp_path):
     after = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert (out / "value" / "finegrain.json").exists()
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # keep 2, saved at 2 only
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]  # keep 2, saved at 2 only
 
 
 def test_lora_policy_uses_adapter_disabled_reference(tmp_path):
@@ -314,6 +314,39 @@ def test_sigkill_then_resume_gives_same_steps_and_metrics(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
     samples = [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted(set(samples)) == list(range(1, steps + 1)) and len(samples) == len(set(samples)) * 4
+
+
+def test_resume_restores_the_kl_controller_reward_statistics_and_optimizer(tmp_path):
+    """Resumed from its step-1 checkpoint (the format every trainer writes), a run's steps 2 and 3 are the
+    uninterrupted run's: the adaptive KL coefficient, the running reward moments, the optimizer state, the
+    accumulation phase and the RNG come back. A resume over other prompts is refused."""
+    import shutil
+
+    from finegrain.ppo.train import train_ppo
+
+    ws = make_workspace(tmp_path)
+    kw = dict(steps=3, batch_size=4, grad_accum=2, adaptive_kl=True, reward_norm=True, save_every=1,
+              keep_checkpoints=3, lr_schedule="linear")
+    full = tmp_path / "full"
+    train_ppo(toy_config(ws, full, **kw))
+    ckpt = full / "checkpoints" / "step-00000001"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.bin", "rng_0.pt", "state.json"]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 1 and state["reward_moments"]["count"] > 0 and state["kl_controller"]["value"] > 0
+    crashed = tmp_path / "crashed"
+    shutil.copytree(ckpt, crashed / "checkpoints" / ckpt.name)
+    ref = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    (crashed / "metrics.jsonl").write_text(json.dumps(ref[0]) + "\n")
+    assert train_ppo(toy_config(ws, crashed, resume=True, **kw))["resumed_from"] == 1
+    rows = [json.loads(x) for x in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2, 3] and rows[1]["kl_coef"] != rows[0]["kl_coef"]
+    for a, b in zip(rows[1:], ref[1:]):
+        for key in ("kl_coef", "reward", "kl", "policy_loss", "value_loss", "response_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"say few x {i}"}) + "\n" for i in range(16)))
+    with pytest.raises(ConfigError, match="cannot resume from .*the prompts differ"):
+        train_ppo(toy_config(dict(ws, prompts=str(other)), crashed, resume=True, **dict(kw, steps=4)))
 
 
 def test_cross_tokenizer_run_keeps_each_responses_eq1_reward(tmp_path, tiny_tokenizer):

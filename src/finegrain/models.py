@@ -192,6 +192,20 @@ def is_encoder_model(config) -> bool:
     return getattr(config, "model_type", None) in ENCODER_MODEL_TYPES
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """The weights dtype of a ``--dtype`` name (:data:`DTYPE_NAMES`), or ``"auto"`` (the checkpoint's own) as is."""
+    if name == "auto":
+        return "auto"
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)} or auto")
+    import torch
+
+    return getattr(torch, name)
+
+
 def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool = False, dtype=None,
                attn_implementation: str | None = None, **kwargs):
     """Load ``name`` with the given head; one-label heads for ``token`` and ``sequence``.

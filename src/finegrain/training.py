@@ -1,16 +1,51 @@
-"""Supervised-training plumbing shared by `finegrain sft` and `finegrain train-rm`.
+"""Training plumbing shared by all three trainers: `finegrain sft`, `finegrain train-rm` and `finegrain ppo`.
 
-Optimizer and schedule, the deterministic micro-batch plan, the held-out split, and resumable
-training checkpoints without pickle: safetensors weights, tensor-only state dicts.
+One checkpoint and resume format (below), the optimizer and schedule, the deterministic micro-batch
+plan, the held-out split, the stop on a diverged step, and the supervised loop that sft and train-rm
+share (:class:`SupervisedLoop`: micro-batches split over processes, gradient accumulation, clipping,
+metrics, periodic checkpoints, resume; a stage passes in the loss of a micro-batch and its
+held-out evaluation as a :class:`SupervisedStage`). PPO has its own loop (rollouts, then updates)
+and the same checkpoints.
 
-Layout of ``OUTPUT/checkpoints/step-NNNNNNNN/``: ``model.safetensors``, ``optimizer.pt`` and
-``scheduler.pt`` (``torch.load(weights_only=True)``), ``rng_<rank>.pt`` (torch, CUDA, Python and
-NumPy generator states as tensors and plain values) and ``state.json`` (step, data fingerprint),
-written last: a directory without it is incomplete and ignored. The whole directory is written
-under a temporary name and renamed into place. A checkpoint that cannot be restored (a corrupt,
-truncated or tampered file: pickles are refused, never run) stops ``--resume`` with one line
-naming the file (:func:`checkpoint_error`), and a fresh run refuses an output directory that
-already holds another run's checkpoints (:func:`refuse_stale_checkpoints`).
+Checkpoints
+-----------
+``OUTPUT/checkpoints/step-NNNNNNNN/`` (eight digits), for every trainer::
+
+    model.safetensors   the prepared model's weights (ppo: policy and value model in one file)   accelerate
+    optimizer.bin       the optimizer's state dict                                                 accelerate
+    scaler.pt           the loss scaler, with --mixed-precision fp16 only                          accelerate
+    scheduler.pt        the learning-rate schedule (sft, train-rm; ppo sets its rate from the step)
+    rng_<rank>.pt       each process's torch, CUDA, Python and NumPy generator states
+    state.json          the step, accelerate's step counter (the gradient-accumulation phase), the
+                        data fingerprint and the trainer's own running state (ppo: KL controller,
+                        reward statistics), written last
+
+Under FSDP or DeepSpeed, accelerate writes the weights and optimizer in those engines' own sharded
+forms instead of the first two files. The directory is written under a temporary name
+(``.step-NNNNNNNN.tmp``) and renamed into place once state.json is in it, so a directory without
+state.json is incomplete and ignored; only the newest ``--keep-checkpoints`` survive. A fresh run
+refuses an output directory that already holds another run's checkpoints
+(:func:`refuse_stale_checkpoints`); ``--resume`` continues from the newest checkpoint and refuses
+one whose data fingerprint is not this run's (:func:`resume_training_state`). A checkpoint that
+cannot be restored (a corrupt, truncated or tampered file) stops ``--resume`` with one line naming
+the file (:func:`checkpoint_error`); one in the layout of an earlier finegrain (ppo's
+``ppo_state.json``, sft's and train-rm's ``optimizer.pt``) is refused in one line as well.
+
+What goes through accelerate, and why not everything: ``Accelerator.save_state``/``load_state``
+know how each setup holds the weights and optimizer (DDP's wrapper, FSDP's shards, DeepSpeed's
+engine) and the fp16 scaler, so those parts are theirs. Their random-number state does not fit:
+accelerate pickles NumPy arrays into ``random_states_<rank>.pkl``, its ``load_state`` carries on
+with fresh generators when that file fails to load (a damaged file would go unnoticed), and with
+torch older than 2.4 (which finegrain supports) its loader drops ``weights_only`` and would unpickle
+whatever the files hold. So its random-states file is replaced by our tensor-only ``rng_<rank>.pt``;
+the schedule is saved by us (it is not prepared: accelerate steps a prepared schedule once for
+each process);
+accelerate's custom checkpoint objects (loaded with ``weights_only=False``) are never used; and
+before ``load_state`` runs, every file of the checkpoint that torch would unpickle is opened with
+``torch.load(weights_only=True)`` (memory-mapped: the tensors are not read twice), so a pickle
+holding anything but tensors and plain values is refused without running it. Weights are
+safetensors. DeepSpeed's own folder and FSDP's sharded (torch.distributed.checkpoint) folders are
+read by those engines' loaders, outside this check.
 """
 from __future__ import annotations
 
@@ -22,25 +57,44 @@ import os
 import pickle
 import random
 import shutil
+import time
 import warnings
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from .errors import ConfigError, FinegrainError, InputError, TrainingError
 
+CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_{rank}.pt"
+UNPICKLED = (".pt", ".bin", ".pkl")  # files torch.load reads: checked with weights_only before a resume
 
 
-def checkpoint_dirs(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    root = Path(root)
+# ---------------------------------------------------------------- checkpoints
+def checkpoint_dirs(output: str | Path) -> list[Path]:
+    """The complete checkpoints of the run in ``output`` (``output/checkpoints/step-*``), oldest first."""
+    root = Path(output) / CHECKPOINTS
     if not root.is_dir():
         return []
-    dirs = [d for d in root.glob("step-*") if (d / STATE_FILE).exists()]
-    return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
+    dirs = [d for d in root.glob("step-*") if d.name[5:].isdigit() and ((d / STATE_FILE).exists() or _legacy(d))]
+    return sorted(dirs, key=lambda d: int(d.name[5:]))
+
+
+def _legacy(ckpt: Path) -> bool:
+    """A checkpoint in a layout before this one: ppo's (``ppo_state.json``), sft's and train-rm's (``optimizer.pt``)."""
+    return (ckpt / "ppo_state.json").exists() or ((ckpt / "optimizer.pt").exists()
+                                                  and not (ckpt / "optimizer.bin").exists())
+
+
+def fingerprint(items: Iterable[str]) -> str:
+    """A short hash of ``items`` in order: what a resumed run compares with the checkpoint's (ids, prompts)."""
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,53 +113,109 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
-def save_training_state(root: str | Path, step: int, accelerator, model, optimizer, scheduler,
-                        state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` (all processes call this; the main process writes the shared files)."""
-    from safetensors.torch import save_model
+def save_training_state(output: str | Path, step: int, accelerator, state: dict[str, Any], *, scheduler=None,
+                        keep: int = 2) -> Path:
+    """Write checkpoint ``step`` of the run in ``output`` (all processes call this; see the module docstring).
 
-    root = Path(root)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
+    ``state`` (JSON values: fingerprints, the trainer's running state) goes into state.json with
+    the step; ``keep`` > 0 removes all but the newest ``keep`` checkpoints afterwards.
+    """
+    from accelerate.utils import RNG_STATE_NAME
+
+    root = Path(output) / CHECKPOINTS
+    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+    rank = accelerator.process_index
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    accelerator.save_state(str(tmp), safe_serialization=True)  # weights, optimizer, scaler (sharded where they are)
+    (tmp / f"{RNG_STATE_NAME}_{rank}.pkl").unlink(missing_ok=True)  # pickled NumPy state: ours replaces it
+    torch.save(rng_state(), tmp / RNG_FILE.format(rank=rank))
+    if accelerator.is_main_process and scheduler is not None:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    accelerator.wait_for_everyone()  # every process has written its files before state.json and the rename
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(dict(state, step=step), indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        state = dict(state, step=step, accelerate_step=getattr(accelerator, "step", 0))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        for old in checkpoint_dirs(output)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_training_state(ckpt: Path, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this process's RNG; return state.json."""
-    from safetensors.torch import load_model
+def resume_training_state(output: str | Path, accelerator, *, expect: dict[str, Any], differs: str, scheduler=None,
+                          restore: Callable[[dict], None] | None = None) -> dict[str, Any] | None:
+    """Restore the newest checkpoint of ``output`` into the prepared objects; its state.json, or None if none.
 
-    device = accelerator.device
+    ``restore(state)`` takes the trainer's own running state back (an :class:`InputError` it
+    raises is reported against state.json). Afterwards each ``expect`` item (a data fingerprint)
+    must equal the checkpoint's, else a :class:`ConfigError` says ``differs``.
+    """
+    found = checkpoint_dirs(output)
+    if not found:
+        return None
+    state = load_training_state(found[-1], accelerator, scheduler=scheduler, restore=restore)
+    if any(state.get(k) != v for k, v in expect.items()):
+        raise ConfigError(f"cannot resume from {found[-1]}: {differs}")
+    return state
+
+
+def load_training_state(ckpt: str | Path, accelerator, *, scheduler=None,
+                        restore: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Restore checkpoint ``ckpt`` (weights, optimizer, scaler, schedule, this process's RNG); return state.json.
+
+    Nothing in it is unpickled beyond tensors and plain values; a damaged file is one line naming it.
+    """
+    ckpt = Path(ckpt)
+    if _legacy(ckpt):
+        raise ConfigError(f"cannot resume from {ckpt}: it was written in the checkpoint layout of an earlier "
+                          "finegrain; resume it with that version, or start again without --resume")
     try:
+        state = checked_state(json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")), ckpt / STATE_FILE)
+        _check_unpickled_files(ckpt, accelerator)
         with quiet_loading():
-            load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"),
-                       device="cpu" if device.type == "cpu" else str(device))
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
-            rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
-            if rng_file.exists():
-                set_rng_state(torch.load(rng_file, weights_only=True))
-        return checked_state(json.loads((ckpt / STATE_FILE).read_text()), ckpt / STATE_FILE)
-    except Exception as e:  # whatever a damaged file makes torch, safetensors or json raise: one line
+            accelerator.load_state(str(ckpt))
+            if scheduler is not None:
+                scheduler.load_state_dict(_safe_torch_load(ckpt / SCHEDULER_FILE))
+            rng_file = ckpt / RNG_FILE.format(rank=accelerator.process_index)
+            if rng_file.exists():  # a process the saving run did not have starts from fresh generators
+                set_rng_state(_safe_torch_load(rng_file))
+        if isinstance(state.get("accelerate_step"), int) and hasattr(accelerator, "step"):
+            accelerator.step = state["accelerate_step"]  # gradient-accumulation phase
+        if restore is not None:
+            restore(state)
+        return state
+    except InputError as e:
+        raise checkpoint_error(ckpt, e if e.path is not None else InputError(e.message, path=ckpt / STATE_FILE)) from e
+    except Exception as e:  # whatever a damaged file makes torch, safetensors, accelerate or json raise: one line
         raise checkpoint_error(ckpt, e) from e
+
+
+def _check_unpickled_files(ckpt: Path, accelerator) -> None:
+    """Open every file of ``ckpt`` that torch would unpickle with ``weights_only=True``: a pickle of other
+    objects, or a truncated file, is an InputError naming it before accelerate reads anything.
+
+    Without FSDP or DeepSpeed the weights and optimizer files must be there.
+    """
+    if accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        for name in ("model.safetensors", "optimizer.bin"):
+            if not (ckpt / name).exists():
+                raise InputError("missing", path=ckpt / name)
+    for f in sorted(ckpt.iterdir()):
+        if f.is_file() and f.suffix in UNPICKLED:
+            try:
+                _safe_torch_load(f, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any failure names this file
+                raise InputError(_reason(e), path=f) from e
+
+
+def _safe_torch_load(path: Path, *, mmap: bool = False):
+    """torch.load of tensors and plain values only (memory-mapped when asked and the file is a torch zip)."""
+    with quiet_loading():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
 
 
 def checked_state(state: Any, path: Path) -> dict[str, Any]:
@@ -153,7 +263,6 @@ def quiet_loading():
 
 def _unreadable_file(ckpt: Path) -> tuple[Path, str] | None:
     """``(file, reason)`` for the first file of ``ckpt`` that does not load on its own (safely), else None."""
-    from accelerate.utils import load as safe_torch_load  # torch.load(weights_only=True), numpy RNG states allowed
     from safetensors.torch import load_file
 
     for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
@@ -161,8 +270,8 @@ def _unreadable_file(ckpt: Path) -> tuple[Path, str] | None:
             with quiet_loading():
                 if f.suffix == ".safetensors":
                     load_file(str(f))
-                elif f.suffix in (".pt", ".bin", ".pkl"):
-                    safe_torch_load(str(f), map_location="cpu")
+                elif f.suffix in UNPICKLED:
+                    _safe_torch_load(f)
                 elif f.suffix == ".json":
                     json.loads(f.read_text(encoding="utf-8"))
         except Exception as e:  # noqa: BLE001 - any failure names this file
@@ -287,3 +396,127 @@ def save_model_into(output: Path, model, tokenizer, meta: dict) -> None:
     for name in sorted((p.name for p in staging.iterdir()), key=lambda n: n == "finegrain.json"):
         os.replace(staging / name, output / name)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the supervised loop (sft, train-rm)
+MicroBatchLoss = Callable[[list[int]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class SupervisedStage:
+    """What a supervised trainer brings to :class:`SupervisedLoop`.
+
+    name:      ``sft`` or ``train-rm`` (trackers, progress bar)
+    loss:      the loss of one micro-batch (this process's indices into the training examples) and
+               its detached statistics, each a mean over the micro-batch (``loss`` is added)
+    evaluate:  held-out metrics (``eval_*`` names), at every ``eval_every`` steps (0: none) and at
+               the last; None without held-out data
+    on_eval:   called with (step, line) after each evaluation, e.g. to keep the best weights
+    on_step:   called with (line, seconds of the step) after the step is checked, before evaluation
+    postfix:   the progress bar's postfix of a line
+    """
+
+    name: str
+    loss: MicroBatchLoss
+    evaluate: Callable[[], dict[str, float]] | None = None
+    eval_every: int = 0
+    on_eval: Callable[[int, dict], None] | None = None
+    on_step: Callable[[dict, float], None] | None = None
+    postfix: Callable[[dict], dict[str, str]] = lambda line: {"loss": f"{line['loss']:.3f}"}
+
+
+class SupervisedLoop:
+    """The optimisation loop of sft and train-rm, over the deterministic micro-batch plan.
+
+    Built from a :class:`finegrain.config.TrainingOptions` config, an accelerator, the model and
+    the number of training examples: it plans the micro-batches (``batch_size`` per process,
+    ``grad_accum`` per optimizer step), builds the optimizer and schedule, and prepares the model
+    and optimizer (:attr:`model`, :attr:`optimizer`). :meth:`resume` restores the newest
+    checkpoint when ``--resume``; :meth:`run` trains to the end: each step every process takes
+    its slice of each micro-batch (gradients synchronised on the last), clips the gradient norm,
+    steps, stops on a NaN (:func:`check_finite`), evaluates, logs the line to metrics.jsonl and the
+    trackers, and writes a checkpoint every ``save_every`` steps (not at the last: the final model is saved).
+    """
+
+    def __init__(self, cfg, output: str | Path, accelerator, model, n_examples: int, *, lr: float | None = None):
+        self.cfg, self.output, self.accelerator = cfg, Path(output), accelerator
+        world = accelerator.num_processes
+        plan = micro_batch_plan(n_examples, cfg.batch_size * world, cfg.epochs, cfg.seed)
+        self.groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
+        optimizer, self.scheduler = build_optimizer(cfg, model, len(self.groups), lr)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.start = 0
+        self.fingerprints: dict[str, str] = {}
+
+    @property
+    def steps(self) -> int:
+        return len(self.groups)
+
+    def resume(self, fingerprints: dict[str, str], differs: str) -> int:
+        """With ``--resume``, restore the newest checkpoint (its ``fingerprints`` must be these, else a
+        ConfigError says ``differs``); the step to continue after (0 for a fresh run). Checkpoints
+        written later record the same fingerprints."""
+        self.fingerprints = dict(fingerprints)
+        found = None
+        if self.cfg.resume:
+            found = resume_training_state(self.output, self.accelerator, expect=fingerprints, differs=differs,
+                                          scheduler=self.scheduler)
+        self.start = int(found["step"]) if found else 0
+        return self.start
+
+    def run(self, stage: SupervisedStage) -> dict[str, Any]:
+        """Train from the resume point to the last step; the last step's metrics line ({} if none ran)."""
+        from .config import to_dict
+        from .tracking import MetricsLog, init_trackers, progress
+
+        cfg, acc, steps = self.cfg, self.accelerator, self.steps
+        metrics = MetricsLog(self.output / "metrics.jsonl", resume_from_step=self.start + 1 if cfg.resume else None,
+                             enabled=acc.is_main_process)
+        init_trackers(acc, stage.name, to_dict(cfg))
+        bar = progress(total=steps, initial=self.start, desc=stage.name,
+                       disable=None if acc.is_main_process else True)
+        self.model.train()
+        line: dict[str, Any] = {}
+        for step in range(self.start + 1, steps + 1):
+            t0 = time.perf_counter()
+            line = {"step": step, "epoch": round(step / steps * cfg.epochs, 4)}
+            line.update(self.step(self.groups[step - 1], stage.loss))
+            check_finite(step, line, fp16=cfg.mixed_precision == "fp16")
+            if stage.on_step is not None:
+                stage.on_step(line, time.perf_counter() - t0)
+            if stage.evaluate is not None and ((stage.eval_every and step % stage.eval_every == 0) or step == steps):
+                line.update(stage.evaluate())
+                if stage.on_eval is not None:
+                    stage.on_eval(step, line)
+            metrics.log(line)
+            acc.log({k: v for k, v in line.items() if k != "step"}, step=step)
+            bar.update(1)
+            bar.set_postfix(**stage.postfix(line))
+            if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+                save_training_state(self.output, step, acc, self.fingerprints, scheduler=self.scheduler,
+                                    keep=cfg.keep_checkpoints)
+        bar.close()
+        return line
+
+    def step(self, group: list[list[int]], loss_of: MicroBatchLoss) -> dict[str, float]:
+        """One optimizer step over the micro-batches of ``group``; the statistics' means over them and the
+        processes, the learning rate and the gradient norm (when clipping)."""
+        acc, model, cfg = self.accelerator, self.model, self.cfg
+        rank, world = acc.process_index, acc.num_processes
+        sums: dict[str, torch.Tensor] = {}
+        for k, mb in enumerate(group):
+            local = mb[rank::world] or mb[:1]
+            with contextlib.nullcontext() if k == len(group) - 1 else acc.no_sync(model):
+                loss, stats = loss_of(local)
+                acc.backward(loss / len(group))
+            for name, value in {"loss": loss.detach(), **stats}.items():
+                sums[name] = sums.get(name, 0) + value / len(group)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        means = acc.reduce(torch.stack([sums[name] for name in sums]), reduction="mean").tolist()
+        out = dict(zip(sums, means), lr=self.scheduler.get_last_lr()[0])
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        return out

@@ -114,12 +114,6 @@ def preflight(cfg: PPOConfig) -> RunInputs:
     return RunInputs(prompts, [list(q) for q in query_ids], tok, rm_tok, rm_kind, rm_max, same, rm_view)
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
-
-
 @dataclass
 class LoadedModels:
     """policy (maybe a peft model), value model, reference policy (None with LoRA), reward model."""
@@ -136,7 +130,7 @@ def load_models(cfg: PPOConfig, run: RunInputs, device_type: str = "cpu") -> Loa
     ``device_type`` (the accelerator's, e.g. "cpu" or "cuda") selects the attention kernel with
     ``cfg.attn_implementation`` and ``cfg.mixed_precision`` (:func:`finegrain.models.pick_attention`).
     """
-    from ..models import load_model, pick_attention
+    from ..models import load_model, pick_attention, torch_dtype
 
     kw = dict(trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype),
               attn_implementation=pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type))

@@ -9,7 +9,9 @@ Output directory::
     config.json            the full resolved config (written at the start)
     metrics.jsonl          one JSON object per step (see :func:`step_metrics`)
     samples.jsonl          sample generations every --sample-every steps
-    checkpoints/step-N/    accelerate state (weights as safetensors, optimizer, RNG) + ppo_state.json
+    checkpoints/step-N/    resumable checkpoints, the format of every trainer (:mod:`finegrain.training`):
+                           weights (policy and value model), optimizer, RNG, state.json with the step,
+                           the prompts' fingerprint, KL controller and reward statistics
     final/                 the trained policy (save_pretrained + finegrain.json; LoRA merged)
     final_adapter/         the LoRA adapters alone (with --use-lora)
     value/                 the trained value model
@@ -20,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,10 +32,10 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..generation import sample
-from ..io import read_json, write_json
+from ..io import write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import (check_finite, checked_state, checkpoint_error, keep_freed_memory, make_adamw,
-                        quiet_loading, refuse_stale_checkpoints)
+from ..training import (check_finite, checkpoint_dirs, fingerprint, keep_freed_memory, make_adamw,
+                        refuse_stale_checkpoints, resume_training_state, save_training_state)
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -46,7 +46,6 @@ from .setup import LoadedModels, RunInputs, load_models, preflight
 
 log = logging.getLogger("finegrain.ppo")
 OnRollout = Callable[[int, list, list], dict]
-STATE_FILE = "ppo_state.json"
 
 
 # ----------------------------------------------------------------------------- data order
@@ -145,51 +144,26 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def checkpoint_dirs(output: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint becomes visible only once fully written)."""
-    root = Path(output) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+def running_state(e: Engine, steps_done: int) -> dict:
+    """What a checkpoint's state.json keeps of the run besides weights, optimizer and RNG
+    (:func:`finegrain.training.save_training_state`)."""
+    return {"data_position": steps_done * e.cfg.batch_size * e.accelerator.num_processes,
+            "kl_controller": e.kl_ctl.state_dict(),
+            "reward_moments": e.moments.state_dict() if e.moments is not None else None}
 
 
-def save_training_state(accelerator, output: str | Path, step: int, state: dict, keep: int) -> Path:
-    """accelerate state (weights, optimizer, RNG) + ppo_state.json, written to a temp dir then renamed."""
-    root = Path(output) / "checkpoints"
-    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
-    if accelerator.is_main_process:
-        write_json(tmp / STATE_FILE, state)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in checkpoint_dirs(output)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_training_state(accelerator, output: str | Path) -> dict | None:
-    """Restore the latest checkpoint into the prepared objects; its ppo_state.json, or None if none.
-
-    A checkpoint that cannot be restored is one line naming the damaged file (:func:`checkpoint_error`).
-    """
-    found = checkpoint_dirs(output)
-    if not found:
-        return None
+def restore_running_state(e: Engine, state: dict) -> None:
+    """Take :func:`running_state` back from a checkpoint's state.json (an InputError when it cannot)."""
     try:
-        with quiet_loading():
-            accelerator.load_state(str(found[-1]))
-        return checked_state(read_json(found[-1] / STATE_FILE), found[-1] / STATE_FILE)
-    except Exception as e:  # whatever a damaged file makes torch, safetensors or json raise: one line
-        raise checkpoint_error(found[-1], e) from e
+        e.kl_ctl.load_state_dict(state["kl_controller"])
+        if e.moments is not None and state.get("reward_moments"):
+            e.moments.load_state_dict(state["reward_moments"])
+    except (KeyError, TypeError, ValueError) as err:
+        what = f"{type(err).__name__}: {err}"
+        raise InputError(f"holds no valid KL-controller or reward statistics ({what})") from err
 
 
+# ----------------------------------------------------------------------------- final weights
 def _is_sharded(accelerator) -> bool:
     """FSDP or DeepSpeed ZeRO-3: no process holds the full weights in its modules."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -385,19 +359,13 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
 
     set_seed(cfg.seed)
     e = build_engine(cfg, run, models or load_models(cfg, run, acc.device.type), acc)
-    start = 0
-    state = load_training_state(acc, out) if cfg.resume else None
-    if state is not None:
-        start = state["step"]
-        try:
-            e.kl_ctl.load_state_dict(state["kl_controller"])
-            if e.moments is not None and state.get("reward_moments"):
-                e.moments.load_state_dict(state["reward_moments"])
-        except (KeyError, TypeError, ValueError) as err:
-            ckpt = checkpoint_dirs(out)[-1]
-            bad = InputError(f"holds no valid KL-controller or reward statistics ({type(err).__name__}: {err})",
-                             path=ckpt / STATE_FILE)
-            raise checkpoint_error(ckpt, bad) from err
+    prompts = {"data_fingerprint": fingerprint(" ".join(map(str, q)) for q in run.query_ids)}
+    state = None
+    if cfg.resume:
+        state = resume_training_state(out, acc, expect=prompts, restore=lambda saved: restore_running_state(e, saved),
+                                      differs="the prompts differ from that run's (same --prompts, "
+                                              "--prompt-field, --prompt-template and policy tokenizer needed)")
+    start = state["step"] if state is not None else 0
     main = acc.is_main_process
     resume_at = start + 1 if cfg.resume else None
     metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=resume_at, enabled=main)
@@ -419,10 +387,8 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
         bar.update(1)
         bar.set_postfix(reward=f"{line['reward']:.3f}", kl=f"{line['kl']:.3f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            state = {"step": step + 1, "data_position": (step + 1) * cfg.batch_size * acc.num_processes,
-                     "kl_controller": e.kl_ctl.state_dict(),
-                     "reward_moments": e.moments.state_dict() if e.moments is not None else None}
-            save_training_state(acc, out, step + 1, state, cfg.keep_checkpoints)
+            save_training_state(out, step + 1, acc, dict(prompts, **running_state(e, step + 1)),
+                                keep=cfg.keep_checkpoints)
     bar.close()
     if not line and main:  # resumed at the last step: nothing ran, report the last logged line
         line = (metrics.read() or [{}])[-1]

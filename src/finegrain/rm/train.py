@@ -1,16 +1,15 @@
 """Reward-model training: `finegrain train-rm` as a function.
 
 Read top to bottom: data (pairs -> comparisons -> tokenised, aligned features, unchanged edits
-dropped), model (a one-label token or sequence head on any backbone), the deterministic
-micro-batch plan, then the loop (forward both sides in one batch -> loss -> step), with
-evaluation, metrics, resumable checkpoints and the final checkpoint. Works unchanged under
-``accelerate launch`` (data-parallel: each process takes its slice of every micro-batch).
+dropped), model (a one-label token or sequence head on any backbone), evaluation and the best
+weights kept, then the loss of a micro-batch (both sides in one forward) handed to the supervised
+loop shared with sft (:class:`finegrain.training.SupervisedLoop`: steps, metrics, resumable
+checkpoints), and the final checkpoint. Works unchanged under ``accelerate launch``
+(data-parallel: each process takes its slice of every micro-batch).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -24,10 +23,10 @@ from ..config import to_dict
 from ..io import iter_records, read_json, write_json
 from ..errors import ConfigError, InputError
 from ..models import (clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta,
-                      scratch_model)
-from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import (build_optimizer, check_finite, checkpoint_dirs, keep_freed_memory, load_training_state,
-                        micro_batch_plan, refuse_stale_checkpoints, save_model_into, save_training_state)
+                      scratch_model, torch_dtype)
+from ..tracking import resolve_log_with
+from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, keep_freed_memory,
+                        refuse_stale_checkpoints, save_model_into)
 from .config import U0_LABELS, TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
 from .losses import LOSSES, edit_token_labels, mean_reward, token_label_loss, u0_consistency
@@ -35,7 +34,6 @@ from .inputs import check_view
 from .model import ensure_distinct_pad, kind_of_checkpoint, model_outputs
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------- objective
@@ -111,7 +109,7 @@ class RMData:
     n_dropped_truncated: int = 0  # of n_dropped_unchanged: identical only because the edit lies beyond max_length
 
     def fingerprint(self) -> str:
-        return hashlib.sha256("\n".join(f.id for f in self.train).encode()).hexdigest()[:16]
+        return fingerprint(f.id for f in self.train)
 
 
 def prepare_data(cfg: TrainRMConfig, tokenizer) -> RMData:
@@ -163,10 +161,10 @@ def build_model(cfg: TrainRMConfig, tok, device_type: str = "cpu"):
         sizes = {k: getattr(cfg, k) or getattr(base, attr) for k, attr in
                  (("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"), ("n_embd", "hidden_size"))}
         model = scratch_model(cfg.from_scratch, cfg.kind, tok, n_positions=cfg.max_length, attn_implementation=attn,
-                              dtype=DTYPES[cfg.dtype], **sizes)
+                              dtype=torch_dtype(cfg.dtype), **sizes)
     else:
         model = load_model(cfg.model, cfg.kind, tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
-                           dtype=DTYPES[cfg.dtype], attn_implementation=attn)
+                           dtype=torch_dtype(cfg.dtype), attn_implementation=attn)
     if cfg.kind == "sequence":
         ensure_distinct_pad(tok, model)
     return model
@@ -264,51 +262,17 @@ def calibrate_flaw_threshold(model, kind: str, features: Sequence[PairFeatures],
 
 
 # ---------------------------------------------------------------- the loop
-def _train_step(cfg: TrainRMConfig, accelerator, model, optimizer, scheduler, features: list[PairFeatures],
-                group: list[list[int]], pad_id: int) -> dict[str, float]:
-    """One optimizer step over ``grad_accum`` micro-batches; this process takes its slice of each."""
-    rank, world = accelerator.process_index, accelerator.num_processes
+def pair_loss(cfg: TrainRMConfig, model, features: Sequence[PairFeatures], pad_id: int, device):
+    """The loss of one micro-batch of pairs (indices into ``features``) and its statistics, for the supervised loop."""
     obj = Objective.of(cfg)
-    stats = torch.zeros(5, device=accelerator.device)  # loss, accuracy, margin, u0 gap, label loss (micro-batch means)
-    for k, mb in enumerate(group):
-        local = mb[rank::world] or mb[:1]
-        batch = collate_pairs([features[i] for i in local], pad_id).to(accelerator.device)
-        sync = k == len(group) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            out = model_outputs(model, cfg.kind, batch.inputs.input_ids, batch.inputs.attention_mask).float()
-            loss, margin, parts = pair_objective(obj, out, batch)
-            accelerator.backward(loss / len(group))
-        zero = torch.zeros((), device=loss.device)
-        stats += torch.stack([loss.detach(), accuracy(margin.detach()), margin.detach().mean(),
-                              parts.get("u0_gap", zero), parts.get("label_loss", zero)]) / len(group)
-    grad_norm = None
-    if cfg.max_grad_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    stats = accelerator.reduce(stats, reduction="mean")
-    out = {"loss": stats[0].item(), "accuracy": stats[1].item(), "margin": stats[2].item(),
-           "lr": scheduler.get_last_lr()[0]}
-    if cfg.kind == "token":
-        out["u0_gap"] = stats[3].item()
-    if cfg.loss == "token_label" or cfg.label_weight:
-        out["label_loss"] = stats[4].item()
-    if grad_norm is not None:
-        out["grad_norm"] = float(grad_norm)
-    return out
 
+    def loss_of(local: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = collate_pairs([features[i] for i in local], pad_id).to(device)
+        out = model_outputs(model, cfg.kind, batch.inputs.input_ids, batch.inputs.attention_mask).float()
+        loss, margin, parts = pair_objective(obj, out, batch)
+        return loss, {"accuracy": accuracy(margin.detach()), "margin": margin.detach().mean(), **parts}
 
-def _resume_point(cfg: TrainRMConfig, accelerator, model, optimizer, scheduler, data: RMData) -> int:
-    """Step to start from: 0, or the newest checkpoint's step when --resume."""
-    ckpts = checkpoint_dirs(Path(cfg.output) / "checkpoints")
-    if not cfg.resume or not ckpts:
-        return 0
-    state = load_training_state(ckpts[-1], accelerator, model, optimizer, scheduler)
-    if state.get("data_fingerprint") != data.fingerprint():
-        raise ConfigError(f"cannot resume from {ckpts[-1]}: the training pairs differ from that run's "
-                          "(same --data, --eval-fraction and --seed needed)")
-    return int(state["step"])
+    return loss_of
 
 
 def final_meta(cfg: TrainRMConfig, data: RMData, steps: int, last: dict, max_length: int) -> dict:
@@ -355,7 +319,7 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
 
     check_model_kind(cfg)
     output = Path(cfg.output)
-    refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output / "checkpoints"))
+    refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output))
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     check_view(tok, cfg.token_view)
     if not cfg.from_scratch:  # a new model is built with --max-length positions
@@ -365,48 +329,31 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
                               mixed_precision=cfg.mixed_precision)
     keep_freed_memory(accelerator.device.type)
     model = build_model(cfg, tok, accelerator.device.type)
-    plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
-    groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
-    optimizer, scheduler = build_optimizer(cfg, model, len(groups), cfg.learning_rate)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start = _resume_point(cfg, accelerator, model, optimizer, scheduler, data)
-    metrics = MetricsLog(output / "metrics.jsonl", resume_from_step=start + 1 if cfg.resume else None,
-                         enabled=accelerator.is_main_process)
-    init_trackers(accelerator, "train-rm", to_dict(cfg))
-    pad_id, last = tok.pad_token_id, {}
-
+    loop = SupervisedLoop(cfg, output, accelerator, model, len(data.train), lr=cfg.learning_rate)
+    start = loop.resume({"data_fingerprint": data.fingerprint()},
+                        "the training pairs differ from that run's (same --data, --eval-fraction and --seed needed)")
+    model, pad_id = loop.model, tok.pad_token_id
     best = BestKeeper(output, cfg.best_metric, resume=cfg.resume and start > 0,
                       main_process=accelerator.is_main_process)
 
-    def eval_fn() -> dict[str, float]:
+    def evaluate() -> dict[str, float]:
         return evaluate_pairs(accelerator.unwrap_model(model), Objective.of(cfg), data.eval, pad_id,
                               cfg.eval_batch_size, accelerator.device)
 
-    bar = progress(total=len(groups), initial=start, desc="train-rm",
-                   disable=None if accelerator.is_main_process else True)
-    model.train()
-    for step in range(start + 1, len(groups) + 1):
-        last = {"step": step, "epoch": round(step / len(groups) * cfg.epochs, 4)}
-        last.update(_train_step(cfg, accelerator, model, optimizer, scheduler, data.train, groups[step - 1], pad_id))
-        check_finite(step, last, fp16=cfg.mixed_precision == "fp16")
-        if data.eval and ((cfg.eval_every and step % cfg.eval_every == 0) or step == len(groups)):
-            last.update(eval_fn())
-            if cfg.keep == "best":
-                best.offer(step, last, accelerator, model)
-        metrics.log(last)
-        accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < len(groups):
-            save_training_state(output / "checkpoints", step, accelerator, model, optimizer, scheduler,
-                                {"data_fingerprint": data.fingerprint()}, keep=cfg.keep_checkpoints)
-    bar.close()
-    meta = final_meta(cfg, data, len(groups), last, cfg.max_length)
+    def keep_best(step: int, line: dict) -> None:
+        best.offer(step, line, accelerator, model)
+
+    stage = SupervisedStage("train-rm", pair_loss(cfg, model, data.train, pad_id, accelerator.device),
+                            evaluate=evaluate if data.eval else None, eval_every=cfg.eval_every,
+                            on_eval=keep_best if cfg.keep == "best" else None,
+                            postfix=lambda line: {"loss": f"{line['loss']:.3f}", "acc": f"{line['accuracy']:.2f}"})
+    last = loop.run(stage)
+    meta = final_meta(cfg, data, loop.steps, last, cfg.max_length)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         kept = best.restore(final) if cfg.keep == "best" else None
-        meta.update(kept_step=kept["step"] if kept else len(groups), kept_by=kept["metric"] if kept else "last",
+        meta.update(kept_step=kept["step"] if kept else loop.steps, kept_by=kept["metric"] if kept else "last",
                     eval_curve=read_eval_curve(output / "metrics.jsonl"))
         if kept:
             meta.update({k: v for k, v in kept_metrics(output / "metrics.jsonl", kept["step"]).items() if k != "step"})

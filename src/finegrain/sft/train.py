@@ -2,15 +2,13 @@
 
 Read top to bottom: data (records -> tokenised examples with a response-only label mask), model
 (a causal LM loaded by name, or with ``from_scratch`` a byte-level BPE tokenizer trained on the
-data and a tiny GPT-2 built from its config), the deterministic micro-batch plan shared with the
-reward-model trainer, then the loop (forward -> token-mean cross-entropy on response tokens ->
-step), with metrics, resumable checkpoints and the final checkpoint.
+data and a tiny GPT-2 built from its config), then the loss of a micro-batch (token-mean
+cross-entropy on response tokens) handed to the supervised loop shared with the reward-model
+trainer (:class:`finegrain.training.SupervisedLoop`: steps, metrics, resumable checkpoints), and
+the final checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,16 +18,13 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..tokens import format_prompt
-from ..models import (clamp_max_length, load_model, load_tokenizer, pick_attention, tiny_gpt2_config,
+from ..models import (clamp_max_length, load_model, load_tokenizer, pick_attention, tiny_gpt2_config, torch_dtype,
                       train_bpe_tokenizer)
-from ..training import (build_optimizer, check_finite, checkpoint_dirs, held_out, keep_freed_memory,
-                        load_training_state, micro_batch_plan, refuse_stale_checkpoints, save_model_into,
-                        save_training_state)
-from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
+from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, held_out, keep_freed_memory,
+                        refuse_stale_checkpoints, save_model_into)
+from ..tracking import resolve_log_with
 from .config import SFTConfig
 from .data import IGNORE_INDEX, SFTBatch, SFTExample, SFTRecord, build_sft_example, collate_sft, load_sft_records
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -57,7 +52,7 @@ def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord], device_type: str 
     if not cfg.from_scratch:
         tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = load_model(cfg.model, "causal", tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
-                           dtype=DTYPES[cfg.dtype], attn_implementation=attn)
+                           dtype=torch_dtype(cfg.dtype), attn_implementation=attn)
         return model, tok
     from transformers import GPT2LMHeadModel
 
@@ -66,7 +61,7 @@ def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord], device_type: str 
                               n_positions=cfg.n_positions, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id)
     kw = {"attn_implementation": attn} if attn is not None else {}
-    return GPT2LMHeadModel._from_config(config, **kw).to(DTYPES[cfg.dtype]), tok
+    return GPT2LMHeadModel._from_config(config, **kw).to(torch_dtype(cfg.dtype)), tok
 
 
 # ---------------------------------------------------------------- data
@@ -87,13 +82,12 @@ def prepare_data(cfg: SFTConfig, records: Sequence[SFTRecord], n_skipped: int, t
     enc = lambda rs: [build_sft_example(tok, r.prompt, r.response, max_length=max_length, template=cfg.template)  # noqa: E731
                       for r in rs]
     train, ev = enc(train_r), enc(eval_r)
-    fp = hashlib.sha256("\n".join(r.id for r in train_r).encode()).hexdigest()[:16]
-    return SFTData(train, ev, n_skipped, sum(e.truncated for e in train + ev), fp)
+    return SFTData(train, ev, n_skipped, sum(e.truncated for e in train + ev), fingerprint(r.id for r in train_r))
 
 
 def vocab_fingerprint(tok) -> str:
     """Hash of the vocabulary: a from-scratch tokenizer retrained on resume must be the same one."""
-    return hashlib.sha256(repr(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+    return fingerprint([repr(sorted(tok.get_vocab().items()))])
 
 
 def model_max_length(cfg: SFTConfig, model) -> int:
@@ -104,7 +98,7 @@ def model_max_length(cfg: SFTConfig, model) -> int:
     return clamp_max_length(cfg.max_length, cfg.model, config=model.config)
 
 
-# ---------------------------------------------------------------- evaluation and steps
+# ---------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_loss(model, examples: Sequence[SFTExample], pad_id: int, batch_size: int, device) -> float:
     """Token-weighted mean response loss over ``examples``."""
@@ -120,38 +114,13 @@ def evaluate_loss(model, examples: Sequence[SFTExample], pad_id: int, batch_size
     return total / max(n, 1)
 
 
-def _train_step(cfg: SFTConfig, accelerator, model, optimizer, scheduler, examples: list[SFTExample],
-                group: list[list[int]], pad_id: int) -> dict[str, float]:
-    """One optimizer step over ``grad_accum`` micro-batches; this process takes its slice of each."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    loss_sum, tokens = torch.zeros((), device=accelerator.device), 0
-    for k, mb in enumerate(group):
-        local = mb[rank::world] or mb[:1]
-        batch: SFTBatch = collate_sft([examples[i] for i in local], pad_id).to(accelerator.device)
-        with contextlib.nullcontext() if k == len(group) - 1 else accelerator.no_sync(model):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss = response_loss(logits, batch.labels)
-            accelerator.backward(loss / len(group))
-        loss_sum += loss.detach() / len(group)
-        tokens += int(batch.attention_mask.sum())
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    out = {"loss": accelerator.reduce(loss_sum, reduction="mean").item(), "lr": scheduler.get_last_lr()[0],
-           "tokens": tokens * world}
-    if grad_norm is not None:
-        out["grad_norm"] = float(grad_norm)
-    return out
-
-
 # ---------------------------------------------------------------- the loop
 def train_sft(cfg: SFTConfig) -> dict:
     """Fine-tune (or train from scratch) a causal LM as ``cfg`` says; return a summary."""
     from accelerate import Accelerator
 
     output = Path(cfg.output)
-    refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output / "checkpoints"))
+    refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output))
     records, n_skipped = load_sft_records(cfg.data, skip_invalid=cfg.skip_invalid)  # bad data fails first
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
                               mixed_precision=cfg.mixed_precision)
@@ -159,53 +128,39 @@ def train_sft(cfg: SFTConfig) -> dict:
     model, tok = build_policy(cfg, records, accelerator.device.type)
     max_length = model_max_length(cfg, model)
     data = prepare_data(cfg, records, n_skipped, tok, max_length)
-    plan = micro_batch_plan(len(data.train), cfg.batch_size * accelerator.num_processes, cfg.epochs, cfg.seed)
-    groups = [plan[i:i + cfg.grad_accum] for i in range(0, len(plan), cfg.grad_accum)]
-    optimizer, scheduler = build_optimizer(cfg, model, len(groups))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start = 0
-    ckpts = checkpoint_dirs(output / "checkpoints")
-    if cfg.resume and ckpts:
-        state = load_training_state(ckpts[-1], accelerator, model, optimizer, scheduler)
-        if state.get("data_fingerprint") != data.fingerprint or state.get("tokenizer") != vocab_fingerprint(tok):
-            raise ConfigError(f"cannot resume from {ckpts[-1]}: the training records or the tokenizer differ "
-                              "from that run's (same --data, --eval-fraction, --seed and model needed)")
-        start = int(state["step"])
-    metrics = MetricsLog(output / "metrics.jsonl", resume_from_step=start + 1 if cfg.resume else None,
-                         enabled=accelerator.is_main_process)
-    init_trackers(accelerator, "sft", to_dict(cfg))
-    pad_id = tok.pad_token_id
-    bar = progress(total=len(groups), initial=start, desc="sft", disable=None if accelerator.is_main_process else True)
-    model.train()
-    last: dict = {}
-    first_loss = None
-    for step in range(start + 1, len(groups) + 1):
-        t0 = time.perf_counter()
-        last = {"step": step, "epoch": round(step / len(groups) * cfg.epochs, 4)}
-        last.update(_train_step(cfg, accelerator, model, optimizer, scheduler, data.train, groups[step - 1], pad_id))
-        check_finite(step, last, fp16=cfg.mixed_precision == "fp16")
-        last["tokens_per_s"] = last.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
-        first_loss = last["loss"] if first_loss is None else first_loss
-        if data.eval and step == len(groups):
-            last["eval_loss"] = evaluate_loss(accelerator.unwrap_model(model), data.eval, pad_id, cfg.batch_size,
-                                              accelerator.device)
-        metrics.log(last)
-        accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.3f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < len(groups):
-            save_training_state(output / "checkpoints", step, accelerator, model, optimizer, scheduler,
-                                {"data_fingerprint": data.fingerprint, "tokenizer": vocab_fingerprint(tok)}, keep=cfg.keep_checkpoints)
-    bar.close()
+    loop = SupervisedLoop(cfg, output, accelerator, model, len(data.train))
+    loop.resume({"data_fingerprint": data.fingerprint, "tokenizer": vocab_fingerprint(tok)},
+                "the training records or the tokenizer differ from that run's (same --data, --eval-fraction, "
+                "--seed and model needed)")
+    pad_id, world = tok.pad_token_id, accelerator.num_processes
+    tokens, first_loss = [0], []
+
+    def loss_of(local: list[int]):
+        batch: SFTBatch = collate_sft([data.train[i] for i in local], pad_id).to(accelerator.device)
+        logits = loop.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        tokens[0] += int(batch.attention_mask.sum())
+        return response_loss(logits, batch.labels), {}
+
+    def on_step(line: dict, seconds: float) -> None:
+        line["tokens_per_s"] = tokens[0] * world / max(seconds, 1e-9)
+        tokens[0] = 0
+        if not first_loss:
+            first_loss.append(line["loss"])
+
+    def evaluate() -> dict[str, float]:
+        return {"eval_loss": evaluate_loss(accelerator.unwrap_model(loop.model), data.eval, pad_id, cfg.batch_size,
+                                           accelerator.device)}
+
+    last = loop.run(SupervisedStage("sft", loss_of, evaluate=evaluate if data.eval else None, on_step=on_step))
     meta = {"kind": "policy", "stage": "sft", "data": cfg.data,
             "base_model": "tiny-gpt2 (from scratch)" if cfg.from_scratch else cfg.model, "template": cfg.template,
             "max_length": max_length, "n_train": len(data.train), "n_eval": len(data.eval),
-            "n_skipped": data.n_skipped, "n_truncated": data.n_truncated, "steps": len(groups),
-            "first_loss": first_loss, "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
-            "config": to_dict(cfg)}
+            "n_skipped": data.n_skipped, "n_truncated": data.n_truncated, "steps": loop.steps,
+            "first_loss": first_loss[0] if first_loss else None, "final_loss": last.get("loss"),
+            "eval_loss": last.get("eval_loss"), "config": to_dict(cfg)}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        save_model_into(output, accelerator.unwrap_model(model), tok, meta)
+        save_model_into(output, accelerator.unwrap_model(loop.model), tok, meta)
     accelerator.end_training()
     return {"output": str(output), **{k: v for k, v in meta.items() if k != "config"}}

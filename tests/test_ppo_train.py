@@ -20,7 +20,8 @@ import torch
 
 from finegrain.config import build_config
 from finegrain.errors import ConfigError, InputError
-from finegrain.models import save_checkpoint, tiny_gpt2_config
+from finegrain.models import save_checkpoint
+from finegrain.scratch import tiny_gpt2_config
 from finegrain.ppo.config import PPOConfig
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "x", "say", "many", "please"]

@@ -23,8 +23,8 @@ import torch
 from ..config import to_dict
 from ..io import iter_records, read_json, write_json
 from ..errors import ConfigError, InputError
-from ..models import (clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta,
-                      scratch_model)
+from ..models import clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta
+from ..scratch import scratch_model
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from ..training import (build_optimizer, check_finite, checkpoint_dirs, keep_freed_memory, load_training_state,
                         micro_batch_plan, refuse_stale_checkpoints, save_model_into, save_training_state)

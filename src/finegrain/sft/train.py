@@ -20,8 +20,8 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError, InputError
 from ..generation import format_prompt
-from ..models import (clamp_max_length, load_model, load_tokenizer, pick_attention, tiny_gpt2_config,
-                      train_bpe_tokenizer)
+from ..models import clamp_max_length, load_model, load_tokenizer, pick_attention
+from ..scratch import tiny_gpt2_config, train_bpe_tokenizer
 from ..training import (build_optimizer, check_finite, checkpoint_dirs, held_out, keep_freed_memory,
                         load_training_state, micro_batch_plan, refuse_stale_checkpoints, save_model_into,
                         save_training_state)

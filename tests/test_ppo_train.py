@@ -375,13 +375,16 @@ def test_bf16_autocast_matches_fp32_first_step(tmp_path):
 
 
 def test_reuses_rollout_forward_only_with_one_minibatch_of_the_whole_batch(tmp_path):
-    from finegrain.ppo.train import reuses_rollout_forward
+    from finegrain import speed
+    from finegrain.speed import reuses_rollout_forward
 
     ws = make_workspace(tmp_path)
     assert reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=1))
     assert reuses_rollout_forward(toy_config(ws, tmp_path, mini_batch_size=8))
     assert not reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=2))
     assert not reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=1, grad_accum=2))
+    with speed.overrides(reuse_rollout_forward=False):  # the switch turns it off everywhere
+        assert not reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=1))
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
@@ -390,6 +393,7 @@ def test_first_epoch_through_the_rollouts_forward_is_the_same_run(tmp_path, monk
     step and changes nothing else (same metrics, same weights as running the first epoch's forward again)."""
     from transformers import AutoModelForCausalLM
 
+    from finegrain import speed
     from finegrain.ppo import train
     from finegrain.ppo.rollout import PolicyAndValue
 
@@ -402,10 +406,10 @@ def test_first_epoch_through_the_rollouts_forward_is_the_same_run(tmp_path, monk
         over.update(use_lora=True, lora_r=4, lora_alpha=8, lora_target_modules=["c_attn"], lr=1e-2)
     runs = {}
     for reuse in (True, False):
-        monkeypatch.setattr(train, "reuses_rollout_forward", lambda cfg, reuse=reuse: reuse)
         calls.clear()
         out = tmp_path / f"out-{reuse}"
-        train.train_ppo(toy_config(ws, out, **over))
+        with speed.overrides(reuse_rollout_forward=reuse):
+            train.train_ppo(toy_config(ws, out, **over))
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         runs[reuse] = (len(calls), rows, AutoModelForCausalLM.from_pretrained(out / "final").state_dict())
     (n_reuse, rows_reuse, w_reuse), (n_plain, rows_plain, w_plain) = runs[True], runs[False]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .speed import apply_model_switches
 
 Head = Literal["causal", "token", "sequence", "base"]
 logger = logging.getLogger(__name__)
@@ -124,26 +125,6 @@ def forward_params(model) -> frozenset[str]:
 _FORWARD_PARAMS: dict[type, frozenset[str]] = {}
 
 
-def fuse_gelu(model) -> int:
-    """Replace transformers' ``NewGELUActivation`` modules by the one-kernel ``PytorchGELUTanh``.
-
-    Both compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (GPT-2's ``gelu_new``;
-    |difference| ~1e-7), but ``gelu_new`` runs 8 elementwise ops in Python and the other one
-    fused kernel: 1.18x per PPO step of a tiny GPT-2 on CPU. The config is left as it is, so a
-    saved checkpoint still says ``gelu_new``. Returns how many modules were replaced.
-    """
-    from transformers import activations
-
-    fused = activations.ACT2CLS["gelu_pytorch_tanh"]
-    if isinstance(fused, tuple):  # ACT2CLS entries may be (class, kwargs)
-        fused = fused[0]
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is activations.NewGELUActivation]
-    for parent, name in swaps:
-        setattr(parent, name, fused())
-    return len(swaps)
-
-
 # model_type of the encoder families whose outputs at a token see the whole input (bidirectional attention)
 ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "deberta", "deberta-v2", "distilbert",
                                  "electra", "albert", "mpnet", "modernbert", "longformer", "ernie", "nomic_bert"})
@@ -198,8 +179,8 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
 
     A checkpoint saved with another head loads its backbone and gets a fresh head (the usual
     transformers behaviour), e.g. a value model initialised from a reward model. Equivalent
-    faster kernels are swapped in (:func:`fuse_gelu`); ``attn_implementation`` is passed to
-    transformers when given (see :func:`pick_attention`).
+    faster kernels are swapped in as the speed switches say (:func:`finegrain.speed.apply_model_switches`);
+    ``attn_implementation`` is passed to transformers when given (see :func:`pick_attention`).
     """
     import transformers
 
@@ -221,7 +202,7 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
         raise ConfigError(f"cannot load {name!r} as a {head} model: {e}") from e
     if "gguf_file" in kw:
         _drop_dequantized_gguf_marker(model)
-    fuse_gelu(model)
+    apply_model_switches(model)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from .errors import ConfigError
-from .models import AUTO_CLASSES, Head, ensure_pad_token, fuse_gelu
+from .models import AUTO_CLASSES, Head, ensure_pad_token
+from .speed import apply_model_switches
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, eos: str = "<|endoftext|>",
@@ -58,7 +59,7 @@ def scratch_model(architecture: str, head: Head, tokenizer, *, n_layer: int, n_h
         config._attn_implementation = attn_implementation
     auto = getattr(transformers, AUTO_CLASSES[head])
     model = auto.from_config(config, dtype=dtype) if dtype is not None else auto.from_config(config)
-    fuse_gelu(model)
+    apply_model_switches(model)
     return model
 
 

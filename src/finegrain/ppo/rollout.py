@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..models import forward_params
+from .. import speed
 from . import core
 from .rewards import RewardOutput
 
@@ -38,20 +38,17 @@ class PolicyAndValue(nn.Module):
         return logits, values
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' LMs do; peft passes it on)."""
-    return "logits_to_keep" in forward_params(model)
-
-
 def causal_logits(policy: nn.Module, ids, mask, pos, keep: int = 0) -> torch.Tensor:
     """Logits (B, keep, V) of the last ``keep`` positions (all when 0).
 
     The LM head and everything after it (log-softmax, its backward) run only where log-probs are
     needed: the response, not the prompt. With a 20-token prompt and a 32-token response that
     skips 37 % of the LM head; with a long prompt and a large vocabulary, most of it (and of the
-    biggest activation of a PPO step, the (B, L, V) logits).
+    biggest activation of a PPO step, the (B, L, V) logits). Speed switch ``logits_to_keep``
+    (:func:`finegrain.speed.keeps_logits`); off, or for a model without it, the LM head runs on
+    every position and the logits are cut after it.
     """
-    if keep and _accepts_logits_to_keep(policy):
+    if keep and speed.keeps_logits(policy):
         logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
     else:
         logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits

@@ -34,8 +34,9 @@ from ..errors import ConfigError, InputError
 from ..generation import sample
 from ..io import read_json, write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import (check_finite, checked_state, checkpoint_error, keep_freed_memory, make_adamw,
-                        quiet_loading, refuse_stale_checkpoints)
+from ..speed import keep_freed_memory, options as speed_options, reuses_rollout_forward
+from ..training import (check_finite, checked_state, checkpoint_error, make_adamw, quiet_loading,
+                        refuse_stale_checkpoints)
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -72,15 +73,6 @@ def lr_factor(cfg: PPOConfig, step: int) -> float:
 
 
 # ----------------------------------------------------------------------------- update
-def reuses_rollout_forward(cfg: PPOConfig) -> bool:
-    """Whether the update's first epoch backpropagates through the rollout's own forward (:class:`AttachedForward`).
-
-    True when each epoch is one minibatch of the whole batch without accumulation: then the
-    first epoch's forward would repeat the rollout's exactly (same rows, same parameters).
-    """
-    return cfg.minibatch_size() >= cfg.batch_size and cfg.grad_accum == 1
-
-
 def ppo_minibatch_loss(model, b: Rollout, cfg: PPOConfig,
                        attached: AttachedForward | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy loss + vf_coef * clipped value loss of one micro-batch, and its statistics.
@@ -108,7 +100,7 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
     Each minibatch is split into ``grad_accum`` micro-batches whose gradients accelerate
     accumulates (and synchronises across processes once per minibatch). Returned statistics
     are averaged over ALL micro-batches of all epochs, not the last one. A rollout with an
-    attached forward (:func:`reuses_rollout_forward`) spends it on the first epoch, in the
+    attached forward (:func:`finegrain.speed.reuses_rollout_forward`) spends it on the first epoch, in the
     rollout's row order (one minibatch: the order changes nothing).
     """
     n = len(rollout.prompts)
@@ -119,6 +111,7 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
         group["lr"] = base * lr_factor(cfg, step)
     sums: dict[str, float] = defaultdict(float)
     count = 0
+    trim = speed_options().trim_minibatches
     attached, rollout.attached = rollout.attached, None  # spent below; its graph must not outlive the update
     if attached is not None and micro < n:
         raise ValueError("an attached forward covers the whole batch; the minibatch here is smaller")
@@ -128,7 +121,7 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
             if epoch == 0 and attached is not None:
                 b = rollout.select(torch.arange(n), accelerator.device, trim=False)
             else:
-                b = rollout.select(perm[start:start + micro], accelerator.device)
+                b = rollout.select(perm[start:start + micro], accelerator.device, trim=trim)
             with accelerator.accumulate(model):
                 loss, stats = ppo_minibatch_loss(model, b, cfg, attached if epoch == 0 else None)
                 accelerator.backward(loss)

@@ -25,9 +25,10 @@ from ..io import iter_records, read_json, write_json
 from ..errors import ConfigError, InputError
 from ..models import clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta
 from ..scratch import scratch_model
+from ..speed import keep_freed_memory
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import (build_optimizer, check_finite, checkpoint_dirs, keep_freed_memory, load_training_state,
-                        micro_batch_plan, refuse_stale_checkpoints, save_model_into, save_training_state)
+from ..training import (build_optimizer, check_finite, checkpoint_dirs, load_training_state, micro_batch_plan,
+                        refuse_stale_checkpoints, save_model_into, save_training_state)
 from .config import U0_LABELS, TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
 from .losses import (edit_token_labels, mean_reward, sequence_loss, token_edit_loss, token_label_loss,

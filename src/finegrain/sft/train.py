@@ -22,8 +22,9 @@ from ..errors import ConfigError, InputError
 from ..generation import format_prompt
 from ..models import clamp_max_length, load_model, load_tokenizer, pick_attention
 from ..scratch import tiny_gpt2_config, train_bpe_tokenizer
-from ..training import (build_optimizer, check_finite, checkpoint_dirs, held_out, keep_freed_memory,
-                        load_training_state, micro_batch_plan, refuse_stale_checkpoints, save_model_into,
+from ..speed import keep_freed_memory
+from ..training import (build_optimizer, check_finite, checkpoint_dirs, held_out, load_training_state,
+                        micro_batch_plan, refuse_stale_checkpoints, save_model_into,
                         save_training_state)
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from .config import SFTConfig

@@ -128,20 +128,20 @@ def main() -> int:
     step = 0
     for v in variants:  # warm-up: every variant once (fused kernels, autocast caches)
         with sw.on(v):
-            r, _ = rollout_step(e, step)
+            r, _, attached = rollout_step(e, step)
         with sw.on(v) as opt:
-            ppo_update(acc, e.model, opt, r, cfg, step)
+            ppo_update(acc, e.model, opt, r, cfg, step, attached)
         step += 1
     for rnd in range(a.rounds):
         k = rnd % len(variants)
         for v in variants[k:] + variants[:k]:
             with sw.on(v):
                 t0 = time.perf_counter()
-                r, _ = rollout_step(e, step)
+                r, _, attached = rollout_step(e, step)
                 t1 = time.perf_counter()
             with sw.on(v) as opt:
                 t2 = time.perf_counter()
-                ppo_update(acc, e.model, opt, r, cfg, step)
+                ppo_update(acc, e.model, opt, r, cfg, step, attached)
                 t3 = time.perf_counter()
             times[v]["rollout"].append(t1 - t0)
             times[v]["update"].append(t3 - t2)

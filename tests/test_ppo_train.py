@@ -440,6 +440,32 @@ def test_attached_forward_takes_ids_made_in_inference_mode_and_reaches_both_mode
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
+def test_rollouts_are_plain_data_and_the_update_spends_the_rollouts_forward(tmp_path):
+    """The rollout's forward kept for the first minibatch travels beside the Rollout, never on it, and the
+    update lets go of it; with the switch off there is none."""
+    from finegrain import speed
+    from finegrain.ppo.rollout import Rollout
+    from finegrain.ppo.setup import load_models, preflight
+    from finegrain.ppo.train import build_engine, make_accelerator, ppo_update, rollout_step
+
+    assert "attached" not in {f.name for f in dataclasses.fields(Rollout)}
+    ws = make_workspace(tmp_path)
+    cfg = toy_config(ws, tmp_path / "out", num_minibatches=1)
+    run = preflight(cfg)
+    acc = make_accelerator(cfg)
+    e = build_engine(cfg, run, load_models(cfg, run, acc.device.type), acc)
+    r, _, attached = rollout_step(e, 0)
+    tensors = [v for v in vars(r).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 12 and not any(t.requires_grad or t.is_inference() for t in tensors)
+    assert attached.logprobs.requires_grad and torch.equal(attached.logprobs.detach(), r.logprobs)
+    ppo_update(acc, e.model, e.optimizer, r, cfg, 0, attached)
+    assert attached.logprobs is None and attached.values is None  # spent: nothing holds its graph
+    with pytest.raises(ValueError, match="spent"):
+        ppo_update(acc, e.model, e.optimizer, r, cfg, 0, attached)
+    with speed.overrides(reuse_rollout_forward=False):
+        assert rollout_step(e, 1)[2] is None
+
+
 def test_an_encoder_reward_model_scores_ppo_but_cannot_initialise_the_value_model(tmp_path):
     """A BERT token RM on the policy's tokenizer: its rewards see the whole response (fine for rewards), but a
     value model must be causal, so --value-init reward is refused and --value-init policy runs."""

@@ -106,10 +106,17 @@ def test_fuse_gelu_switch_at_load_and_on_a_live_model(tiny_tokenizer, tmp_path):
     assert speed.apply_model_switches(fused) == 0  # nothing left to do
 
 
-def test_unfuse_gelu_leaves_a_models_own_tanh_gelu(tiny_tokenizer):
-    model = make_tiny_model(tiny_tokenizer)  # tiny_gpt2_config: gelu_pytorch_tanh by config, not by a swap
+def test_the_switch_off_runs_a_models_own_tanh_gelu_as_the_8_ops_too(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer).eval()  # tiny_gpt2_config: gelu_pytorch_tanh by config
     assert _gelu_kinds(model) == {"fused"}
-    assert speed.unfuse_gelu(model) == 0 and _gelu_kinds(model) == {"fused"}
+    ids = torch.tensor([tiny_tokenizer("Paris is a large city.")["input_ids"]])
+    with torch.no_grad():
+        want = model(ids).logits
+        with speed.overrides(fuse_gelu=False):
+            assert speed.apply_model_switches(model) == 2 and _gelu_kinds(model) == {"gelu_new"}
+            assert torch.allclose(model(ids).logits, want, atol=1e-5)
+        assert speed.apply_model_switches(model) == 2 and _gelu_kinds(model) == {"fused"}
+    assert model.config.activation_function == "gelu_pytorch_tanh"
 
 
 def test_logits_to_keep_switch_gives_the_same_log_probs(tiny_tokenizer):

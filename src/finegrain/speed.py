@@ -37,9 +37,10 @@ DECODERS = ("auto", "loop", "generate")
 class SpeedOptions:
     """The switches; the defaults are finegrain's fast paths.
 
-    fuse_gelu:              swap transformers' 8-op ``NewGELUActivation`` (GPT-2's ``gelu_new``) for the
-                            one-kernel ``PytorchGELUTanh`` when a model loads (:func:`fuse_gelu`; the same
-                            formula, |difference| ~1e-7; the config keeps saying ``gelu_new``)
+    fuse_gelu:              GPT-2's tanh GELU runs as one kernel: a model's ``gelu_new`` modules (transformers'
+                            8-op ``NewGELUActivation``) become the one-kernel tanh GELU when it loads
+                            (:func:`fuse_gelu`; the same formula, |difference| ~1e-7; the config keeps saying
+                            ``gelu_new``); off, every tanh GELU runs as the 8 ops (:func:`unfuse_gelu`)
     logits_to_keep:         PPO's policy forwards run the LM head only on the positions whose log-probs are
                             needed (the response), through the model's ``logits_to_keep`` (:func:`keeps_logits`);
                             off: on every position, then cut (the same log-probs)
@@ -130,7 +131,21 @@ def overrides(**changes) -> Iterator[SpeedOptions]:
 
 
 # ----------------------------------------------------------------------------- GELU fusion
-_FUSED_MARK = "finegrain_fused_gelu"  # set on the modules fuse_gelu put in, so that unfuse_gelu undoes only those
+def _tanh_gelu_kernel():
+    """transformers' one-kernel tanh GELU class (``gelu_pytorch_tanh``)."""
+    from transformers import activations
+
+    fused = activations.ACT2CLS["gelu_pytorch_tanh"]
+    return fused[0] if isinstance(fused, tuple) else fused  # ACT2CLS entries may be (class, kwargs)
+
+
+def _swap(model, old: type, new: type) -> int:
+    """Replace every submodule of exactly type ``old`` by a fresh ``new()``; returns how many."""
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is old]
+    for parent, name in swaps:
+        setattr(parent, name, new())
+    return len(swaps)
 
 
 def fuse_gelu(model) -> int:
@@ -144,35 +159,23 @@ def fuse_gelu(model) -> int:
     """
     from transformers import activations
 
-    fused = activations.ACT2CLS["gelu_pytorch_tanh"]
-    if isinstance(fused, tuple):  # ACT2CLS entries may be (class, kwargs)
-        fused = fused[0]
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is activations.NewGELUActivation]
-    for parent, name in swaps:
-        module = fused()
-        setattr(module, _FUSED_MARK, True)
-        setattr(parent, name, module)
-    return len(swaps)
+    return _swap(model, activations.NewGELUActivation, _tanh_gelu_kernel())
 
 
 def unfuse_gelu(model) -> int:
-    """Undo :func:`fuse_gelu`: its one-kernel GELUs become ``NewGELUActivation`` again; returns how many."""
+    """The reverse of :func:`fuse_gelu`: every one-kernel tanh GELU (swapped in, or the model's own
+    ``gelu_pytorch_tanh``) becomes transformers' 8-op ``NewGELUActivation``, the same formula; returns how many."""
     from transformers import activations
 
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if getattr(child, _FUSED_MARK, False)]
-    for parent, name in swaps:
-        setattr(parent, name, activations.NewGELUActivation())
-    return len(swaps)
+    return _swap(model, _tanh_gelu_kernel(), activations.NewGELUActivation)
 
 
 def apply_model_switches(model) -> int:
     """Make a model follow the model-level switches (``fuse_gelu``); returns how many modules changed.
 
-    Every model load and build calls it. On, GPT-2's ``gelu_new`` modules are fused; off, the
-    fusions made earlier are undone, so calling it again inside :func:`overrides` switches a live
-    model (and again after the block, back).
+    Every model load and build calls it. On, GPT-2's ``gelu_new`` modules are fused; off, every
+    tanh GELU runs as the 8 ops, so calling it again inside :func:`overrides` switches a live
+    model (and again after the block, back: a model's own ``gelu_pytorch_tanh`` is fused then too).
     """
     return fuse_gelu(model) if options().fuse_gelu else unfuse_gelu(model)
 

@@ -99,10 +99,9 @@ def pick_attention(requested: str, mixed_precision: str, device_type: str) -> st
     """The attention kernel to load models with; ``None`` keeps transformers' default (SDPA).
 
     ``auto`` picks ``eager`` (two batched matmuls and a softmax) for bf16/fp16 autocast on a
-    CPU: PyTorch's CPU flash-attention kernel is slow in bf16, and a tiny GPT-2's forward +
-    backward runs 1.7x faster with eager attention and the fused GELU than with SDPA
-    (127 -> 75 ms; fp32 is the same either way; benchmarks/RESULTS.md). Everywhere else it
-    keeps SDPA, the right choice on GPUs.
+    CPU: PyTorch's CPU flash-attention kernel is slow in bf16, so a tiny GPT-2's forward +
+    backward is faster with eager attention there (fp32 is the same either way; the figures are
+    in benchmarks/RESULTS.md). Everywhere else it keeps SDPA, the right choice on GPUs.
     """
     if requested != "auto":
         return requested

@@ -77,7 +77,8 @@ def build_assets(out: str | os.PathLike, spec: ModelSpec = SPEC, response_length
     import torch
     import transformers
 
-    from finegrain.models import save_checkpoint, tiny_gpt2_config, train_bpe_tokenizer
+    from finegrain.models import save_checkpoint
+    from finegrain.scratch import tiny_gpt2_config, train_bpe_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,7 @@ def build_ppo_engine(cfg, accelerator=None):
     """
     from finegrain.ppo.setup import load_models, preflight
     from finegrain.ppo.train import build_engine, make_accelerator
-    from finegrain.training import keep_freed_memory
+    from finegrain.speed import keep_freed_memory
 
     run = preflight(cfg)
     if accelerator is None:

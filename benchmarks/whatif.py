@@ -9,22 +9,25 @@ calls (base, v1, v2, ..., order rotated every round). Interleaving single calls 
 what makes a 5 % effect visible on a noisy machine. Each figure is the median over rounds of
 variant time / base time: how much faster the step is WITH the optimisation (> 1 = it helps).
 
-Variants (each a reversible switch; ``a+b`` switches several off at once):
+Variants (``a+b`` switches several off at once). Each is a switch of `finegrain.speed` (set with
+``speed.overrides``, the models brought in line by ``speed.apply_model_switches``), except the
+attention kernel, a per-run option, switched with transformers' ``set_attn_implementation``:
 - ``sdpa``: SDPA attention instead of the eager kernel ``--attn-implementation auto`` picks
   under CPU autocast (`finegrain.models.pick_attention`);
 - ``gelu_new``: GPT-2's 8-op ``gelu_new`` instead of the one-kernel tanh GELU swapped in at load
-  (`finegrain.models.fuse_gelu`);
-- ``full_logits``: the LM head on every position instead of the response's
-  (`finegrain.ppo.rollout.causal_logits`);
-- ``unfused_adamw``: torch's per-tensor AdamW loop instead of ``fused=True``;
+  (``fuse_gelu=False``);
+- ``full_logits``: the LM head on every position instead of the response's (``logits_to_keep=False``);
+- ``unfused_adamw``: torch's per-tensor AdamW loop instead of ``fused=True`` (``fused_adamw=False``;
+  a second optimizer over the same parameters, built under that switch);
 - ``generate``: transformers' ``generate`` samples the rollouts instead of finegrain's decoding
-  loop (`finegrain.generation.sample`, ``decoder="generate"``);
+  loop (``decoder="generate"``);
 - ``inference_mode``: sampling under ``torch.inference_mode`` instead of ``no_grad``, where
-  autocast does not cache its bf16 weight copies and casts every weight again for every token;
+  autocast does not cache its bf16 weight copies and casts every weight again for every token
+  (``no_grad_sampling=False``);
 - ``rollout_forward``: the rollout runs its own policy and value forward and the first update
   epoch runs it again, instead of backpropagating through the rollout's
-  (`finegrain.ppo.train.reuses_rollout_forward`; only with one minibatch per epoch, the default here);
-- ``untrimmed``: minibatches keep the whole batch's padding (`Rollout.select(trim=False)`);
+  (``reuse_rollout_forward=False``; only with one minibatch per epoch, the default here);
+- ``untrimmed``: minibatches keep the whole batch's padding (``trim_minibatches=False``);
   it only matters with several minibatches (``--num-minibatches``) or responses that end early.
 """
 from __future__ import annotations
@@ -49,80 +52,48 @@ from fg_side import build_ppo_engine, ppo_config_values  # noqa: E402
 
 DEFAULT = ("sdpa,gelu_new,full_logits,unfused_adamw,generate,inference_mode,rollout_forward,"
            "sdpa+gelu_new+full_logits+unfused_adamw+generate+inference_mode+rollout_forward")
-VARIANTS = {"sdpa", "gelu_new", "full_logits", "unfused_adamw", "untrimmed", "generate", "inference_mode",
-            "rollout_forward"}
+# variant -> the finegrain.speed switch it turns off ("sdpa" is the attention option, not a speed switch)
+SWITCHES = {"gelu_new": {"fuse_gelu": False}, "full_logits": {"logits_to_keep": False},
+            "unfused_adamw": {"fused_adamw": False}, "generate": {"decoder": "generate"},
+            "inference_mode": {"no_grad_sampling": False}, "rollout_forward": {"reuse_rollout_forward": False},
+            "untrimmed": {"trim_minibatches": False}}
+VARIANTS = {"sdpa"} | set(SWITCHES)
 
 
 class Switches:
     """Reversible ways to turn finegrain's optimisations off in a live PPO engine."""
 
     def __init__(self, engine):
-        import torch
-        from transformers import activations
+        from finegrain import speed
+        from finegrain.training import make_adamw
 
-        from finegrain.ppo import rollout, train
-
-        self.rollout, self.train = rollout, train
         unwrapped = engine.accelerator.unwrap_model(engine.model)
         self.models = [unwrapped.policy, unwrapped.value_model, engine.ref_policy, engine.scorer.rm.model]
-        fused = activations.ACT2CLS["gelu_pytorch_tanh"]
-        fused = fused[0] if isinstance(fused, tuple) else fused
-        self.mlps = [m for model in self.models for m in model.modules()
-                     if isinstance(getattr(m, "act", None), fused)]
         self.attn = {id(m): m.config._attn_implementation for m in self.models}
         groups = [{"params": g["params"], "lr": g["lr"]} for g in engine.optimizer.param_groups]
         self.base_opt = engine.optimizer
-        self.loop_opt = torch.optim.AdamW(groups, eps=engine.cfg.adam_eps, foreach=False, fused=False)
+        with speed.overrides(fused_adamw=False):
+            self.loop_opt = make_adamw(groups, eps=engine.cfg.adam_eps)
 
     @contextlib.contextmanager
     def on(self, variant: str):
         """Context in which the optimisations named by ``variant`` are off; yields the optimizer to use."""
-        from transformers import activations
+        from finegrain import speed
 
         parts = set(filter(None, variant.split("+"))) - {"base"}
         if parts - VARIANTS:
             raise SystemExit(f"unknown variant(s) {sorted(parts - VARIANTS)}; known: {sorted(VARIANTS)}")
-        stack = contextlib.ExitStack()
-        if "sdpa" in parts:
+        off = {k: v for p in sorted(parts & set(SWITCHES)) for k, v in SWITCHES[p].items()}
+        with contextlib.ExitStack() as stack:
+            if "sdpa" in parts:
+                for m in self.models:
+                    m.set_attn_implementation("sdpa")
+                stack.callback(lambda: [m.set_attn_implementation(self.attn[id(m)]) for m in self.models])
+            # after the overrides end (callbacks run last in, first out): the models follow the switches again
+            stack.callback(lambda: [speed.apply_model_switches(m) for m in self.models])
+            stack.enter_context(speed.overrides(**off))
             for m in self.models:
-                m.set_attn_implementation("sdpa")
-            stack.callback(lambda: [m.set_attn_implementation(self.attn[id(m)]) for m in self.models])
-        if "gelu_new" in parts:
-            kept = [m.act for m in self.mlps]
-            for m in self.mlps:
-                m.act = activations.NewGELUActivation()
-            stack.callback(lambda: [setattr(m, "act", a) for m, a in zip(self.mlps, kept)])
-        if "full_logits" in parts:
-            original_keep = self.rollout._accepts_logits_to_keep
-            self.rollout._accepts_logits_to_keep = lambda model: False
-            stack.callback(lambda: setattr(self.rollout, "_accepts_logits_to_keep", original_keep))
-        if parts & {"generate", "inference_mode"}:
-            import functools
-
-            import torch
-
-            from finegrain import generation
-
-            decode = generation.sample.__wrapped__  # sample without its no_grad decorator
-            if "inference_mode" in parts:
-                decode = torch.inference_mode()(decode)
-            else:
-                decode = torch.no_grad()(decode)
-            if "generate" in parts:
-                decode = functools.partial(decode, decoder="generate")
-            self.train.sample = decode
-            stack.callback(lambda: setattr(self.train, "sample", generation.sample))
-        if "rollout_forward" in parts:
-            original_reuse = self.train.reuses_rollout_forward
-            self.train.reuses_rollout_forward = lambda cfg: False
-            stack.callback(lambda: setattr(self.train, "reuses_rollout_forward", original_reuse))
-        if "untrimmed" in parts:
-            from finegrain.ppo.rollout import Rollout
-
-            original_select = Rollout.select
-            Rollout.select = lambda r, idx, device, trim=True: original_select(r, idx, device, trim=False)
-            stack.callback(lambda: setattr(Rollout, "select", original_select))
-        with stack:
+                speed.apply_model_switches(m)
             yield self.loop_opt if "unfused_adamw" in parts else self.base_opt
 
 
@@ -157,20 +128,20 @@ def main() -> int:
     step = 0
     for v in variants:  # warm-up: every variant once (fused kernels, autocast caches)
         with sw.on(v):
-            r, _ = rollout_step(e, step)
+            r, _, attached = rollout_step(e, step)
         with sw.on(v) as opt:
-            ppo_update(acc, e.model, opt, r, cfg, step)
+            ppo_update(acc, e.model, opt, r, cfg, step, attached)
         step += 1
     for rnd in range(a.rounds):
         k = rnd % len(variants)
         for v in variants[k:] + variants[:k]:
             with sw.on(v):
                 t0 = time.perf_counter()
-                r, _ = rollout_step(e, step)
+                r, _, attached = rollout_step(e, step)
                 t1 = time.perf_counter()
             with sw.on(v) as opt:
                 t2 = time.perf_counter()
-                ppo_update(acc, e.model, opt, r, cfg, step)
+                ppo_update(acc, e.model, opt, r, cfg, step, attached)
                 t3 = time.perf_counter()
             times[v]["rollout"].append(t1 - t0)
             times[v]["update"].append(t3 - t2)

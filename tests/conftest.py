@@ -86,7 +86,7 @@ def _torch_threads():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from finegrain.models import train_bpe_tokenizer
+    from finegrain.scratch import train_bpe_tokenizer
 
     return train_bpe_tokenizer(CORPUS * 20, vocab_size=400)
 
@@ -95,7 +95,7 @@ def make_tiny_model(tokenizer, head: str = "causal", seed: int = 0, **cfg):
     """A 2-layer GPT-2 with the given head ('causal', 'token', 'sequence') for ``tokenizer``."""
     import torch
     import transformers
-    from finegrain.models import tiny_gpt2_config
+    from finegrain.scratch import tiny_gpt2_config
 
     torch.manual_seed(seed)
     config = tiny_gpt2_config(len(tokenizer), eos_token_id=tokenizer.eos_token_id,

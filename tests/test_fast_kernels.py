@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from finegrain.models import fuse_gelu, load_model, pick_attention, save_checkpoint
+from finegrain.models import load_model, pick_attention, save_checkpoint
+from finegrain.speed import fuse_gelu
 from finegrain.ppo.rollout import PolicyAndValue, causal_logits, forward_response, policy_logprobs
 
 from conftest import make_tiny_model
@@ -142,7 +143,7 @@ def test_ppo_under_bf16_on_cpu_loads_eager_attention(tmp_path):
 _FAULTS = """
 import resource, sys, torch
 from transformers import GPT2Config, GPT2LMHeadModel
-from finegrain.training import keep_freed_memory
+from finegrain.speed import keep_freed_memory
 applied = keep_freed_memory(sys.argv[1])
 torch.manual_seed(0)
 m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=512, n_positions=128,

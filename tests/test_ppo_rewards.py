@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finegrain.models import train_bpe_tokenizer
+from finegrain.scratch import train_bpe_tokenizer
 from finegrain.ppo.rewards import (RewardOutput, RewardScorer, map_rewards_by_offsets, map_same_tokenizer,
                                    policy_token_offsets, tokenizers_match)
 from finegrain.rm.inputs import build_rm_example, rm_example_from_ids

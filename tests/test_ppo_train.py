@@ -20,7 +20,8 @@ import torch
 
 from finegrain.config import build_config
 from finegrain.errors import ConfigError, InputError
-from finegrain.models import save_checkpoint, tiny_gpt2_config
+from finegrain.models import save_checkpoint
+from finegrain.scratch import tiny_gpt2_config
 from finegrain.ppo.config import PPOConfig
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "x", "say", "many", "please"]
@@ -407,13 +408,16 @@ def test_bf16_autocast_matches_fp32_first_step(tmp_path):
 
 
 def test_reuses_rollout_forward_only_with_one_minibatch_of_the_whole_batch(tmp_path):
-    from finegrain.ppo.train import reuses_rollout_forward
+    from finegrain import speed
+    from finegrain.speed import reuses_rollout_forward
 
     ws = make_workspace(tmp_path)
     assert reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=1))
     assert reuses_rollout_forward(toy_config(ws, tmp_path, mini_batch_size=8))
     assert not reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=2))
     assert not reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=1, grad_accum=2))
+    with speed.overrides(reuse_rollout_forward=False):  # the switch turns it off everywhere
+        assert not reuses_rollout_forward(toy_config(ws, tmp_path, num_minibatches=1))
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
@@ -422,6 +426,7 @@ def test_first_epoch_through_the_rollouts_forward_is_the_same_run(tmp_path, monk
     step and changes nothing else (same metrics, same weights as running the first epoch's forward again)."""
     from transformers import AutoModelForCausalLM
 
+    from finegrain import speed
     from finegrain.ppo import train
     from finegrain.ppo.rollout import PolicyAndValue
 
@@ -434,10 +439,10 @@ def test_first_epoch_through_the_rollouts_forward_is_the_same_run(tmp_path, monk
         over.update(use_lora=True, lora_r=4, lora_alpha=8, lora_target_modules=["c_attn"], lr=1e-2)
     runs = {}
     for reuse in (True, False):
-        monkeypatch.setattr(train, "reuses_rollout_forward", lambda cfg, reuse=reuse: reuse)
         calls.clear()
         out = tmp_path / f"out-{reuse}"
-        train.train_ppo(toy_config(ws, out, **over))
+        with speed.overrides(reuse_rollout_forward=reuse):
+            train.train_ppo(toy_config(ws, out, **over))
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         runs[reuse] = (len(calls), rows, AutoModelForCausalLM.from_pretrained(out / "final").state_dict())
     (n_reuse, rows_reuse, w_reuse), (n_plain, rows_plain, w_plain) = runs[True], runs[False]
@@ -466,6 +471,32 @@ def test_attached_forward_takes_ids_made_in_inference_mode_and_reaches_both_mode
     (attached.logprobs.sum() + attached.values.sum()).backward()
     for part in (model.policy, model.value_model):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_rollouts_are_plain_data_and_the_update_spends_the_rollouts_forward(tmp_path):
+    """The rollout's forward kept for the first minibatch travels beside the Rollout, never on it, and the
+    update lets go of it; with the switch off there is none."""
+    from finegrain import speed
+    from finegrain.ppo.rollout import Rollout
+    from finegrain.ppo.setup import load_models, preflight
+    from finegrain.ppo.train import build_engine, make_accelerator, ppo_update, rollout_step
+
+    assert "attached" not in {f.name for f in dataclasses.fields(Rollout)}
+    ws = make_workspace(tmp_path)
+    cfg = toy_config(ws, tmp_path / "out", num_minibatches=1)
+    run = preflight(cfg)
+    acc = make_accelerator(cfg)
+    e = build_engine(cfg, run, load_models(cfg, run, acc.device.type), acc)
+    r, _, attached = rollout_step(e, 0)
+    tensors = [v for v in vars(r).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 12 and not any(t.requires_grad or t.is_inference() for t in tensors)
+    assert attached.logprobs.requires_grad and torch.equal(attached.logprobs.detach(), r.logprobs)
+    ppo_update(acc, e.model, e.optimizer, r, cfg, 0, attached)
+    assert attached.logprobs is None and attached.values is None  # spent: nothing holds its graph
+    with pytest.raises(ValueError, match="spent"):
+        ppo_update(acc, e.model, e.optimizer, r, cfg, 0, attached)
+    with speed.overrides(reuse_rollout_forward=False):
+        assert rollout_step(e, 1)[2] is None
 
 
 def test_an_encoder_reward_model_scores_ppo_but_cannot_initialise_the_value_model(tmp_path):

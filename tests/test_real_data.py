@@ -17,7 +17,8 @@ from conftest import require_shared
 from finegrain.config import build_config
 from finegrain.data import convert
 from finegrain.io import iter_records, write_json, write_jsonl
-from finegrain.models import save_checkpoint, tiny_gpt2_config, train_bpe_tokenizer
+from finegrain.models import save_checkpoint
+from finegrain.scratch import tiny_gpt2_config, train_bpe_tokenizer
 from finegrain.rm import EvalRMConfig, TrainRMConfig, evaluate_reward_model, train_reward_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -12,7 +12,8 @@ import torch
 from finegrain.config import build_config
 from finegrain.errors import ConfigError, InputError
 from finegrain.io import write_jsonl
-from finegrain.models import save_checkpoint, train_bpe_tokenizer
+from finegrain.models import save_checkpoint
+from finegrain.scratch import train_bpe_tokenizer
 from finegrain.rm import EvalRMConfig, RewardModel, TrainRMConfig, evaluate_reward_model, train_reward_model
 
 NOUNS = ["cat", "dog", "house", "car", "tree", "book", "river", "garden", "city", "song", "movie", "chair",
@@ -45,7 +46,7 @@ def corpus() -> list[str]:
 
 def make_base_model(path: Path, *, pad: bool = True, seed: int = 0) -> Path:
     """A tiny GPT-2 causal LM (as an SFT policy would be) with a BPE tokenizer trained here."""
-    from finegrain.models import tiny_gpt2_config
+    from finegrain.scratch import tiny_gpt2_config
     from transformers import GPT2LMHeadModel
 
     tok = train_bpe_tokenizer(corpus() + [f"Describe the {n}." for n in NOUNS], vocab_size=300,

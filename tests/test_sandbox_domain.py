@@ -80,7 +80,7 @@ def test_split_sentences_spans():
 
 
 def test_token_labels_through_tokenizer():
-    from finegrain.models import train_bpe_tokenizer
+    from finegrain.scratch import train_bpe_tokenizer
     from finegrain.rm.align import spans_to_token_mask
 
     demos = make_demonstrations(300, seed=1)

@@ -5,16 +5,17 @@ Prompts are formatted, tokenised and padded by :mod:`finegrain.tokens` (the one 
 Sampling runs finegrain's own KV-cache decoding loop (:func:`sample`): the same temperature /
 top-k / top-p filtering as transformers' ``generate``, tokens drawn by inverse CDF. A model
 whose ``generation_config`` asks for anything else (repetition penalties, suppressed tokens,
-beams, ...) is sampled with ``generate``; ``FINEGRAIN_DECODER=generate`` forces that.
+beams, ...) is sampled with ``generate``; speed switch ``decoder`` (:mod:`finegrain.speed`,
+``FINEGRAIN_DECODER=generate``) forces that.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from . import speed
 from .errors import ConfigError
 from .models import forward_params
 from .tokens import encode_texts, format_prompt, left_pad
@@ -55,7 +56,6 @@ _NO_OP = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repe
           "encoder_no_repeat_ngram_size": 0, "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
           "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": 0.0, "diversity_penalty": 0.0,
           "min_length": 0, "guidance_scale": 1.0, "renormalize_logits": False, "remove_invalid_values": False}
-DECODERS = ("auto", "loop", "generate")
 
 
 def loop_unsupported(model) -> str | None:
@@ -155,22 +155,19 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int, pad: in
     return torch.stack(tokens, dim=1)
 
 
-@torch.no_grad()  # not inference_mode: autocast caches its bf16 copies of the weights only outside it
+@speed.sampling_grad_mode  # no_grad, not inference_mode: autocast caches its bf16 weight copies only outside it
 def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, do_sample: bool = True, generator_seed: int | None = None,
            decoder: str | None = None) -> Generated:
     """Sample one response per prompt with the KV cache; cut each response after its first EOS.
 
     ``decoder``: ``"loop"`` is finegrain's decoding loop (:func:`_decode_loop`; same filtering
-    as ``generate``, tokens drawn by :func:`draw_tokens`; 1.2x faster than ``generate`` for a
-    tiny GPT-2 on CPU), ``"generate"`` is transformers' ``generate``, ``"auto"`` the loop
-    whenever :func:`loop_unsupported` finds nothing against it. Unset, it is the environment's
-    ``FINEGRAIN_DECODER``, else ``"auto"``.
+    as ``generate``, tokens drawn by :func:`draw_tokens`), ``"generate"`` is transformers'
+    ``generate``, ``"auto"`` the loop whenever :func:`loop_unsupported` finds nothing against it.
+    Unset, it is the speed switch ``decoder`` (:func:`finegrain.speed.decoder`: the environment's
+    ``FINEGRAIN_DECODER``, else ``"auto"``).
     """
-    if decoder is None:
-        decoder = os.environ.get("FINEGRAIN_DECODER", "auto") or "auto"
-    if decoder not in DECODERS:
-        raise ConfigError(f"decoder (FINEGRAIN_DECODER) must be one of {', '.join(DECODERS)}, not {decoder!r}")
+    decoder = speed.decoder(decoder)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the policy's tokenizer has no EOS token; responses could never end")

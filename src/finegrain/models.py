@@ -17,9 +17,10 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from .errors import ConfigError
+from .speed import apply_model_switches
 
 Head = Literal["causal", "token", "sequence", "base"]
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def ensure_pad_token(tok) -> None:
     raise ConfigError("the tokenizer has no pad, eos, unk, sep or bos token to pad with; add one to it")
 
 
-_AUTO = {
+AUTO_CLASSES = {  # head -> the transformers Auto class that builds it
     "causal": "AutoModelForCausalLM",
     "token": "AutoModelForTokenClassification",
     "sequence": "AutoModelForSequenceClassification",
@@ -98,10 +99,9 @@ def pick_attention(requested: str, mixed_precision: str, device_type: str) -> st
     """The attention kernel to load models with; ``None`` keeps transformers' default (SDPA).
 
     ``auto`` picks ``eager`` (two batched matmuls and a softmax) for bf16/fp16 autocast on a
-    CPU: PyTorch's CPU flash-attention kernel is slow in bf16, and a tiny GPT-2's forward +
-    backward runs 1.7x faster with eager attention and the fused GELU than with SDPA
-    (127 -> 75 ms; fp32 is the same either way; benchmarks/RESULTS.md). Everywhere else it
-    keeps SDPA, the right choice on GPUs.
+    CPU: PyTorch's CPU flash-attention kernel is slow in bf16, so a tiny GPT-2's forward +
+    backward is faster with eager attention there (fp32 is the same either way; the figures are
+    in benchmarks/RESULTS.md). Everywhere else it keeps SDPA, the right choice on GPUs.
     """
     if requested != "auto":
         return requested
@@ -122,26 +122,6 @@ def forward_params(model) -> frozenset[str]:
 
 
 _FORWARD_PARAMS: dict[type, frozenset[str]] = {}
-
-
-def fuse_gelu(model) -> int:
-    """Replace transformers' ``NewGELUActivation`` modules by the one-kernel ``PytorchGELUTanh``.
-
-    Both compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (GPT-2's ``gelu_new``;
-    |difference| ~1e-7), but ``gelu_new`` runs 8 elementwise ops in Python and the other one
-    fused kernel: 1.18x per PPO step of a tiny GPT-2 on CPU. The config is left as it is, so a
-    saved checkpoint still says ``gelu_new``. Returns how many modules were replaced.
-    """
-    from transformers import activations
-
-    fused = activations.ACT2CLS["gelu_pytorch_tanh"]
-    if isinstance(fused, tuple):  # ACT2CLS entries may be (class, kwargs)
-        fused = fused[0]
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is activations.NewGELUActivation]
-    for parent, name in swaps:
-        setattr(parent, name, fused())
-    return len(swaps)
 
 
 # model_type of the encoder families whose outputs at a token see the whole input (bidirectional attention)
@@ -212,14 +192,14 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
 
     A checkpoint saved with another head loads its backbone and gets a fresh head (the usual
     transformers behaviour), e.g. a value model initialised from a reward model. Equivalent
-    faster kernels are swapped in (:func:`fuse_gelu`); ``attn_implementation`` is passed to
-    transformers when given (see :func:`pick_attention`).
+    faster kernels are swapped in as the speed switches say (:func:`finegrain.speed.apply_model_switches`);
+    ``attn_implementation`` is passed to transformers when given (see :func:`pick_attention`).
     """
     import transformers
 
     quiet_transformers()
     res = resolve_model(name)
-    auto = getattr(transformers, _AUTO[head])
+    auto = getattr(transformers, AUTO_CLASSES[head])
     kw: dict[str, Any] = dict(res.kwargs, trust_remote_code=trust_remote_code, **kwargs)
     if attn_implementation is not None:
         kw["attn_implementation"] = attn_implementation
@@ -235,7 +215,7 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
         raise ConfigError(f"cannot load {name!r} as a {head} model: {e}") from e
     if "gguf_file" in kw:
         _drop_dequantized_gguf_marker(model)
-    fuse_gelu(model)
+    apply_model_switches(model)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -301,67 +281,3 @@ def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
         return {}
     with open(p, encoding="utf-8") as f:
         return json.load(f)
-
-
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, eos: str = "<|endoftext|>",
-                        pad: str | None = "<pad>", extra_special: Iterable[str] = ()):
-    """Train a byte-level BPE tokenizer (GPT-2 style, with offsets) on ``texts``; no network needed."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [eos] + ([pad] if pad else []) + list(extra_special)
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, bos_token=eos, unk_token=None,
-                                   pad_token=pad, model_max_length=2048)
-    if pad is None:
-        ensure_pad_token(fast)
-    return fast
-
-
-def scratch_model(architecture: str, head: Head, tokenizer, *, n_layer: int, n_head: int, n_embd: int,
-                  n_positions: int, attn_implementation: str | None = None, dtype=None):
-    """A new, randomly initialised model for ``tokenizer``: ``encoder`` (BERT) or ``decoder`` (GPT-2).
-
-    ``head`` as in :func:`load_model`; dropout off, like the sandbox's GPT-2 (the same settings for
-    both, so that the two kinds compare on equal terms).
-    """
-    import transformers
-
-    if n_embd % n_head:
-        raise ConfigError(f"--n-embd {n_embd} must be a multiple of --n-head {n_head}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if architecture == "encoder":
-        config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=n_embd, num_hidden_layers=n_layer,
-                                         num_attention_heads=n_head, intermediate_size=4 * n_embd,
-                                         max_position_embeddings=n_positions, pad_token_id=pad,
-                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=1)
-    elif architecture == "decoder":
-        config = tiny_gpt2_config(len(tokenizer), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                                  n_positions=n_positions, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-    else:
-        raise ConfigError(f"unknown architecture {architecture!r} (encoder or decoder)")
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    auto = getattr(transformers, _AUTO[head])
-    model = auto.from_config(config, dtype=dtype) if dtype is not None else auto.from_config(config)
-    fuse_gelu(model)
-    return model
-
-
-def tiny_gpt2_config(vocab_size: int, *, n_layer: int = 2, n_head: int = 2, n_embd: int = 32, n_positions: int = 256,
-                     eos_token_id: int = 0, pad_token_id: int | None = None, num_labels: int = 1):
-    """A small GPT-2 config for tests and the sandbox (no pretrained weights)."""
-    from transformers import GPT2Config
-
-    return GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
-                      bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      num_labels=num_labels, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      # GPT-2's tanh GELU in one kernel instead of gelu_new's 8 elementwise ops (same
-                      # formula, |diff| ~1e-7; 1.18x per PPO step on CPU, benchmarks/RESULTS.md)
-                      activation_function="gelu_pytorch_tanh")

@@ -67,6 +67,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from . import speed
 from .errors import ConfigError, FinegrainError, InputError, TrainingError
 
 CHECKPOINTS = "checkpoints"
@@ -308,42 +309,15 @@ def check_finite(step: int, metrics: dict[str, Any], names: tuple[str, ...] = ("
 
 
 # ---------------------------------------------------------------- optimisation and data order
-_MALLOC_TUNED = False
-
-
-def keep_freed_memory(device_type: str) -> bool:
-    """On a CPU run under glibc, stop malloc from handing freed tensor memory back to the kernel.
-
-    glibc returns blocks above its mmap threshold to the kernel on ``free`` and trims the top of
-    the heap; a training step that allocates and frees the same activations every micro-batch
-    then page-faults them back in, zero-filled, every time (~27,000 faults per PPO update of the
-    benchmark, see benchmarks/RESULTS.md). Raising both thresholds keeps that memory in the
-    process for reuse: the resident size stays at its peak instead of breathing. Once per
-    process; ``FINEGRAIN_MALLOC_TUNING=0`` leaves malloc alone. Returns whether it was applied.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or device_type != "cpu" or os.environ.get("FINEGRAIN_MALLOC_TUNING", "1") == "0":
-        return _MALLOC_TUNED
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # glibc only: mallopt's parameters differ elsewhere
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # 32 MiB is glibc's largest mmap threshold on 64-bit; larger blocks are still mapped and unmapped
-    _MALLOC_TUNED = bool(libc.mallopt(m_trim_threshold, 1 << 30)) & bool(libc.mallopt(m_mmap_threshold, 32 << 20))
-    return _MALLOC_TUNED
-
-
 def make_adamw(params, **kw) -> torch.optim.AdamW:
     """AdamW with the fused kernel where torch has one for these parameters (CPU since torch 2.4, CUDA).
 
-    The per-tensor loop it replaces was 5 % of a PPO step on CPU (benchmarks/RESULTS.md); the
-    update rule is the same.
+    The same update rule as the per-tensor loop it replaces (speed switch ``fused_adamw``,
+    :mod:`finegrain.speed`; what it buys: benchmarks/RESULTS.md).
     """
     params = list(params)
+    if not speed.options().fused_adamw:
+        return torch.optim.AdamW(params, **kw)
     try:
         return torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, ValueError, TypeError):  # older torch, or a device/dtype without a fused kernel

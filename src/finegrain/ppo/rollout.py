@@ -1,8 +1,9 @@
 """Rollouts: generate -> log-probs, reference log-probs, values -> RM scores -> per-token rewards -> GAE.
 
-Stages pass one documented dataclass, :class:`Rollout`. Everything before the update runs
-under ``torch.inference_mode``; the finished rollout is cloned out of it so the update can use
-its tensors in autograd.
+Stages pass one documented dataclass, :class:`Rollout`: plain detached data. Everything before
+the update runs under ``torch.inference_mode``; the finished rollout is cloned out of it so the
+update can use its tensors in autograd. The one forward that keeps its graph for the update
+(:func:`attached_forward`) hands it to the trainer beside the rollout, never inside it.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..models import forward_params
+from .. import speed
 from . import core
 from .rewards import RewardOutput
 
@@ -38,20 +39,17 @@ class PolicyAndValue(nn.Module):
         return logits, values
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' LMs do; peft passes it on)."""
-    return "logits_to_keep" in forward_params(model)
-
-
 def causal_logits(policy: nn.Module, ids, mask, pos, keep: int = 0) -> torch.Tensor:
     """Logits (B, keep, V) of the last ``keep`` positions (all when 0).
 
     The LM head and everything after it (log-softmax, its backward) run only where log-probs are
     needed: the response, not the prompt. With a 20-token prompt and a 32-token response that
     skips 37 % of the LM head; with a long prompt and a large vocabulary, most of it (and of the
-    biggest activation of a PPO step, the (B, L, V) logits).
+    biggest activation of a PPO step, the (B, L, V) logits). Speed switch ``logits_to_keep``
+    (:func:`finegrain.speed.keeps_logits`); off, or for a model without it, the LM head runs on
+    every position and the logits are cut after it.
     """
-    if keep and _accepts_logits_to_keep(policy):
+    if keep and speed.keeps_logits(policy):
         logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
     else:
         logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits
@@ -107,11 +105,22 @@ class AttachedForward:
     policy and value model on exactly the rollout's rows with exactly the rollout's parameters
     (dropout is off), so the rollout's own forward IS that epoch's forward: its detached copy
     gives pi_old and V_old, and the first epoch backpropagates through it instead of running
-    the same forward again.
+    the same forward again (speed switch ``reuse_rollout_forward``,
+    :func:`finegrain.speed.reuses_rollout_forward`). The trainer holds it: ``rollout_step``
+    returns it beside the :class:`Rollout` and ``ppo_update`` spends it on the first minibatch
+    (:meth:`take`), after which nothing holds the graph.
     """
 
-    logprobs: torch.Tensor
-    values: torch.Tensor
+    logprobs: torch.Tensor | None
+    values: torch.Tensor | None
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, values), once: the object lets go of them, so the graph lives only as long as the loss."""
+        if self.logprobs is None:
+            raise ValueError("this attached forward was spent already (by an earlier update)")
+        out = (self.logprobs, self.values)
+        self.logprobs = self.values = None
+        return out
 
 
 @dataclass
@@ -133,8 +142,9 @@ class Rollout:
     rewards:             (B, Lr) the assembled per-token rewards fed to GAE
     non_score_rewards:   (B, Lr) -beta * kl
     advantages, returns: (B, Lr) from GAE (advantages whitened when configured)
-    attached:            the same log-probs and values still in autograd, for the first update epoch
-                         (:class:`AttachedForward`; None unless the update has one minibatch per epoch)
+
+    Plain data: no tensor of a finished rollout is in autograd (:class:`AttachedForward` is the
+    trainer's).
     """
 
     prompts: list[str]
@@ -155,7 +165,6 @@ class Rollout:
     non_score_rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
-    attached: AttachedForward | None = None
 
     def tensors_out_of_inference_mode(self) -> "Rollout":
         """Clone every tensor so autograd may save it (inference tensors cannot be saved for backward)."""
@@ -184,7 +193,6 @@ class Rollout:
                 kw[f.name] = [v[i] for i in idx.tolist()]
             else:
                 kw[f.name] = v
-        kw["attached"] = None  # a minibatch is not the batch the attached forward ran on
         if trim:
             q_from = kw["query_mask"].shape[1] - int(kw["query_mask"].sum(1).max())
             r_to = max(1, int(kw["response_mask"].sum(1).max()))

@@ -34,8 +34,9 @@ from ..errors import ConfigError, InputError
 from ..generation import sample
 from ..io import write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..training import (check_finite, checkpoint_dirs, fingerprint, keep_freed_memory, make_adamw,
-                        refuse_stale_checkpoints, resume_training_state, save_training_state)
+from ..speed import keep_freed_memory, options as speed_options, reuses_rollout_forward
+from ..training import (check_finite, checkpoint_dirs, fingerprint, make_adamw, refuse_stale_checkpoints,
+                        resume_training_state, save_training_state)
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -71,24 +72,15 @@ def lr_factor(cfg: PPOConfig, step: int) -> float:
 
 
 # ----------------------------------------------------------------------------- update
-def reuses_rollout_forward(cfg: PPOConfig) -> bool:
-    """Whether the update's first epoch backpropagates through the rollout's own forward (:class:`AttachedForward`).
-
-    True when each epoch is one minibatch of the whole batch without accumulation: then the
-    first epoch's forward would repeat the rollout's exactly (same rows, same parameters).
-    """
-    return cfg.minibatch_size() >= cfg.batch_size and cfg.grad_accum == 1
-
-
 def ppo_minibatch_loss(model, b: Rollout, cfg: PPOConfig,
                        attached: AttachedForward | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy loss + vf_coef * clipped value loss of one micro-batch, and its statistics.
 
-    With ``attached`` (the first epoch over the whole batch), its log-probs and values are the
-    forward's; otherwise the model runs on the micro-batch.
+    With ``attached`` (the first minibatch, the whole batch), its log-probs and values are the
+    forward's (taken from it: :meth:`AttachedForward.take`); otherwise the model runs on the micro-batch.
     """
     if attached is not None:
-        logprobs, values = attached.logprobs, attached.values
+        logprobs, values = attached.take()
     else:
         logprobs, values, _ = forward_response(model, b.query_ids, b.query_mask, b.response_ids, b.response_mask,
                                                cfg.temperature, with_entropy=False)
@@ -101,14 +93,16 @@ def ppo_minibatch_loss(model, b: Rollout, cfg: PPOConfig,
     return loss, stats
 
 
-def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, step: int) -> dict[str, float]:
+def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, step: int,
+               attached: AttachedForward | None = None) -> dict[str, float]:
     """``ppo_epochs`` passes over the rollouts in shuffled minibatches; one optimizer step per minibatch.
 
     Each minibatch is split into ``grad_accum`` micro-batches whose gradients accelerate
     accumulates (and synchronises across processes once per minibatch). Returned statistics
-    are averaged over ALL micro-batches of all epochs, not the last one. A rollout with an
-    attached forward (:func:`reuses_rollout_forward`) spends it on the first epoch, in the
-    rollout's row order (one minibatch: the order changes nothing).
+    are averaged over ALL micro-batches of all epochs, not the last one. ``attached``, the
+    rollout's forward that :func:`rollout_step` returns when it is reused
+    (:func:`finegrain.speed.reuses_rollout_forward`), is spent on the first minibatch, the whole
+    batch in the rollout's row order (one minibatch: the order changes nothing), and dropped.
     """
     n = len(rollout.prompts)
     mb = cfg.minibatch_size()
@@ -118,18 +112,19 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
         group["lr"] = base * lr_factor(cfg, step)
     sums: dict[str, float] = defaultdict(float)
     count = 0
-    attached, rollout.attached = rollout.attached, None  # spent below; its graph must not outlive the update
+    trim = speed_options().trim_minibatches
     if attached is not None and micro < n:
         raise ValueError("an attached forward covers the whole batch; the minibatch here is smaller")
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, micro):
-            if epoch == 0 and attached is not None:
+            if attached is not None:  # the first minibatch: the rows the forward ran on
                 b = rollout.select(torch.arange(n), accelerator.device, trim=False)
             else:
-                b = rollout.select(perm[start:start + micro], accelerator.device)
+                b = rollout.select(perm[start:start + micro], accelerator.device, trim=trim)
             with accelerator.accumulate(model):
-                loss, stats = ppo_minibatch_loss(model, b, cfg, attached if epoch == 0 else None)
+                loss, stats = ppo_minibatch_loss(model, b, cfg, attached)
+                attached = None  # spent (taken): its graph lives only as long as this loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -245,8 +240,13 @@ def reduce_mean(accelerator, stats: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
-    """Generate, score and assemble one step's rollouts (0-based ``step``); returns the timings too."""
+def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float], AttachedForward | None]:
+    """Generate, score and assemble one step's rollouts (0-based ``step``).
+
+    Returns the rollouts (plain detached data), the timings, and the rollout's policy and value
+    forward still in autograd when the update reuses it (:func:`finegrain.speed.reuses_rollout_forward`;
+    else None): pass it to :func:`ppo_update` with these rollouts.
+    """
     cfg, acc = e.cfg, e.accelerator
     idx = batch_indices(len(e.run.prompts), step, cfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
     prompts = [e.run.prompts[i] for i in idx]
@@ -276,14 +276,13 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float]]:
         e.moments.update(acc.gather(x.to(acc.device)).cpu())
     r = process_rewards(make_rollout(prompts, queries, gen, fwd, rm), rm, e.kl_ctl.value, e.settings, e.moments)
     t2 = time.perf_counter()
-    r = dataclasses.replace(r.tensors_out_of_inference_mode(), attached=attached)
-    return r, {"time_generate": t1 - t0, "time_score": t2 - t1}
+    return r.tensors_out_of_inference_mode(), {"time_generate": t1 - t0, "time_score": t2 - t1}, attached
 
 
 def run_step(e: Engine, step: int, on_rollout: OnRollout | None) -> tuple[dict[str, float], Rollout]:
     """One PPO step (0-based): rollouts, update, KL controller; returns the metrics line (1-based step)."""
     t0 = time.perf_counter()
-    r, times = rollout_step(e, step)
+    r, times, attached = rollout_step(e, step)
     stats = rollout_stats(r)
     stats["kl_coef"] = e.kl_ctl.value
     if on_rollout is not None:
@@ -292,7 +291,7 @@ def run_step(e: Engine, step: int, on_rollout: OnRollout | None) -> tuple[dict[s
             raise ConfigError("on_rollout must return a dict of metric name -> number")
         stats.update({k: float(v) for k, v in extra.items()})
     t1 = time.perf_counter()
-    stats.update(ppo_update(e.accelerator, e.model, e.optimizer, r, e.cfg, step))
+    stats.update(ppo_update(e.accelerator, e.model, e.optimizer, r, e.cfg, step, attached))
     times["time_update"] = time.perf_counter() - t1
     stats.update(times)
     n_tokens = float(r.response_mask.sum())

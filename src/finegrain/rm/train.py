@@ -22,11 +22,12 @@ import torch
 from ..config import to_dict
 from ..io import iter_records, read_json, write_json
 from ..errors import ConfigError, InputError
-from ..models import (clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta,
-                      scratch_model, torch_dtype)
+from ..models import clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta, torch_dtype
+from ..scratch import scratch_model
+from ..speed import keep_freed_memory
 from ..tracking import resolve_log_with
-from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, keep_freed_memory,
-                        refuse_stale_checkpoints, save_model_into)
+from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, refuse_stale_checkpoints,
+                        save_model_into)
 from .config import U0_LABELS, TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
 from .losses import LOSSES, edit_token_labels, mean_reward, token_label_loss, u0_consistency

@@ -16,11 +16,12 @@ from typing import Sequence
 import torch
 
 from ..config import to_dict
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..tokens import format_prompt
-from ..models import (clamp_max_length, load_model, load_tokenizer, pick_attention, tiny_gpt2_config, torch_dtype,
-                      train_bpe_tokenizer)
-from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, held_out, keep_freed_memory,
+from ..models import clamp_max_length, load_model, load_tokenizer, pick_attention, torch_dtype
+from ..scratch import tiny_gpt2_config, train_bpe_tokenizer
+from ..speed import keep_freed_memory
+from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, held_out,
                         refuse_stale_checkpoints, save_model_into)
 from ..tracking import resolve_log_with
 from .config import SFTConfig

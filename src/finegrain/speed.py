@@ -1,0 +1,255 @@
+"""Every speed path of finegrain, each behind one switch.
+
+A speed path gets the same result as a plainer way, only faster. Each has one field of
+:class:`SpeedOptions`; the defaults are what finegrain does, and turning one off gives the plain
+way: to measure what a path buys (``benchmarks/whatif.py``), or to rule it out when something
+looks wrong.
+
+- :func:`options` reads the switches in force: the defaults, then the environment variables
+  (read at each call: ``FINEGRAIN_DECODER`` for ``decoder``, ``FINEGRAIN_MALLOC_TUNING=0`` for
+  ``keep_freed_memory`` off), then :func:`configure` (for the rest of the process), then
+  :func:`overrides` (for a ``with`` block), the later one winning.
+- The paths live here or are reached from here: :func:`fuse_gelu` / :func:`apply_model_switches`
+  (every model load), :func:`keeps_logits` (PPO's forwards), :func:`reuses_rollout_forward`
+  (PPO's update), :func:`decoder` and :func:`sampling_grad_mode` (sampling),
+  :func:`keep_freed_memory` (the three trainers); ``fused_adamw`` is read by
+  :func:`finegrain.training.make_adamw`, ``trim_minibatches`` by :func:`finegrain.ppo.train.ppo_update`.
+
+Not switches here: the attention kernel and the precision are per-run options of the trainers
+(``--attn-implementation``, :func:`finegrain.models.pick_attention`; ``--mixed-precision``).
+What each path buys is measured in benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import ConfigError
+
+DECODERS = ("auto", "loop", "generate")
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """The switches; the defaults are finegrain's fast paths.
+
+    fuse_gelu:              GPT-2's tanh GELU runs as one kernel: a model's ``gelu_new`` modules (transformers'
+                            8-op ``NewGELUActivation``) become the one-kernel tanh GELU when it loads
+                            (:func:`fuse_gelu`; the same formula, |difference| ~1e-7; the config keeps saying
+                            ``gelu_new``); off, every tanh GELU runs as the 8 ops (:func:`unfuse_gelu`)
+    logits_to_keep:         PPO's policy forwards run the LM head only on the positions whose log-probs are
+                            needed (the response), through the model's ``logits_to_keep`` (:func:`keeps_logits`);
+                            off: on every position, then cut (the same log-probs)
+    reuse_rollout_forward:  with one minibatch per PPO epoch and no gradient accumulation, the rollout's policy
+                            and value forward runs with autograd and the first update epoch backpropagates
+                            through it instead of running it again (:func:`reuses_rollout_forward`; the same
+                            update up to float rounding)
+    trim_minibatches:       PPO minibatches drop the columns that are padding in all their rows
+                            (``Rollout.select(trim=True)``; the same losses)
+    decoder:                how :func:`finegrain.generation.sample` samples: ``auto`` (finegrain's KV-cache loop
+                            unless the model's generation_config asks for more), ``loop`` (always the loop),
+                            ``generate`` (transformers' ``generate``; the same distribution, other draws).
+                            Environment: ``FINEGRAIN_DECODER``
+    no_grad_sampling:       sample under ``torch.no_grad``, where autocast caches its bf16 copies of the
+                            weights across decoding steps; off: under ``torch.inference_mode``, which casts
+                            every weight again for every token (:func:`sampling_grad_mode`)
+    keep_freed_memory:      on a CPU run under glibc, keep freed tensor memory in the process instead of
+                            page-faulting it back in every micro-batch (:func:`keep_freed_memory`).
+                            Environment: ``FINEGRAIN_MALLOC_TUNING=0`` turns it off
+    fused_adamw:            AdamW with torch's fused kernel where there is one
+                            (:func:`finegrain.training.make_adamw`); off: the per-tensor loop (the same rule)
+    """
+
+    fuse_gelu: bool = True
+    logits_to_keep: bool = True
+    reuse_rollout_forward: bool = True
+    trim_minibatches: bool = True
+    decoder: str = "auto"
+    no_grad_sampling: bool = True
+    keep_freed_memory: bool = True
+    fused_adamw: bool = True
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(SpeedOptions)}
+_configured: dict[str, object] = {}
+_overrides: list[dict[str, object]] = []
+
+
+def _from_environment() -> dict[str, object]:
+    out: dict[str, object] = {}
+    if os.environ.get("FINEGRAIN_DECODER"):
+        out["decoder"] = os.environ["FINEGRAIN_DECODER"]  # checked where it is used (:func:`decoder`)
+    if os.environ.get("FINEGRAIN_MALLOC_TUNING", "1") == "0":
+        out["keep_freed_memory"] = False
+    return out
+
+
+def options() -> SpeedOptions:
+    """The switches in force now (defaults < environment < :func:`configure` < :func:`overrides`)."""
+    values = _from_environment() | _configured
+    for layer in _overrides:
+        values |= layer
+    return SpeedOptions(**values)
+
+
+def _checked(changes: dict[str, object]) -> dict[str, object]:
+    for name, value in changes.items():
+        if name not in _FIELDS:
+            raise ConfigError(f"no speed switch {name!r}; the switches: {', '.join(_FIELDS)}")
+        if name == "decoder":
+            if value not in DECODERS:
+                raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, not {value!r}")
+        elif not isinstance(value, bool):
+            raise ConfigError(f"speed switch {name} is True or False, not {value!r}")
+    return dict(changes)
+
+
+def configure(**changes) -> SpeedOptions:
+    """Set switches for the rest of the process (``configure(fuse_gelu=False)``); returns :func:`options`."""
+    _configured.update(_checked(changes))
+    return options()
+
+
+@contextlib.contextmanager
+def overrides(**changes) -> Iterator[SpeedOptions]:
+    """Switches set inside a ``with`` block only, e.g. ``with speed.overrides(reuse_rollout_forward=False):``.
+
+    Blocks nest (the inner one wins) and restore the switches on exit. Switches read when a model
+    loads (``fuse_gelu``) apply to models loaded inside the block; :func:`apply_model_switches`
+    brings a model loaded before it in line.
+    """
+    layer = _checked(changes)
+    _overrides.append(layer)
+    try:
+        yield options()
+    finally:
+        _overrides[:] = [x for x in _overrides if x is not layer]
+
+
+# ----------------------------------------------------------------------------- GELU fusion
+def _tanh_gelu_kernel():
+    """transformers' one-kernel tanh GELU class (``gelu_pytorch_tanh``)."""
+    from transformers import activations
+
+    fused = activations.ACT2CLS["gelu_pytorch_tanh"]
+    return fused[0] if isinstance(fused, tuple) else fused  # ACT2CLS entries may be (class, kwargs)
+
+
+def _swap(model, old: type, new: type) -> int:
+    """Replace every submodule of exactly type ``old`` by a fresh ``new()``; returns how many."""
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is old]
+    for parent, name in swaps:
+        setattr(parent, name, new())
+    return len(swaps)
+
+
+def fuse_gelu(model) -> int:
+    """Replace transformers' ``NewGELUActivation`` modules by the one-kernel ``PytorchGELUTanh``.
+
+    Both compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (GPT-2's ``gelu_new``;
+    |difference| ~1e-7), but ``gelu_new`` runs 8 elementwise ops in Python and the other one
+    fused kernel. The config is left as it is, so a saved checkpoint still says ``gelu_new``.
+    Returns how many modules were replaced. Unconditional: :func:`apply_model_switches` follows
+    the switch.
+    """
+    from transformers import activations
+
+    return _swap(model, activations.NewGELUActivation, _tanh_gelu_kernel())
+
+
+def unfuse_gelu(model) -> int:
+    """The reverse of :func:`fuse_gelu`: every one-kernel tanh GELU (swapped in, or the model's own
+    ``gelu_pytorch_tanh``) becomes transformers' 8-op ``NewGELUActivation``, the same formula; returns how many."""
+    from transformers import activations
+
+    return _swap(model, _tanh_gelu_kernel(), activations.NewGELUActivation)
+
+
+def apply_model_switches(model) -> int:
+    """Make a model follow the model-level switches (``fuse_gelu``); returns how many modules changed.
+
+    Every model load and build calls it. On, GPT-2's ``gelu_new`` modules are fused; off, every
+    tanh GELU runs as the 8 ops, so calling it again inside :func:`overrides` switches a live
+    model (and again after the block, back: a model's own ``gelu_pytorch_tanh`` is fused then too).
+    """
+    return fuse_gelu(model) if options().fuse_gelu else unfuse_gelu(model)
+
+
+# ----------------------------------------------------------------------------- PPO
+def keeps_logits(model) -> bool:
+    """Whether to ask a causal LM for the needed positions' logits only: switch ``logits_to_keep`` on and the
+    model's forward takes ``logits_to_keep`` (transformers' LMs do; peft passes it on)."""
+    from .models import forward_params
+
+    return options().logits_to_keep and "logits_to_keep" in forward_params(model)
+
+
+def reuses_rollout_forward(cfg) -> bool:
+    """Whether PPO's first update epoch backpropagates through the rollout's own forward.
+
+    Switch ``reuse_rollout_forward`` on, and each epoch one minibatch of the whole batch without
+    accumulation: only then would the first epoch's forward repeat the rollout's exactly (same
+    rows, same parameters; dropout is off). ``cfg`` is a PPO config (``batch_size``,
+    ``grad_accum``, ``minibatch_size()``).
+    """
+    return options().reuse_rollout_forward and cfg.minibatch_size() >= cfg.batch_size and cfg.grad_accum == 1
+
+
+# ----------------------------------------------------------------------------- sampling
+def decoder(requested: str | None = None) -> str:
+    """The decoder to sample with: ``requested``, else switch ``decoder``; one of :data:`DECODERS`."""
+    name = requested if requested is not None else options().decoder
+    if name not in DECODERS:
+        raise ConfigError(f"decoder (FINEGRAIN_DECODER) must be one of {', '.join(DECODERS)}, not {name!r}")
+    return name
+
+
+def sampling_grad_mode(fn):
+    """Decorator: run ``fn`` under ``torch.no_grad`` (switch ``no_grad_sampling`` on) or ``torch.inference_mode``.
+
+    Not inference mode by default: CPU and CUDA autocast cache their bf16 copies of the weights
+    only outside it, so decoding under it casts every weight again for every token.
+    """
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.no_grad() if options().no_grad_sampling else torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- memory
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory(device_type: str) -> bool:
+    """On a CPU run under glibc, stop malloc from handing freed tensor memory back to the kernel.
+
+    glibc returns blocks above its mmap threshold to the kernel on ``free`` and trims the top of
+    the heap; a training step that allocates and frees the same activations every micro-batch
+    then page-faults them back in, zero-filled, every time. Raising both thresholds keeps that
+    memory in the process for reuse: the resident size stays at its peak instead of breathing.
+    Once per process, when switch ``keep_freed_memory`` is on (``FINEGRAIN_MALLOC_TUNING=0``
+    turns it off). Returns whether it was applied.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or device_type != "cpu" or not options().keep_freed_memory:
+        return _MALLOC_TUNED
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: mallopt's parameters differ elsewhere
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB is glibc's largest mmap threshold on 64-bit; larger blocks are still mapped and unmapped
+    _MALLOC_TUNED = bool(libc.mallopt(m_trim_threshold, 1 << 30)) & bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+    return _MALLOC_TUNED

@@ -1,0 +1,207 @@
+"""The speed switches (`finegrain.speed`): one per speed path, read through one interface, and each
+path switched off gives the same result as switched on."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from conftest import make_tiny_model
+from finegrain import speed
+from finegrain.errors import ConfigError
+from finegrain.models import load_model, save_checkpoint
+
+
+def test_defaults_are_every_fast_path_and_overrides_nest_and_restore(monkeypatch):
+    monkeypatch.delenv("FINEGRAIN_DECODER", raising=False)
+    monkeypatch.delenv("FINEGRAIN_MALLOC_TUNING", raising=False)
+    default = speed.options()
+    assert default == speed.SpeedOptions()
+    assert all(v is True for k, v in vars(default).items() if k != "decoder") and default.decoder == "auto"
+    with speed.overrides(fuse_gelu=False, decoder="generate") as outer:
+        assert outer == speed.options() and not outer.fuse_gelu and outer.decoder == "generate"
+        with speed.overrides(decoder="loop", reuse_rollout_forward=False):
+            now = speed.options()
+            assert (now.fuse_gelu, now.decoder, now.reuse_rollout_forward) == (False, "loop", False)
+        assert speed.options() == outer
+    assert speed.options() == default
+    with pytest.raises(RuntimeError), speed.overrides(trim_minibatches=False):
+        raise RuntimeError  # an exception inside the block restores the switches too
+    assert speed.options() == default
+
+
+def test_environment_variables_are_read_at_each_call_and_overrides_win(monkeypatch):
+    monkeypatch.setenv("FINEGRAIN_DECODER", "generate")
+    monkeypatch.setenv("FINEGRAIN_MALLOC_TUNING", "0")
+    assert speed.options().decoder == "generate" and not speed.options().keep_freed_memory
+    with speed.overrides(decoder="loop", keep_freed_memory=True):
+        assert speed.options().decoder == "loop" and speed.options().keep_freed_memory
+    monkeypatch.setenv("FINEGRAIN_DECODER", "")
+    monkeypatch.setenv("FINEGRAIN_MALLOC_TUNING", "1")
+    assert speed.options().decoder == "auto" and speed.options().keep_freed_memory
+    monkeypatch.setenv("FINEGRAIN_DECODER", "fast")  # refused where it is used, naming the variable
+    with pytest.raises(ConfigError, match="FINEGRAIN_DECODER"):
+        speed.decoder()
+    assert speed.decoder("generate") == "generate"  # an explicit choice wins
+
+
+def test_configure_sets_switches_for_the_process(monkeypatch):
+    monkeypatch.setattr(speed, "_configured", {})
+    assert not speed.configure(logits_to_keep=False).logits_to_keep
+    assert not speed.options().logits_to_keep
+    with speed.overrides(logits_to_keep=True):
+        assert speed.options().logits_to_keep
+    assert not speed.options().logits_to_keep
+
+
+@pytest.mark.parametrize("changes,match", [({"fuse_gelus": False}, "no speed switch 'fuse_gelus'"),
+                                           ({"decoder": "beam"}, "must be one of auto, loop, generate"),
+                                           ({"fuse_gelu": "no"}, "True or False")])
+def test_unknown_switches_and_bad_values_are_refused(changes, match):
+    before = speed.options()
+    with pytest.raises(ConfigError, match=match):
+        with speed.overrides(**changes):
+            pass
+    with pytest.raises(ConfigError, match=match):
+        speed.configure(**changes)
+    assert speed.options() == before  # nothing was half-applied
+
+
+def _gelu_new_checkpoint(tokenizer, path):
+    model = make_tiny_model(tokenizer)
+    model.config.activation_function = "gelu_new"
+    reference = transformers.GPT2LMHeadModel(model.config)
+    reference.load_state_dict(model.state_dict())
+    save_checkpoint(path, reference, tokenizer)
+    return reference.eval()
+
+
+def _gelu_kinds(model) -> set[str]:
+    """"gelu_new" for transformers' 8-op module, "fused" for the one-kernel tanh GELU."""
+    from transformers import activations
+
+    fused = activations.ACT2CLS["gelu_pytorch_tanh"]
+    fused = fused[0] if isinstance(fused, tuple) else fused
+    kinds = {activations.NewGELUActivation: "gelu_new", fused: "fused"}
+    return {kinds[type(m)] for m in model.modules() if type(m) in kinds}
+
+
+def test_fuse_gelu_switch_at_load_and_on_a_live_model(tiny_tokenizer, tmp_path):
+    reference = _gelu_new_checkpoint(tiny_tokenizer, tmp_path / "m")
+    with speed.overrides(fuse_gelu=False):
+        plain = load_model(str(tmp_path / "m"), "causal").eval()
+    assert _gelu_kinds(plain) == {"gelu_new"}
+    fused = load_model(str(tmp_path / "m"), "causal").eval()
+    assert _gelu_kinds(fused) == {"fused"}
+    ids = torch.tensor([tiny_tokenizer("Paris is a large city.")["input_ids"]])
+    with torch.no_grad():
+        want = reference(ids).logits
+        assert torch.allclose(plain(ids).logits, want, atol=1e-5)
+        # a live model follows the switch when asked: unfused inside the block, fused again after it
+        with speed.overrides(fuse_gelu=False):
+            assert speed.apply_model_switches(fused) == 2 and _gelu_kinds(fused) == {"gelu_new"}
+            assert torch.allclose(fused(ids).logits, want, atol=1e-6)
+        assert speed.apply_model_switches(fused) == 2 and _gelu_kinds(fused) == {"fused"}
+        assert torch.allclose(fused(ids).logits, want, atol=1e-5)
+    assert speed.apply_model_switches(fused) == 0  # nothing left to do
+
+
+def test_the_switch_off_runs_a_models_own_tanh_gelu_as_the_8_ops_too(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer).eval()  # tiny_gpt2_config: gelu_pytorch_tanh by config
+    assert _gelu_kinds(model) == {"fused"}
+    ids = torch.tensor([tiny_tokenizer("Paris is a large city.")["input_ids"]])
+    with torch.no_grad():
+        want = model(ids).logits
+        with speed.overrides(fuse_gelu=False):
+            assert speed.apply_model_switches(model) == 2 and _gelu_kinds(model) == {"gelu_new"}
+            assert torch.allclose(model(ids).logits, want, atol=1e-5)
+        assert speed.apply_model_switches(model) == 2 and _gelu_kinds(model) == {"fused"}
+    assert model.config.activation_function == "gelu_pytorch_tanh"
+
+
+def test_logits_to_keep_switch_gives_the_same_log_probs(tiny_tokenizer):
+    from finegrain.ppo.rollout import causal_logits
+
+    model = make_tiny_model(tiny_tokenizer).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append("logits_to_keep" in kwargs),
+                                    with_kwargs=True)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 7))
+    mask = torch.ones_like(ids)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        kept = causal_logits(model, ids, mask, pos, 3)
+        with speed.overrides(logits_to_keep=False):
+            assert not speed.keeps_logits(model)
+            full = causal_logits(model, ids, mask, pos, 3)
+    assert seen == [True, False] and speed.keeps_logits(model)
+    assert full.shape == kept.shape == (2, 3, len(tiny_tokenizer)) and torch.allclose(full, kept, atol=1e-6)
+
+
+def test_sampling_grad_mode_switch(tiny_tokenizer):
+    from finegrain.generation import encode_texts, sample
+
+    model = make_tiny_model(tiny_tokenizer).eval()
+    ids = encode_texts(tiny_tokenizer, ["The capital of", "Paris"])
+    runs = {}
+    for on in (True, False):
+        with speed.overrides(no_grad_sampling=on):
+            runs[on] = sample(model, tiny_tokenizer, ids, max_new_tokens=5, do_sample=False)
+    assert not runs[True].response_ids.is_inference() and runs[False].response_ids.is_inference()
+    assert torch.equal(runs[True].response_ids, runs[False].response_ids)
+
+
+def test_decoder_switch_reaches_sample(tiny_tokenizer, monkeypatch):
+    from finegrain import generation
+
+    model = make_tiny_model(tiny_tokenizer).eval()
+    ids = generation.encode_texts(tiny_tokenizer, ["The capital of", "Paris"])
+    loops = []
+    loop = generation._decode_loop
+    monkeypatch.setattr(generation, "_decode_loop", lambda *a, **k: loops.append(1) or loop(*a, **k))
+    a = generation.sample(model, tiny_tokenizer, ids, max_new_tokens=5, do_sample=False)
+    with speed.overrides(decoder="generate"):
+        b = generation.sample(model, tiny_tokenizer, ids, max_new_tokens=5, do_sample=False)
+    assert len(loops) == 1 and torch.equal(a.response_ids, b.response_ids)
+
+
+def test_fused_adamw_switch():
+    from finegrain.training import make_adamw
+
+    params = [torch.nn.Parameter(torch.randn(3, 3))]
+    fused = make_adamw(params, lr=1e-3)
+    with speed.overrides(fused_adamw=False):
+        plain = make_adamw(params, lr=1e-3)
+    assert not plain.defaults.get("fused")
+    try:
+        torch.optim.AdamW(params, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        pytest.skip("this torch has no fused AdamW for CPU tensors")
+    assert fused.defaults["fused"]
+
+
+def test_trim_switch_reaches_the_update(monkeypatch):
+    from accelerate import Accelerator
+
+    from finegrain.config import build_config
+    from finegrain.ppo.config import PPOConfig
+    from finegrain.ppo.rollout import Rollout
+    from finegrain.ppo.train import ppo_update
+    from test_ppo_rewards import _synthetic_rollout
+
+    r = _synthetic_rollout([2, 3, 1, 3], [2, 1, 3, 2], 3, 3)
+    cfg = build_config(PPOConfig, dict(policy="p", reward_model="r", reward_mode="sequence", prompts="x", output="o",
+                                       batch_size=4, num_minibatches=2, ppo_epochs=1))
+    trims = []
+    select = Rollout.select
+    monkeypatch.setattr(Rollout, "select", lambda self, idx, device, trim=True: trims.append(trim)
+                        or select(self, idx, device, trim))
+    monkeypatch.setattr("finegrain.ppo.train.ppo_minibatch_loss",
+                        lambda model, b, cfg, attached=None: ((model.weight * 0).sum(), {"loss": 0.0}))
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = Accelerator(cpu=True)
+    ppo_update(acc, model, opt, r, cfg, 0)
+    with speed.overrides(trim_minibatches=False):
+        ppo_update(acc, model, opt, r, cfg, 0)
+    assert trims == [True, True, False, False]

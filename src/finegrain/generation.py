@@ -17,7 +17,7 @@ import torch
 
 from . import speed
 from .errors import ConfigError
-from .models import forward_params
+from .speed import forward_params
 from .tokens import encode_texts, format_prompt, left_pad
 
 

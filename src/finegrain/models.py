@@ -110,20 +110,6 @@ def pick_attention(requested: str, mixed_precision: str, device_type: str) -> st
     return None
 
 
-def forward_params(model) -> frozenset[str]:
-    """Names of the keyword arguments the model's ``forward`` takes (a peft model's base model's), cached per class."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cls = type(base)
-    if cls not in _FORWARD_PARAMS:
-        import inspect
-
-        _FORWARD_PARAMS[cls] = frozenset(inspect.signature(base.forward).parameters)
-    return _FORWARD_PARAMS[cls]
-
-
-_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
-
-
 # model_type of the encoder families whose outputs at a token see the whole input (bidirectional attention)
 ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "deberta", "deberta-v2", "distilbert",
                                  "electra", "albert", "mpnet", "modernbert", "longformer", "ernie", "nomic_bert"})

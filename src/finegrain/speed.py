@@ -181,11 +181,23 @@ def apply_model_switches(model) -> int:
 
 
 # ----------------------------------------------------------------------------- PPO
+def forward_params(model) -> frozenset[str]:
+    """Names of the keyword arguments the model's ``forward`` takes (a peft model's base model's), cached per class."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(base)
+    if cls not in _FORWARD_PARAMS:
+        import inspect
+
+        _FORWARD_PARAMS[cls] = frozenset(inspect.signature(base.forward).parameters)
+    return _FORWARD_PARAMS[cls]
+
+
+_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
+
+
 def keeps_logits(model) -> bool:
     """Whether to ask a causal LM for the needed positions' logits only: switch ``logits_to_keep`` on and the
     model's forward takes ``logits_to_keep`` (transformers' LMs do; peft passes it on)."""
-    from .models import forward_params
-
     return options().logits_to_keep and "logits_to_keep" in forward_params(model)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .backends import EditRequest, EditResult, JudgeRequest, JudgeResult
+from .interfaces import EditRequest, EditResult, JudgeRequest, JudgeResult
 from .cache import input_hash
 from .clients import Completion, ItemFailure
 from .prompts import PromptTemplate, load_prompt

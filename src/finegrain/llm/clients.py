@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .backends import FatalBackendError, RetryableError, UnreachableError, resolve_api_key
+from .interfaces import FatalBackendError, RetryableError, UnreachableError, resolve_api_key
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import InputError
 from ..io import iter_records
 from ..spans import check_spans
-from .backends import EditRequest, EditResult, JudgeRequest, JudgeResult
+from .interfaces import EditRequest, EditResult, JudgeRequest, JudgeResult
 
 
 def _text(rec: dict, field: str, path: str, where: str, *, optional: bool = False) -> str | None:

@@ -94,14 +94,13 @@ class HFChatClient:
                  device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False):
         import torch
 
-        from ..models import load_model, load_tokenizer
+        from ..models import load_model, load_tokenizer, torch_dtype
 
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature or 0.0
         self.params = {"max_tokens": max_tokens, "temperature": temperature}
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        torch_dtype = getattr(torch, dtype) if dtype else None
         self.lm = load_model(model, "causal", tokenizer=self.tokenizer, trust_remote_code=trust_remote_code,
-                             dtype=torch_dtype).eval()
+                             dtype=torch_dtype(dtype) if dtype else None).eval()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.lm.to(self.device)
         self.batcher = MicroBatcher(self._generate, batch_size)

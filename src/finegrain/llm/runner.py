@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Sequence
 
-from .backends import FatalBackendError, RetryableError, UnreachableError
+from .interfaces import FatalBackendError, RetryableError, UnreachableError
 from .cache import AnswerCache
 
 log = logging.getLogger("finegrain.llm")

@@ -30,7 +30,7 @@ from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, finger
                         save_model_into)
 from .config import U0_LABELS, TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
-from .losses import LOSSES, edit_token_labels, mean_reward, token_label_loss, u0_consistency
+from .losses import LOSSES, edit_token_labels, loss_names, mean_reward, token_label_loss, u0_consistency
 from .inputs import check_view
 from .model import ensure_distinct_pad, kind_of_checkpoint, model_outputs
 
@@ -144,7 +144,7 @@ def check_model_kind(cfg: TrainRMConfig) -> None:
         return
     have = kind_of_checkpoint(cfg.model)
     if have is not None and have != cfg.kind:
-        need = "--loss token_mean or token_edit" if have == "token" else "--loss sequence"
+        need = "--loss " + " or ".join(loss_names(kind=have))
         raise ConfigError(f"--loss {cfg.loss} needs a {cfg.kind} reward model but {cfg.model} is a {have} reward "
                           f"model; use {need}, or start from its base (causal LM) model")
 

@@ -12,9 +12,11 @@ from dataclasses import dataclass, fields
 from ..config import opt
 from ..errors import ConfigError
 
-TOKEN_RMS = [f"{loss}{backbone}" for backbone in ("", "-echo", "-encoder")
-             for loss in ("token_edit", "token_mean", "token_edit_u0", "token_label", "token_mean_label")]
-"""Names of the demo's token RM variants (sandbox/demo.py RM_VARIANTS; this module stays free of torch)."""
+TOKEN_LOSS_VARIANTS = ("token_edit", "token_mean", "token_edit_u0", "token_label", "token_mean_label")
+BACKBONE_SUFFIXES = {"policy": "", "echo": "-echo", "encoder": "-encoder"}
+TOKEN_RMS = [f"{loss}{suffix}" for suffix in BACKBONE_SUFFIXES.values() for loss in TOKEN_LOSS_VARIANTS]
+"""Names of the demo's token RM variants (sandbox/demo.py builds RM_VARIANTS from the same two tables; this
+module stays free of torch)."""
 
 # name -> (full, quick, smoke)
 PRESETS: dict[str, tuple] = {

@@ -31,7 +31,7 @@ from ..config import build_config, to_dict
 from ..io import read_json, write_json, write_jsonl, iter_records
 from . import backends as _backends  # noqa: F401  registers backend "sandbox" (no installed entry point needed)
 from .annotators import Annotator, calibrate_temperature
-from .config import DemoConfig
+from .config import BACKBONE_SUFFIXES, TOKEN_LOSS_VARIANTS, DemoConfig
 from .domain import ResponseStyle, gold_score, make_demonstrations, make_prompts
 
 @dataclass(frozen=True)
@@ -73,8 +73,10 @@ def _variants() -> dict[str, RMVariant]:
               "token_label": ("token_label", 0.0, 0.0, "per-token labels from the edit"),
               "token_mean_label": ("token_mean", 1.0, 0.0, "Eq. 1-3 + per-token labels")}
     out: dict[str, RMVariant] = {}
-    for backbone, suffix, what in (("policy", "", "SFT decoder"), ("echo", "-echo", "SFT decoder, echo view"),
-                                   ("encoder", "-encoder", "encoder from scratch")):
+    assert tuple(losses) == TOKEN_LOSS_VARIANTS
+    what_of = {"policy": "SFT decoder", "echo": "SFT decoder, echo view", "encoder": "encoder from scratch"}
+    for backbone, suffix in BACKBONE_SUFFIXES.items():
+        what = what_of[backbone]
         out[f"seq_pref{suffix}"] = RMVariant("pairs.jsonl", "preference", "sequence", backbone if backbone != "echo"
                                              else "policy", label=f"sequence RM, original pairs ({what})")
         out[f"seq_edit{suffix}"] = RMVariant("edits.jsonl", "edit", "sequence", backbone if backbone != "echo"

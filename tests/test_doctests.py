@@ -31,7 +31,7 @@ def _has_examples(name: str) -> bool:
 def test_the_modules_known_to_have_examples_are_found():
     with_examples = {m for m in MODULES if _has_examples(m)}
     assert with_examples >= {"finegrain.rm.align", "finegrain.rm.evaluate", "finegrain.edit.distance",
-                             "finegrain.edit.postprocess", "finegrain.errors", "finegrain.rm.losses"}
+                             "finegrain.llm.chat", "finegrain.errors", "finegrain.rm.losses"}
 
 
 @pytest.mark.parametrize("name", MODULES)

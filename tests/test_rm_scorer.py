@@ -8,7 +8,7 @@ import torch
 from conftest import CORPUS, make_tiny_model
 from finegrain.data.schema import Comparison
 from finegrain.eval.show import _views
-from finegrain.models import train_bpe_tokenizer
+from finegrain.scratch import train_bpe_tokenizer
 from finegrain.ppo.rewards import RewardScorer
 from finegrain.rm.evaluate import _run
 from finegrain.rm.model import RewardModel

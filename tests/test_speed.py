@@ -139,7 +139,8 @@ def test_logits_to_keep_switch_gives_the_same_log_probs(tiny_tokenizer):
 
 
 def test_sampling_grad_mode_switch(tiny_tokenizer):
-    from finegrain.generation import encode_texts, sample
+    from finegrain.generation import sample
+    from finegrain.tokens import encode_texts
 
     model = make_tiny_model(tiny_tokenizer).eval()
     ids = encode_texts(tiny_tokenizer, ["The capital of", "Paris"])

@@ -171,8 +171,10 @@ def _add_field(parser: Any, f: dataclasses.Field, hint: Any, cls: type) -> None:
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     bounds = field_bounds(cls, f.name)
-    notes = ["required" if _required(f) else f"default: {default!r}"] + ([describe_bounds(bounds)] if bounds else [])
-    help_text = f"{f.metadata.get('help', '')} ({'; '.join(notes)})"
+    said = default is None and "default" in f.metadata.get("help", "")  # the help text says what None means
+    notes = (["required"] if _required(f) else [] if said else [f"default: {default!r}"]) \
+        + ([describe_bounds(bounds)] if bounds else [])
+    help_text = f"{f.metadata.get('help', '')}" + (f" ({'; '.join(notes)})" if notes else "")
     choices = f.metadata.get("choices")
     flag = _flag(f)
     if f.metadata.get("positional"):
@@ -180,7 +182,7 @@ def _add_field(parser: Any, f: dataclasses.Field, hint: Any, cls: type) -> None:
             raise TypeError(f"{cls.__name__}.{f.name}: only a number or a string can be positional")
         also = [f"or {flag}"] if flag else []
         parser.add_argument(f.name, nargs="?", type=tp, choices=choices, metavar=f.name.upper(), default=argparse.SUPPRESS,
-                            help=f"{f.metadata.get('help', '')} ({'; '.join(also + notes)})")
+                            help=f"{f.metadata.get('help', '')}" + (f" ({'; '.join(also + notes)})" if also + notes else ""))
         if not flag:
             return
     kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)

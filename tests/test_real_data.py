@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,8 @@ split_mod = _load_example("qa_feedback/split_by_question.py")
 diagnose_mod = _load_example("qa_feedback/diagnose.py")
 table_mod = _load_example("qa_feedback/make_table.py")
 length_mod = _load_example("qa_feedback/analyze_length.py")
+sys.modules.setdefault("analyze_length", length_mod)  # length_debias.py imports it by its script name
+debias_mod = _load_example("qa_feedback/length_debias.py")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -213,3 +216,19 @@ def test_real_hh_sequence_rm_steps(tmp_path):
     assert summary["kind"] == "sequence" and summary["steps"] == 2
     assert not torch.equal(_first_block_weight(base), _first_block_weight(tmp_path / "rm"))
     assert res["n_pairs"] == 6 and "token_auroc" not in res and 0.0 <= res["accuracy"] <= 1.0
+
+
+def test_length_debias_lines_and_corrections():
+    assert debias_mod.line([1, 2, 3], [3, 5, 7]) == pytest.approx((1.0, 2.0))
+    assert debias_mod.accuracy([1.0, 2.0], [0.0, 2.0]) == 0.75  # a tie counts one half
+    # token rewards minus a + b * (their response's length): 0.5 + 0.25 * 2 = 1.0, and 0.5 + 0.25 * 1 = 0.75
+    assert debias_mod.token_shift([[1.0, 2.0], [4.0]], 0.5, 0.25) == [[0.0, 1.0], [3.25]]
+    data = {"better": {"scores": [2.0], "words": [4], "rewards": [[1.0, 2.0]]},
+            "worse": {"scores": [1.0], "words": [1], "rewards": [[4.0]]}}
+    by_score = debias_mod.corrected(data, "score", (9.0, 0.5))  # the score's own line: s - 0.5 * words
+    assert by_score["better"]["scores"] == [0.0] and by_score["worse"]["scores"] == [0.5]
+    assert by_score["better"]["rewards"] == [[1.0, 2.0]]  # token rewards untouched
+    by_token = debias_mod.corrected(data, "token", (0.5, 0.25))
+    assert by_token["better"]["rewards"] == [[0.0, 1.0]] and by_token["better"]["scores"] == [0.5]
+    assert by_token["worse"]["scores"] == [3.25]
+    assert data["better"]["scores"] == [2.0]  # the input is not changed

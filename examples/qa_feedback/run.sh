@@ -13,6 +13,7 @@
 #   (f) token RM, token_label loss, with the passages (passages first, so a left cut keeps the
 #       question), 512 positions
 #   (g) token RM, token_mean + the label term, with the passages
+#   and (step 6) post-hoc length debiasing of (e), fitted on the training questions
 # each scored on held-out human preferences, held-out edit pairs, and (token RMs) the per-token
 # AUROC of a low reward against the human error spans.
 #
@@ -83,3 +84,8 @@ train g_token_mean_label_passages edits.jsonl     edit       token_mean  "$LABEL
 rms=(); for name in $ONLY; do [ -d "$OUT/$name" ] && rms+=("$OUT/$name"); done
 "$PY" "$HERE/analyze_length.py" "$OUT/split/test/edits.jsonl" --pairs edit "${rms[@]}" > "$OUT/length_edit.json"
 "$PY" "$HERE/analyze_length.py" "$OUT/split/test/pairs.jsonl" --pairs preference "${rms[@]}" > "$OUT/length_pref.json"
+# 6. does regressing length out help a token RM? (length_debias.py: lines fitted on the training questions)
+if [ -d "$OUT/e_token_label" ]; then
+  (cd "$HERE" && "$PY" length_debias.py "$OUT/e_token_label" --train "$OUT/split/train" --test "$OUT/split/test") \
+    > "$OUT/length_debias_e.json"
+fi

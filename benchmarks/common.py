@@ -14,6 +14,7 @@ Nothing here imports finegrain or TRL: each side's worker does that in its own s
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -109,6 +110,82 @@ def build_assets(out: str | os.PathLike, spec: ModelSpec = SPEC, response_length
     return out
 
 
+REAL_POLICY = "smollm2-135m-instruct"  # installed offline by scripts/install_models.sh
+
+
+def build_real_assets(out: str | os.PathLike, response_length: int | None = None,
+                      policy: str = REAL_POLICY) -> Path:
+    """The real-model assets: SmolLM2-135M-Instruct as safetensors checkpoints, same layout as :func:`build_assets`.
+
+    The GGUF file is dequantised once here (transformers' GGUF loader) and saved as fp32
+    safetensors, so both systems load bit-identical weights without the dequantisation cost:
+    ``policy/`` (LlamaForCausalLM, also the reference), ``rm_seq/`` (LlamaForSequenceClassification:
+    the SmolLM2 backbone and a seeded 1-label head; reward model and value initialisation) and
+    ``rm_tok/`` (the same as a token-classification checkpoint). Prompts and pairs are the
+    synthetic ones of :func:`build_assets` (the response length is forced, so what the words
+    mean does not change the work).
+    """
+    import torch
+    import transformers
+
+    from finegrain.models import load_model, load_tokenizer, save_checkpoint
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(policy)
+    model = load_model(policy, "causal", tokenizer=tok)
+    if response_length:
+        model.generation_config.min_new_tokens = response_length
+    save_checkpoint(out / "policy", model, tok, {"stage": "benchmark", "kind": "policy", "head": "causal"})
+    backbone = model.get_decoder().state_dict()
+    cfg = copy.deepcopy(model.config)
+    cfg.pad_token_id, cfg.num_labels = tok.pad_token_id, 1
+    for name, cls, kind in (("rm_seq", transformers.AutoModelForSequenceClassification, "sequence"),
+                            ("rm_tok", transformers.AutoModelForTokenClassification, "token")):
+        torch.manual_seed(SPEC.seed)
+        head = cls.from_config(cfg)
+        head.base_model.load_state_dict(backbone, strict=True)
+        meta = {"stage": "benchmark", "kind": kind, "head": kind,
+                "loss": "sequence" if kind == "sequence" else "token_mean"}
+        save_checkpoint(out / name, head, tok, meta)
+        del head
+    del model, backbone
+    tok.save_pretrained(out / "tokenizer")
+    texts = synthetic_texts(SPEC.seed)
+    with open(out / "prompts.jsonl", "w", encoding="utf-8") as f:
+        for i, p in enumerate(texts["prompts"]):
+            f.write(json.dumps({"id": f"q{i}", "prompt": p}) + "\n")
+    with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for p in texts["pairs"]:
+            f.write(json.dumps(p) + "\n")
+    (out / "spec.json").write_text(json.dumps({"policy": policy, "response_length": response_length}, indent=2))
+    return out
+
+
+def policy_with_length(assets: str | os.PathLike, response_length: int) -> str:
+    """A policy folder under ``assets`` whose responses are exactly ``response_length`` tokens; returns its name.
+
+    ``policy_L<n>/`` links every file of ``policy/`` except ``generation_config.json``, which is
+    rewritten with ``min_new_tokens`` = n (both systems' samplers honour it), so the cost curves
+    vary the length without copying weights.
+    """
+    assets = Path(assets)
+    name = f"policy_L{response_length}"
+    out = assets / name
+    if out.exists():
+        return name
+    tmp = assets / f".{name}.tmp"
+    tmp.mkdir()
+    for f in (assets / "policy").iterdir():
+        if f.name != "generation_config.json":
+            (tmp / f.name).symlink_to(f.resolve())
+    gen = json.loads((assets / "policy" / "generation_config.json").read_text())
+    gen["min_new_tokens"] = response_length
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tmp.rename(out)
+    return name
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -189,6 +266,13 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def peak_rss_gb() -> float:
+    """This process's resident-size high-water mark so far, GB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def set_threads() -> int:

@@ -18,17 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import matmul_params, matmul_peak, train_flops_per_token
+from common import matmul_params, matmul_peak, peak_rss_gb, train_flops_per_token
 
 
 @dataclass
 class Mark:
-    """One finished step: when it was logged, its metrics, the probe's peak, when the next step began."""
+    """One finished step: when it was logged, its metrics, the probe's peak, when the next step began, peak RSS."""
 
     end: float
     metrics: dict
     peak: float | None
     resume: float
+    rss_gb: float
 
 
 @contextlib.contextmanager
@@ -43,7 +44,7 @@ def step_clock(probe_s: float = 0.0):
         original(self, metrics)
         end = time.perf_counter()
         peak = matmul_peak("fp32", probe_s, sizes=(1024,)) if probe_s > 0 else None
-        marks.append(Mark(end, dict(metrics), peak, time.perf_counter()))
+        marks.append(Mark(end, dict(metrics), peak, time.perf_counter(), peak_rss_gb()))
 
     MetricsLog.log = log
     try:
@@ -79,16 +80,17 @@ def run_rm(assets: Path, *, n_pairs: int, batch_size: int, max_length: int, seed
             train_reward_model(cfg)
     # the clock starts before data preparation and model loading: drop step 1 (warm-up) in run.py
     return {"system": "finegrain", "step_s": _diffs(t0, marks), "pairs_per_step": batch_size,
-            "threads": torch.get_num_threads()}
+            "rss_at_step_gb": [m.rss_gb for m in marks], "threads": torch.get_num_threads()}
 
 
 def ppo_config_values(assets: Path, out: str, *, reward_mode: str, steps: int, batch_size: int,
                       response_length: int, ppo_epochs: int, num_minibatches: int, seed: int,
-                      learning_rate: float, temperature: float, kl_coef: float) -> dict[str, Any]:
+                      learning_rate: float, temperature: float, kl_coef: float,
+                      policy: str = "policy") -> dict[str, Any]:
     """The PPOConfig fields that make finegrain do the same work as TRL's PPOTrainer setup."""
     rm = assets / ("rm_tok" if reward_mode == "token" else "rm_seq")
     return dict(
-        policy=str(assets / "policy"), reward_model=str(rm), reward_mode=reward_mode,
+        policy=str(assets / policy), reward_model=str(rm), reward_mode=reward_mode,
         prompts=str(assets / "prompts.jsonl"), output=out, steps=steps, seed=seed, batch_size=batch_size,
         num_minibatches=num_minibatches, ppo_epochs=ppo_epochs, forward_batch_size=batch_size, lr=learning_rate,
         lr_schedule="linear", temperature=temperature, kl_coef=kl_coef, max_new_tokens=response_length,
@@ -97,21 +99,28 @@ def ppo_config_values(assets: Path, out: str, *, reward_mode: str, steps: int, b
 
 def run_ppo(assets: Path, *, reward_mode: str = "sequence", steps: int, batch_size: int, response_length: int,
             ppo_epochs: int, num_minibatches: int, seed: int, learning_rate: float, temperature: float,
-            kl_coef: float, peak_probe_s: float = 0.0, **extra) -> dict[str, Any]:
+            kl_coef: float, peak_probe_s: float = 0.0, policy: str = "policy", speed: dict | None = None,
+            **extra) -> dict[str, Any]:
     """finegrain train_ppo for ``steps`` steps; per-step wall times plus finegrain's own metrics.
 
-    ``extra`` are further PPOConfig fields (``mixed_precision="bf16"``).
+    ``extra`` are further PPOConfig fields (``mixed_precision="bf16"``); ``speed`` sets
+    ``finegrain.speed`` switches for the process (``{"frozen_low_precision": false}``: the code before
+    that path, for a before/after in one run).
     """
     import torch
 
+    from finegrain import speed as speed_switches
     from finegrain.config import build_config
     from finegrain.ppo import PPOConfig, train_ppo
+
+    if speed:
+        speed_switches.configure(**speed)
 
     with tempfile.TemporaryDirectory() as tmp:
         values = ppo_config_values(assets, str(Path(tmp) / "ppo"), reward_mode=reward_mode, steps=steps,
                                    batch_size=batch_size, response_length=response_length, ppo_epochs=ppo_epochs,
                                    num_minibatches=num_minibatches, seed=seed, learning_rate=learning_rate,
-                                   temperature=temperature, kl_coef=kl_coef)
+                                   temperature=temperature, kl_coef=kl_coef, policy=policy)
         values.update(extra)
         cfg = build_config(PPOConfig, values)
         with step_clock(peak_probe_s) as marks:
@@ -121,7 +130,7 @@ def run_ppo(assets: Path, *, reward_mode: str = "sequence", steps: int, batch_si
     return {"system": "finegrain", "reward_mode": reward_mode, "step_s": _diffs(t0, marks),
             "query_widths": query_widths(assets, cfg),
             "response_tokens_per_step": batch_size * response_length, "metrics": metrics,
-            "fp32_peak_after_step": [m.peak for m in marks],
+            "fp32_peak_after_step": [m.peak for m in marks], "rss_at_step_gb": [m.rss_gb for m in marks],
             "threads": torch.get_num_threads()}
 
 

@@ -27,8 +27,9 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import machine_info, summary, train_flops_per_token  # noqa: E402
+from common import REAL_POLICY, machine_info, summary, train_flops_per_token  # noqa: E402
 from convergence import convergence_summary  # noqa: E402
+import curves  # noqa: E402
 from robustness import SEEDS as ROBUST_SEEDS, robustness_summary  # noqa: E402
 
 PY = sys.executable
@@ -51,6 +52,9 @@ class Settings:
     warmup_steps: int = 1
     rm_warmup_steps: int = 2
     precisions: tuple[str, ...] = ("no", "bf16")  # PPO arms: each runs BOTH systems in that precision
+    real_rounds: int | None = None  # the real-model arm's rounds (default RealSettings.rounds)
+    plot: str | None = None  # where the curves benchmark draws its PNG
+    real_before_after: bool = False  # the real arm also runs finegrain without each BEFORE_AFTER path
 
 
 QUICK = Settings(rounds=5, ppo_steps=7, batch_size=16, response_length=32, ppo_epochs=4, num_minibatches=1,
@@ -184,6 +188,215 @@ def bench_rm(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tu
     return {"rm_speedup_vs_trl": (ratios["median"], f"min {ratios['min']:.3f} max {ratios['max']:.3f} over "
                                   f"{ratios['n']} rounds; pairs/s finegrain {summary(pps['fg'])['median']:.1f}, "
                                   f"TRL {summary(pps['trl'])['median']:.1f}")}
+
+
+@dataclass(frozen=True)
+class RealSettings:
+    """Sizes of the real-model arm (the same in --quick and full: it must fit in about 20 minutes).
+
+    SmolLM2-135M is 25x the tiny GPT-2 and 30 layers deep: one PPO step of batch 8 x 32 response
+    tokens with one update epoch takes 8-20 s on 2 cores, and a trial (loading four 135M models,
+    two warm-up steps, two measured) 60-90 s. Two warm-up steps because the second step of both
+    systems is still slower than the ones after it (memory touched for the first time after the
+    optimizer's state exists). 8 PPO arms (full and LoRA, fp32 and bf16, two systems) x 2 rounds
+    plus 2 x 2 reward-model trials is about 22 minutes.
+    """
+
+    rounds: int = 2
+    ppo_steps: int = 4        # the first two are the warm-up
+    warmup_steps: int = 2
+    batch_size: int = 8
+    response_length: int = 32
+    ppo_epochs: int = 1
+    num_minibatches: int = 1
+    rm_pairs: int = 40        # 5 steps of 8 pairs; the first 2 are the warm-up
+    rm_batch: int = 8
+    rm_warmup_steps: int = 2
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # peft's default for Llama, named for both sides
+
+
+REAL = RealSettings()
+
+
+def real_arms(r: RealSettings, before_after: bool = False) -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (task, extra arguments): {fg, trl} x {full, lora} x {fp32, bf16} (+ the before/after arms)."""
+    arms = {}
+    for tune in ("full", "lora"):
+        for prec in ("fp32", "bf16"):
+            extra: dict[str, Any] = {}
+            if prec == "bf16":
+                extra["mixed_precision"] = "bf16"
+            if tune == "lora":
+                extra.update(use_lora=True, lora_r=r.lora_r, lora_alpha=r.lora_alpha,
+                             lora_target_modules=list(r.lora_target_modules))
+            arms[f"fg_{tune}_{prec}"] = ("fg_ppo", dict(extra, reward_mode="sequence"))
+            arms[f"trl_{tune}_{prec}"] = ("trl_ppo", extra)
+            if before_after and prec == "bf16":  # finegrain without a speed path, in the same run
+                for name, switches in BEFORE_AFTER.items():
+                    arms[f"fg_{tune}_{prec}_{name}"] = ("fg_ppo", dict(extra, reward_mode="sequence", speed=switches))
+    return arms
+
+
+# speed paths measured before/after on the real model (--real-before-after): arm suffix -> switches off
+BEFORE_AFTER = {"no_frozen_low_precision": {"frozen_low_precision": False}}
+
+
+def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
+    """SmolLM2-135M-Instruct: PPO (full and LoRA, fp32 and bf16) and reward-model training, finegrain against TRL.
+
+    Per PPO arm: response tokens/s over the steps after the warm-up, and the trial process's peak
+    RSS (the whole process: imports, four models, optimizer state, activations). Both systems
+    load the same safetensors checkpoints (:func:`common.build_real_assets`).
+    """
+    r = REAL if not s.real_rounds else replace(REAL, rounds=s.real_rounds)
+    real = assets.parent / "assets_real"
+    try:
+        build_in_child(f"build_real_assets({str(real)!r}, response_length={r.response_length})", logs, "assets_real")
+    except BenchFailed as e:
+        raise BenchFailed(f"{e} (the {REAL_POLICY} assets; scripts/install_models.sh installs the model)") from e
+    kw = dict(steps=r.ppo_steps, batch_size=r.batch_size, response_length=r.response_length,
+              ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, **PPO_COMMON)
+    arms = real_arms(r, s.real_before_after)
+    tps: dict[str, list[float]] = {k: [] for k in arms}
+    rss: dict[str, list[float]] = {k: [] for k in arms}
+    failed: dict[str, str] = {}
+    state["real_settings"] = r.__dict__ | {"lora_target_modules": list(r.lora_target_modules)}
+    state["real_runs"] = []
+    for rnd in range(r.rounds):
+        for name in rotated(list(arms), rnd):
+            if name in failed:
+                continue
+            task, extra = arms[name]
+            try:
+                res = worker(task, real, logs, f"real_{name}_{rnd}", **kw, **extra)
+                tps[name].append(rate(res, res["response_tokens_per_step"], r.warmup_steps))
+            except BenchFailed as e:
+                failed[name] = str(e)
+                log(f"  round {rnd} {name} failed: {e}")
+                continue
+            rss[name].append(res["peak_rss_gb"])
+            state["real_runs"].append({"round": rnd, "name": name, **res})
+            log(f"  round {rnd} {name}: {tps[name][-1]:.1f} response tokens/s, peak RSS {rss[name][-1]:.2f} GB "
+                f"(the process, final save included: {res['process_peak_rss_gb']:.2f})")
+    state["real_tokens_per_s"] = {k: summary(v) for k, v in tps.items()}
+    state["real_peak_rss_gb"] = {k: summary(v) for k, v in rss.items()}
+    out: dict[str, tuple[float, str]] = {}
+    for tune in ("full", "lora"):
+        for prec in ("fp32", "bf16"):
+            fg, trl = f"fg_{tune}_{prec}", f"trl_{tune}_{prec}"
+            key = f"real_ppo_speedup_{tune}_{prec}"
+            if fg in failed or trl in failed:
+                out[key] = out[f"real_ppo_rss_ratio_{tune}_{prec}"] = (math.nan, failed.get(fg) or failed[trl])
+                continue
+            sp = summary([a / b for a, b in zip(tps[fg], tps[trl])])
+            mem = summary([a / b for a, b in zip(rss[fg], rss[trl])])
+            out[key] = (sp["median"], f"min {sp['min']:.3f} max {sp['max']:.3f} over {sp['n']} rounds; response "
+                                      f"tokens/s finegrain {summary(tps[fg])['median']:.1f}, TRL "
+                                      f"{summary(tps[trl])['median']:.1f}")
+            out[f"real_ppo_rss_ratio_{tune}_{prec}"] = (
+                mem["median"], f"peak RSS finegrain {summary(rss[fg])['median']:.2f} GB, TRL "
+                               f"{summary(rss[trl])['median']:.2f} GB (median of {mem['n']} rounds)")
+            for suffix in BEFORE_AFTER if s.real_before_after and prec == "bf16" else ():
+                before = f"{fg}_{suffix}"
+                if before in failed or fg in failed:
+                    out[f"real_gain_{suffix}_{tune}"] = (math.nan, failed.get(before) or failed[fg])
+                    continue
+                g = summary([a / b for a, b in zip(tps[fg], tps[before])])
+                m2 = summary([a / b for a, b in zip(rss[fg], rss[before])])
+                out[f"real_gain_{suffix}_{tune}"] = (
+                    g["median"], f"finegrain {tune} bf16 tokens/s with the path / without it ({suffix}), min "
+                                 f"{g['min']:.3f} max {g['max']:.3f} over {g['n']} rounds: "
+                                 f"{summary(tps[fg])['median']:.1f} / {summary(tps[before])['median']:.1f}; "
+                                 f"peak RSS {summary(rss[fg])['median']:.2f} / {summary(rss[before])['median']:.2f} "
+                                 f"GB (ratio {m2['median']:.3f})")
+    kw_rm = dict(n_pairs=r.rm_pairs, batch_size=r.rm_batch, max_length=256, seed=0, learning_rate=1e-5)
+    pps: dict[str, list[float]] = {"fg": [], "trl": []}
+    try:
+        for rnd in range(r.rounds):
+            for name in rotated(list(pps), rnd):
+                res = worker(f"{name}_rm", real, logs, f"real_rm_{name}_{rnd}", **kw_rm)
+                pps[name].append(rate(res, res["pairs_per_step"], r.rm_warmup_steps))
+                log(f"  round {rnd} rm {name}: {pps[name][-1]:.2f} pairs/s, peak RSS {res['peak_rss_gb']:.2f} GB")
+        sm = summary([a / b for a, b in zip(pps["fg"], pps["trl"])])
+        out["real_rm_speedup_vs_trl"] = (sm["median"], f"min {sm['min']:.3f} max {sm['max']:.3f} over {sm['n']} "
+                                                       f"rounds (fp32); pairs/s finegrain "
+                                                       f"{summary(pps['fg'])['median']:.2f}, TRL "
+                                                       f"{summary(pps['trl'])['median']:.2f}")
+    except BenchFailed as e:
+        out["real_rm_speedup_vs_trl"] = (math.nan, str(e))
+    state["real_rm_pairs_per_s"] = {k: summary(v) for k, v in pps.items()}
+    return out
+
+
+CURVE_PPO = {"tiny": dict(steps=4, ppo_epochs=4, num_minibatches=1, mixed_precision="bf16"),
+             "smollm2": dict(steps=4, ppo_epochs=1, num_minibatches=1, mixed_precision="bf16")}  # as the real arm
+
+
+def build_in_child(call: str, logs: Path, tag: str) -> None:
+    """Run ``common.<call>`` in a child process (the driver never imports torch)."""
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import common; common.{call}"
+    with open(logs / f"{tag}.log", "w") as f:
+        p = subprocess.run([PY, "-c", code], stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        tail = (logs / f"{tag}.log").read_text().strip().splitlines()[-1:]
+        raise BenchFailed(f"{tag} failed: " + " | ".join(tail))
+
+
+def bench_curves(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
+    """PPO step time and peak RSS of both systems as the response length and the batch grow (curves.py).
+
+    Tiny GPT-2 (built with 512 positions so that 256-token responses fit) at lengths 32-256 and
+    batches 8-32, 4 PPO epochs; SmolLM2-135M at the few shapes the budget allows (one update
+    epoch, as the real arm); the shapes are ``curves.SWEEPS``. bf16 autocast, both systems; one trial per system per point, the
+    order alternating. Figures: each system's fitted growth exponent, and TRL's minus finegrain's
+    (>= 0: finegrain grows no faster).
+    """
+    tiny = assets.parent / "assets_curves"
+    build_in_child(f"build_assets({str(tiny)!r}, common.ModelSpec(n_positions=512))", logs, "assets_curves")
+    real = assets.parent / "assets_real"
+    if not (real / "spec.json").exists():
+        build_in_child(f"build_real_assets({str(real)!r}, response_length={REAL.response_length})", logs,
+                       "assets_real")
+    rows: list[dict[str, Any]] = []
+    state["curves"] = {"rows": rows, "settings": CURVE_PPO}
+    failures: list[str] = []
+    for i, pt in enumerate(curves.points()):
+        where = tiny if pt.model == "tiny" else real
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import common; "
+                f"print(common.policy_with_length({str(where)!r}, {pt.length}))")
+        policy = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        kw = dict(CURVE_PPO[pt.model], batch_size=pt.batch, response_length=pt.length, policy=policy, **PPO_COMMON)
+        for system in rotated(["finegrain", "trl"], i):
+            task = "fg_ppo" if system == "finegrain" else "trl_ppo"
+            try:
+                res = worker(task, where, logs, f"curve_{pt.tag}_{system}", **kw)
+            except BenchFailed as e:
+                failures.append(str(e))
+                log(f"  {pt.tag} {system} failed: {e}")
+                continue
+            step = statistics.median(res["step_s"][curves.SWEEPS[pt.model].warmup_steps:])
+            rows.append({"model": pt.model, "length": pt.length, "batch": pt.batch, "system": system,
+                         "step_s": step, "peak_rss_gb": res["peak_rss_gb"], "all_step_s": res["step_s"]})
+            log(f"  {pt.tag} {system}: {step:.2f} s/step, peak RSS {res['peak_rss_gb']:.2f} GB")
+    if not rows:
+        raise BenchFailed("; ".join(failures) or "no curve point ran")
+    ex = curves.exponents(rows)
+    state["curves"]["exponents"] = ex
+    state["curves"]["table"] = curves.table(rows)
+    if s.plot:
+        curves.plot(rows, s.plot)
+        log(f"  plot: {s.plot}")
+    out: dict[str, tuple[float, str]] = {}
+    for model in ("tiny", "smollm2"):
+        for axis in ("length", "batch"):
+            fg, trl = ex.get(f"{model}_{axis}_finegrain", math.nan), ex.get(f"{model}_{axis}_trl", math.nan)
+            sizes = sorted({r[axis] for r in rows if r["model"] == model and curves.on_sweep(r, axis)})
+            out[f"curve_{model}_{axis}_exponent_gap"] = (
+                trl - fg, f"step time ~ {axis}^k over {axis} {sizes}: k finegrain {fg:.3f}, TRL {trl:.3f}; "
+                          "TRL's minus finegrain's (>= 0: finegrain grows no faster)")
+    return out
 
 
 def update_flops(query_width: int, peak: dict[str, Any], s: Settings) -> float:
@@ -321,6 +534,10 @@ BENCHES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "ppo": (bench_ppo, ("ppo_speedup_vs_trl", "ppo_speedup_vs_trl_fp32", "token_vs_sequence_cost")),
     "mfu": (bench_mfu, ("ppo_mfu", "ppo_mfu_bf16")),
     "rm": (bench_rm, ("rm_speedup_vs_trl",)),
+    "curves": (bench_curves, tuple(f"curve_{m}_{a}_exponent_gap" for m in ("tiny", "smollm2")
+                                   for a in ("length", "batch"))),
+    "real": (bench_real, tuple(f"real_ppo_{what}_{tune}_{prec}" for tune in ("full", "lora") for prec in ("fp32", "bf16")
+                               for what in ("speedup", "rss_ratio")) + ("real_rm_speedup_vs_trl",)),
     "demo": (bench_demo, ("demo_peak_rss_gb", "demo_wall_s", "convergence_step_ratio")),
     "robust": (bench_robust, ("robust_token_minus_edit_seq_gold", "robust_token_minus_edit_seq_winrate",
                               "robust_token_minus_baseline_gold", "robust_token_minus_baseline_winrate",
@@ -342,12 +559,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes: <= 20 minutes on 2 CPU cores")
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)} (default: all; with --quick all "
-                                   "but robust, which runs 5 full and 5 quick demos, about an hour)")
+                                   "but robust, which runs 5 full and 5 quick demos, about an hour, and real, "
+                                   "SmolLM2-135M against TRL, about 20 minutes, and curves, about 20 minutes)")
     ap.add_argument("--rounds", type=int, help="override the number of alternating rounds")
     ap.add_argument("--precisions", default="no,bf16",
                     help="PPO arms to run: no (fp32) and/or bf16 autocast, each with both systems (default both)")
+    ap.add_argument("--real-before-after", action="store_true",
+                    help="the real arm also runs finegrain's bf16 arms with each newer speed path off (before/after "
+                         "in one run; about 4 minutes more)")
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: every core)")
     ap.add_argument("--json", type=Path, help="write every raw measurement here")
+    ap.add_argument("--plot", type=Path, help="the curves benchmark draws its PNG here (also: python "
+                                              "benchmarks/curves.py RUN.json OUT.png)")
     ap.add_argument("--workdir", type=Path, help="keep assets and logs here (default: a temporary directory)")
     args = ap.parse_args(argv)
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
@@ -355,11 +578,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--precisions takes no and/or bf16, not {args.precisions!r}")
     s = replace(QUICK if args.quick else FULL, precisions=precisions)
     if args.rounds:
-        s = replace(s, rounds=args.rounds)
+        s = replace(s, rounds=args.rounds, real_rounds=args.rounds)
+    if args.plot:
+        s = replace(s, plot=str(args.plot))
+    s = replace(s, real_before_after=args.real_before_after)
     if args.threads:
         os.environ["FINEGRAIN_BENCH_THREADS"] = str(args.threads)
     only = ([b.strip() for b in args.only.split(",") if b.strip()] if args.only else
-            [b for b in BENCHES if not (args.quick and b == "robust")])
+            [b for b in BENCHES if not (args.quick and b in ("robust", "real", "curves"))])
     unknown = [b for b in only if b not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import read_jsonl
+from common import peak_rss_gb, read_jsonl
 
 
 def _clock_callback():
@@ -28,12 +28,14 @@ def _clock_callback():
         def __init__(self):
             self.t0 = None
             self.ends: list[float] = []
+            self.rss_gb: list[float] = []
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(time.perf_counter())
+            self.rss_gb.append(peak_rss_gb())
 
         def step_times(self) -> list[float]:
             marks = [self.t0] + self.ends
@@ -51,8 +53,12 @@ def _prompt_ids(tok, assets: Path) -> list[list[int]]:
 
 def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, ppo_epochs: int,
             num_minibatches: int, seed: int, learning_rate: float, temperature: float, kl_coef: float,
-            mixed_precision: str = "no") -> dict[str, Any]:
+            mixed_precision: str = "no", use_lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
+            lora_target_modules: list[str] | None = None, policy: str = "policy") -> dict[str, Any]:
     """Train TRL's PPOTrainer for ``steps`` PPO steps; returns per-step wall times.
+
+    ``use_lora`` passes a peft ``LoraConfig`` and no reference model: TRL's documented LoRA setup,
+    where the reference is the policy with its adapters disabled (the value model stays full).
 
     ``mixed_precision="bf16"`` runs it under bf16 autocast. Its ``bf16`` flag alone does not: the
     PPOTrainer builds its own ``Accelerator`` without a precision, which then reads
@@ -70,8 +76,16 @@ def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, 
     ids = _prompt_ids(tok, assets)
     train = Dataset.from_dict({"input_ids": ids})
     evald = Dataset.from_dict({"input_ids": ids[:batch_size]})
-    policy = AutoModelForCausalLM.from_pretrained(assets / "policy")
-    ref = AutoModelForCausalLM.from_pretrained(assets / "policy")
+    policy_dir = assets / policy
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    ref, peft_config = None, None
+    if use_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                 target_modules=lora_target_modules, task_type="CAUSAL_LM")
+    else:
+        ref = AutoModelForCausalLM.from_pretrained(policy_dir)
     value = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1)
     reward = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1)
     mini = batch_size // num_minibatches
@@ -88,13 +102,15 @@ def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, 
             gradient_checkpointing=False, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=seed,
             use_cpu=True, dataloader_num_workers=0)
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                             value_model=value, train_dataset=train, eval_dataset=evald)
+                             value_model=value, train_dataset=train, eval_dataset=evald,
+                             peft_config=peft_config)
         clock = _clock_callback()
         trainer.add_callback(clock)
         torch.manual_seed(seed)
         trainer.train()
     times = clock.step_times()
     return {"system": "trl", "step_s": times, "response_tokens_per_step": batch_size * response_length,
+            "rss_at_step_gb": clock.rss_gb,
             "threads": torch.get_num_threads(), "mixed_precision": trainer.accelerator.mixed_precision}
 
 
@@ -124,4 +140,5 @@ def run_rm(assets: Path, *, n_pairs: int, batch_size: int, max_length: int, seed
         trainer.add_callback(clock)
         trainer.train()
     return {"system": "trl", "step_s": clock.step_times(), "pairs_per_step": batch_size,
+            "rss_at_step_gb": clock.rss_gb,
             "threads": torch.get_num_threads()}

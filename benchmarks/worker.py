@@ -59,13 +59,17 @@ def main() -> int:
     ap.add_argument("--assets", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     a, rest = ap.parse_known_args()
-    from common import set_threads
+    from common import peak_rss_gb, set_threads
 
     set_threads()
     kwargs = {k: _value(v) for k, _, v in (x.partition("=") for x in rest)}
     t0 = time.perf_counter()
     result = _task(a.task)(a.assets, **kwargs)
     result["process_s"] = time.perf_counter() - t0
+    # the whole process's high-water mark, final saves included (every trial is a fresh process); the
+    # sides also record it at each step's end ("rss_at_step_gb"): the last of those is the training's peak
+    result["process_peak_rss_gb"] = peak_rss_gb()
+    result["peak_rss_gb"] = (result.get("rss_at_step_gb") or [result["process_peak_rss_gb"]])[-1]
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, a.out)

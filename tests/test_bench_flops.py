@@ -39,3 +39,55 @@ def test_update_flops_counts_the_lm_head_only_where_logits_are_kept(bench_run):
     # a wider prompt adds backbone work only
     wider = bench_run.update_flops(21, peak, two) - bench_run.update_flops(20, peak, two)
     assert wider == 3 * 2 * ((25 * (600 + 12 * 2 * 4 * 25) - 24 * 2904) * 2)
+
+
+# ----------------------------------------------------------------------------- cost curves and the real arm
+def test_growth_exponent_fit_table_and_plot(bench_run, tmp_path):
+    curves = importlib.import_module("curves")
+    # step time = 0.5 s + 0.01 s per token: below linear (the fixed cost weighs at short lengths)
+    rows = [{"model": "tiny", "length": n, "batch": 16, "system": s,
+             "step_s": (0.5 + 0.01 * n) * (2 if s == "trl" else 1), "peak_rss_gb": 1.0 + n / 1000}
+            for n in curves.SWEEPS["tiny"].lengths for s in ("finegrain", "trl")]
+    # the batch sweep at length 32: batch 8 and 32 beside the shared corner (32, 16), linear in the batch
+    rows += [{"model": "tiny", "length": 32, "batch": b, "system": s, "step_s": 0.82 * b / 16 * (2 if s == "trl" else 1),
+              "peak_rss_gb": 1.0} for b in (8, 32) for s in ("finegrain", "trl")]
+    ex = curves.exponents(rows)
+    # the least-squares log-log slope through (32, 0.82), (64, 1.14), (128, 1.78), (256, 3.06), computed apart
+    assert ex["tiny_length_finegrain"] == pytest.approx(0.6342, abs=1e-3)
+    assert ex["tiny_length_trl"] == pytest.approx(ex["tiny_length_finegrain"])  # a constant factor: same growth
+    assert ex["tiny_batch_finegrain"] == pytest.approx(1.0) and ex["tiny_batch_trl"] == pytest.approx(1.0)
+    assert curves.fit_exponent([8, 16, 32], [1.0, 4.0, 16.0]) == pytest.approx(2.0)
+    table = curves.table(rows)
+    assert "| tiny | 256 | 16 | 3.06 | 6.12 | 2.00 | 1.26 | 1.26 |" in table
+    assert table.count("| tiny | 32 | 16 |") == 1  # the shared corner is one line
+    png = curves.plot(rows, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_arms_pair_every_finegrain_arm_with_trl_in_the_same_setting(bench_run):
+    arms = bench_run.real_arms(bench_run.REAL)
+    assert len(arms) == 8
+    for name, (task, extra) in arms.items():
+        if task == "fg_ppo":
+            peer = arms[name.replace("fg_", "trl_", 1)][1]
+            assert {k: v for k, v in extra.items() if k != "reward_mode"} == peer
+    assert arms["trl_lora_bf16"][1] == {"mixed_precision": "bf16", "use_lora": True, "lora_r": 16, "lora_alpha": 32,
+                                        "lora_target_modules": ["q_proj", "v_proj"]}
+    with_before = bench_run.real_arms(bench_run.REAL, before_after=True)
+    assert with_before["fg_lora_bf16_no_frozen_low_precision"][1]["speed"] == {"frozen_low_precision": False}
+    assert len(with_before) == 8 + 2  # the bf16 finegrain arms, each without the path
+
+
+def test_policy_with_length_forces_the_response_length_without_copying_weights(bench_run, tmp_path):
+    import json
+
+    common = importlib.import_module("common")
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "model.safetensors").write_bytes(b"weights")
+    (policy / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "min_new_tokens": 32}))
+    name = common.policy_with_length(tmp_path, 128)
+    out = tmp_path / name
+    assert name == "policy_L128" and (out / "model.safetensors").is_symlink()
+    assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": 2, "min_new_tokens": 128}
+    assert common.policy_with_length(tmp_path, 128) == name  # made once

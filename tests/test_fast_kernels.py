@@ -192,3 +192,83 @@ def test_keep_freed_memory_stops_refaulting_freed_activations():
         assert tuned
         tuned_runs.append(n)
     assert min(tuned_runs) < off_faults / 5, (tuned_runs, off_faults)
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_frozen_weights_in_bf16_give_autocasts_products_bit_for_bit(tiny_tokenizer, make):
+    from finegrain.speed import lower_frozen_weights, overrides
+
+    plain = make_tiny_model(tiny_tokenizer).eval() if make == "gpt2" else _tiny_llama()
+    lowered = type(plain)(plain.config).eval()
+    lowered.load_state_dict(plain.state_dict())
+    plain.requires_grad_(False)
+    lowered.requires_grad_(False)
+    trainable = lowered.transformer.h[0].attn.c_attn if make == "gpt2" else lowered.model.layers[0].self_attn.q_proj
+    trainable.weight.requires_grad_(True)  # a weight that is trained keeps its fp32 master
+    assert lower_frozen_weights(lowered, "no") == 0  # fp32 runs: nothing to do
+    with overrides(frozen_low_precision=False):
+        assert lower_frozen_weights(lowered, "bf16") == 0
+    per_block = 4 if make == "gpt2" else 7  # c_attn, c_proj, c_fc, c_proj / q, k, v, o, gate, up, down
+    assert lower_frozen_weights(lowered, "bf16") == 2 * per_block + 1 - 1  # + the LM head - the trainable one
+    assert trainable.weight.dtype == torch.float32
+    emb = lowered.get_input_embeddings().weight
+    assert emb.dtype == torch.float32  # lookups are not autocast: the table stays fp32
+    head = lowered.get_output_embeddings().weight
+    assert head.dtype == torch.bfloat16 and head.data_ptr() != emb.data_ptr()  # a tied head gets its own copy
+    assert torch.equal(head, emb.to(torch.bfloat16))
+    ids = torch.randint(0, 250, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = plain(input_ids=ids, attention_mask=mask).logits
+        b = lowered(input_ids=ids, attention_mask=mask).logits
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert torch.equal(a, b)
+    assert lower_frozen_weights(lowered, "bf16") == 0  # already lowered
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate fixes the precision once per process: reset its state before and after a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_ppo_stores_frozen_models_in_bf16_and_merges_lora_into_the_fp32_base(tmp_path, fresh_accelerate_state):
+    from transformers import AutoModelForCausalLM
+
+    from test_ppo_train import make_workspace, toy_config
+    from finegrain.ppo.setup import load_models, preflight
+    from finegrain.ppo.train import build_engine, make_accelerator, train_ppo
+
+    ws = make_workspace(tmp_path)
+    cfg = toy_config(ws, tmp_path / "full", mixed_precision="bf16")
+    acc = make_accelerator(cfg)
+    e = build_engine(cfg, preflight(cfg), load_models(cfg, preflight(cfg), "cpu"), acc)
+    assert e.ref_policy.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    assert e.scorer.rm.model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    trained = acc.unwrap_model(e.model)
+    assert all(p.dtype == torch.float32 for p in trained.parameters())  # what is trained keeps fp32 masters
+    assert not e.lora_base_lowered
+
+    cfg = toy_config(ws, tmp_path / "lora", steps=2, use_lora=True, lora_r=4, lora_alpha=8,
+                     lora_target_modules=["c_attn"], lr=1e-2, mixed_precision="bf16")
+    train_ppo(cfg, accelerator=acc)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "final")
+    base = AutoModelForCausalLM.from_pretrained(ws["policy"])
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    # layers without adapters are the fp32 base bit for bit, not its bf16 rounding
+    assert torch.equal(merged.transformer.h[0].mlp.c_fc.weight, base.transformer.h[0].mlp.c_fc.weight)
+    assert torch.equal(merged.lm_head.weight, base.lm_head.weight)
+    assert not torch.allclose(merged.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)

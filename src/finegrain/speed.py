@@ -11,7 +11,8 @@ looks wrong.
   :func:`overrides` (for a ``with`` block), the later one winning.
 - The paths live here or are reached from here: :func:`fuse_gelu` / :func:`apply_model_switches`
   (every model load), :func:`keeps_logits` (PPO's forwards), :func:`reuses_rollout_forward`
-  (PPO's update), :func:`decoder` and :func:`sampling_grad_mode` (sampling),
+  (PPO's update), :func:`lower_frozen_weights` (PPO's frozen models under autocast),
+  :func:`decoder` and :func:`sampling_grad_mode` (sampling),
   :func:`keep_freed_memory` (the three trainers); ``fused_adamw`` is read by
   :func:`finegrain.training.make_adamw`, ``trim_minibatches`` by :func:`finegrain.ppo.train.ppo_update`.
 
@@ -62,6 +63,11 @@ class SpeedOptions:
                             Environment: ``FINEGRAIN_MALLOC_TUNING=0`` turns it off
     fused_adamw:            AdamW with torch's fused kernel where there is one
                             (:func:`finegrain.training.make_adamw`); off: the per-tensor loop (the same rule)
+    frozen_low_precision:   under bf16 (or fp16) autocast, PPO stores the frozen models' linear weights (the
+                            reference, the reward model, a LoRA policy's base) in that dtype once
+                            (:func:`lower_frozen_weights`): autocast would cast them to it in every matmul, and
+                            it caches its casts only for weights that require grad, so a frozen weight was cast
+                            again for every forward and every decoded token (the same products; half the memory)
     """
 
     fuse_gelu: bool = True
@@ -72,6 +78,7 @@ class SpeedOptions:
     no_grad_sampling: bool = True
     keep_freed_memory: bool = True
     fused_adamw: bool = True
+    frozen_low_precision: bool = True
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SpeedOptions)}
@@ -210,6 +217,51 @@ def reuses_rollout_forward(cfg) -> bool:
     ``grad_accum``, ``minibatch_size()``).
     """
     return options().reuse_rollout_forward and cfg.minibatch_size() >= cfg.batch_size and cfg.grad_accum == 1
+
+
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # --mixed-precision -> the dtype autocast computes in
+
+
+def lower_frozen_weights(model, mixed_precision: str) -> int:
+    """Store every frozen fp32 linear layer's weight (and bias) in the autocast dtype; returns how many layers.
+
+    Under autocast a linear layer multiplies in bf16 (fp16): it casts its input, weight and bias
+    first, so a weight stored in that dtype gives the same products, bit for bit, without the
+    cast. Autocast caches the casts of weights that require grad for the autocast block, but
+    not of frozen ones: the reference and reward models and a LoRA policy's base layers were cast
+    again in every forward, and for every token while sampling. Only layers whose weight does not
+    require grad change; embeddings and norms stay fp32 (they are not autocast), and a head tied
+    to the input embedding gets its own low-precision copy while the embedding keeps its fp32
+    table (copied out of the checkpoint's memory map, so that the map's pages of the replaced
+    weights are released). The model must then only run under autocast (PPO runs every forward of these models
+    under it). No-op when ``mixed_precision`` is not bf16/fp16 or switch ``frozen_low_precision`` is off.
+    """
+    import torch
+
+    if mixed_precision not in AUTOCAST_DTYPES or not options().frozen_low_precision:
+        return 0
+    dtype = getattr(torch, AUTOCAST_DTYPES[mixed_precision])
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer (an addmm, autocast like linear)
+
+    n = 0
+    for module in model.modules():
+        if (type(module) not in (torch.nn.Linear, Conv1D) or module.weight.requires_grad
+                or module.weight.dtype != torch.float32):
+            continue
+        with torch.no_grad():
+            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        n += 1
+    if n:
+        # transformers maps a safetensors checkpoint into memory and every tensor of it views that one
+        # mapping: while the fp32 embedding or a norm still views it, the pages of the replaced weights
+        # (read once above) stay resident. Own copies of the rest let the mapping go.
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                if not t.requires_grad and t.dtype == torch.float32:
+                    t.data = t.data.clone()
+    return n
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -130,10 +130,9 @@ def load_models(cfg: PPOConfig, run: RunInputs, device_type: str = "cpu") -> Loa
     ``device_type`` (the accelerator's, e.g. "cpu" or "cuda") selects the attention kernel with
     ``cfg.attn_implementation`` and ``cfg.mixed_precision`` (:func:`finegrain.models.pick_attention`).
     """
-    from ..models import load_model, pick_attention, torch_dtype
+    from ..models import load_model
 
-    kw = dict(trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype),
-              attn_implementation=pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type))
+    kw = _load_kwargs(cfg, device_type)
     policy = load_model(cfg.policy, "causal", tokenizer=run.tokenizer, **kw)
     value_src = cfg.reward_model if cfg.value_init == "reward" else cfg.policy
     value_model = load_model(value_src, "token", tokenizer=run.tokenizer, **kw)
@@ -149,6 +148,29 @@ def load_models(cfg: PPOConfig, run: RunInputs, device_type: str = "cpu") -> Loa
         if m is not None:
             m.eval()  # dropout off (Huang et al.); gradients still flow
     return LoadedModels(policy, value_model, ref, reward_model)
+
+
+def _load_kwargs(cfg: PPOConfig, device_type: str) -> dict:
+    from ..models import pick_attention, torch_dtype
+
+    return dict(trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype),
+                attn_implementation=pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type))
+
+
+def lora_on_loaded_base(policy, cfg: PPOConfig, run: RunInputs):
+    """``policy``'s LoRA adapters on a freshly loaded base policy, in the dtype ``--dtype`` loads it in.
+
+    What the final LoRA merge starts from when the live policy's frozen base layers were stored
+    in bf16 for autocast (:func:`finegrain.speed.lower_frozen_weights`): merging into those would
+    round every base weight of the saved model to bf16.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from ..models import load_model
+
+    fresh = add_lora(load_model(cfg.policy, "causal", tokenizer=run.tokenizer, **_load_kwargs(cfg, "cpu")), cfg)
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(policy))
+    return fresh
 
 
 def add_lora(policy, cfg: PPOConfig):

@@ -34,7 +34,7 @@ from ..errors import ConfigError, InputError
 from ..generation import sample
 from ..io import write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
-from ..speed import keep_freed_memory, options as speed_options, reuses_rollout_forward
+from ..speed import keep_freed_memory, lower_frozen_weights, options as speed_options, reuses_rollout_forward
 from ..training import (check_finite, checkpoint_dirs, fingerprint, make_adamw, refuse_stale_checkpoints,
                         resume_training_state, save_training_state)
 from . import core
@@ -43,7 +43,7 @@ from .rewards import RewardScorer
 from .rollout import (AttachedForward, PolicyAndValue, RewardSettings, Rollout, attached_forward, forward_response,
                       make_rollout, process_rewards, rollout_stats, sample_records, score_rollout_forward,
                       unwrapped_for_generation)
-from .setup import LoadedModels, RunInputs, load_models, preflight
+from .setup import LoadedModels, RunInputs, load_models, lora_on_loaded_base, preflight
 
 log = logging.getLogger("finegrain.ppo")
 OnRollout = Callable[[int, list, list], dict]
@@ -193,8 +193,13 @@ def _full_copies(accelerator, model):
     return policy, value_model
 
 
-def save_final(accelerator, model, run: RunInputs, cfg: PPOConfig, summary: dict) -> None:
-    """final/ (policy, LoRA merged), final_adapter/ (LoRA only) and value/, loadable by plain transformers."""
+def save_final(accelerator, model, run: RunInputs, cfg: PPOConfig, summary: dict,
+               lora_base_lowered: bool = False) -> None:
+    """final/ (policy, LoRA merged), final_adapter/ (LoRA only) and value/, loadable by plain transformers.
+
+    ``lora_base_lowered``: the live LoRA base was stored in bf16/fp16 for autocast, so the adapters
+    are merged into a freshly loaded base instead (:func:`~finegrain.ppo.setup.lora_on_loaded_base`).
+    """
     from ..models import save_checkpoint
 
     accelerator.wait_for_everyone()
@@ -206,6 +211,8 @@ def save_final(accelerator, model, run: RunInputs, cfg: PPOConfig, summary: dict
             "base_policy": cfg.policy, "steps": summary["steps"], "lora": cfg.use_lora, "config": to_dict(cfg)}
     if cfg.use_lora:
         save_checkpoint(out / "final_adapter", policy, run.tokenizer, dict(meta, kind="lora_adapter"))
+        if lora_base_lowered:
+            policy = lora_on_loaded_base(policy, cfg, run)
         policy = policy.merge_and_unload()
         meta["lora_merged"] = True
     save_checkpoint(out / "final", policy, run.tokenizer, meta)
@@ -228,6 +235,7 @@ class Engine:
     kl_ctl: core.FixedKLController
     moments: core.RunningMoments | None
     settings: RewardSettings
+    lora_base_lowered: bool = False  # the LoRA policy's frozen base layers are stored in the autocast dtype
 
 
 def reduce_mean(accelerator, stats: dict[str, float]) -> dict[str, float]:
@@ -319,6 +327,14 @@ def make_accelerator(cfg: PPOConfig):
 
 def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerator) -> Engine:
     """Wrap, prepare and connect the models; the optimizer has one group for the policy, one for the value."""
+    # frozen weights in the autocast dtype (speed.lower_frozen_weights); a sharded (FSDP/DeepSpeed) policy
+    # keeps one dtype, its engine casts for itself
+    low = accelerator.mixed_precision
+    for frozen in (models.ref_policy, models.reward_model):
+        if frozen is not None:
+            lower_frozen_weights(frozen, low)
+    sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+    lora_lowered = cfg.use_lora and not sharded and lower_frozen_weights(models.policy, low) > 0
     model = PolicyAndValue(models.policy, models.value_model)
     groups = [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
               {"params": [p for p in models.value_model.parameters() if p.requires_grad],
@@ -337,7 +353,7 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
     settings = RewardSettings(cfg.reward_mode, cfg.kl_estimator, cfg.token_reward_scale, cfg.reward_clip,
                               cfg.missing_eos_penalty, cfg.whiten_rewards, cfg.gamma, cfg.lam, cfg.whiten_advantages)
     return Engine(cfg, run, accelerator, model, optimizer, ref, scorer, kl_ctl,
-                  core.RunningMoments() if cfg.reward_norm else None, settings)
+                  core.RunningMoments() if cfg.reward_norm else None, settings, lora_lowered)
 
 
 def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerator=None,
@@ -394,6 +410,6 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     summary = {"steps": cfg.steps, "resumed_from": start if cfg.resume else None, "output": str(out),
                "final_policy": str(out / "final"), "metrics": str(out / "metrics.jsonl"),
                "last": {k: line.get(k) for k in ("reward", "kl", "tokens_per_s")}}
-    save_final(acc, e.model, run, cfg, summary)
+    save_final(acc, e.model, run, cfg, summary, e.lora_base_lowered)
     acc.end_training()
     return summary

@@ -100,14 +100,19 @@ def build_assets(out: str | os.PathLike, spec: ModelSpec = SPEC, response_length
             meta.update({"loss": "sequence" if kind == "sequence" else "token_mean"})
         save_checkpoint(out / name, model, tok, meta)
     tok.save_pretrained(out / "tokenizer")
+    write_data(out, texts)
+    (out / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    return out
+
+
+def write_data(out: Path, texts: dict[str, Any]) -> None:
+    """``prompts.jsonl`` and ``pairs.jsonl`` of :func:`synthetic_texts` under ``out``."""
     with open(out / "prompts.jsonl", "w", encoding="utf-8") as f:
         for i, p in enumerate(texts["prompts"]):
             f.write(json.dumps({"id": f"q{i}", "prompt": p}) + "\n")
     with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
         for p in texts["pairs"]:
             f.write(json.dumps(p) + "\n")
-    (out / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
-    return out
 
 
 REAL_POLICY = "smollm2-135m-instruct"  # installed offline by scripts/install_models.sh
@@ -151,13 +156,7 @@ def build_real_assets(out: str | os.PathLike, response_length: int | None = None
         del head
     del model, backbone
     tok.save_pretrained(out / "tokenizer")
-    texts = synthetic_texts(SPEC.seed)
-    with open(out / "prompts.jsonl", "w", encoding="utf-8") as f:
-        for i, p in enumerate(texts["prompts"]):
-            f.write(json.dumps({"id": f"q{i}", "prompt": p}) + "\n")
-    with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
-        for p in texts["pairs"]:
-            f.write(json.dumps(p) + "\n")
+    write_data(out, synthetic_texts(SPEC.seed))
     (out / "spec.json").write_text(json.dumps({"policy": policy, "response_length": response_length}, indent=2))
     return out
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import REAL_POLICY, machine_info, summary, train_flops_per_token  # noqa: E402
+from common import REAL_POLICY, machine_info, policy_with_length, summary, train_flops_per_token  # noqa: E402
 from convergence import convergence_summary  # noqa: E402
 import curves  # noqa: E402
 from robustness import SEEDS as ROBUST_SEEDS, robustness_summary  # noqa: E402
@@ -364,9 +364,7 @@ def bench_curves(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str
     failures: list[str] = []
     for i, pt in enumerate(curves.points()):
         where = tiny if pt.model == "tiny" else real
-        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import common; "
-                f"print(common.policy_with_length({str(where)!r}, {pt.length}))")
-        policy = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        policy = policy_with_length(where, pt.length)
         kw = dict(CURVE_PPO[pt.model], batch_size=pt.batch, response_length=pt.length, policy=policy, **PPO_COMMON)
         for system in rotated(["finegrain", "trl"], i):
             task = "fg_ppo" if system == "finegrain" else "trl_ppo"
@@ -547,12 +545,10 @@ BENCHES: dict[str, tuple[Callable, tuple[str, ...]]] = {
 
 
 def build_assets(assets: Path, logs: Path, response_length: int) -> None:
-    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from common import build_assets; "
-            f"build_assets({str(assets)!r}, response_length={response_length})")
-    with open(logs / "assets.log", "w") as f:
-        p = subprocess.run([PY, "-c", code], stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
-        raise BenchFailed("building the benchmark models failed: see " + str(logs / "assets.log"))
+    try:
+        build_in_child(f"build_assets({str(assets)!r}, response_length={response_length})", logs, "assets")
+    except BenchFailed as e:
+        raise BenchFailed(f"building the benchmark models failed ({e}): see {logs / 'assets.log'}") from e
 
 
 def main(argv: list[str] | None = None) -> int:

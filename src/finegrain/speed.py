@@ -233,8 +233,9 @@ def lower_frozen_weights(model, mixed_precision: str) -> int:
     require grad change; embeddings and norms stay fp32 (they are not autocast), and a head tied
     to the input embedding gets its own low-precision copy while the embedding keeps its fp32
     table (copied out of the checkpoint's memory map, so that the map's pages of the replaced
-    weights are released). The model must then only run under autocast (PPO runs every forward of these models
-    under it). No-op when ``mixed_precision`` is not bf16/fp16 or switch ``frozen_low_precision`` is off.
+    weights are released). The model must then only run under autocast (PPO runs every forward
+    of these models under it). No-op when ``mixed_precision`` is not bf16/fp16 or switch
+    ``frozen_low_precision`` is off.
     """
     import torch
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from finegrain.models import load_model, pick_attention, save_checkpoint
+from finegrain.models import EAGER_ATTENTION_BUDGET, eager_attention_bytes, load_model, pick_attention, save_checkpoint
 from finegrain.speed import fuse_gelu
 from finegrain.ppo.rollout import PolicyAndValue, causal_logits, forward_response, policy_logprobs
 
@@ -61,6 +61,24 @@ def test_load_model_swaps_gelu_new_but_keeps_outputs_and_config(tiny_tokenizer, 
 ])
 def test_pick_attention(requested, precision, device, expected):
     assert pick_attention(requested, precision, device) == expected
+
+
+def test_auto_attention_leaves_eager_when_its_memory_passes_the_budget():
+    budget = EAGER_ATTENTION_BUDGET
+    assert pick_attention("auto", "bf16", "cpu", eager_bytes=budget) == "eager"
+    assert pick_attention("auto", "bf16", "cpu", eager_bytes=budget + 1) is None      # SDPA
+    assert pick_attention("auto", "no", "cpu", eager_bytes=1) is None
+    assert pick_attention("eager", "bf16", "cpu", eager_bytes=10 * budget) == "eager"  # an explicit choice wins
+
+
+def test_eager_attention_bytes_by_hand():
+    # the tiny GPT-2 of the benchmarks' cost curve: 6 layers, 4 heads; 16 rows of 276 tokens, policy + value
+    gpt2 = transformers.GPT2Config(n_layer=6, n_head=4, n_embd=256)
+    assert eager_attention_bytes(gpt2, 16, 276, models=2) == 16 * 2 * 6 * 16 * 4 * 276 * 276 == 936_050_688  # 0.94 GB, measured 0.90 GB more than SDPA
+    llama = transformers.LlamaConfig(num_hidden_layers=30, num_attention_heads=9, hidden_size=576,
+                                     intermediate_size=1536, num_key_value_heads=3)
+    assert eager_attention_bytes(llama, 8, 52) == 16 * 30 * 8 * 9 * 52 * 52 == 93_450_240
+    assert eager_attention_bytes(transformers.PretrainedConfig(), 8, 52) == 0  # names no layers: unknown, 0
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -138,6 +156,28 @@ def test_ppo_under_bf16_on_cpu_loads_eager_attention(tmp_path):
     assert load_models(cfg, preflight(cfg), "cpu").policy.config._attn_implementation == "sdpa"
     cfg = toy_config(ws, tmp_path / "out")
     assert load_models(cfg, preflight(cfg), "cpu").policy.config._attn_implementation != "eager"
+
+
+def test_ppo_auto_attention_weighs_eager_memory_over_the_longest_prompt_and_response(tmp_path, monkeypatch):
+    from test_ppo_train import make_workspace, toy_config
+    from finegrain import models as fg_models
+    from finegrain.ppo.setup import load_models, preflight
+
+    ws = make_workspace(tmp_path)
+    cfg = toy_config(ws, tmp_path / "out", mixed_precision="bf16", max_new_tokens=24)
+    run = preflight(cfg)
+    config = fg_models.load_config(cfg.policy)
+    rows = cfg.minibatch_size() // cfg.grad_accum
+    length = max(len(q) for q in run.query_ids) + 24
+    # policy and value model (the value model starts from the RM here or from the policy: same toy backbone)
+    expected = 2 * eager_attention_bytes(config, rows, length)
+    assert expected == 2 * 16 * config.n_layer * rows * config.n_head * length ** 2
+    monkeypatch.setattr(fg_models, "EAGER_ATTENTION_BUDGET", expected)
+    assert load_models(cfg, run, "cpu").policy.config._attn_implementation == "eager"
+    monkeypatch.setattr(fg_models, "EAGER_ATTENTION_BUDGET", expected - 1)
+    models = load_models(cfg, run, "cpu")
+    for m in (models.policy, models.value_model, models.ref_policy, models.reward_model):
+        assert m.config._attn_implementation == "sdpa"
 
 
 _FAULTS = """

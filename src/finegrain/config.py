@@ -363,7 +363,8 @@ class TrainerModelOptions(ModelOptions):
     GROUP_TITLE = "model loading"
 
     attn_implementation: str = opt("auto", "attention kernel: auto = eager under bf16/fp16 autocast on a CPU "
-                                           "(faster there), else transformers' default (SDPA)",
+                                           "(faster there; ppo keeps SDPA when eager's length^2 memory would pass "
+                                           "256 MiB), else transformers' default (SDPA)",
                                    choices=list(ATTENTION_IMPLEMENTATIONS))
 
 

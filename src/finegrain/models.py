@@ -95,17 +95,45 @@ AUTO_CLASSES = {  # head -> the transformers Auto class that builds it
 ATTENTION_CHOICES = ["auto", "eager", "sdpa", "flash_attention_2"]
 
 
-def pick_attention(requested: str, mixed_precision: str, device_type: str) -> str | None:
+EAGER_ATTENTION_BUDGET = 256 << 20
+"""Bytes of attention probabilities ``auto`` lets eager attention keep for a backward pass (:func:`pick_attention`)."""
+
+
+def eager_attention_bytes(config, rows: int, length: int, models: int = 1) -> int:
+    """What eager attention keeps for one backward pass: 16 bytes x layers x rows x heads x length^2, per model.
+
+    Eager attention materialises each layer's (rows, heads, length, length) scores and keeps the
+    softmax output (fp32) and its bf16 cast for the backward pass, whose gradients are as large
+    again; SDPA keeps none of that. 16 bytes per score and model is what the tiny GPT-2 cost
+    curve measured (0.9 GB more than SDPA at 16 rows of 276 tokens, policy and value model).
+    ``config`` is a transformers config (layers and heads under any of their usual names; 0 when
+    it names neither).
+    """
+    def first(*names):
+        return next((int(getattr(config, k)) for k in names if getattr(config, k, None) is not None), 0)
+
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    heads = first("num_attention_heads", "n_head", "num_heads")
+    return 16 * models * layers * int(rows) * heads * int(length) ** 2
+
+
+def pick_attention(requested: str, mixed_precision: str, device_type: str, eager_bytes: int | None = None) -> str | None:
     """The attention kernel to load models with; ``None`` keeps transformers' default (SDPA).
 
     ``auto`` picks ``eager`` (two batched matmuls and a softmax) for bf16/fp16 autocast on a
     CPU: PyTorch's CPU flash-attention kernel is slow in bf16, so a tiny GPT-2's forward +
     backward is faster with eager attention there (fp32 is the same either way; the figures are
-    in benchmarks/RESULTS.md). Everywhere else it keeps SDPA, the right choice on GPUs.
+    in benchmarks/RESULTS.md). Eager attention's memory grows with the square of the length,
+    SDPA's linearly: when ``eager_bytes`` (what eager would keep for a backward pass,
+    :func:`eager_attention_bytes`) exceeds :data:`EAGER_ATTENTION_BUDGET`, ``auto`` keeps SDPA
+    there too (on the tiny GPT-2 at 256 response tokens: 1.62 GB instead of 2.52, 1.3x the
+    time). Everywhere else it keeps SDPA, the right choice on GPUs.
     """
     if requested != "auto":
         return requested
     if mixed_precision in ("bf16", "fp16") and device_type == "cpu":
+        if eager_bytes is not None and eager_bytes > EAGER_ATTENTION_BUDGET:
+            return None
         return "eager"
     return None
 

@@ -1,6 +1,7 @@
 """Faster kernels that must not change the model: fused GELU, the attention choice, logits only where needed."""
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from finegrain.models import EAGER_ATTENTION_BUDGET, eager_attention_bytes, load_model, pick_attention, save_checkpoint
+from finegrain.models import (EAGER_ATTENTION_BUDGET, RECOMPUTED_EAGER, eager_attention_bytes, load_model,
+                              pick_attention, register_attention, save_checkpoint)
 from finegrain.speed import fuse_gelu
 from finegrain.ppo.rollout import PolicyAndValue, causal_logits, forward_response, policy_logprobs
 
@@ -66,7 +68,7 @@ def test_pick_attention(requested, precision, device, expected):
 def test_auto_attention_leaves_eager_when_its_memory_passes_the_budget():
     budget = EAGER_ATTENTION_BUDGET
     assert pick_attention("auto", "bf16", "cpu", eager_bytes=budget) == "eager"
-    assert pick_attention("auto", "bf16", "cpu", eager_bytes=budget + 1) is None      # SDPA
+    assert pick_attention("auto", "bf16", "cpu", eager_bytes=budget + 1) == RECOMPUTED_EAGER
     assert pick_attention("auto", "no", "cpu", eager_bytes=1) is None
     assert pick_attention("eager", "bf16", "cpu", eager_bytes=10 * budget) == "eager"  # an explicit choice wins
 
@@ -81,7 +83,7 @@ def test_eager_attention_bytes_by_hand():
     assert eager_attention_bytes(transformers.PretrainedConfig(), 8, 52) == 0  # names no layers: unknown, 0
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "eager_recompute", "sdpa"])
 def test_attention_kernels_agree(tiny_tokenizer, tmp_path, attn):
     model = make_tiny_model(tiny_tokenizer)
     save_checkpoint(tmp_path / "m", model, tiny_tokenizer)
@@ -94,6 +96,77 @@ def test_attention_kernels_agree(tiny_tokenizer, tmp_path, attn):
         a = base(input_ids=ids, attention_mask=mask).logits
         b = other(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-5)
+
+
+def _tiny_pair(family: str):
+    """The same tiny model twice (eval mode): plain eager attention, and eager with the probabilities recomputed."""
+    register_attention()
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=64,
+                                      bos_token_id=0, eos_token_id=1)
+    else:  # grouped-query attention: the family's eager function repeats the KV heads itself
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       hidden_size=64, intermediate_size=128, vocab_size=100, bos_token_id=0,
+                                       eos_token_id=1)
+    torch.manual_seed(0)
+    plain = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    recomputed = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),  # from_config keeps cfg itself
+                                                               attn_implementation=RECOMPUTED_EAGER).eval()
+    assert plain.config._attn_implementation == "eager"
+    recomputed.load_state_dict(plain.state_dict())
+    return plain, recomputed
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of ``fn()``'s graph."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputed_eager_attention_is_eager_bit_for_bit_and_keeps_no_scores(family, autocast):
+    plain, recomputed = _tiny_pair(family)
+    ids = torch.randint(2, 100, (3, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    grads, kept = [], []
+    for model in (plain, recomputed):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            saved, logits = _saved_bytes(lambda: model(input_ids=ids, attention_mask=mask, position_ids=pos).logits)
+        logits.float().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        kept.append((saved, logits))
+    assert torch.equal(kept[0][1], kept[1][1])                        # the same forward, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(*grads))             # and the same gradients
+    # every layer's (rows, heads, T, T) scores: plain eager keeps at least the softmax output of each
+    scores = 2 * 3 * 4 * 24 * 24 * (2 if autocast else 4)
+    assert kept[0][0] - kept[1][0] >= scores
+    with torch.no_grad():  # no autograd (sampling, the frozen models): plain eager, weights returned
+        out = recomputed(input_ids=ids, attention_mask=mask, position_ids=pos, output_attentions=True)
+    assert out.attentions is not None and out.attentions[0].shape == (3, 4, 24, 24)
+
+
+def test_sampling_with_recomputed_eager_attention_draws_what_eager_draws(tiny_tokenizer, tmp_path):
+    from finegrain.generation import sample
+
+    save_checkpoint(tmp_path / "m", make_tiny_model(tiny_tokenizer), tiny_tokenizer)
+    plain = load_model(str(tmp_path / "m"), "causal", attn_implementation="eager").eval()
+    recomputed = load_model(str(tmp_path / "m"), "causal", attn_implementation=RECOMPUTED_EAGER).eval()
+    assert recomputed.config._attn_implementation == RECOMPUTED_EAGER
+    prompts = [tiny_tokenizer("Paris is")["input_ids"], tiny_tokenizer("a large city of the north")["input_ids"]]
+    a = sample(plain, tiny_tokenizer, prompts, max_new_tokens=6, generator_seed=3)
+    b = sample(recomputed, tiny_tokenizer, prompts, max_new_tokens=6, generator_seed=3)
+    assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
 
 
 def test_logits_to_keep_gives_the_last_positions_of_the_full_logits(tiny_tokenizer):
@@ -177,7 +250,7 @@ def test_ppo_auto_attention_weighs_eager_memory_over_the_longest_prompt_and_resp
     monkeypatch.setattr(fg_models, "EAGER_ATTENTION_BUDGET", expected - 1)
     models = load_models(cfg, run, "cpu")
     for m in (models.policy, models.value_model, models.ref_policy, models.reward_model):
-        assert m.config._attn_implementation == "sdpa"
+        assert m.config._attn_implementation == RECOMPUTED_EAGER
 
 
 _FAULTS = """

@@ -330,7 +330,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 """``--dtype``: the weights dtypes a verb can load or build a model in."""
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 """``--mixed-precision``: no autocast, or autocast to bf16 / fp16."""
-ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "eager_recompute", "sdpa", "flash_attention_2")
 """``--attn-implementation``: auto (finegrain's choice, :func:`finegrain.models.pick_attention`) or a transformers kernel."""
 
 
@@ -363,8 +363,9 @@ class TrainerModelOptions(ModelOptions):
     GROUP_TITLE = "model loading"
 
     attn_implementation: str = opt("auto", "attention kernel: auto = eager under bf16/fp16 autocast on a CPU "
-                                           "(faster there; ppo keeps SDPA when eager's length^2 memory would pass "
-                                           "256 MiB), else transformers' default (SDPA)",
+                                           "(faster there; in ppo eager_recompute once eager's length^2 memory would "
+                                           "pass 256 MiB: the same numbers, the probabilities recomputed in the "
+                                           "backward pass), else transformers' default (SDPA)",
                                    choices=list(ATTENTION_IMPLEMENTATIONS))
 
 

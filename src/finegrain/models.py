@@ -92,11 +92,47 @@ AUTO_CLASSES = {  # head -> the transformers Auto class that builds it
 }
 
 
-ATTENTION_CHOICES = ["auto", "eager", "sdpa", "flash_attention_2"]
 
 
 EAGER_ATTENTION_BUDGET = 256 << 20
 """Bytes of attention probabilities ``auto`` lets eager attention keep for a backward pass (:func:`pick_attention`)."""
+
+RECOMPUTED_EAGER = "eager_recompute"
+"""Eager attention that keeps only its inputs for the backward pass and recomputes the probabilities there."""
+
+
+def _recomputed_eager_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """The model's own eager attention; under autograd, checkpointed so its (rows, heads, T, T) tensors are not kept.
+
+    Each transformers model family defines ``eager_attention_forward`` in its modeling module
+    (GQA, scaling and softcapping are its own); this runs that function. With gradients on, it
+    runs inside ``torch.utils.checkpoint`` (non-reentrant; the autocast state is replayed): the
+    backward pass recomputes one layer's scores and softmax at a time instead of keeping every
+    layer's, so memory grows as T (like SDPA) while the kernels stay eager's. The attention
+    weights are not returned (``output_attentions`` needs plain ``eager``).
+    """
+    import sys
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+        return eager(module, query, key, value, attention_mask, *args, **kwargs)
+
+    def run(q, k, v, m):
+        return eager(module, q, k, v, m, *args, **kwargs)[0]
+
+    return checkpoint(run, query, key, value, attention_mask, use_reentrant=False), None
+
+
+def register_attention() -> None:
+    """Make :data:`RECOMPUTED_EAGER` a transformers attention implementation (eager's masks); idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(RECOMPUTED_EAGER, _recomputed_eager_attention)
+    AttentionMaskInterface.register(RECOMPUTED_EAGER, eager_mask)
 
 
 def eager_attention_bytes(config, rows: int, length: int, models: int = 1) -> int:
@@ -105,7 +141,8 @@ def eager_attention_bytes(config, rows: int, length: int, models: int = 1) -> in
     Eager attention materialises each layer's (rows, heads, length, length) scores and keeps the
     softmax output (fp32) and its bf16 cast for the backward pass, whose gradients are as large
     again; SDPA keeps none of that. 16 bytes per score and model is what the tiny GPT-2 cost
-    curve measured (0.9 GB more than SDPA at 16 rows of 276 tokens, policy and value model).
+    curve measured (0.9 GB more than SDPA at 16 rows of 276 tokens, policy and value model): an
+    estimate of the price of eager attention, for :func:`pick_attention`.
     ``config`` is a transformers config (layers and heads under any of their usual names; 0 when
     it names neither).
     """
@@ -123,17 +160,18 @@ def pick_attention(requested: str, mixed_precision: str, device_type: str, eager
     ``auto`` picks ``eager`` (two batched matmuls and a softmax) for bf16/fp16 autocast on a
     CPU: PyTorch's CPU flash-attention kernel is slow in bf16, so a tiny GPT-2's forward +
     backward is faster with eager attention there (fp32 is the same either way; the figures are
-    in benchmarks/RESULTS.md). Eager attention's memory grows with the square of the length,
-    SDPA's linearly: when ``eager_bytes`` (what eager would keep for a backward pass,
-    :func:`eager_attention_bytes`) exceeds :data:`EAGER_ATTENTION_BUDGET`, ``auto`` keeps SDPA
-    there too (on the tiny GPT-2 at 256 response tokens: 1.62 GB instead of 2.52, 1.3x the
-    time). Everywhere else it keeps SDPA, the right choice on GPUs.
+    in benchmarks/RESULTS.md). Eager attention keeps every layer's length^2 probabilities for
+    the backward pass: when ``eager_bytes`` (:func:`eager_attention_bytes`) exceeds
+    :data:`EAGER_ATTENTION_BUDGET`, ``auto`` picks :data:`RECOMPUTED_EAGER`, the same kernels and
+    numbers with the probabilities recomputed in the backward pass (on the tiny GPT-2 at 256
+    response tokens: the step time of eager, 0.26 GB less memory; SDPA would use less still but
+    take 1.3x the time, slower than TRL). Everywhere else it keeps SDPA, the right choice on GPUs.
     """
     if requested != "auto":
         return requested
     if mixed_precision in ("bf16", "fp16") and device_type == "cpu":
         if eager_bytes is not None and eager_bytes > EAGER_ATTENTION_BUDGET:
-            return None
+            return RECOMPUTED_EAGER
         return "eager"
     return None
 
@@ -216,6 +254,8 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
     auto = getattr(transformers, AUTO_CLASSES[head])
     kw: dict[str, Any] = dict(res.kwargs, trust_remote_code=trust_remote_code, **kwargs)
     if attn_implementation is not None:
+        if attn_implementation == RECOMPUTED_EAGER:
+            register_attention()
         kw["attn_implementation"] = attn_implementation
     if "gguf_file" not in kw:
         kw["use_safetensors"] = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from .errors import ConfigError
-from .models import AUTO_CLASSES, Head, ensure_pad_token
+from .models import AUTO_CLASSES, RECOMPUTED_EAGER, Head, ensure_pad_token, register_attention
 from .speed import apply_model_switches
 
 
@@ -56,6 +56,8 @@ def scratch_model(architecture: str, head: Head, tokenizer, *, n_layer: int, n_h
     else:
         raise ConfigError(f"unknown architecture {architecture!r} (encoder or decoder)")
     if attn_implementation is not None:
+        if attn_implementation == RECOMPUTED_EAGER:
+            register_attention()
         config._attn_implementation = attn_implementation
     auto = getattr(transformers, AUTO_CLASSES[head])
     model = auto.from_config(config, dtype=dtype) if dtype is not None else auto.from_config(config)

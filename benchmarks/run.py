@@ -35,6 +35,10 @@ from robustness import SEEDS as ROBUST_SEEDS, robustness_summary  # noqa: E402
 PY = sys.executable
 
 
+# the real arm's PPO settings, {tune}_{prec} (--real-arms)
+REAL_PPO_ARMS = tuple(f"{tune}_{prec}" for tune in ("full", "lora") for prec in ("fp32", "bf16"))
+
+
 @dataclass
 class Settings:
     """Sizes of one run (``--quick`` or full)."""
@@ -54,7 +58,8 @@ class Settings:
     precisions: tuple[str, ...] = ("no", "bf16")  # PPO arms: each runs BOTH systems in that precision
     real_rounds: int | None = None  # the real-model arm's rounds (default RealSettings.rounds)
     plot: str | None = None  # where the curves benchmark draws its PNG
-    real_before_after: bool = False  # the real arm also runs finegrain without each BEFORE_AFTER path
+    real_before_after: tuple[str, ...] = ()  # the real arm also runs finegrain without these BEFORE_AFTER paths
+    real_arms: tuple[str, ...] = REAL_PPO_ARMS + ("rm",)  # what the real arm runs (--real-arms)
 
 
 QUICK = Settings(rounds=5, ppo_steps=7, batch_size=16, response_length=32, ppo_epochs=4, num_minibatches=1,
@@ -220,11 +225,19 @@ class RealSettings:
 REAL = RealSettings()
 
 
-def real_arms(r: RealSettings, before_after: bool = False) -> dict[str, tuple[str, dict[str, Any]]]:
-    """name -> (task, extra arguments): {fg, trl} x {full, lora} x {fp32, bf16} (+ the before/after arms)."""
+def real_arms(r: RealSettings, before_after: bool | tuple[str, ...] = False,
+              which: tuple[str, ...] = REAL_PPO_ARMS) -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (task, extra arguments): {fg, trl} x {full, lora} x {fp32, bf16} (+ the before/after arms).
+
+    ``before_after``: the :data:`BEFORE_AFTER` paths (True: all of them) whose bf16 finegrain arms
+    without the path run too; ``which``: the ``{tune}_{prec}`` settings to run (default all four).
+    """
+    paths = tuple(BEFORE_AFTER) if before_after is True else tuple(before_after or ())
     arms = {}
     for tune in ("full", "lora"):
         for prec in ("fp32", "bf16"):
+            if f"{tune}_{prec}" not in which:
+                continue
             extra: dict[str, Any] = {}
             if prec == "bf16":
                 extra["mixed_precision"] = "bf16"
@@ -233,14 +246,19 @@ def real_arms(r: RealSettings, before_after: bool = False) -> dict[str, tuple[st
                              lora_target_modules=list(r.lora_target_modules))
             arms[f"fg_{tune}_{prec}"] = ("fg_ppo", dict(extra, reward_mode="sequence"))
             arms[f"trl_{tune}_{prec}"] = ("trl_ppo", extra)
-            if before_after and prec == "bf16":  # finegrain without a speed path, in the same run
-                for name, switches in BEFORE_AFTER.items():
-                    arms[f"fg_{tune}_{prec}_{name}"] = ("fg_ppo", dict(extra, reward_mode="sequence", speed=switches))
+            if prec == "bf16":  # finegrain without a speed path, in the same run
+                for name in paths:
+                    switches, tunes = BEFORE_AFTER[name]
+                    if tune in tunes:
+                        arms[f"fg_{tune}_{prec}_{name}"] = ("fg_ppo", dict(extra, reward_mode="sequence",
+                                                                            speed=switches))
     return arms
 
 
-# speed paths measured before/after on the real model (--real-before-after): arm suffix -> switches off
-BEFORE_AFTER = {"no_frozen_low_precision": {"frozen_low_precision": False}}
+# speed paths measured before/after on the real model (--real-before-after):
+# arm suffix -> (switches off, the fine-tuning kinds the path acts in)
+BEFORE_AFTER = {"no_frozen_low_precision": ({"frozen_low_precision": False}, ("full", "lora")),
+                "no_merged_lora_sampling": ({"merge_lora_sampling": False}, ("lora",))}
 
 
 def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
@@ -258,7 +276,7 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
         raise BenchFailed(f"{e} (the {REAL_POLICY} assets; scripts/install_models.sh installs the model)") from e
     kw = dict(steps=r.ppo_steps, batch_size=r.batch_size, response_length=r.response_length,
               ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, **PPO_COMMON)
-    arms = real_arms(r, s.real_before_after)
+    arms = real_arms(r, s.real_before_after, tuple(a for a in s.real_arms if a != "rm"))
     tps: dict[str, list[float]] = {k: [] for k in arms}
     rss: dict[str, list[float]] = {k: [] for k in arms}
     failed: dict[str, str] = {}
@@ -287,6 +305,8 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
         for prec in ("fp32", "bf16"):
             fg, trl = f"fg_{tune}_{prec}", f"trl_{tune}_{prec}"
             key = f"real_ppo_speedup_{tune}_{prec}"
+            if fg not in arms:
+                continue
             if fg in failed or trl in failed:
                 out[key] = out[f"real_ppo_rss_ratio_{tune}_{prec}"] = (math.nan, failed.get(fg) or failed[trl])
                 continue
@@ -298,8 +318,10 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
             out[f"real_ppo_rss_ratio_{tune}_{prec}"] = (
                 mem["median"], f"peak RSS finegrain {summary(rss[fg])['median']:.2f} GB, TRL "
                                f"{summary(rss[trl])['median']:.2f} GB (median of {mem['n']} rounds)")
-            for suffix in BEFORE_AFTER if s.real_before_after and prec == "bf16" else ():
+            for suffix in s.real_before_after if prec == "bf16" else ():
                 before = f"{fg}_{suffix}"
+                if before not in arms:
+                    continue
                 if before in failed or fg in failed:
                     out[f"real_gain_{suffix}_{tune}"] = (math.nan, failed.get(before) or failed[fg])
                     continue
@@ -311,6 +333,8 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
                                  f"{summary(tps[fg])['median']:.1f} / {summary(tps[before])['median']:.1f}; "
                                  f"peak RSS {summary(rss[fg])['median']:.2f} / {summary(rss[before])['median']:.2f} "
                                  f"GB (ratio {m2['median']:.3f})")
+    if "rm" not in s.real_arms:
+        return out
     kw_rm = dict(n_pairs=r.rm_pairs, batch_size=r.rm_batch, max_length=256, seed=0, learning_rate=1e-5)
     pps: dict[str, list[float]] = {"fg": [], "trl": []}
     try:
@@ -560,9 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="override the number of alternating rounds")
     ap.add_argument("--precisions", default="no,bf16",
                     help="PPO arms to run: no (fp32) and/or bf16 autocast, each with both systems (default both)")
-    ap.add_argument("--real-before-after", action="store_true",
+    ap.add_argument("--real-before-after", nargs="?", const=",".join(BEFORE_AFTER), default="",
                     help="the real arm also runs finegrain's bf16 arms with each newer speed path off (before/after "
-                         "in one run; about 4 minutes more)")
+                         f"in one run; about 4 minutes more per path); optionally only some of {','.join(BEFORE_AFTER)}")
+    ap.add_argument("--real-arms", default=",".join(REAL_PPO_ARMS + ("rm",)),
+                    help="what the real arm runs: any of full_fp32, full_bf16, lora_fp32, lora_bf16 (PPO, both "
+                         "systems) and rm (reward-model training); default all")
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: every core)")
     ap.add_argument("--json", type=Path, help="write every raw measurement here")
     ap.add_argument("--plot", type=Path, help="the curves benchmark draws its PNG here (also: python "
@@ -577,7 +604,13 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, rounds=args.rounds, real_rounds=args.rounds)
     if args.plot:
         s = replace(s, plot=str(args.plot))
-    s = replace(s, real_before_after=args.real_before_after)
+    real_which = tuple(a.strip() for a in args.real_arms.split(",") if a.strip())
+    if not real_which or set(real_which) - set(REAL_PPO_ARMS + ("rm",)):
+        ap.error(f"--real-arms takes {', '.join(REAL_PPO_ARMS + ('rm',))}, not {args.real_arms!r}")
+    before_after = tuple(a.strip() for a in args.real_before_after.split(",") if a.strip())
+    if set(before_after) - set(BEFORE_AFTER):
+        ap.error(f"--real-before-after takes {', '.join(BEFORE_AFTER)}, not {args.real_before_after!r}")
+    s = replace(s, real_before_after=before_after, real_arms=real_which)
     if args.threads:
         os.environ["FINEGRAIN_BENCH_THREADS"] = str(args.threads)
     only = ([b.strip() for b in args.only.split(",") if b.strip()] if args.only else

@@ -206,3 +206,112 @@ def test_trim_switch_reaches_the_update(monkeypatch):
     with speed.overrides(trim_minibatches=False):
         ppo_update(acc, model, opt, r, cfg, 0)
     assert trims == [True, True, False, False]
+
+
+def _lora_model(tiny_tokenizer, make: str, dropout: float = 0.0):
+    """A tiny GPT-2 (Conv1D layers) or Llama (nn.Linear) with LoRA adapters whose B is not zero."""
+    from peft import LoraConfig, get_peft_model
+
+    from test_fast_kernels import _tiny_llama
+
+    base = make_tiny_model(tiny_tokenizer).eval() if make == "gpt2" else _tiny_llama()
+    targets = ["c_attn"] if make == "gpt2" else ["q_proj", "v_proj"]
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
+                                            task_type="CAUSAL_LM")).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # peft starts B at zero, where merged and unmerged agree trivially
+    return model
+
+
+def _lora_calls(model) -> list[int]:
+    calls = [0]
+    for name, m in model.named_modules():
+        if name.endswith("lora_A.default"):
+            m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_merged_lora_runs_plain_layers_with_the_same_logits_and_restores_everything(tiny_tokenizer, make):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = _lora_model(tiny_tokenizer, make)
+    ids = torch.randint(3, 300, (3, 9))
+    before = {k: v for k, v in model.state_dict().items()}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    calls = _lora_calls(model)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert calls[0] > 0
+        calls[0] = 0
+        with speed.merged_lora(model) as n:
+            assert n == len(layers) == (2 if make == "gpt2" else 4)  # every adapted layer of both blocks
+            assert not any(isinstance(m, LoraLinear) for m in model.modules())
+            got = model(input_ids=ids).logits
+        assert calls[0] == 0  # no adapter matmul ran inside the block
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-2  # the merged update is really there
+    assert {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)} == layers  # the same objects
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] or after[k].data_ptr() == before[k].data_ptr() for k in before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_merged_lora_under_bf16_autocast_stores_the_merged_weights_in_bf16_and_restores_on_error(tiny_tokenizer):
+    model = _lora_model(tiny_tokenizer, "llama")
+    ids = torch.randint(3, 300, (2, 7))
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits.float()
+        with speed.merged_lora(model):
+            merged = model.base_model.model.model.layers[0].self_attn.q_proj
+            assert merged.weight.dtype == torch.bfloat16 and not merged.weight.requires_grad
+            expect = (q.base_layer.weight + q.get_delta_weight("default")).to(torch.bfloat16)
+            assert torch.equal(merged.weight, expect)
+            got = model(input_ids=ids).logits.float()
+    assert q.base_layer.weight.dtype == torch.float32  # the base layer itself is untouched
+    # bf16 rounding of one merged weight against two bf16 products: close, not equal
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
+    with pytest.raises(RuntimeError), speed.merged_lora(model):
+        raise RuntimeError
+    assert model.base_model.model.model.layers[0].self_attn.q_proj is q
+
+
+def test_merged_lora_leaves_what_it_cannot_merge_alone(tiny_tokenizer):
+    model = _lora_model(tiny_tokenizer, "gpt2", dropout=0.1)
+    with speed.merged_lora(model) as n:
+        assert n == 2  # eval mode: the dropout does nothing, so both layers qualify ...
+    model.train()
+    with speed.merged_lora(model) as n:
+        assert n == 0  # ... but in training mode a dropout of 0.1 acts: not W + s B A
+    model.eval()
+    with speed.overrides(merge_lora_sampling=False), speed.merged_lora(model) as n:
+        assert n == 0
+    with model.disable_adapter(), speed.merged_lora(model) as n:
+        assert n == 0
+    with speed.merged_lora(model) as n:
+        assert n == 2
+    plain = make_tiny_model(tiny_tokenizer)
+    with speed.merged_lora(plain) as n:
+        assert n == 0
+
+
+def test_sample_draws_the_same_tokens_through_merged_lora_weights(tiny_tokenizer):
+    from finegrain.generation import sample
+
+    model = _lora_model(tiny_tokenizer, "gpt2")
+    calls = _lora_calls(model)
+    prompts = [tiny_tokenizer.encode("the cat sat"), tiny_tokenizer.encode("a dog ran far")]
+    kw = dict(max_new_tokens=12, temperature=1.0, generator_seed=5)
+    merged = sample(model, tiny_tokenizer, prompts, **kw)
+    assert calls[0] == 0
+    with speed.overrides(merge_lora_sampling=False):
+        unmerged = sample(model, tiny_tokenizer, prompts, **kw)
+    assert calls[0] > 0
+    assert torch.equal(merged.response_ids, unmerged.response_ids) and merged.texts == unmerged.texts

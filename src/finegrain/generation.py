@@ -165,7 +165,8 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     as ``generate``, tokens drawn by :func:`draw_tokens`), ``"generate"`` is transformers'
     ``generate``, ``"auto"`` the loop whenever :func:`loop_unsupported` finds nothing against it.
     Unset, it is the speed switch ``decoder`` (:func:`finegrain.speed.decoder`: the environment's
-    ``FINEGRAIN_DECODER``, else ``"auto"``).
+    ``FINEGRAIN_DECODER``, else ``"auto"``). A peft LoRA model samples with its updates merged
+    into its weights (:func:`finegrain.speed.merged_lora`; switch ``merge_lora_sampling``).
     """
     decoder = speed.decoder(decoder)
     eos = tokenizer.eos_token_id
@@ -181,18 +182,19 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     why_not = loop_unsupported(unwrapped) if decoder != "generate" else "generate asked for"
     if decoder == "loop" and why_not:
         raise ConfigError(f"finegrain's decoding loop cannot run this model: {why_not}")
-    if why_not is None:
-        gen_config = getattr(unwrapped, "generation_config", None)
-        resp = _decode_loop(unwrapped, q_ids, q_mask, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
-                            min_new_tokens=int(getattr(gen_config, "min_new_tokens", None) or 0),
-                            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p).cpu()
-    else:
-        kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                  use_cache=True)
-        if do_sample:
-            kw.update(temperature=max(temperature, 1e-5), top_k=top_k if top_k > 0 else 0, top_p=top_p)
-        out = unwrapped.generate(input_ids=q_ids, attention_mask=q_mask, **kw)
-        resp = out[:, q_ids.shape[1]:].cpu()
+    with speed.merged_lora(unwrapped):  # a LoRA policy samples through merged weights (switch merge_lora_sampling)
+        if why_not is None:
+            gen_config = getattr(unwrapped, "generation_config", None)
+            resp = _decode_loop(unwrapped, q_ids, q_mask, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+                                min_new_tokens=int(getattr(gen_config, "min_new_tokens", None) or 0),
+                                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p).cpu()
+        else:
+            kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                      use_cache=True)
+            if do_sample:
+                kw.update(temperature=max(temperature, 1e-5), top_k=top_k if top_k > 0 else 0, top_p=top_p)
+            out = unwrapped.generate(input_ids=q_ids, attention_mask=q_mask, **kw)
+            resp = out[:, q_ids.shape[1]:].cpu()
     is_eos = resp == eos
     ended = is_eos.any(dim=1)
     # position of the first EOS (or the end): keep tokens up to and including it

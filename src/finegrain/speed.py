@@ -12,7 +12,7 @@ looks wrong.
 - The paths live here or are reached from here: :func:`fuse_gelu` / :func:`apply_model_switches`
   (every model load), :func:`keeps_logits` (PPO's forwards), :func:`reuses_rollout_forward`
   (PPO's update), :func:`lower_frozen_weights` (PPO's frozen models under autocast),
-  :func:`decoder` and :func:`sampling_grad_mode` (sampling),
+  :func:`decoder`, :func:`sampling_grad_mode` and :func:`merged_lora` (sampling),
   :func:`keep_freed_memory` (the three trainers); ``fused_adamw`` is read by
   :func:`finegrain.training.make_adamw`, ``trim_minibatches`` by :func:`finegrain.ppo.train.ppo_update`.
 
@@ -68,6 +68,11 @@ class SpeedOptions:
                             (:func:`lower_frozen_weights`): autocast would cast them to it in every matmul, and
                             it caches its casts only for weights that require grad, so a frozen weight was cast
                             again for every forward and every decoded token (the same products; half the memory)
+    merge_lora_sampling:    a LoRA policy samples with each adapted layer's update merged into one weight,
+                            W + scaling x B A (:func:`merged_lora`): one matmul per layer instead of three and
+                            none of peft's per-call wrapper, for every decoded token. The log-probs PPO trains on
+                            come from the unmerged forward that scores the rollout, so only the draws see the
+                            merged weights' rounding; off: sampling runs through the adapters
     """
 
     fuse_gelu: bool = True
@@ -79,6 +84,7 @@ class SpeedOptions:
     keep_freed_memory: bool = True
     fused_adamw: bool = True
     frozen_low_precision: bool = True
+    merge_lora_sampling: bool = True
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SpeedOptions)}
@@ -288,6 +294,96 @@ def sampling_grad_mode(fn):
             return fn(*args, **kwargs)
 
     return run
+
+
+def _autocast_dtype(device_type: str):
+    """The dtype autocast computes in on ``device_type`` now, or None when autocast is off there."""
+    import torch
+
+    try:
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
+    except TypeError:  # torch < 2.4 has the per-device functions only
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def _mergeable_lora_layers(model) -> list:
+    """(parent, name, LoRA layer, active adapters) of every peft LoRA linear layer whose update can be merged.
+
+    A layer qualifies when its adapters are on and not merged already, its base layer is a linear
+    layer (``nn.Linear`` or GPT-2's ``Conv1D``), every active adapter is plain LoRA (no DoRA or
+    other variant, whose forward is not W + scaling x B A), and its dropout does nothing (eval
+    mode, or p = 0). Layers whose weight is not materialised (meta, or an empty shard) are left alone.
+    """
+    import torch
+
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return []
+    from transformers.pytorch_utils import Conv1D
+
+    found = []
+    for parent in model.modules():
+        for name, layer in parent.named_children():
+            if type(layer) is not LoraLinear or layer.disable_adapters or layer.merged:
+                continue
+            base = layer.base_layer
+            if type(base) not in (torch.nn.Linear, Conv1D) or base.weight.device.type == "meta" or not base.weight.numel():
+                continue
+            active = [a for a in layer.active_adapters if a in layer.lora_A]
+            if not active or any(a in getattr(layer, "lora_variant", {}) or layer.use_dora.get(a) for a in active):
+                continue
+            drop = [layer.lora_dropout[a] for a in active]
+            if any(d.training and getattr(d, "p", 0.0) > 0 for d in drop):
+                continue
+            found.append((parent, name, layer, active))
+    return found
+
+
+@contextlib.contextmanager
+def merged_lora(model) -> Iterator[int]:
+    """Inside the block, ``model``'s LoRA layers run as plain linear layers with their update merged in.
+
+    Each qualifying layer (:func:`_mergeable_lora_layers`) is swapped, in its parent, for a
+    shallow copy of its base layer whose weight is W + sum over active adapters of scaling x B A,
+    computed in fp32 and stored in the dtype autocast multiplies in when autocast is on (the
+    products autocast would make of an fp32 merged weight), else in W's dtype; the bias likewise.
+    The original modules and tensors come back on exit, untouched (nothing is merged into them
+    in place, so nothing is rounded away), also when the block raises. Yields how many layers were
+    merged; nothing happens without peft, with switch ``merge_lora_sampling`` off, or when no
+    layer qualifies. Memory: one extra copy of the adapted layers' weights during the block. Use it
+    without gradients (sampling): the merged copies are frozen, so nothing trains through them.
+    """
+    import copy
+
+    import torch
+
+    layers = _mergeable_lora_layers(model) if options().merge_lora_sampling else []
+    swapped = []
+    try:
+        with torch.no_grad():
+            for parent, name, layer, active in layers:
+                base = layer.base_layer
+                weight = base.weight.detach().float()
+                for a in active:
+                    weight = weight + layer.get_delta_weight(a).float()
+                dtype = _autocast_dtype(weight.device.type) or base.weight.dtype
+                merged = copy.copy(base)
+                merged._parameters = dict(base._parameters)  # own dict: the base layer keeps its tensors
+                for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+                    setattr(merged, hooks, type(getattr(base, hooks))())  # a distributed wrapper's hooks stay on the base
+                merged.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+                if base.bias is not None:
+                    merged.bias = torch.nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
+                setattr(parent, name, merged)
+                swapped.append((parent, name, layer))
+        yield len(swapped)
+    finally:
+        for parent, name, layer in swapped:
+            setattr(parent, name, layer)
 
 
 # ----------------------------------------------------------------------------- memory

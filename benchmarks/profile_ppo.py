@@ -1,6 +1,7 @@
 """Where finegrain's PPO step spends its time: ``python benchmarks/profile_ppo.py [--steps N] [--reward-mode M]``.
 
-Runs ``train_ppo`` on the benchmark assets (built on the fly into --workdir) under
+Runs ``train_ppo`` on the benchmark assets (built on the fly into --workdir; ``--real`` builds
+the SmolLM2-135M assets of ``run.py --only real`` instead, with its sizes as defaults) under
 ``torch.profiler`` and prints (1) finegrain's own per-phase seconds (generate / score / update,
 from metrics.jsonl), (2) the top torch operators by self CPU time over the steps after the
 warm-up, (3) a cProfile view of the Python functions (cumulative), for the same steps.
@@ -23,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from common import build_assets, set_threads  # noqa: E402
+from common import build_assets, build_real_assets, set_threads  # noqa: E402
 from fg_side import ppo_config_values, step_clock  # noqa: E402
 
 
@@ -37,6 +38,11 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    ap.add_argument("--ppo-epochs", type=int, default=4)
+    ap.add_argument("--real", action="store_true",
+                    help="SmolLM2-135M-Instruct (scripts/install_models.sh) as policy, reference, value and reward "
+                         "model; give --batch-size 8 --ppo-epochs 1 for run.py's real-arm sizes")
+    ap.add_argument("--use-lora", action="store_true", help="LoRA r 16 on q_proj and v_proj, as the real arm")
     a = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -44,18 +50,23 @@ def main() -> int:
     from finegrain.ppo import PPOConfig, train_ppo
 
     threads = set_threads()
-    assets = a.workdir / "assets"
+    assets = a.workdir / ("assets_real" if a.real else "assets")
     if not (assets / "spec.json").exists():
-        build_assets(assets, response_length=a.response_length)
+        if a.real:
+            build_real_assets(assets, response_length=a.response_length)
+        else:
+            build_assets(assets, response_length=a.response_length)
     out = a.workdir / "run"
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     values = ppo_config_values(assets, str(out), reward_mode=a.reward_mode, steps=a.steps, batch_size=a.batch_size,
-                               response_length=a.response_length, ppo_epochs=4, num_minibatches=1, seed=0,
-                               learning_rate=1e-5, temperature=1.0, kl_coef=0.05)
+                               response_length=a.response_length, ppo_epochs=a.ppo_epochs, num_minibatches=1,
+                               seed=0, learning_rate=1e-5, temperature=1.0, kl_coef=0.05)
     values["mixed_precision"] = a.mixed_precision
+    if a.use_lora:
+        values.update(use_lora=True, lora_r=16, lora_alpha=32, lora_target_modules=["q_proj", "v_proj"])
     cfg = build_config(PPOConfig, values)
     prof = profile(activities=[ProfilerActivity.CPU], schedule=None,
                    record_shapes=False)

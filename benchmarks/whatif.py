@@ -1,9 +1,10 @@
 """What each speed-up in finegrain's PPO step buys: switch one off, time the real step, switch it back.
 
-``python benchmarks/whatif.py [--rounds N] [--variants a,b+c,...] [--mixed-precision bf16|no]``
+``python benchmarks/whatif.py [--rounds N] [--variants a,b+c,...] [--mixed-precision bf16|no] [--real] [--use-lora]``
 
 One process builds finegrain's own PPO engine (``preflight``, ``load_models``, ``build_engine``)
-on the benchmark assets, with every optimisation on (as ``finegrain ppo`` runs), then times its
+on the benchmark assets (``--real``: SmolLM2-135M-Instruct, the assets of ``run.py --only real``;
+``--use-lora``: a LoRA policy, r 16 on q_proj and v_proj there, on c_attn on the tiny model), with every optimisation on (as ``finegrain ppo`` runs), then times its
 real ``rollout_step`` and ``ppo_update`` again and again, switching one optimisation OFF between
 calls (base, v1, v2, ..., order rotated every round). Interleaving single calls in one process is
 what makes a 5 % effect visible on a noisy machine. Each figure is the median over rounds of
@@ -28,7 +29,9 @@ attention kernel, a per-run option, switched with transformers' ``set_attn_imple
   epoch runs it again, instead of backpropagating through the rollout's
   (``reuse_rollout_forward=False``; only with one minibatch per epoch, the default here);
 - ``untrimmed``: minibatches keep the whole batch's padding (``trim_minibatches=False``);
-  it only matters with several minibatches (``--num-minibatches``) or responses that end early.
+  it only matters with several minibatches (``--num-minibatches``) or responses that end early;
+- ``lora_unmerged``: a LoRA policy samples through its adapters instead of merged weights
+  (``merge_lora_sampling=False``; only with ``--use-lora``).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from common import build_assets, set_threads  # noqa: E402
+from common import build_assets, build_real_assets, set_threads  # noqa: E402
 from fg_side import build_ppo_engine, ppo_config_values  # noqa: E402
 
 DEFAULT = ("sdpa,gelu_new,full_logits,unfused_adamw,generate,inference_mode,rollout_forward,"
@@ -56,7 +59,7 @@ DEFAULT = ("sdpa,gelu_new,full_logits,unfused_adamw,generate,inference_mode,roll
 SWITCHES = {"gelu_new": {"fuse_gelu": False}, "full_logits": {"logits_to_keep": False},
             "unfused_adamw": {"fused_adamw": False}, "generate": {"decoder": "generate"},
             "inference_mode": {"no_grad_sampling": False}, "rollout_forward": {"reuse_rollout_forward": False},
-            "untrimmed": {"trim_minibatches": False}}
+            "untrimmed": {"trim_minibatches": False}, "lora_unmerged": {"merge_lora_sampling": False}}
 VARIANTS = {"sdpa"} | set(SWITCHES)
 
 
@@ -68,7 +71,8 @@ class Switches:
         from finegrain.training import make_adamw
 
         unwrapped = engine.accelerator.unwrap_model(engine.model)
-        self.models = [unwrapped.policy, unwrapped.value_model, engine.ref_policy, engine.scorer.rm.model]
+        self.models = [m for m in (unwrapped.policy, unwrapped.value_model, engine.ref_policy, engine.scorer.rm.model)
+                       if m is not None]  # no reference model with LoRA (the adapters off)
         self.attn = {id(m): m.config._attn_implementation for m in self.models}
         groups = [{"params": g["params"], "lr": g["lr"]} for g in engine.optimizer.param_groups]
         self.base_opt = engine.optimizer
@@ -107,21 +111,29 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "finegrain-whatif")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
+    ap.add_argument("--ppo-epochs", type=int, default=4)
+    ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny GPT-2 "
+                                                        "(give --batch-size 8 --ppo-epochs 1 for the real arm's sizes)")
+    ap.add_argument("--use-lora", action="store_true", help="a LoRA policy (r 16, alpha 32)")
     a = ap.parse_args()
     from finegrain.config import build_config
     from finegrain.ppo import PPOConfig
     from finegrain.ppo.train import ppo_update, rollout_step
 
     threads = set_threads()
-    assets = a.workdir / "assets"
+    assets = a.workdir / ("assets_real" if a.real else "assets")
     if not (assets / "spec.json").exists():
-        build_assets(assets, response_length=a.response_length)
+        (build_real_assets if a.real else build_assets)(assets, response_length=a.response_length)
     variants = ["base"] + [v for v in a.variants.split(",") if v]
     steps = a.rounds * len(variants) + 2
-    cfg = build_config(PPOConfig, ppo_config_values(
+    values = ppo_config_values(
         assets, str(a.workdir / "run"), reward_mode="sequence", steps=steps, batch_size=a.batch_size,
-        response_length=a.response_length, ppo_epochs=4, num_minibatches=a.num_minibatches, seed=0, learning_rate=1e-5,
-        temperature=1.0, kl_coef=0.05) | {"mixed_precision": a.mixed_precision})
+        response_length=a.response_length, ppo_epochs=a.ppo_epochs, num_minibatches=a.num_minibatches, seed=0,
+        learning_rate=1e-5, temperature=1.0, kl_coef=0.05) | {"mixed_precision": a.mixed_precision}
+    if a.use_lora:
+        values.update(use_lora=True, lora_r=16, lora_alpha=32,
+                      lora_target_modules=["q_proj", "v_proj"] if a.real else ["c_attn"])
+    cfg = build_config(PPOConfig, values)
     e, acc = build_ppo_engine(cfg)
     sw = Switches(e)
     times: dict[str, dict[str, list[float]]] = {v: {"rollout": [], "update": []} for v in variants}
@@ -148,7 +160,8 @@ def main() -> int:
             step += 1
     table = {}
     base = times["base"]
-    print(f"threads {threads}; B={a.batch_size}, Lr={a.response_length}, 4 PPO epochs of {a.num_minibatches} "
+    print(f"threads {threads}; {'SmolLM2-135M' if a.real else 'tiny GPT-2'}{', LoRA' if a.use_lora else ''}; "
+          f"B={a.batch_size}, Lr={a.response_length}, {a.ppo_epochs} PPO epochs of {a.num_minibatches} "
           f"minibatch(es), {a.rounds} interleaved rounds")
     print(f"finegrain --mixed-precision {a.mixed_precision}; base = every optimisation on; variant = the named "
           "ones off")

@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--real", action="store_true",
                     help="SmolLM2-135M-Instruct (scripts/install_models.sh) as policy, reference, value and reward "
                          "model; give --batch-size 8 --ppo-epochs 1 for run.py's real-arm sizes")
+    ap.add_argument("--shapes", action="store_true", help="the operator table per input shape")
     ap.add_argument("--use-lora", action="store_true", help="LoRA r 16 on q_proj and v_proj, as the real arm")
     a = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
@@ -69,7 +70,7 @@ def main() -> int:
         values.update(use_lora=True, lora_r=16, lora_alpha=32, lora_target_modules=["q_proj", "v_proj"])
     cfg = build_config(PPOConfig, values)
     prof = profile(activities=[ProfilerActivity.CPU], schedule=None,
-                   record_shapes=False)
+                   record_shapes=a.shapes)
     pr = cProfile.Profile()
     warm = {"done": False}
 
@@ -100,7 +101,8 @@ def main() -> int:
         print(f"  {k:14s} median {statistics.median(xs):7.3f}s  ({', '.join(f'{x:.2f}' for x in xs)})")
     tot = statistics.median([m["time_generate"] + m["time_score"] + m["time_update"] for m in ms])
     print(f"  phases total   median {tot:7.3f}s")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top))
+    print(prof.key_averages(group_by_input_shape=a.shapes).table(sort_by="self_cpu_time_total", row_limit=a.top,
+                                                                 max_shapes_column_width=70))
     if a.trace:
         prof.export_chrome_trace(str(a.trace))
     s = io.StringIO()

@@ -258,7 +258,8 @@ def real_arms(r: RealSettings, before_after: bool | tuple[str, ...] = False,
 # speed paths measured before/after on the real model (--real-before-after):
 # arm suffix -> (switches off, the fine-tuning kinds the path acts in)
 BEFORE_AFTER = {"no_frozen_low_precision": ({"frozen_low_precision": False}, ("full", "lora")),
-                "no_merged_lora_sampling": ({"merge_lora_sampling": False}, ("lora",))}
+                "no_merged_lora_sampling": ({"merge_lora_sampling": False}, ("lora",)),
+                "no_heap_large_blocks": ({"heap_large_blocks": False}, ("full", "lora"))}
 
 
 def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:

@@ -60,7 +60,10 @@ class SpeedOptions:
                             every weight again for every token (:func:`sampling_grad_mode`)
     keep_freed_memory:      on a CPU run under glibc, keep freed tensor memory in the process instead of
                             page-faulting it back in every micro-batch (:func:`keep_freed_memory`).
-                            Environment: ``FINEGRAIN_MALLOC_TUNING=0`` turns it off
+                            Environment: ``FINEGRAIN_MALLOC_TUNING=0`` turns it off (and ``heap_large_blocks``)
+    heap_large_blocks:      with ``keep_freed_memory``, blocks above glibc's 32 MiB mmap ceiling come from the heap
+                            too, so they are reused when freed instead of unmapped and faulted in again, page by
+                            page: a real model's embedding gradient, LM-head weight casts, full-vocabulary logits
     fused_adamw:            AdamW with torch's fused kernel where there is one
                             (:func:`finegrain.training.make_adamw`); off: the per-tensor loop (the same rule)
     frozen_low_precision:   under bf16 (or fp16) autocast, PPO stores the frozen models' linear weights (the
@@ -82,6 +85,7 @@ class SpeedOptions:
     decoder: str = "auto"
     no_grad_sampling: bool = True
     keep_freed_memory: bool = True
+    heap_large_blocks: bool = True
     fused_adamw: bool = True
     frozen_low_precision: bool = True
     merge_lora_sampling: bool = True
@@ -97,7 +101,7 @@ def _from_environment() -> dict[str, object]:
     if os.environ.get("FINEGRAIN_DECODER"):
         out["decoder"] = os.environ["FINEGRAIN_DECODER"]  # checked where it is used (:func:`decoder`)
     if os.environ.get("FINEGRAIN_MALLOC_TUNING", "1") == "0":
-        out["keep_freed_memory"] = False
+        out["keep_freed_memory"] = out["heap_large_blocks"] = False
     return out
 
 
@@ -397,8 +401,13 @@ def keep_freed_memory(device_type: str) -> bool:
     the heap; a training step that allocates and frees the same activations every micro-batch
     then page-faults them back in, zero-filled, every time. Raising both thresholds keeps that
     memory in the process for reuse: the resident size stays at its peak instead of breathing.
-    Once per process, when switch ``keep_freed_memory`` is on (``FINEGRAIN_MALLOC_TUNING=0``
-    turns it off). Returns whether it was applied.
+    glibc's mmap threshold cannot pass 32 MiB, so larger blocks would still be mapped at every
+    allocation and unmapped at every free, each 4 KiB page zero-filled by a fault when first
+    touched (a 113 MB embedding gradient of a 49k vocabulary: 28,000 faults, 0.2 s on a VM here);
+    with switch ``heap_large_blocks`` glibc maps nothing (``M_MMAP_MAX`` 0: it still maps when the
+    heap cannot grow), so they are reused like the rest. Once per process, when switch
+    ``keep_freed_memory`` is on (``FINEGRAIN_MALLOC_TUNING=0`` turns both off). Returns whether it
+    was applied.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED or device_type != "cpu" or not options().keep_freed_memory:
@@ -410,7 +419,10 @@ def keep_freed_memory(device_type: str) -> bool:
         libc.gnu_get_libc_version  # glibc only: mallopt's parameters differ elsewhere
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # 32 MiB is glibc's largest mmap threshold on 64-bit; larger blocks are still mapped and unmapped
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    # 32 MiB is glibc's largest mmap threshold on 64-bit; larger blocks are mapped and unmapped unless
+    # mmap is off (M_MMAP_MAX 0)
     _MALLOC_TUNED = bool(libc.mallopt(m_trim_threshold, 1 << 30)) & bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+    if _MALLOC_TUNED and options().heap_large_blocks:
+        _MALLOC_TUNED = bool(libc.mallopt(m_mmap_max, 0))
     return _MALLOC_TUNED

@@ -299,14 +299,19 @@ def _faults(device: str, **env) -> tuple[bool, int]:
     return out[0] == "True", int(out[1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
-def test_keep_freed_memory_stops_refaulting_freed_activations():
+def _require_glibc() -> None:
+    """Skip unless this process runs on glibc, whose malloc the tuning sets."""
     import ctypes
 
     try:
         ctypes.CDLL("libc.so.6").gnu_get_libc_version
     except (OSError, AttributeError):
         pytest.skip("not glibc")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_keep_freed_memory_stops_refaulting_freed_activations():
+    _require_glibc()
     gpu, _ = _faults("cuda")  # only CPU runs are tuned
     assert not gpu
     # 5 forward+backward steps after a warm-up: untuned glibc hands the freed activations back to
@@ -405,13 +410,9 @@ def test_bf16_ppo_stores_frozen_models_in_bf16_and_merges_lora_into_the_fp32_bas
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_heap_large_blocks_reuses_blocks_above_the_mmap_ceiling():
-    import ctypes
     import subprocess
 
-    try:
-        ctypes.CDLL("libc.so.6").gnu_get_libc_version
-    except (OSError, AttributeError):
-        pytest.skip("not glibc")
+    _require_glibc()
 
     def faults(switch: str) -> int:
         return int(subprocess.run([sys.executable, "-c", _LARGE_FAULTS, switch], capture_output=True, text=True,

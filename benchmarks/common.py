@@ -116,6 +116,9 @@ def write_data(out: Path, texts: dict[str, Any]) -> None:
 
 
 REAL_POLICY = "smollm2-135m-instruct"  # installed offline by scripts/install_models.sh
+# the LoRA setting of every real-model benchmark (run.py's real arm, whatif.py, profile_ppo.py) and of both
+# systems: r 16, alpha 32 on the attention's query and value projections (peft's default for Llama, named)
+REAL_LORA: dict[str, Any] = {"lora_r": 16, "lora_alpha": 32, "lora_target_modules": ("q_proj", "v_proj")}
 
 
 def build_real_assets(out: str | os.PathLike, response_length: int | None = None,

@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from common import build_assets, build_real_assets, set_threads  # noqa: E402
+from common import REAL_LORA, build_assets, build_real_assets, set_threads  # noqa: E402
 from fg_side import ppo_config_values, step_clock  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main() -> int:
                                seed=0, learning_rate=1e-5, temperature=1.0, kl_coef=0.05)
     values["mixed_precision"] = a.mixed_precision
     if a.use_lora:
-        values.update(use_lora=True, lora_r=16, lora_alpha=32, lora_target_modules=["q_proj", "v_proj"])
+        values.update(REAL_LORA, use_lora=True, lora_target_modules=list(REAL_LORA["lora_target_modules"]))
     cfg = build_config(PPOConfig, values)
     prof = profile(activities=[ProfilerActivity.CPU], schedule=None,
                    record_shapes=a.shapes)

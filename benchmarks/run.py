@@ -20,14 +20,14 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import REAL_POLICY, machine_info, policy_with_length, summary, train_flops_per_token  # noqa: E402
+from common import REAL_LORA, REAL_POLICY, machine_info, policy_with_length, summary, train_flops_per_token  # noqa: E402
 from convergence import convergence_summary  # noqa: E402
 import curves  # noqa: E402
 from robustness import SEEDS as ROBUST_SEEDS, robustness_summary  # noqa: E402
@@ -116,11 +116,15 @@ PPO_ARMS = {  # name: (task, precision, extra arguments)
     "fg_pair": ("fg_ppo_pair", "no", {}),  # token and sequence reward, stepped in turn in one process
     "fg_seq_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", peak_probe_s=0.5, mixed_precision="bf16")),
     "trl_bf16": ("trl_ppo", "bf16", dict(mixed_precision="bf16")),
+    # not like for like: --value-init shared, one backbone for policy and value (a change of the algorithm)
+    "fg_shared_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", mixed_precision="bf16", value_init="shared")),
 }
 
 
 def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:
-    """ppo_speedup_vs_trl (both in bf16), ppo_speedup_vs_trl_fp32 and token_vs_sequence_cost (fp32).
+    """ppo_speedup_vs_trl (both in bf16), ppo_speedup_vs_trl_fp32 and token_vs_sequence_cost (fp32), and
+    shared_backbone_vs_trl: finegrain with ``--value-init shared`` (one backbone for policy and value, a
+    different algorithm) against TRL's separate value model, both bf16.
 
     Every arm is one system in one precision; the two systems of a ratio always share the
     precision (TRL's PPOTrainer gets bf16 through ``ACCELERATE_MIXED_PRECISION``, see trl_side).
@@ -175,6 +179,9 @@ def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
     return {"ppo_speedup_vs_trl": figure("fg_seq_bf16", "trl_bf16", " (both bf16 autocast)"
                                          + tokens("fg_seq_bf16", "trl_bf16") + shipped),
             "ppo_speedup_vs_trl_fp32": figure("fg_seq", "trl", " (both fp32)" + tokens("fg_seq", "trl")),
+            "shared_backbone_vs_trl": figure("fg_shared_bf16", "trl_bf16", " (bf16; finegrain --value-init shared, "
+                                             "one backbone for policy and value: not the same algorithm)"
+                                             + tokens("fg_shared_bf16", "trl_bf16")),
             "token_vs_sequence_cost": figure("fg_pair", None, " (fp32; per round the median over paired steps "
                                                                "in one process)")}
 
@@ -217,9 +224,7 @@ class RealSettings:
     rm_pairs: int = 40        # 5 steps of 8 pairs; the first 2 are the warm-up
     rm_batch: int = 8
     rm_warmup_steps: int = 2
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # peft's default for Llama, named for both sides
+    lora: dict[str, Any] = field(default_factory=lambda: dict(REAL_LORA))  # common.REAL_LORA, for both sides
 
 
 REAL = RealSettings()
@@ -242,8 +247,8 @@ def real_arms(r: RealSettings, before_after: bool | tuple[str, ...] = False,
             if prec == "bf16":
                 extra["mixed_precision"] = "bf16"
             if tune == "lora":
-                extra.update(use_lora=True, lora_r=r.lora_r, lora_alpha=r.lora_alpha,
-                             lora_target_modules=list(r.lora_target_modules))
+                extra.update(use_lora=True, lora_r=r.lora["lora_r"], lora_alpha=r.lora["lora_alpha"],
+                             lora_target_modules=list(r.lora["lora_target_modules"]))
             arms[f"fg_{tune}_{prec}"] = ("fg_ppo", dict(extra, reward_mode="sequence"))
             arms[f"trl_{tune}_{prec}"] = ("trl_ppo", extra)
             if prec == "bf16":  # finegrain without a speed path, in the same run
@@ -281,7 +286,7 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
     tps: dict[str, list[float]] = {k: [] for k in arms}
     rss: dict[str, list[float]] = {k: [] for k in arms}
     failed: dict[str, str] = {}
-    state["real_settings"] = r.__dict__ | {"lora_target_modules": list(r.lora_target_modules)}
+    state["real_settings"] = r.__dict__ | {"lora": r.lora | {"lora_target_modules": list(r.lora["lora_target_modules"])}}
     state["real_runs"] = []
     for rnd in range(r.rounds):
         for name in rotated(list(arms), rnd):
@@ -554,7 +559,8 @@ def bench_robust(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str
 
 
 BENCHES: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "ppo": (bench_ppo, ("ppo_speedup_vs_trl", "ppo_speedup_vs_trl_fp32", "token_vs_sequence_cost")),
+    "ppo": (bench_ppo, ("ppo_speedup_vs_trl", "ppo_speedup_vs_trl_fp32", "token_vs_sequence_cost",
+                        "shared_backbone_vs_trl")),
     "mfu": (bench_mfu, ("ppo_mfu", "ppo_mfu_bf16")),
     "rm": (bench_rm, ("rm_speedup_vs_trl",)),
     "curves": (bench_curves, tuple(f"curve_{m}_{a}_exponent_gap" for m in ("tiny", "smollm2")

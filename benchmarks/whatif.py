@@ -50,7 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from common import build_assets, build_real_assets, set_threads  # noqa: E402
+from common import REAL_LORA, build_assets, build_real_assets, set_threads  # noqa: E402
 from fg_side import build_ppo_engine, ppo_config_values  # noqa: E402
 
 DEFAULT = ("sdpa,gelu_new,full_logits,unfused_adamw,generate,inference_mode,rollout_forward,"
@@ -131,8 +131,8 @@ def main() -> int:
         response_length=a.response_length, ppo_epochs=a.ppo_epochs, num_minibatches=a.num_minibatches, seed=0,
         learning_rate=1e-5, temperature=1.0, kl_coef=0.05) | {"mixed_precision": a.mixed_precision}
     if a.use_lora:
-        values.update(use_lora=True, lora_r=16, lora_alpha=32,
-                      lora_target_modules=["q_proj", "v_proj"] if a.real else ["c_attn"])
+        values.update(REAL_LORA, use_lora=True,
+                      lora_target_modules=list(REAL_LORA["lora_target_modules"]) if a.real else ["c_attn"])
     cfg = build_config(PPOConfig, values)
     e, acc = build_ppo_engine(cfg)
     sw = Switches(e)

@@ -92,7 +92,11 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
                                     "capped by the RM's context)", ge=2)
     # --- models
     value_init: str = opt("reward", "value model initialisation: reward = the reward model (Huang et al.), "
-                          "policy = the policy's backbone with a fresh head", choices=["reward", "policy"])
+                          "policy = the policy's backbone with a fresh head; shared = no value model: a "
+                          "zero-initialised value head on the policy's last hidden state, one forward and backward for "
+                          "both (less time and memory, but a different algorithm: the value loss also trains the "
+                          "policy's backbone)",
+                          choices=["reward", "policy", "shared"])
     use_lora: bool = opt(False, "train LoRA adapters (peft); the reference is the same model with adapters disabled")
     lora_r: int = opt(16, "LoRA rank", ge=1)
     lora_alpha: int = opt(32, "LoRA alpha", gt=0)

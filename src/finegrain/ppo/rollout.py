@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -20,27 +21,78 @@ from . import core
 from .rewards import RewardOutput
 
 
+class ValueHead(nn.Module):
+    """The value head of a shared backbone: V(s_t) = w . h_t + b on the policy's last hidden state h_t.
+
+    Zero-initialised, so every value starts at 0 and, until the head has learnt something, the
+    value loss sends no gradient into the policy's backbone (its gradient there is the head's
+    weight). Saved as ``value_head.safetensors`` (:meth:`save_pretrained`), read back with
+    :func:`load_value_head`.
+    """
+
+    FILE = "value_head.safetensors"
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, dtype=dtype)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L)."""
+        return self.linear(hidden)[..., 0]
+
+    def save_pretrained(self, out_dir, safe_serialization: bool = True) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(Path(out_dir) / self.FILE))
+
+
+def load_value_head(model_dir) -> ValueHead:
+    """A :class:`ValueHead` from ``model_dir/value_head.safetensors`` (what PPO with ``--value-init shared`` saves)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(model_dir) / ValueHead.FILE))
+    weight = state["linear.weight"]
+    head = ValueHead(weight.shape[1], dtype=weight.dtype)
+    head.load_state_dict(state)
+    return head
+
+
 class PolicyAndValue(nn.Module):
     """Policy (causal LM, maybe a peft model) and value model (token classification, one label) as ONE module.
 
     One module means one ``accelerator.prepare``, one optimizer (two parameter groups) and one
     gradient synchronisation, which is what DDP, FSDP and DeepSpeed all expect.
+
+    With ``value_model`` None the backbone is shared (``--value-init shared``): the values come
+    from a :class:`ValueHead` on the policy's own last hidden state, in the policy's forward, so
+    one forward and one backward serve both. That changes the algorithm, not only its cost: the
+    value loss (x ``vf_coef``) trains the policy's backbone too.
     """
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None, value_head: ValueHead | None = None):
         super().__init__()
-        self.policy, self.value_model = policy, value_model
+        if (value_model is None) == (value_head is None):
+            raise ValueError("PolicyAndValue takes a value model or a value head on a shared backbone, not both")
+        self.policy, self.value_model, self.value_head = policy, value_model, value_head
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         """(logits of the last ``logits_to_keep`` positions, or all when 0) (B, K, V), values (B, L)."""
+        if self.value_head is not None:
+            logits, hidden = causal_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep,
+                                           with_hidden=True)
+            return logits, self.value_head(hidden)
         logits = causal_logits(self.policy, input_ids, attention_mask, position_ids, logits_to_keep)
         values = self.value_model(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids).logits[..., 0]
         return logits, values
 
 
-def causal_logits(policy: nn.Module, ids, mask, pos, keep: int = 0) -> torch.Tensor:
-    """Logits (B, keep, V) of the last ``keep`` positions (all when 0).
+def causal_logits(policy: nn.Module, ids, mask, pos, keep: int = 0, with_hidden: bool = False):
+    """Logits (B, keep, V) of the last ``keep`` positions (all when 0); with ``with_hidden`` also the
+    last hidden state (B, L, hidden), the one the LM head reads (after the final norm).
 
     The LM head and everything after it (log-softmax, its backward) run only where log-probs are
     needed: the response, not the prompt. With a 20-token prompt and a 32-token response that
@@ -49,11 +101,13 @@ def causal_logits(policy: nn.Module, ids, mask, pos, keep: int = 0) -> torch.Ten
     (:func:`finegrain.speed.keeps_logits`); off, or for a model without it, the LM head runs on
     every position and the logits are cut after it.
     """
+    extra = {"output_hidden_states": True} if with_hidden else {}
     if keep and speed.keeps_logits(policy):
-        logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+        out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, **extra)
     else:
-        logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    return logits[:, -keep:] if keep else logits
+        out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
+    logits = out.logits[:, -keep:] if keep else out.logits
+    return (logits, out.hidden_states[-1]) if with_hidden else logits
 
 
 def join_query_response(q_ids, q_mask, r_ids, r_mask):

@@ -116,10 +116,11 @@ def preflight(cfg: PPOConfig) -> RunInputs:
 
 @dataclass
 class LoadedModels:
-    """policy (maybe a peft model), value model, reference policy (None with LoRA), reward model."""
+    """policy (maybe a peft model), value model (None with ``--value-init shared``), reference policy (None with
+    LoRA), reward model."""
 
     policy: object
-    value_model: object
+    value_model: object | None
     ref_policy: object | None
     reward_model: object
 
@@ -134,7 +135,8 @@ def load_models(cfg: PPOConfig, run: RunInputs, device_type: str = "cpu") -> Loa
 
     kw = _load_kwargs(cfg, device_type, longest_prompt=max(map(len, run.query_ids), default=0))
     policy = load_model(cfg.policy, "causal", tokenizer=run.tokenizer, **kw)
-    value_model = load_model(_value_source(cfg), "token", tokenizer=run.tokenizer, **kw)
+    value_model = None if cfg.value_init == "shared" else load_model(_value_source(cfg), "token",
+                                                                      tokenizer=run.tokenizer, **kw)
     reward_model = load_model(cfg.reward_model, run.rm_kind, tokenizer=run.rm_tokenizer, **kw)
     ref = None
     if cfg.use_lora:
@@ -150,14 +152,14 @@ def load_models(cfg: PPOConfig, run: RunInputs, device_type: str = "cpu") -> Loa
 
 
 def _value_source(cfg: PPOConfig) -> str:
-    """The checkpoint the value model starts from (``--value-init``)."""
+    """The checkpoint the value model starts from (``--value-init``; shared: the policy's own backbone)."""
     return cfg.reward_model if cfg.value_init == "reward" else cfg.policy
 
 
 def _load_kwargs(cfg: PPOConfig, device_type: str, longest_prompt: int | None = None) -> dict:
     """``load_model`` keywords of every PPO model. With ``longest_prompt`` (policy tokens), ``auto`` attention
     weighs what eager attention would keep for the update's backward pass: the policy and the value
-    model, over a micro-batch of the longest prompt plus ``max_new_tokens``
+    model (the policy alone with a shared backbone), over a micro-batch of the longest prompt plus ``max_new_tokens``
     (:func:`finegrain.models.pick_attention`)."""
     from ..models import eager_attention_bytes, load_config, pick_attention, torch_dtype
 
@@ -165,8 +167,9 @@ def _load_kwargs(cfg: PPOConfig, device_type: str, longest_prompt: int | None = 
     if longest_prompt is not None and cfg.attn_implementation == "auto":
         rows = max(1, cfg.minibatch_size() // cfg.grad_accum)
         length = longest_prompt + cfg.max_new_tokens
+        trained = (cfg.policy,) if cfg.value_init == "shared" else (cfg.policy, _value_source(cfg))
         eager_bytes = sum(eager_attention_bytes(load_config(name, cfg.trust_remote_code), rows, length)
-                          for name in (cfg.policy, _value_source(cfg)))
+                          for name in trained)
     return dict(trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(cfg.dtype),
                 attn_implementation=pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type,
                                                    eager_bytes))

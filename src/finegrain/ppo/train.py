@@ -14,7 +14,8 @@ Output directory::
                            the prompts' fingerprint, KL controller and reward statistics
     final/                 the trained policy (save_pretrained + finegrain.json; LoRA merged)
     final_adapter/         the LoRA adapters alone (with --use-lora)
-    value/                 the trained value model
+    value/                 the trained value model (with --value-init shared: value_head.safetensors, the head
+                           on final/'s last hidden state)
     <tracker dirs>         TensorBoard event files
 """
 from __future__ import annotations
@@ -40,9 +41,9 @@ from ..training import (check_finite, checkpoint_dirs, fingerprint, make_adamw, 
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
-from .rollout import (AttachedForward, PolicyAndValue, RewardSettings, Rollout, attached_forward, forward_response,
-                      make_rollout, process_rewards, rollout_stats, sample_records, score_rollout_forward,
-                      unwrapped_for_generation)
+from .rollout import (AttachedForward, PolicyAndValue, RewardSettings, Rollout, ValueHead, attached_forward,
+                      forward_response, make_rollout, process_rewards, rollout_stats, sample_records,
+                      score_rollout_forward, unwrapped_for_generation)
 from .setup import LoadedModels, RunInputs, load_models, lora_on_loaded_base, preflight
 
 log = logging.getLogger("finegrain.ppo")
@@ -167,14 +168,15 @@ def _is_sharded(accelerator) -> bool:
 
 
 def _full_copies(accelerator, model):
-    """(policy, value_model) holding full weights, on the main process (None elsewhere).
+    """(policy, value model or shared backbone's value head) holding full weights, on the main process (None elsewhere).
 
     Unsharded runs return the modules themselves; FSDP / ZeRO-3 gather the state dict
     (``accelerator.get_state_dict``, every process must call it) into fresh CPU copies.
     """
     unwrapped = accelerator.unwrap_model(model)
     if not _is_sharded(accelerator):
-        return (unwrapped.policy, unwrapped.value_model) if accelerator.is_main_process else (None, None)
+        value = unwrapped.value_head if unwrapped.value_head is not None else unwrapped.value_model
+        return (unwrapped.policy, value) if accelerator.is_main_process else (None, None)
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     full = accelerator.get_state_dict(model)  # gathered on the main process
@@ -187,8 +189,11 @@ def _full_copies(accelerator, model):
         from peft import get_peft_model
 
         policy = get_peft_model(policy, peft_cfg["default"])
-    value_model = AutoModelForTokenClassification.from_config(unwrapped.value_model.config)
-    for prefix, module in (("policy.", policy), ("value_model.", value_model)):
+    if unwrapped.value_head is not None:
+        value_model, prefix = ValueHead(unwrapped.value_head.linear.in_features), "value_head."
+    else:
+        value_model, prefix = AutoModelForTokenClassification.from_config(unwrapped.value_model.config), "value_model."
+    for prefix, module in (("policy.", policy), (prefix, value_model)):
         module.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
     return policy, value_model
 
@@ -216,8 +221,12 @@ def save_final(accelerator, model, run: RunInputs, cfg: PPOConfig, summary: dict
         policy = policy.merge_and_unload()
         meta["lora_merged"] = True
     save_checkpoint(out / "final", policy, run.tokenizer, meta)
-    save_checkpoint(out / "value", value_model, run.tokenizer,
-                    {"kind": "value", "stage": "ppo", "value_init": cfg.value_init})
+    if isinstance(value_model, ValueHead):  # the shared backbone's head: it reads final/'s last hidden state
+        save_checkpoint(out / "value", value_model, None, {"kind": "value_head", "stage": "ppo", "value_init": "shared",
+                                                          "backbone": "final", "file": ValueHead.FILE})
+    else:
+        save_checkpoint(out / "value", value_model, run.tokenizer,
+                        {"kind": "value", "stage": "ppo", "value_init": cfg.value_init})
 
 
 # ----------------------------------------------------------------------------- one step
@@ -335,10 +344,14 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
             lower_frozen_weights(frozen, low)
     sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
     lora_lowered = cfg.use_lora and not sharded and lower_frozen_weights(models.policy, low) > 0
-    model = PolicyAndValue(models.policy, models.value_model)
+    head = None
+    if models.value_model is None:  # --value-init shared: a head on the policy, in its trainable weights' dtype
+        dtype = next(p.dtype for p in models.policy.parameters() if p.requires_grad)
+        head = ValueHead(models.policy.config.hidden_size, dtype=dtype)
+    model = PolicyAndValue(models.policy, models.value_model, head)
+    value_params = (head if head is not None else models.value_model).parameters()
     groups = [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
-              {"params": [p for p in models.value_model.parameters() if p.requires_grad],
-               "lr": cfg.value_lr or cfg.lr}]
+              {"params": [p for p in value_params if p.requires_grad], "lr": cfg.value_lr or cfg.lr}]
     optimizer = make_adamw(groups, eps=cfg.adam_eps)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # no dataloader is prepared, so DeepSpeed must be told the micro-batch size

@@ -60,6 +60,7 @@ class Settings:
     plot: str | None = None  # where the curves benchmark draws its PNG
     real_before_after: tuple[str, ...] = ()  # the real arm also runs finegrain without these BEFORE_AFTER paths
     real_arms: tuple[str, ...] = REAL_PPO_ARMS + ("rm",)  # what the real arm runs (--real-arms)
+    real_shared: bool = False  # the real arm also runs finegrain's bf16 arms with --value-init shared
 
 
 QUICK = Settings(rounds=5, ppo_steps=7, batch_size=16, response_length=32, ppo_epochs=4, num_minibatches=1,
@@ -231,11 +232,13 @@ REAL = RealSettings()
 
 
 def real_arms(r: RealSettings, before_after: bool | tuple[str, ...] = False,
-              which: tuple[str, ...] = REAL_PPO_ARMS) -> dict[str, tuple[str, dict[str, Any]]]:
+              which: tuple[str, ...] = REAL_PPO_ARMS, shared: bool = False) -> dict[str, tuple[str, dict[str, Any]]]:
     """name -> (task, extra arguments): {fg, trl} x {full, lora} x {fp32, bf16} (+ the before/after arms).
 
     ``before_after``: the :data:`BEFORE_AFTER` paths (True: all of them) whose bf16 finegrain arms
-    without the path run too; ``which``: the ``{tune}_{prec}`` settings to run (default all four).
+    without the path run too; ``which``: the ``{tune}_{prec}`` settings to run (default all four);
+    ``shared``: finegrain's bf16 arms also run with ``--value-init shared`` (``fg_{tune}_bf16_shared``:
+    one backbone for policy and value, a different algorithm, against the same TRL arm).
     """
     paths = tuple(BEFORE_AFTER) if before_after is True else tuple(before_after or ())
     arms = {}
@@ -251,6 +254,8 @@ def real_arms(r: RealSettings, before_after: bool | tuple[str, ...] = False,
                              lora_target_modules=list(r.lora["lora_target_modules"]))
             arms[f"fg_{tune}_{prec}"] = ("fg_ppo", dict(extra, reward_mode="sequence"))
             arms[f"trl_{tune}_{prec}"] = ("trl_ppo", extra)
+            if prec == "bf16" and shared:
+                arms[f"fg_{tune}_{prec}_shared"] = ("fg_ppo", dict(extra, reward_mode="sequence", value_init="shared"))
             if prec == "bf16":  # finegrain without a speed path, in the same run
                 for name in paths:
                     switches, tunes = BEFORE_AFTER[name]
@@ -282,7 +287,7 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
         raise BenchFailed(f"{e} (the {REAL_POLICY} assets; scripts/install_models.sh installs the model)") from e
     kw = dict(steps=r.ppo_steps, batch_size=r.batch_size, response_length=r.response_length,
               ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, **PPO_COMMON)
-    arms = real_arms(r, s.real_before_after, tuple(a for a in s.real_arms if a != "rm"))
+    arms = real_arms(r, s.real_before_after, tuple(a for a in s.real_arms if a != "rm"), s.real_shared)
     tps: dict[str, list[float]] = {k: [] for k in arms}
     rss: dict[str, list[float]] = {k: [] for k in arms}
     failed: dict[str, str] = {}
@@ -324,6 +329,17 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
             out[f"real_ppo_rss_ratio_{tune}_{prec}"] = (
                 mem["median"], f"peak RSS finegrain {summary(rss[fg])['median']:.2f} GB, TRL "
                                f"{summary(rss[trl])['median']:.2f} GB (median of {mem['n']} rounds)")
+            shared = f"{fg}_shared"
+            if shared in arms and shared not in failed and trl not in failed:
+                sp, mem = (summary([a / b for a, b in zip(x[shared], x[trl])]) for x in (tps, rss))
+                out[f"real_shared_vs_trl_{tune}"] = (
+                    sp["median"], f"finegrain --value-init shared (one backbone: not the same algorithm) / TRL "
+                                  f"tokens/s, min {sp['min']:.3f} max {sp['max']:.3f} over {sp['n']} rounds: "
+                                  f"{summary(tps[shared])['median']:.1f} / {summary(tps[trl])['median']:.1f}; "
+                                  f"peak RSS {summary(rss[shared])['median']:.2f} / {summary(rss[trl])['median']:.2f}"
+                                  f" GB (ratio {mem['median']:.3f})")
+            elif shared in arms:
+                out[f"real_shared_vs_trl_{tune}"] = (math.nan, failed.get(shared) or failed[trl])
             for suffix in s.real_before_after if prec == "bf16" else ():
                 before = f"{fg}_{suffix}"
                 if before not in arms:
@@ -597,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-arms", default=",".join(REAL_PPO_ARMS + ("rm",)),
                     help="what the real arm runs: any of full_fp32, full_bf16, lora_fp32, lora_bf16 (PPO, both "
                          "systems) and rm (reward-model training); default all")
+    ap.add_argument("--real-shared", action="store_true",
+                    help="the real arm also runs finegrain's bf16 arms with --value-init shared (one backbone for "
+                         "policy and value: a different algorithm) against the same TRL arms; about 3 minutes more")
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: every core)")
     ap.add_argument("--json", type=Path, help="write every raw measurement here")
     ap.add_argument("--plot", type=Path, help="the curves benchmark draws its PNG here (also: python "
@@ -617,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     before_after = tuple(a.strip() for a in args.real_before_after.split(",") if a.strip())
     if set(before_after) - set(BEFORE_AFTER):
         ap.error(f"--real-before-after takes {', '.join(BEFORE_AFTER)}, not {args.real_before_after!r}")
-    s = replace(s, real_before_after=before_after, real_arms=real_which)
+    s = replace(s, real_before_after=before_after, real_arms=real_which, real_shared=args.real_shared)
     if args.threads:
         os.environ["FINEGRAIN_BENCH_THREADS"] = str(args.threads)
     only = ([b.strip() for b in args.only.split(",") if b.strip()] if args.only else

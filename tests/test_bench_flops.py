@@ -82,6 +82,13 @@ def test_real_arms_pair_every_finegrain_arm_with_trl_in_the_same_setting(bench_r
     one = bench_run.real_arms(bench_run.REAL, before_after=("no_merged_lora_sampling",), which=("full_bf16", "lora_bf16"))
     assert sorted(one) == ["fg_full_bf16", "fg_lora_bf16", "fg_lora_bf16_no_merged_lora_sampling", "trl_full_bf16",
                            "trl_lora_bf16"]
+    shared = bench_run.real_arms(bench_run.REAL, which=("full_bf16", "lora_fp32"), shared=True)
+    assert sorted(shared) == ["fg_full_bf16", "fg_full_bf16_shared", "fg_lora_fp32", "trl_full_bf16", "trl_lora_fp32"]
+    assert shared["fg_full_bf16_shared"][1] == dict(shared["fg_full_bf16"][1], value_init="shared")
+    tiny_shared, tiny_plain = bench_run.PPO_ARMS["fg_shared_bf16"], bench_run.PPO_ARMS["fg_seq_bf16"]
+    assert tiny_shared[:2] == tiny_plain[:2] and tiny_shared[2]["value_init"] == "shared"
+    assert {k: v for k, v in tiny_shared[2].items() if k != "value_init"} == {
+        k: v for k, v in tiny_plain[2].items() if k != "peak_probe_s"}  # the same run but the backbone
     some = bench_run.real_arms(bench_run.REAL, before_after=True, which=("lora_bf16",))
     assert sorted(some) == ["fg_lora_bf16", "fg_lora_bf16_no_frozen_low_precision", "fg_lora_bf16_no_heap_large_blocks",
                             "fg_lora_bf16_no_merged_lora_sampling", "trl_lora_bf16"]
@@ -100,3 +107,30 @@ def test_policy_with_length_forces_the_response_length_without_copying_weights(b
     assert name == "policy_L128" and (out / "model.safetensors").is_symlink()
     assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": 2, "min_new_tokens": 128}
     assert common.policy_with_length(tmp_path, 128) == name  # made once
+
+
+def test_gemm_ceiling_times_every_linear_layer_of_the_benchmark_model(bench_run):
+    """The ceiling script's layer list is the benchmark GPT-2's own linear layers (every distinct shape, the
+    tied LM head included), and its combined rate is total FLOPs over the summed times of the three products."""
+    common = importlib.import_module("common")
+    ceiling = importlib.import_module("gemm_ceiling")
+    from finegrain.scratch import tiny_gpt2_config
+    from transformers import GPT2LMHeadModel
+
+    spec = common.ModelSpec(vocab=64, n_layer=1, n_head=2, n_embd=16)
+    model = GPT2LMHeadModel(tiny_gpt2_config(spec.vocab, n_embd=spec.n_embd, n_layer=spec.n_layer,
+                                             n_head=spec.n_head, n_positions=32))
+    found = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if w is not None and w.dim() == 2 and "wpe" not in name and "wte" not in name:
+            key = name.split(".", 3)[-1] if name.startswith("transformer.h.") else name
+            # GPT-2's Conv1D stores (in, out), nn.Linear (out, in)
+            found[key] = tuple(w.shape) if type(mod).__name__ == "Conv1D" else tuple(w.shape[::-1])
+    assert found == {name: (k, n) for name, k, n in ceiling.linear_shapes(spec)}
+    c = ceiling.ceiling(rows=8, precision="fp32", seconds=0.01, spec=spec)
+    flops = sum(3 * 2.0 * 8 * k * n for _, k, n in ceiling.linear_shapes(spec))
+    secs = sum(2.0 * 8 * k * n / r for (_, k, n), got in zip(ceiling.linear_shapes(spec), c["layers"].values())
+               for r in got.values())
+    assert c["combined_flops"] == pytest.approx(flops / secs)
+    assert c["ceiling_mfu"] == pytest.approx(c["combined_flops"] / c["peak_flops"]) and c["peak_flops"] > 0

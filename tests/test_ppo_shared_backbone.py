@@ -155,3 +155,22 @@ def test_a_shared_backbone_run_resumes_with_its_head(tmp_path):
     for a, b in zip(rows[1:], ref[1:]):
         for key in ("reward", "kl", "value_mean", "policy_loss", "value_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_the_shared_heads_learning_rate_defaults_to_a_hundred_times_the_policys(tmp_path):
+    """The value group of a shared backbone is one zero-initialised head: it gets 100 x --lr unless --value-lr
+    says otherwise; a separate value model keeps --lr."""
+    from finegrain.ppo.setup import load_models, preflight
+    from finegrain.ppo.train import build_engine, make_accelerator
+
+    ws = make_workspace(tmp_path)
+    cfg = toy_config(ws, tmp_path / "out", value_init="shared", lr=1e-4)
+    assert cfg.value_learning_rate() == pytest.approx(1e-2)
+    assert toy_config(ws, tmp_path / "o", value_init="shared", lr=1e-4, value_lr=5e-3).value_learning_rate() == 5e-3
+    assert toy_config(ws, tmp_path / "o", value_init="policy", lr=1e-4).value_learning_rate() == 1e-4
+    run = preflight(cfg)
+    acc = make_accelerator(cfg)
+    e = build_engine(cfg, run, load_models(cfg, run, acc.device.type), acc)
+    policy_group, value_group = e.optimizer.param_groups
+    assert policy_group["lr"] == pytest.approx(1e-4) and value_group["lr"] == pytest.approx(1e-2)
+    assert [p.shape for p in value_group["params"]] == [torch.Size([1, 32]), torch.Size([1])]  # the head alone

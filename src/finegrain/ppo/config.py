@@ -20,6 +20,11 @@ from ..errors import ConfigError
 # win rate picked 0.5, the noise-free gold reward 1.0, with half the reward hacking): 1.0, the more
 # conservative of the two, is the default (README, Results).
 DEFAULT_KL_COEF = {"sequence": 0.05, "token": 1.0}
+# --value-lr's default with --value-init shared, as a multiple of --lr: the value group is then one zero-initialised
+# linear head. At --lr it learnt too slowly in the sandbox (quick demo of seed 11, PPO seeds 0-2: explained
+# variance 0.07-0.29 against 0.73-0.84 with a separate value model, and less gold reward); at 100 x --lr it reached
+# 0.47-0.75 and the separate models' gold reward (benchmarks/RESULTS.md, 2026-12-04).
+SHARED_HEAD_LR_FACTOR = 100.0
 
 
 @dataclass(kw_only=True)
@@ -48,7 +53,8 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     forward_batch_size: int = opt(16, "rollouts per forward pass when computing log-probs, values and RM scores", ge=1)
     # --- optimisation
     lr: float = opt(3e-6, "policy learning rate (Huang et al.: 3e-6 for 1B-7B models)", gt=0)
-    value_lr: float | None = opt(None, "value model learning rate (default: --lr)", gt=0)
+    value_lr: float | None = opt(None, "value model learning rate (default: --lr; with --value-init shared, where it "
+                                 f"is the value head's alone, {SHARED_HEAD_LR_FACTOR:g} x --lr)", gt=0)
     lr_schedule: str = opt("linear", "learning-rate schedule over --steps", choices=["linear", "constant"])
     adam_eps: float = opt(1e-5, "Adam epsilon (Huang et al.: 1e-5)", gt=0)
     max_grad_norm: float | None = opt(1.0, "clip the gradient norm to this (null: no clipping)", gt=0)
@@ -123,6 +129,12 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
         if self.kl_coef is not None:
             return self.kl_coef
         return DEFAULT_KL_COEF[self.reward_mode]
+
+    def value_learning_rate(self) -> float:
+        """--value-lr, or its default: --lr, or with --value-init shared SHARED_HEAD_LR_FACTOR x --lr."""
+        if self.value_lr is not None:
+            return self.value_lr
+        return self.lr * (SHARED_HEAD_LR_FACTOR if self.value_init == "shared" else 1.0)
 
     def minibatch_size(self) -> int:
         """Rollouts per minibatch (per process)."""

@@ -109,7 +109,7 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
     mb = cfg.minibatch_size()
     micro = mb // cfg.grad_accum
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-    for group, base in zip(optimizer.param_groups, (cfg.lr, cfg.value_lr or cfg.lr)):
+    for group, base in zip(optimizer.param_groups, (cfg.lr, cfg.value_learning_rate())):
         group["lr"] = base * lr_factor(cfg, step)
     sums: dict[str, float] = defaultdict(float)
     count = 0
@@ -351,7 +351,7 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
     model = PolicyAndValue(models.policy, models.value_model, head)
     value_params = (head if head is not None else models.value_model).parameters()
     groups = [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
-              {"params": [p for p in value_params if p.requires_grad], "lr": cfg.value_lr or cfg.lr}]
+              {"params": [p for p in value_params if p.requires_grad], "lr": cfg.value_learning_rate()}]
     optimizer = make_adamw(groups, eps=cfg.adam_eps)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # no dataloader is prepared, so DeepSpeed must be told the micro-batch size

@@ -81,7 +81,7 @@ def test_a_shared_backbone_run_loads_no_value_model_trains_and_saves_its_head(tm
     from transformers import AutoModelForCausalLM
 
     from finegrain.models import read_meta
-    from finegrain.ppo.rollout import load_value_head
+    from finegrain.ppo import load_value_head
     from finegrain.ppo.setup import load_models, preflight
     from finegrain.ppo.train import train_ppo
 

@@ -10,7 +10,7 @@ Import the heavy parts from their modules; this package import stays light.
 """
 from .config import PPOConfig
 
-__all__ = ["PPOConfig", "train_ppo"]
+__all__ = ["PPOConfig", "load_value_head", "train_ppo"]
 
 
 def train_ppo(cfg, **kw):
@@ -18,3 +18,10 @@ def train_ppo(cfg, **kw):
     from .train import train_ppo as _train_ppo
 
     return _train_ppo(cfg, **kw)
+
+
+def load_value_head(model_dir):
+    """See :func:`finegrain.ppo.rollout.load_value_head`."""
+    from .rollout import load_value_head as _load_value_head
+
+    return _load_value_head(model_dir)

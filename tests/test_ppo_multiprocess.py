@@ -43,7 +43,7 @@ train_ppo(cfg, models=models, on_rollout=on_rollout)
 import os
 rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch (the process group is closed by now)
 h = hashlib.sha256()
-for m in (models.policy, models.value_model):
+for m in (x for x in (models.policy, models.value_model) if x is not None):  # no value model when shared
     for name, p in sorted(m.state_dict().items()):
         h.update(name.encode()); h.update(p.detach().cpu().numpy().tobytes())
 with open(f"{{cfg.output}}/rank{{rank}}.json", "w") as f:
@@ -58,13 +58,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_minibatches", [2, 1])  # 1: the first epoch backpropagates through the rollout's forward
-def test_two_processes_stay_in_sync(tmp_path, num_minibatches):
+# 1 minibatch: the first epoch backpropagates through the rollout's forward; shared: one backbone for policy and value
+@pytest.mark.parametrize("num_minibatches,value_init", [(2, "policy"), (1, "policy"), (1, "shared")])
+def test_two_processes_stay_in_sync(tmp_path, num_minibatches, value_init):
     ws = make_workspace(tmp_path)
     out = tmp_path / "out"
     cfg = dict(ws, output=str(out), reward_mode="token", steps=2, batch_size=4, num_minibatches=num_minibatches,
                ppo_epochs=1 if num_minibatches == 2 else 2,
-               max_new_tokens=4, max_prompt_length=16, temperature=1.0, lr=1e-2, value_init="policy",
+               max_new_tokens=4, max_prompt_length=16, temperature=1.0, lr=1e-2, value_init=value_init,
                save_every=2, sample_every=1, log_with="none", prompt_template="{prompt} :")
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(ROOT / "tests")))

@@ -104,6 +104,9 @@ def rate(result: dict[str, Any], per_step: float, warmup: int) -> float:
 
 
 def rotated(items: list, r: int) -> list:
+    """``items`` started at position r (mod their number), so each round runs them in another order; [] stays []."""
+    if not items:
+        return []
     k = r % len(items)
     return items[k:] + items[:k]
 

@@ -134,3 +134,11 @@ def test_gemm_ceiling_times_every_linear_layer_of_the_benchmark_model(bench_run)
                for r in got.values())
     assert c["combined_flops"] == pytest.approx(flops / secs)
     assert c["ceiling_mfu"] == pytest.approx(c["combined_flops"] / c["peak_flops"]) and c["peak_flops"] > 0
+
+
+def test_rounds_rotate_the_order_and_an_empty_set_of_arms_runs_nothing(bench_run):
+    """`--real-arms rm` leaves no PPO arm: its rounds must run nothing, not divide by zero."""
+    assert [bench_run.rotated(["a", "b", "c"], r) for r in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert bench_run.rotated([], 3) == []
+    assert bench_run.real_arms(bench_run.REAL, which=()) == {}

@@ -174,3 +174,23 @@ def test_the_shared_heads_learning_rate_defaults_to_a_hundred_times_the_policys(
     policy_group, value_group = e.optimizer.param_groups
     assert policy_group["lr"] == pytest.approx(1e-4) and value_group["lr"] == pytest.approx(1e-2)
     assert [p.shape for p in value_group["params"]] == [torch.Size([1, 32]), torch.Size([1])]  # the head alone
+
+
+def test_the_head_reads_the_width_of_the_last_hidden_state_not_the_configs_hidden_size():
+    """OPT-350m-style models project their last hidden state down (here 32 -> 16): the head follows the state."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from finegrain.ppo.rollout import PolicyAndValue, ValueHead
+    from finegrain.ppo.train import last_hidden_size
+
+    torch.manual_seed(0)
+    policy = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=1,
+                                      ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
+                                      do_layer_norm_before=False)).eval()
+    assert policy.config.hidden_size == 32 and last_hidden_size(policy) == 16
+    tok = word_tokenizer()
+    assert last_hidden_size(tiny(tok, "causal", 1)) == 32
+    model = PolicyAndValue(policy, None, ValueHead(last_hidden_size(policy)))
+    ids, mask, pos = _batch()
+    _, values = model(ids, mask, pos)
+    assert values.shape == (2, 5)

@@ -42,7 +42,7 @@ from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
 from .rollout import (AttachedForward, PolicyAndValue, RewardSettings, Rollout, ValueHead, attached_forward,
-                      forward_response, make_rollout, process_rewards, rollout_stats, sample_records,
+                      causal_logits, forward_response, make_rollout, process_rewards, rollout_stats, sample_records,
                       score_rollout_forward, unwrapped_for_generation)
 from .setup import LoadedModels, RunInputs, load_models, lora_on_loaded_base, preflight
 
@@ -334,6 +334,16 @@ def make_accelerator(cfg: PPOConfig):
     return acc
 
 
+def last_hidden_size(policy) -> int:
+    """The width of the hidden state a shared value head reads, from a one-token forward: the config's
+    ``hidden_size`` is not always it (OPT-350m projects its last hidden state down to 512 of 1,024)."""
+    device = next(policy.parameters()).device
+    one = torch.zeros((1, 1), dtype=torch.long, device=device)
+    with torch.no_grad():
+        _, hidden = causal_logits(policy, one, torch.ones_like(one), one, 1, with_hidden=True)
+    return int(hidden.shape[-1])
+
+
 def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerator) -> Engine:
     """Wrap, prepare and connect the models; the optimizer has one group for the policy, one for the value."""
     # frozen weights in the autocast dtype (speed.lower_frozen_weights); a sharded (FSDP/DeepSpeed) policy
@@ -347,7 +357,7 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
     head = None
     if models.value_model is None:  # --value-init shared: a head on the policy, in its trainable weights' dtype
         dtype = next(p.dtype for p in models.policy.parameters() if p.requires_grad)
-        head = ValueHead(models.policy.config.hidden_size, dtype=dtype)
+        head = ValueHead(last_hidden_size(models.policy), dtype=dtype)
     model = PolicyAndValue(models.policy, models.value_model, head)
     value_params = (head if head is not None else models.value_model).parameters()
     groups = [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 from .errors import ConfigError
 
@@ -367,7 +367,6 @@ def merged_lora(model) -> Iterator[int]:
 
     layers = _mergeable_lora_layers(model) if options().merge_lora_sampling else []
     swapped = []
-    autocast_dtypes: dict[str, Any] = {}  # device type -> autocast's dtype there (None: autocast off)
     try:
         with torch.no_grad():
             for parent, name, layer, active in layers:
@@ -375,10 +374,7 @@ def merged_lora(model) -> Iterator[int]:
                 weight = base.weight.detach().float()
                 for a in active:
                     weight = weight + layer.get_delta_weight(a).float()
-                device_type = weight.device.type
-                if device_type not in autocast_dtypes:
-                    autocast_dtypes[device_type] = _autocast_dtype(device_type)
-                dtype = autocast_dtypes[device_type] or base.weight.dtype
+                dtype = _autocast_dtype(weight.device.type) or base.weight.dtype
                 merged = copy.copy(base)
                 merged._parameters = dict(base._parameters)  # own dict: the base layer keeps its tensors
                 for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):

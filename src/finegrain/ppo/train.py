@@ -190,10 +190,11 @@ def _full_copies(accelerator, model):
 
         policy = get_peft_model(policy, peft_cfg["default"])
     if unwrapped.value_head is not None:
-        value_model, prefix = ValueHead(unwrapped.value_head.linear.in_features), "value_head."
+        value_model, value_prefix = ValueHead(unwrapped.value_head.linear.in_features), "value_head."
     else:
-        value_model, prefix = AutoModelForTokenClassification.from_config(unwrapped.value_model.config), "value_model."
-    for prefix, module in (("policy.", policy), (prefix, value_model)):
+        value_model = AutoModelForTokenClassification.from_config(unwrapped.value_model.config)
+        value_prefix = "value_model."
+    for prefix, module in (("policy.", policy), (value_prefix, value_model)):
         module.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
     return policy, value_model
 

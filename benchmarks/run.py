@@ -60,7 +60,7 @@ class Settings:
     plot: str | None = None  # where the curves benchmark draws its PNG
     real_before_after: tuple[str, ...] = ()  # the real arm also runs finegrain without these BEFORE_AFTER paths
     real_arms: tuple[str, ...] = REAL_PPO_ARMS + ("rm",)  # what the real arm runs (--real-arms)
-    real_shared: bool = False  # the real arm also runs finegrain's bf16 arms with --value-init shared
+    real_variants: tuple[str, ...] = ()  # the real arm also runs finegrain's bf16 arms with these REAL_VARIANTS
 
 
 QUICK = Settings(rounds=5, ppo_steps=7, batch_size=16, response_length=32, ppo_epochs=4, num_minibatches=1,
@@ -122,6 +122,8 @@ PPO_ARMS = {  # name: (task, precision, extra arguments)
     "trl_bf16": ("trl_ppo", "bf16", dict(mixed_precision="bf16")),
     # not like for like: --value-init shared, one backbone for policy and value (a change of the algorithm)
     "fg_shared_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", mixed_precision="bf16", value_init="shared")),
+    # the same algorithm in other numerics: bf16 weights with fp32 master weights instead of autocast over fp32 weights
+    "fg_weights_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", mixed_precision="bf16", param_dtype="bf16")),
 }
 
 
@@ -186,6 +188,9 @@ def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
             "shared_backbone_vs_trl": figure("fg_shared_bf16", "trl_bf16", " (bf16; finegrain --value-init shared, "
                                              "one backbone for policy and value: not the same algorithm)"
                                              + tokens("fg_shared_bf16", "trl_bf16")),
+            "bf16_weights_vs_trl": figure("fg_weights_bf16", "trl_bf16", " (finegrain --param-dtype bf16: bf16 "
+                                          "weights, fp32 masters; TRL bf16 autocast)"
+                                          + tokens("fg_weights_bf16", "trl_bf16")),
             "token_vs_sequence_cost": figure("fg_pair", None, " (fp32; per round the median over paired steps "
                                                                "in one process)")}
 
@@ -235,13 +240,13 @@ REAL = RealSettings()
 
 
 def real_arms(r: RealSettings, before_after: bool | tuple[str, ...] = False,
-              which: tuple[str, ...] = REAL_PPO_ARMS, shared: bool = False) -> dict[str, tuple[str, dict[str, Any]]]:
+              which: tuple[str, ...] = REAL_PPO_ARMS, variants: tuple[str, ...] = ()) -> dict[str, tuple[str, dict[str, Any]]]:
     """name -> (task, extra arguments): {fg, trl} x {full, lora} x {fp32, bf16} (+ the before/after arms).
 
     ``before_after``: the :data:`BEFORE_AFTER` paths (True: all of them) whose bf16 finegrain arms
     without the path run too; ``which``: the ``{tune}_{prec}`` settings to run (default all four);
-    ``shared``: finegrain's bf16 arms also run with ``--value-init shared`` (``fg_{tune}_bf16_shared``:
-    one backbone for policy and value, a different algorithm, against the same TRL arm).
+    ``variants``: finegrain's bf16 arms also run in these :data:`REAL_VARIANTS` (``fg_{tune}_bf16_{variant}``,
+    against the same TRL arm).
     """
     paths = tuple(BEFORE_AFTER) if before_after is True else tuple(before_after or ())
     arms = {}
@@ -257,8 +262,9 @@ def real_arms(r: RealSettings, before_after: bool | tuple[str, ...] = False,
                              lora_target_modules=list(r.lora["lora_target_modules"]))
             arms[f"fg_{tune}_{prec}"] = ("fg_ppo", dict(extra, reward_mode="sequence"))
             arms[f"trl_{tune}_{prec}"] = ("trl_ppo", extra)
-            if prec == "bf16" and shared:
-                arms[f"fg_{tune}_{prec}_shared"] = ("fg_ppo", dict(extra, reward_mode="sequence", value_init="shared"))
+            for variant in variants if prec == "bf16" else ():
+                arms[f"fg_{tune}_{prec}_{variant}"] = ("fg_ppo", dict(extra, reward_mode="sequence",
+                                                                      **REAL_VARIANTS[variant][0]))
             if prec == "bf16":  # finegrain without a speed path, in the same run
                 for name in paths:
                     switches, tunes = BEFORE_AFTER[name]
@@ -267,6 +273,14 @@ def real_arms(r: RealSettings, before_after: bool | tuple[str, ...] = False,
                                                                             speed=switches))
     return arms
 
+
+# --real-variants: finegrain's bf16 arms again with these options -> (options, figure prefix, what it is)
+REAL_VARIANTS = {
+    "shared": ({"value_init": "shared"}, "real_shared_vs_trl",
+               "finegrain --value-init shared (one backbone for policy and value: not the same algorithm)"),
+    "weights": ({"param_dtype": "bf16"}, "real_bf16_weights_vs_trl",
+                "finegrain --param-dtype bf16 (bf16 weights, fp32 master weights; the same algorithm)"),
+}
 
 # speed paths measured before/after on the real model (--real-before-after):
 # arm suffix -> (switches off, the fine-tuning kinds the path acts in)
@@ -290,7 +304,7 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
         raise BenchFailed(f"{e} (the {REAL_POLICY} assets; scripts/install_models.sh installs the model)") from e
     kw = dict(steps=r.ppo_steps, batch_size=r.batch_size, response_length=r.response_length,
               ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, **PPO_COMMON)
-    arms = real_arms(r, s.real_before_after, tuple(a for a in s.real_arms if a != "rm"), s.real_shared)
+    arms = real_arms(r, s.real_before_after, tuple(a for a in s.real_arms if a != "rm"), s.real_variants)
     tps: dict[str, list[float]] = {k: [] for k in arms}
     rss: dict[str, list[float]] = {k: [] for k in arms}
     failed: dict[str, str] = {}
@@ -332,17 +346,19 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
             out[f"real_ppo_rss_ratio_{tune}_{prec}"] = (
                 mem["median"], f"peak RSS finegrain {summary(rss[fg])['median']:.2f} GB, TRL "
                                f"{summary(rss[trl])['median']:.2f} GB (median of {mem['n']} rounds)")
-            shared = f"{fg}_shared"
-            if shared in arms and shared not in failed and trl not in failed:
-                sp, mem = (summary([a / b for a, b in zip(x[shared], x[trl])]) for x in (tps, rss))
-                out[f"real_shared_vs_trl_{tune}"] = (
-                    sp["median"], f"finegrain --value-init shared (one backbone: not the same algorithm) / TRL "
-                                  f"tokens/s, min {sp['min']:.3f} max {sp['max']:.3f} over {sp['n']} rounds: "
-                                  f"{summary(tps[shared])['median']:.1f} / {summary(tps[trl])['median']:.1f}; "
-                                  f"peak RSS {summary(rss[shared])['median']:.2f} / {summary(rss[trl])['median']:.2f}"
+            for variant, (_, figure, what) in REAL_VARIANTS.items():
+                other = f"{fg}_{variant}"
+                if other not in arms:
+                    continue
+                if other in failed or trl in failed:
+                    out[f"{figure}_{tune}"] = (math.nan, failed.get(other) or failed[trl])
+                    continue
+                sp, mem = (summary([a / b for a, b in zip(x[other], x[trl])]) for x in (tps, rss))
+                out[f"{figure}_{tune}"] = (
+                    sp["median"], f"{what} / TRL tokens/s, min {sp['min']:.3f} max {sp['max']:.3f} over {sp['n']} "
+                                  f"rounds: {summary(tps[other])['median']:.1f} / {summary(tps[trl])['median']:.1f}; "
+                                  f"peak RSS {summary(rss[other])['median']:.2f} / {summary(rss[trl])['median']:.2f}"
                                   f" GB (ratio {mem['median']:.3f})")
-            elif shared in arms:
-                out[f"real_shared_vs_trl_{tune}"] = (math.nan, failed.get(shared) or failed[trl])
             for suffix in s.real_before_after if prec == "bf16" else ():
                 before = f"{fg}_{suffix}"
                 if before not in arms:
@@ -579,7 +595,7 @@ def bench_robust(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str
 
 BENCHES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "ppo": (bench_ppo, ("ppo_speedup_vs_trl", "ppo_speedup_vs_trl_fp32", "token_vs_sequence_cost",
-                        "shared_backbone_vs_trl")),
+                        "shared_backbone_vs_trl", "bf16_weights_vs_trl")),
     "mfu": (bench_mfu, ("ppo_mfu", "ppo_mfu_bf16")),
     "rm": (bench_rm, ("rm_speedup_vs_trl",)),
     "curves": (bench_curves, tuple(f"curve_{m}_{a}_exponent_gap" for m in ("tiny", "smollm2")
@@ -592,6 +608,20 @@ BENCHES: dict[str, tuple[Callable, tuple[str, ...]]] = {
                               "robust_rm_accuracy_gap", "robust_response_auroc", "robust_convergence_step_ratio",
                               "newcomer_gold_rose")),
 }
+
+
+def probe_peaks(assets: Path, logs: Path, info: dict[str, Any], when: str) -> None:
+    """The machine's square-matmul peaks (fp32, bf16; GFLOP/s, a worker process) into ``info["matmul_peak_gflops"]``.
+
+    Probed at the start and the end of every run, so each figure it prints sits beside the peak of
+    the machine it ran on (the machines change kind between runs: their bf16 peaks differ 2-3x).
+    """
+    try:
+        p = worker("peak", assets, logs, f"peak_{when}")
+        info.setdefault("matmul_peak_gflops", {})[when] = {"fp32": p["fp32_flops"] / 1e9, "bf16": p["bf16_flops"] / 1e9}
+        log(f"matmul peak at the {when}: fp32 {p['fp32_flops'] / 1e9:.0f}, bf16 {p['bf16_flops'] / 1e9:.0f} GFLOP/s")
+    except BenchFailed as e:
+        info.setdefault("matmul_peak_gflops", {})[when] = f"probe failed: {e}"
 
 
 def build_assets(assets: Path, logs: Path, response_length: int) -> None:
@@ -616,9 +646,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-arms", default=",".join(REAL_PPO_ARMS + ("rm",)),
                     help="what the real arm runs: any of full_fp32, full_bf16, lora_fp32, lora_bf16 (PPO, both "
                          "systems) and rm (reward-model training); default all")
-    ap.add_argument("--real-shared", action="store_true",
-                    help="the real arm also runs finegrain's bf16 arms with --value-init shared (one backbone for "
-                         "policy and value: a different algorithm) against the same TRL arms; about 3 minutes more")
+    ap.add_argument("--real-variants", default="",
+                    help="the real arm also runs finegrain's bf16 arms in these variants against the same TRL arms: "
+                         + "; ".join(f"{k} = {v[2]}" for k, v in REAL_VARIANTS.items())
+                         + " (comma-separated; about 3 minutes more each)")
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: every core)")
     ap.add_argument("--json", type=Path, help="write every raw measurement here")
     ap.add_argument("--plot", type=Path, help="the curves benchmark draws its PNG here (also: python "
@@ -639,7 +670,10 @@ def main(argv: list[str] | None = None) -> int:
     before_after = tuple(a.strip() for a in args.real_before_after.split(",") if a.strip())
     if set(before_after) - set(BEFORE_AFTER):
         ap.error(f"--real-before-after takes {', '.join(BEFORE_AFTER)}, not {args.real_before_after!r}")
-    s = replace(s, real_before_after=before_after, real_arms=real_which, real_shared=args.real_shared)
+    variants = tuple(a.strip() for a in args.real_variants.split(",") if a.strip())
+    if set(variants) - set(REAL_VARIANTS):
+        ap.error(f"--real-variants takes {', '.join(REAL_VARIANTS)}, not {args.real_variants!r}")
+    s = replace(s, real_before_after=before_after, real_arms=real_which, real_variants=variants)
     if args.threads:
         os.environ["FINEGRAIN_BENCH_THREADS"] = str(args.threads)
     only = ([b.strip() for b in args.only.split(",") if b.strip()] if args.only else
@@ -665,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in BENCHES[b][1]:
                 results[name] = (math.nan, str(e))
         only = []
+    if only:
+        probe_peaks(assets, logs, info, "start")
     for b in only:
         fn, names = BENCHES[b]
         log(f"benchmark {b} ...")
@@ -678,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 results.setdefault(name, (math.nan, reason))
         log(f"benchmark {b} done in {time.perf_counter() - t0:.0f}s")
+    if only:
+        probe_peaks(assets, logs, info, "end")
     state["results"] = {k: {"value": v, "note": n} for k, (v, n) in results.items()}
     state["total_s"] = time.perf_counter() - t_start
     if args.json:
@@ -685,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     log(f"total {state['total_s']:.0f}s")
+    peaks = "; ".join(f"{when} fp32 {p['fp32']:.0f}, bf16 {p['bf16']:.0f}" if isinstance(p, dict) else f"{when} {p}"
+                      for when, p in info.get("matmul_peak_gflops", {}).items())
+    print(f"# machine: {info['cpu']}, {info['worker_threads']} threads per worker; matmul peak GFLOP/s: {peaks or 'not probed'}")
     for name, (value, note) in results.items():
         print(f"# {name}: {note}")
     for name, (value, _) in results.items():

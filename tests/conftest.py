@@ -108,3 +108,13 @@ def make_tiny_model(tokenizer, head: str = "causal", seed: int = 0, **cfg):
 @pytest.fixture
 def tiny_model_factory(tiny_tokenizer):
     return lambda head="causal", seed=0, **cfg: make_tiny_model(tiny_tokenizer, head, seed, **cfg)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate fixes the precision once per process: reset its state before and after a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

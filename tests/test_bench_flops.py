@@ -82,13 +82,16 @@ def test_real_arms_pair_every_finegrain_arm_with_trl_in_the_same_setting(bench_r
     one = bench_run.real_arms(bench_run.REAL, before_after=("no_merged_lora_sampling",), which=("full_bf16", "lora_bf16"))
     assert sorted(one) == ["fg_full_bf16", "fg_lora_bf16", "fg_lora_bf16_no_merged_lora_sampling", "trl_full_bf16",
                            "trl_lora_bf16"]
-    shared = bench_run.real_arms(bench_run.REAL, which=("full_bf16", "lora_fp32"), shared=True)
-    assert sorted(shared) == ["fg_full_bf16", "fg_full_bf16_shared", "fg_lora_fp32", "trl_full_bf16", "trl_lora_fp32"]
+    shared = bench_run.real_arms(bench_run.REAL, which=("full_bf16", "lora_fp32"), variants=("shared", "weights"))
+    assert sorted(shared) == ["fg_full_bf16", "fg_full_bf16_shared", "fg_full_bf16_weights", "fg_lora_fp32",
+                              "trl_full_bf16", "trl_lora_fp32"]
     assert shared["fg_full_bf16_shared"][1] == dict(shared["fg_full_bf16"][1], value_init="shared")
-    tiny_shared, tiny_plain = bench_run.PPO_ARMS["fg_shared_bf16"], bench_run.PPO_ARMS["fg_seq_bf16"]
-    assert tiny_shared[:2] == tiny_plain[:2] and tiny_shared[2]["value_init"] == "shared"
-    assert {k: v for k, v in tiny_shared[2].items() if k != "value_init"} == {
-        k: v for k, v in tiny_plain[2].items() if k != "peak_probe_s"}  # the same run but the backbone
+    assert shared["fg_full_bf16_weights"][1] == dict(shared["fg_full_bf16"][1], param_dtype="bf16")
+    plain = bench_run.PPO_ARMS["fg_seq_bf16"]
+    for arm, option in (("fg_shared_bf16", {"value_init": "shared"}), ("fg_weights_bf16", {"param_dtype": "bf16"})):
+        tiny = bench_run.PPO_ARMS[arm]  # the same run but the one option
+        assert tiny[:2] == plain[:2] and tiny[2] == dict({k: v for k, v in plain[2].items() if k != "peak_probe_s"},
+                                                         **option)
     some = bench_run.real_arms(bench_run.REAL, before_after=True, which=("lora_bf16",))
     assert sorted(some) == ["fg_lora_bf16", "fg_lora_bf16_no_frozen_low_precision", "fg_lora_bf16_no_heap_large_blocks",
                             "fg_lora_bf16_no_merged_lora_sampling", "trl_lora_bf16"]

@@ -376,16 +376,6 @@ def test_frozen_weights_in_bf16_give_autocasts_products_bit_for_bit(tiny_tokeniz
     assert lower_frozen_weights(lowered, "bf16") == 0  # already lowered
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate fixes the precision once per process: reset its state before and after a bf16 run."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_bf16_ppo_stores_frozen_models_in_bf16_and_merges_lora_into_the_fp32_base(tmp_path, fresh_accelerate_state):
     from transformers import AutoModelForCausalLM
 

@@ -58,21 +58,26 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-# 1 minibatch: the first epoch backpropagates through the rollout's forward; shared: one backbone for policy and value
-@pytest.mark.parametrize("num_minibatches,value_init", [(2, "policy"), (1, "policy"), (1, "shared")])
-def test_two_processes_stay_in_sync(tmp_path, num_minibatches, value_init):
+# 1 minibatch: the first epoch backpropagates through the rollout's forward; shared: one backbone for policy and value;
+# bf16 weights: the fp32 masters (copied once DDP has broadcast rank 0's fresh value head) step on gradients DDP
+# reduced in bf16, accumulated over two micro-batches; and bf16 autocast over fp32 weights
+@pytest.mark.parametrize("num_minibatches,value_init,extra", [
+    (2, "policy", {}), (1, "policy", {}), (1, "shared", {}),
+    (1, "policy", {"mixed_precision": "bf16", "param_dtype": "bf16", "grad_accum": 2}),
+    (1, "policy", {"mixed_precision": "bf16"})])
+def test_two_processes_stay_in_sync(tmp_path, num_minibatches, value_init, extra):
     ws = make_workspace(tmp_path)
     out = tmp_path / "out"
     cfg = dict(ws, output=str(out), reward_mode="token", steps=2, batch_size=4, num_minibatches=num_minibatches,
                ppo_epochs=1 if num_minibatches == 2 else 2,
                max_new_tokens=4, max_prompt_length=16, temperature=1.0, lr=1e-2, value_init=value_init,
-               save_every=2, sample_every=1, log_with="none", prompt_template="{prompt} :")
+               save_every=2, sample_every=1, log_with="none", prompt_template="{prompt} :", **extra)
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(ROOT / "tests")))
     env = dict(os.environ, FINEGRAIN_PROGRESS="0", PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1",
                ACCELERATE_USE_CPU="true")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--mixed_precision", extra.get("mixed_precision", "no"), "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(script), json.dumps(cfg)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

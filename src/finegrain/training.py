@@ -324,6 +324,131 @@ def make_adamw(params, **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **kw)
 
 
+def hold_parameters_in(model, dtype: torch.dtype) -> int:
+    """Store every floating-point parameter of ``model`` in ``dtype``, in place; returns how many changed.
+
+    The parameters keep their identity (``.data`` is replaced), so an optimizer built afterwards
+    sees them; buffers are left alone (a rotary embedding's fp32 inverse frequencies stay exact).
+    A weight tied to another (GPT-2's LM head and embedding) is one parameter and changes once.
+    """
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                n += 1
+    return n
+
+
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """AdamW on fp32 master copies of weights the model holds in bf16 (mixed-precision training with master weights).
+
+    The model's trained weights live in bf16, so its forward and backward run in bf16 end to end
+    (no casts of weights or activations); this optimizer keeps an fp32 copy of each of them, the
+    master, and steps on those: an update far below bf16's resolution (a rate of 3e-6 moves a
+    weight of 0.1 by a hundredth of its last bit) accumulates on the master instead of being
+    rounded away, as it would with AdamW stepping the bf16 weights themselves. One step:
+
+    1. :meth:`gather_grads`: each weight's gradient (bf16; summed over the step's micro-batches in
+       that dtype, as DDP reduces it) is added, in fp32, to its master's and freed;
+    2. AdamW (:func:`make_adamw`) steps the masters, with the hyperparameters of this optimizer's
+       ``param_groups`` (set ``lr`` there, as on any optimizer);
+    3. each weight becomes its master rounded to bf16.
+
+    Clip with :meth:`clip_grad_norm_` (on the fp32 masters' gradients: :func:`clip_gradients`).
+    ``state_dict`` holds AdamW's state and the masters, so a checkpoint resumes exactly;
+    :meth:`restore_fp32` ends training by putting the masters themselves into the model, for the
+    final save. Build it once the model is wrapped for DDP, which broadcasts rank 0's weights (a
+    freshly initialised head differs between processes before that): the masters copy the weights
+    as they are at construction. Not for sharded engines (FSDP, DeepSpeed): they keep their own masters.
+    """
+
+    def __init__(self, groups: list[dict], **adamw_kw):
+        groups = [dict(g, params=list(g["params"])) for g in groups]
+        self._masters = [[p.detach().to(torch.float32, copy=True) for p in g["params"]] for g in groups]
+        self.inner = make_adamw([dict(g, params=m) for g, m in zip(groups, self._masters)], **adamw_kw)
+        super().__init__(groups, dict(self.inner.defaults))
+
+    def _pairs(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for group, masters in zip(self.param_groups, self._masters):
+            yield from zip(group["params"], masters)
+
+    def masters(self) -> list[torch.Tensor]:
+        """The fp32 master weights, in the order of ``param_groups``' parameters."""
+        return [m for ms in self._masters for m in ms]
+
+    @torch.no_grad()
+    def gather_grads(self) -> None:
+        """Move each weight's gradient onto its master (added in fp32); the weight's ``.grad`` becomes None."""
+        for p, m in self._pairs():
+            if p.grad is not None:
+                g = p.grad.to(torch.float32)
+                m.grad = g if m.grad is None else m.grad.add_(g)
+                p.grad = None
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the masters' gradients (gathered first) to a total 2-norm of ``max_norm``; returns the norm before."""
+        self.gather_grads()
+        return torch.nn.utils.clip_grad_norm_(self.masters(), max_norm)
+
+    def _sync_hyperparameters(self, source: list[dict], target: list[dict]) -> None:
+        for s, t in zip(source, target):
+            t.update({k: v for k, v in s.items() if k != "params"})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        self.gather_grads()
+        self._sync_hyperparameters(self.param_groups, self.inner.param_groups)
+        self.inner.step()
+        for p, m in self._pairs():
+            p.copy_(m)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, m in self._pairs():
+            p.grad = m.grad = None
+
+    def state_dict(self) -> dict:
+        self._sync_hyperparameters(self.param_groups, self.inner.param_groups)
+        return {"adamw": self.inner.state_dict(), "masters": [m.detach().clone() for m in self.masters()]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore AdamW's state and the masters, and set the weights to the masters rounded (a ValueError when
+        the state is not of these parameters)."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {"adamw", "masters"}:
+            raise ValueError("not a MasterWeightAdamW state (expected the keys 'adamw' and 'masters'; was the "
+                             "checkpoint written without --param-dtype bf16?)")
+        saved, mine = state_dict["masters"], self.masters()
+        if len(saved) != len(mine) or any(s.shape != m.shape for s, m in zip(saved, mine)):
+            raise ValueError(f"the master weights ({len(saved)} tensors) are not this model's ({len(mine)})")
+        for m, s in zip(mine, saved):
+            m.copy_(s)
+        for p, m in self._pairs():
+            p.copy_(m)
+        self.inner.load_state_dict(state_dict["adamw"])
+        self._sync_hyperparameters(self.inner.param_groups, self.param_groups)
+
+    @torch.no_grad()
+    def restore_fp32(self) -> None:
+        """End of training: every weight this optimizer steps becomes its fp32 master (the weight's dtype changes)."""
+        for p, m in self._pairs():
+            p.data = m.detach().clone()
+
+
+def clip_gradients(accelerator, model, optimizer, max_norm: float):
+    """Clip the gradient norm to ``max_norm``; returns the norm before clipping.
+
+    Through accelerate (``clip_grad_norm_``: DDP, FSDP, fp16 unscaling), or on the fp32 masters when
+    ``optimizer`` (prepared or not) is a :class:`MasterWeightAdamW`.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if isinstance(inner, MasterWeightAdamW):
+        return inner.clip_grad_norm_(max_norm)
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def build_optimizer(cfg, model, total_steps: int, lr: float | None = None):
     """(optimizer, scheduler) from a :class:`finegrain.config.TrainingOptions` config (``lr``: instead of cfg.lr)."""
     from transformers import get_scheduler
@@ -485,7 +610,7 @@ class SupervisedLoop:
                 acc.backward(loss / len(group))
             for name, value in {"loss": loss.detach(), **stats}.items():
                 sums[name] = sums.get(name, 0) + value / len(group)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        grad_norm = clip_gradients(acc, model, self.optimizer, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -103,6 +103,11 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
                           "both (less time and memory, but a different algorithm: the value loss also trains the "
                           "policy's backbone)",
                           choices=["reward", "policy", "shared"])
+    param_dtype: str = opt("fp32", "dtype the policy, value, reference and reward models are held and run in. bf16 "
+                           "(with --mixed-precision bf16): every forward and backward runs in bf16 end to end, and "
+                           "the optimizer steps fp32 master copies of the trained weights (a faster, leaner update "
+                           "than autocast over fp32 weights; the final weights are the fp32 masters). Not with FSDP "
+                           "or DeepSpeed, which keep masters of their own", choices=["fp32", "bf16"])
     use_lora: bool = opt(False, "train LoRA adapters (peft); the reference is the same model with adapters disabled")
     lora_r: int = opt(16, "LoRA rank", ge=1)
     lora_alpha: int = opt(32, "LoRA alpha", gt=0)
@@ -119,6 +124,9 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     def validate(self) -> None:
         """Checks across fields (bounds of single fields are declared with them; model and data: the pre-flight)."""
         super().validate()
+        if self.param_dtype == "bf16" and self.mixed_precision != "bf16":
+            raise ConfigError(f"--param-dtype bf16 runs under bf16 autocast: add --mixed-precision bf16 (not "
+                              f"{self.mixed_precision!r})")
         mb = self.minibatch_size()
         if self.batch_size % mb or mb % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} must split into minibatches of {mb} rollouts and each "

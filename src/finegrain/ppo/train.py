@@ -36,8 +36,9 @@ from ..generation import sample
 from ..io import write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from ..speed import keep_freed_memory, lower_frozen_weights, options as speed_options, reuses_rollout_forward
-from ..training import (check_finite, checkpoint_dirs, fingerprint, make_adamw, refuse_stale_checkpoints,
-                        resume_training_state, save_training_state)
+from ..training import (MasterWeightAdamW, check_finite, checkpoint_dirs, clip_gradients, fingerprint,
+                        hold_parameters_in, make_adamw, refuse_stale_checkpoints, resume_training_state,
+                        save_training_state)
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -128,7 +129,7 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
                 attached = None  # spent (taken): its graph lives only as long as this loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    clip_gradients(accelerator, model, optimizer, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             for k, v in stats.items():
@@ -347,14 +348,28 @@ def last_hidden_size(policy) -> int:
 
 def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerator) -> Engine:
     """Wrap, prepare and connect the models; the optimizer has one group for the policy, one for the value."""
-    # frozen weights in the autocast dtype (speed.lower_frozen_weights); a sharded (FSDP/DeepSpeed) policy
-    # keeps one dtype, its engine casts for itself
-    low = accelerator.mixed_precision
-    for frozen in (models.ref_policy, models.reward_model):
-        if frozen is not None:
-            lower_frozen_weights(frozen, low)
     sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
-    lora_lowered = cfg.use_lora and not sharded and lower_frozen_weights(models.policy, low) > 0
+    if cfg.param_dtype == "bf16":  # every model held in bf16; the optimizer steps fp32 masters of the trained weights
+        if sharded:
+            raise ConfigError(f"--param-dtype bf16 is not for {accelerator.distributed_type.value}, which keeps fp32 "
+                              "master weights of its own: use its mixed precision (FSDP's param_dtype, DeepSpeed's "
+                              "bf16) with --param-dtype fp32")
+        for m in (models.policy, models.value_model, models.ref_policy, models.reward_model):
+            if m is not None:
+                hold_parameters_in(m, torch.bfloat16)
+        lora_lowered = cfg.use_lora
+    else:
+        if cfg.dtype != "float32" and not sharded:  # (FSDP and DeepSpeed keep fp32 masters of their own)
+            log.warning("--dtype %s: AdamW steps the %s weights themselves, and an update below half a step of that "
+                        "dtype is rounded away (at PPO's usual rates nearly every update); --param-dtype bf16 with "
+                        "--mixed-precision bf16 holds bf16 weights with fp32 master copies", cfg.dtype, cfg.dtype)
+        # frozen weights in the autocast dtype (speed.lower_frozen_weights); a sharded (FSDP/DeepSpeed) policy
+        # keeps one dtype, its engine casts for itself
+        low = accelerator.mixed_precision
+        for frozen in (models.ref_policy, models.reward_model):
+            if frozen is not None:
+                lower_frozen_weights(frozen, low)
+        lora_lowered = cfg.use_lora and not sharded and lower_frozen_weights(models.policy, low) > 0
     head = None
     if models.value_model is None:  # --value-init shared: a head on the policy, in its trainable weights' dtype
         dtype = next(p.dtype for p in models.policy.parameters() if p.requires_grad)
@@ -363,11 +378,15 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
     value_params = (head if head is not None else models.value_model).parameters()
     groups = [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
               {"params": [p for p in value_params if p.requires_grad], "lr": cfg.value_learning_rate()}]
-    optimizer = make_adamw(groups, eps=cfg.adam_eps)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:  # no dataloader is prepared, so DeepSpeed must be told the micro-batch size
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.minibatch_size() // cfg.grad_accum
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.param_dtype == "bf16":  # the masters copy the weights once DDP has broadcast rank 0's (a fresh head's)
+        model = accelerator.prepare(model)
+        optimizer = accelerator.prepare(MasterWeightAdamW(groups, eps=cfg.adam_eps))
+    else:
+        optimizer = make_adamw(groups, eps=cfg.adam_eps)
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:  # no dataloader is prepared, so DeepSpeed must be told the micro-batch size
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.minibatch_size() // cfg.grad_accum
+        model, optimizer = accelerator.prepare(model, optimizer)
     ref = models.ref_policy.to(accelerator.device) if models.ref_policy is not None else None
     scorer = RewardScorer(models.reward_model.to(accelerator.device), run.rm_tokenizer, run.rm_kind, run.tokenizer,
                           max_length=run.rm_max_length, template=cfg.prompt_template,
@@ -434,6 +453,9 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     summary = {"steps": cfg.steps, "resumed_from": start if cfg.resume else None, "output": str(out),
                "final_policy": str(out / "final"), "metrics": str(out / "metrics.jsonl"),
                "last": {k: line.get(k) for k in ("reward", "kl", "tokens_per_s")}}
+    masters = getattr(e.optimizer, "optimizer", e.optimizer)
+    if isinstance(masters, MasterWeightAdamW):  # --param-dtype bf16: the final weights are the fp32 masters
+        masters.restore_fp32()
     save_final(acc, e.model, run, cfg, summary, e.lora_base_lowered)
     acc.end_training()
     return summary

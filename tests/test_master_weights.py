@@ -285,3 +285,23 @@ def test_training_bf16_weights_without_masters_warns_that_small_updates_vanish(t
     with caplog.at_level(logging.WARNING, logger="finegrain.ppo"):
         train_ppo(toy_config(ws, tmp_path / "out", steps=1, dtype="bfloat16"))
     assert any("rounded away" in r.getMessage() and "--param-dtype bf16" in r.getMessage() for r in caplog.records)
+
+
+def test_resuming_across_a_change_of_param_dtype_is_refused_in_one_line(tmp_path):
+    """A checkpoint of an autocast run has no masters, and one of a bf16-weight run no plain AdamW state: resuming
+    either with the other setting stops with one line naming the checkpoint, before any step runs."""
+    from finegrain.errors import FinegrainError
+    from finegrain.ppo.train import train_ppo
+
+    ws = make_workspace(tmp_path)
+    for first, then in (("fp32", "bf16"), ("bf16", "fp32")):
+        out = tmp_path / f"from-{first}"
+        kw = dict(steps=2, batch_size=4, save_every=1, mixed_precision="bf16")
+        train_ppo(toy_config(ws, out, param_dtype=first, **kw))
+        shutil.rmtree(out / "checkpoints" / "step-00000002")
+        with pytest.raises(FinegrainError) as err:
+            train_ppo(toy_config(ws, out, param_dtype=then, resume=True, **kw))
+        message = str(err.value)
+        assert "step-00000001" in message and "\n" not in message
+        rows = _rows(out)
+        assert [r["step"] for r in rows] == [1, 2]  # nothing ran, nothing was rewritten

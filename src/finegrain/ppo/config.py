@@ -105,9 +105,9 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
                           choices=["reward", "policy", "shared"])
     param_dtype: str = opt("fp32", "dtype the policy, value, reference and reward models are held and run in. bf16 "
                            "(with --mixed-precision bf16): every forward and backward runs in bf16 end to end, and "
-                           "the optimizer steps fp32 master copies of the trained weights (a faster, leaner update "
-                           "than autocast over fp32 weights; the final weights are the fp32 masters). Not with FSDP "
-                           "or DeepSpeed, which keep masters of their own", choices=["fp32", "bf16"])
+                           "the optimizer steps fp32 master copies of the trained weights; the final weights are the "
+                           "masters. Less memory than autocast over fp32 weights, no faster on the CPUs measured "
+                           "(README). Not with FSDP or DeepSpeed, which keep masters of their own", choices=["fp32", "bf16"])
     use_lora: bool = opt(False, "train LoRA adapters (peft); the reference is the same model with adapters disabled")
     lora_r: int = opt(16, "LoRA rank", ge=1)
     lora_alpha: int = opt(32, "LoRA alpha", gt=0)

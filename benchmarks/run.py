@@ -328,6 +328,17 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
                 f"(the process, final save included: {res['process_peak_rss_gb']:.2f})")
     state["real_tokens_per_s"] = {k: summary(v) for k, v in tps.items()}
     state["real_peak_rss_gb"] = {k: summary(v) for k, v in rss.items()}
+
+    def versus(a: str, b: str, what: str) -> tuple[float, str]:
+        """Median over rounds of tokens/s(a) / tokens/s(b), with its spread, both medians and the RSS ratio."""
+        if a in failed or b in failed:
+            return math.nan, failed.get(a) or failed[b]
+        sp, mem = (summary([x / y for x, y in zip(v[a], v[b])]) for v in (tps, rss))
+        return sp["median"], (f"{what}, min {sp['min']:.3f} max {sp['max']:.3f} over {sp['n']} rounds: "
+                              f"{summary(tps[a])['median']:.1f} / {summary(tps[b])['median']:.1f}; peak RSS "
+                              f"{summary(rss[a])['median']:.2f} / {summary(rss[b])['median']:.2f} GB "
+                              f"(ratio {mem['median']:.3f})")
+
     out: dict[str, tuple[float, str]] = {}
     for tune in ("full", "lora"):
         for prec in ("fp32", "bf16"):
@@ -347,33 +358,12 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
                 mem["median"], f"peak RSS finegrain {summary(rss[fg])['median']:.2f} GB, TRL "
                                f"{summary(rss[trl])['median']:.2f} GB (median of {mem['n']} rounds)")
             for variant, (_, figure, what) in REAL_VARIANTS.items():
-                other = f"{fg}_{variant}"
-                if other not in arms:
-                    continue
-                if other in failed or trl in failed:
-                    out[f"{figure}_{tune}"] = (math.nan, failed.get(other) or failed[trl])
-                    continue
-                sp, mem = (summary([a / b for a, b in zip(x[other], x[trl])]) for x in (tps, rss))
-                out[f"{figure}_{tune}"] = (
-                    sp["median"], f"{what} / TRL tokens/s, min {sp['min']:.3f} max {sp['max']:.3f} over {sp['n']} "
-                                  f"rounds: {summary(tps[other])['median']:.1f} / {summary(tps[trl])['median']:.1f}; "
-                                  f"peak RSS {summary(rss[other])['median']:.2f} / {summary(rss[trl])['median']:.2f}"
-                                  f" GB (ratio {mem['median']:.3f})")
+                if f"{fg}_{variant}" in arms:
+                    out[f"{figure}_{tune}"] = versus(f"{fg}_{variant}", trl, f"{what} / TRL tokens/s")
             for suffix in s.real_before_after if prec == "bf16" else ():
-                before = f"{fg}_{suffix}"
-                if before not in arms:
-                    continue
-                if before in failed or fg in failed:
-                    out[f"real_gain_{suffix}_{tune}"] = (math.nan, failed.get(before) or failed[fg])
-                    continue
-                g = summary([a / b for a, b in zip(tps[fg], tps[before])])
-                m2 = summary([a / b for a, b in zip(rss[fg], rss[before])])
-                out[f"real_gain_{suffix}_{tune}"] = (
-                    g["median"], f"finegrain {tune} bf16 tokens/s with the path / without it ({suffix}), min "
-                                 f"{g['min']:.3f} max {g['max']:.3f} over {g['n']} rounds: "
-                                 f"{summary(tps[fg])['median']:.1f} / {summary(tps[before])['median']:.1f}; "
-                                 f"peak RSS {summary(rss[fg])['median']:.2f} / {summary(rss[before])['median']:.2f} "
-                                 f"GB (ratio {m2['median']:.3f})")
+                if f"{fg}_{suffix}" in arms:
+                    out[f"real_gain_{suffix}_{tune}"] = versus(
+                        fg, f"{fg}_{suffix}", f"finegrain {tune} bf16 tokens/s with the path / without it ({suffix})")
     if "rm" not in s.real_arms:
         return out
     kw_rm = dict(n_pairs=r.rm_pairs, batch_size=r.rm_batch, max_length=256, seed=0, learning_rate=1e-5)

@@ -145,3 +145,33 @@ def test_rounds_rotate_the_order_and_an_empty_set_of_arms_runs_nothing(bench_run
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     assert bench_run.rotated([], 3) == []
     assert bench_run.real_arms(bench_run.REAL, which=()) == {}
+
+
+def test_real_figures_are_the_ratios_of_the_arms_tokens_per_s_and_a_failed_arm_is_nan_with_its_reason(
+        bench_run, tmp_path, monkeypatch):
+    """bench_real's arithmetic on a fake worker: each figure is the median over rounds of one arm's tokens/s over
+    its peer's (steps after the warm-up), with peak RSS beside it; a failed arm gives nan and says why."""
+    speeds = {"fg_full_bf16": 40.0, "trl_full_bf16": 20.0, "fg_full_bf16_weights": 30.0,
+              "fg_full_bf16_no_heap_large_blocks": 32.0}
+
+    def fake_worker(task, assets, logs, tag, **kw):
+        arm = tag[len("real_"):tag.rindex("_")]
+        if arm == "fg_full_bf16_shared":
+            raise bench_run.BenchFailed("shared arm broke")
+        # 4 steps, the first two the warm-up: then 2 s for 2 x tokens_per_step, so tokens/s = tokens_per_step
+        return {"step_s": [9.0, 5.0, 1.0, 1.0], "response_tokens_per_step": speeds[arm],
+                "peak_rss_gb": speeds[arm] / 10, "process_peak_rss_gb": speeds[arm] / 10}
+
+    monkeypatch.setattr(bench_run, "worker", fake_worker)
+    monkeypatch.setattr(bench_run, "build_in_child", lambda *a, **k: None)
+    s = replace(bench_run.QUICK, real_rounds=2, real_arms=("full_bf16",), real_variants=("weights", "shared"),
+                real_before_after=("no_heap_large_blocks",))
+    out = bench_run.bench_real(s, tmp_path / "assets", tmp_path, {})
+    assert out["real_ppo_speedup_full_bf16"][0] == pytest.approx(2.0)
+    assert out["real_ppo_rss_ratio_full_bf16"][0] == pytest.approx(2.0)
+    assert out["real_bf16_weights_vs_trl_full"][0] == pytest.approx(1.5)
+    assert "30.0 / 20.0" in out["real_bf16_weights_vs_trl_full"][1] and "over 2 rounds" in out["real_bf16_weights_vs_trl_full"][1]
+    assert out["real_gain_no_heap_large_blocks_full"][0] == pytest.approx(40 / 32)
+    value, reason = out["real_shared_vs_trl_full"]
+    assert value != value and "shared arm broke" in reason
+    assert "real_rm_speedup_vs_trl" not in out  # rm not asked for

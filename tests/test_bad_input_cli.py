@@ -194,6 +194,8 @@ CORPUS: list[Case] = [
     Case("--lr inf", GOOD_SFT + " --lr inf", "option --lr must be a finite number, got inf"),
     Case("--lr -1e-3 (a negative number as a value)", GOOD_RM + " --lr -1e-3", "option --lr must be > 0, got -0.001"),
     Case("ppo --lr nan", PPO + " --lr nan", "option --lr must be a finite number, got nan"),
+    Case("ppo --param-dtype bf16 without bf16 autocast", PPO + " --param-dtype bf16",
+         "--param-dtype bf16 runs under bf16 autocast: add --mixed-precision bf16"),
     Case("--max-length 1", GOOD_RM + " --max-length 1", "option --max-length must be >= 2, got 1"),
     Case("eval-rm --max-length 1",
          "eval-rm --model {w}/rm --data {w}/pairs.jsonl --output {o}/eval.json --max-length 1",

@@ -646,24 +646,23 @@ def main(argv: list[str] | None = None) -> int:
                                               "benchmarks/curves.py RUN.json OUT.png)")
     ap.add_argument("--workdir", type=Path, help="keep assets and logs here (default: a temporary directory)")
     args = ap.parse_args(argv)
-    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
-    if not precisions or set(precisions) - {"no", "bf16"}:
-        ap.error(f"--precisions takes no and/or bf16, not {args.precisions!r}")
-    s = replace(QUICK if args.quick else FULL, precisions=precisions)
+
+    def listed(flag: str, allowed, *, empty_ok: bool = True) -> tuple[str, ...]:
+        """The comma-separated values of ``flag``, each one of ``allowed`` (else one argparse error line)."""
+        text = getattr(args, flag.lstrip("-").replace("-", "_"))
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        if (not values and not empty_ok) or set(values) - set(allowed):
+            ap.error(f"{flag} takes {', '.join(allowed)}, not {text!r}")
+        return values
+
+    s = replace(QUICK if args.quick else FULL, precisions=listed("--precisions", ("no", "bf16"), empty_ok=False))
     if args.rounds:
         s = replace(s, rounds=args.rounds, real_rounds=args.rounds)
     if args.plot:
         s = replace(s, plot=str(args.plot))
-    real_which = tuple(a.strip() for a in args.real_arms.split(",") if a.strip())
-    if not real_which or set(real_which) - set(REAL_PPO_ARMS + ("rm",)):
-        ap.error(f"--real-arms takes {', '.join(REAL_PPO_ARMS + ('rm',))}, not {args.real_arms!r}")
-    before_after = tuple(a.strip() for a in args.real_before_after.split(",") if a.strip())
-    if set(before_after) - set(BEFORE_AFTER):
-        ap.error(f"--real-before-after takes {', '.join(BEFORE_AFTER)}, not {args.real_before_after!r}")
-    variants = tuple(a.strip() for a in args.real_variants.split(",") if a.strip())
-    if set(variants) - set(REAL_VARIANTS):
-        ap.error(f"--real-variants takes {', '.join(REAL_VARIANTS)}, not {args.real_variants!r}")
-    s = replace(s, real_before_after=before_after, real_arms=real_which, real_variants=variants)
+    s = replace(s, real_before_after=listed("--real-before-after", BEFORE_AFTER),
+                real_arms=listed("--real-arms", REAL_PPO_ARMS + ("rm",), empty_ok=False),
+                real_variants=listed("--real-variants", REAL_VARIANTS))
     if args.threads:
         os.environ["FINEGRAIN_BENCH_THREADS"] = str(args.threads)
     only = ([b.strip() for b in args.only.split(",") if b.strip()] if args.only else

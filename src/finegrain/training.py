@@ -411,7 +411,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         self._sync_hyperparameters(self.param_groups, self.inner.param_groups)
-        return {"adamw": self.inner.state_dict(), "masters": [m.detach().clone() for m in self.masters()]}
+        # the live tensors, as AdamW's own state_dict gives its moments: a checkpoint holds no second copy in memory
+        return {"adamw": self.inner.state_dict(), "masters": [m.detach() for m in self.masters()]}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -437,15 +438,21 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             p.data = m.detach().clone()
 
 
+def master_weights(optimizer) -> MasterWeightAdamW | None:
+    """``optimizer`` (prepared by accelerate or not) when it is a :class:`MasterWeightAdamW`, else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if isinstance(inner, MasterWeightAdamW) else None
+
+
 def clip_gradients(accelerator, model, optimizer, max_norm: float):
     """Clip the gradient norm to ``max_norm``; returns the norm before clipping.
 
     Through accelerate (``clip_grad_norm_``: DDP, FSDP, fp16 unscaling), or on the fp32 masters when
-    ``optimizer`` (prepared or not) is a :class:`MasterWeightAdamW`.
+    ``optimizer`` is a :class:`MasterWeightAdamW` (:func:`master_weights`).
     """
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if isinstance(inner, MasterWeightAdamW):
-        return inner.clip_grad_norm_(max_norm)
+    masters = master_weights(optimizer)
+    if masters is not None:
+        return masters.clip_grad_norm_(max_norm)
     return accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
 

@@ -37,8 +37,8 @@ from ..io import write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from ..speed import keep_freed_memory, lower_frozen_weights, options as speed_options, reuses_rollout_forward
 from ..training import (MasterWeightAdamW, check_finite, checkpoint_dirs, clip_gradients, fingerprint,
-                        hold_parameters_in, make_adamw, refuse_stale_checkpoints, resume_training_state,
-                        save_training_state)
+                        hold_parameters_in, make_adamw, master_weights, refuse_stale_checkpoints,
+                        resume_training_state, save_training_state)
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -453,8 +453,8 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     summary = {"steps": cfg.steps, "resumed_from": start if cfg.resume else None, "output": str(out),
                "final_policy": str(out / "final"), "metrics": str(out / "metrics.jsonl"),
                "last": {k: line.get(k) for k in ("reward", "kl", "tokens_per_s")}}
-    masters = getattr(e.optimizer, "optimizer", e.optimizer)
-    if isinstance(masters, MasterWeightAdamW):  # --param-dtype bf16: the final weights are the fp32 masters
+    masters = master_weights(e.optimizer)
+    if masters is not None:  # --param-dtype bf16: the final weights are the fp32 masters
         masters.restore_fp32()
     save_final(acc, e.model, run, cfg, summary, e.lora_base_lowered)
     acc.end_training()

@@ -1,6 +1,7 @@
 """What each speed-up in finegrain's PPO step buys: switch one off, time the real step, switch it back.
 
-``python benchmarks/whatif.py [--rounds N] [--variants a,b+c,...] [--mixed-precision bf16|no] [--real] [--use-lora]``
+``python benchmarks/whatif.py [--rounds N] [--variants a,b+c,...] [--mixed-precision bf16|no] [--param-dtype fp32|bf16]
+[--real] [--use-lora]``
 
 One process builds finegrain's own PPO engine (``preflight``, ``load_models``, ``build_engine``)
 on the benchmark assets (``--real``: SmolLM2-135M-Instruct, the assets of ``run.py --only real``;
@@ -31,7 +32,10 @@ attention kernel, a per-run option, switched with transformers' ``set_attn_imple
 - ``untrimmed``: minibatches keep the whole batch's padding (``trim_minibatches=False``);
   it only matters with several minibatches (``--num-minibatches``) or responses that end early;
 - ``lora_unmerged``: a LoRA policy samples through its adapters instead of merged weights
-  (``merge_lora_sampling=False``; only with ``--use-lora``).
+  (``merge_lora_sampling=False``; only with ``--use-lora``);
+- ``strided_head``: the LM head multiplies the strided slice of hidden states that ``logits_to_keep``
+  hands it instead of a contiguous copy (``contiguous_head_input=False``; it matters for models held in
+  bf16, ``--param-dtype bf16``, and in fp32).
 """
 from __future__ import annotations
 
@@ -59,7 +63,8 @@ DEFAULT = ("sdpa,gelu_new,full_logits,unfused_adamw,generate,inference_mode,roll
 SWITCHES = {"gelu_new": {"fuse_gelu": False}, "full_logits": {"logits_to_keep": False},
             "unfused_adamw": {"fused_adamw": False}, "generate": {"decoder": "generate"},
             "inference_mode": {"no_grad_sampling": False}, "rollout_forward": {"reuse_rollout_forward": False},
-            "untrimmed": {"trim_minibatches": False}, "lora_unmerged": {"merge_lora_sampling": False}}
+            "untrimmed": {"trim_minibatches": False}, "lora_unmerged": {"merge_lora_sampling": False},
+            "strided_head": {"contiguous_head_input": False}}
 VARIANTS = {"sdpa"} | set(SWITCHES)
 
 
@@ -112,6 +117,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
     ap.add_argument("--ppo-epochs", type=int, default=4)
+    ap.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: every model held in bf16, fp32 master weights (needs --mixed-precision bf16)")
     ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny GPT-2 "
                                                         "(give --batch-size 8 --ppo-epochs 1 for the real arm's sizes)")
     ap.add_argument("--use-lora", action="store_true", help="a LoRA policy (r 16, alpha 32)")
@@ -129,7 +136,8 @@ def main() -> int:
     values = ppo_config_values(
         assets, str(a.workdir / "run"), reward_mode="sequence", steps=steps, batch_size=a.batch_size,
         response_length=a.response_length, ppo_epochs=a.ppo_epochs, num_minibatches=a.num_minibatches, seed=0,
-        learning_rate=1e-5, temperature=1.0, kl_coef=0.05) | {"mixed_precision": a.mixed_precision}
+        learning_rate=1e-5, temperature=1.0, kl_coef=0.05) | {"mixed_precision": a.mixed_precision,
+                                                                "param_dtype": a.param_dtype}
     if a.use_lora:
         values.update(REAL_LORA, use_lora=True,
                       lora_target_modules=list(REAL_LORA["lora_target_modules"]) if a.real else ["c_attn"])
@@ -163,8 +171,8 @@ def main() -> int:
     print(f"threads {threads}; {'SmolLM2-135M' if a.real else 'tiny GPT-2'}{', LoRA' if a.use_lora else ''}; "
           f"B={a.batch_size}, Lr={a.response_length}, {a.ppo_epochs} PPO epochs of {a.num_minibatches} "
           f"minibatch(es), {a.rounds} interleaved rounds")
-    print(f"finegrain --mixed-precision {a.mixed_precision}; base = every optimisation on; variant = the named "
-          "ones off")
+    print(f"finegrain --mixed-precision {a.mixed_precision} --param-dtype {a.param_dtype}; "
+          "base = every optimisation on; variant = the named ones off")
     print("variant (off) | step speed-up it buys | rollout | update | median step s   "
           "(median over rounds of variant/base; min-max)")
     for v in variants:

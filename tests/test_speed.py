@@ -108,7 +108,7 @@ def test_fuse_gelu_switch_at_load_and_on_a_live_model(tiny_tokenizer, tmp_path):
 
 def test_the_switch_off_runs_a_models_own_tanh_gelu_as_the_8_ops_too(tiny_tokenizer):
     model = make_tiny_model(tiny_tokenizer).eval()  # tiny_gpt2_config: gelu_pytorch_tanh by config
-    assert _gelu_kinds(model) == {"fused"}
+    assert _gelu_kinds(model) == {"fused"} and speed.contiguous_head_input(model) == 1  # as a load leaves it
     ids = torch.tensor([tiny_tokenizer("Paris is a large city.")["input_ids"]])
     with torch.no_grad():
         want = model(ids).logits
@@ -136,6 +136,31 @@ def test_logits_to_keep_switch_gives_the_same_log_probs(tiny_tokenizer):
             full = causal_logits(model, ids, mask, pos, 3)
     assert seen == [True, False] and speed.keeps_logits(model)
     assert full.shape == kept.shape == (2, 3, len(tiny_tokenizer)) and torch.allclose(full, kept, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contiguous_head_input_hands_the_head_one_block_with_the_same_logits(tiny_tokenizer, dtype):
+    model = make_tiny_model(tiny_tokenizer).eval().to(dtype)
+    assert speed.apply_model_switches(model) == 1  # the hook, once; the GELU was the model's own fused one
+    assert speed.apply_model_switches(model) == 0
+    seen: list[bool] = []
+    # registered after finegrain's hook, so it sees what the head multiplies
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, len(tiny_tokenizer), (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        on = model(ids, logits_to_keep=4).logits
+        with speed.overrides(contiguous_head_input=False):
+            assert speed.apply_model_switches(model) == 1
+            off = model(ids, logits_to_keep=4).logits
+        whole = model(ids).logits  # the switch stays off until the model is brought in line again
+        assert speed.apply_model_switches(model) == 1
+    # transformers slices hidden[:, -4:] (strided); with the hook the head gets it copied into one block
+    assert seen == [True, False, True]
+    assert on.shape == (3, 4, model.config.vocab_size) and on.dtype == dtype
+    torch.testing.assert_close(on, off)
+    torch.testing.assert_close(on, whole[:, -4:])
+    classifier = make_tiny_model(tiny_tokenizer, head="sequence")
+    assert speed.contiguous_head_input(classifier) == 0  # no output embeddings: nothing to hook
 
 
 def test_sampling_grad_mode_switch(tiny_tokenizer):

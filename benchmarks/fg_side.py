@@ -5,9 +5,10 @@ ends. finegrain writes one ``metrics.jsonl`` line per finished step through
 ``finegrain.tracking.MetricsLog.log``; we wrap that method (instrumentation only: the wrapped
 call still runs unchanged) and take the differences between successive timestamps.
 
-For ``ppo_mfu`` the same hook can run a short fp32 matmul probe after each step (its time is
-excluded from the step times), so the peak that divides the update phase's FLOP/s is measured
-in the same process, seconds apart from the update it is compared with.
+For ``ppo_mfu`` the same hook can run a short matmul probe after each step, in the arm's own
+precision (fp32 or bf16; its time is excluded from the step times), so the peak that divides the
+update phase's FLOP/s is measured in the same process, seconds apart from the update it is
+compared with.
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ class Mark:
 
 
 @contextlib.contextmanager
-def step_clock(probe_s: float = 0.0):
-    """Yield a list that receives a :class:`Mark` at every MetricsLog.log call."""
+def step_clock(probe_s: float = 0.0, probe_dtype: str = "fp32"):
+    """Yield a list that receives a :class:`Mark` at every MetricsLog.log call (with a ``probe_dtype``
+    matmul peak when ``probe_s`` > 0)."""
     from finegrain.tracking import MetricsLog
 
     marks: list[Mark] = []
@@ -43,7 +45,7 @@ def step_clock(probe_s: float = 0.0):
     def log(self, metrics):
         original(self, metrics)
         end = time.perf_counter()
-        peak = matmul_peak("fp32", probe_s, sizes=(1024,)) if probe_s > 0 else None
+        peak = matmul_peak(probe_dtype, probe_s, sizes=(1024,)) if probe_s > 0 else None
         marks.append(Mark(end, dict(metrics), peak, time.perf_counter(), peak_rss_gb()))
 
     MetricsLog.log = log
@@ -99,8 +101,8 @@ def ppo_config_values(assets: Path, out: str, *, reward_mode: str, steps: int, b
 
 def run_ppo(assets: Path, *, reward_mode: str = "sequence", steps: int, batch_size: int, response_length: int,
             ppo_epochs: int, num_minibatches: int, seed: int, learning_rate: float, temperature: float,
-            kl_coef: float, peak_probe_s: float = 0.0, policy: str = "policy", speed: dict | None = None,
-            **extra) -> dict[str, Any]:
+            kl_coef: float, peak_probe_s: float = 0.0, peak_probe_dtype: str = "fp32", policy: str = "policy",
+            speed: dict | None = None, **extra) -> dict[str, Any]:
     """finegrain train_ppo for ``steps`` steps; per-step wall times plus finegrain's own metrics.
 
     ``extra`` are further PPOConfig fields (``mixed_precision="bf16"``); ``speed`` sets
@@ -123,14 +125,14 @@ def run_ppo(assets: Path, *, reward_mode: str = "sequence", steps: int, batch_si
                                    temperature=temperature, kl_coef=kl_coef, policy=policy)
         values.update(extra)
         cfg = build_config(PPOConfig, values)
-        with step_clock(peak_probe_s) as marks:
+        with step_clock(peak_probe_s, peak_probe_dtype) as marks:
             t0 = time.perf_counter()
             train_ppo(cfg)
     metrics = [m.metrics for m in marks]
     return {"system": "finegrain", "reward_mode": reward_mode, "step_s": _diffs(t0, marks),
             "query_widths": query_widths(assets, cfg),
             "response_tokens_per_step": batch_size * response_length, "metrics": metrics,
-            "fp32_peak_after_step": [m.peak for m in marks], "rss_at_step_gb": [m.rss_gb for m in marks],
+            "peak_after_step": [m.peak for m in marks], "peak_dtype": peak_probe_dtype, "rss_at_step_gb": [m.rss_gb for m in marks],
             "threads": torch.get_num_threads()}
 
 

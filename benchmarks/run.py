@@ -118,7 +118,8 @@ PPO_ARMS = {  # name: (task, precision, extra arguments)
     "fg_seq": ("fg_ppo", "no", dict(reward_mode="sequence", peak_probe_s=0.5)),
     "trl": ("trl_ppo", "no", {}),
     "fg_pair": ("fg_ppo_pair", "no", {}),  # token and sequence reward, stepped in turn in one process
-    "fg_seq_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", peak_probe_s=0.5, mixed_precision="bf16")),
+    "fg_seq_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", peak_probe_s=0.5, peak_probe_dtype="bf16",
+                                          mixed_precision="bf16")),
     "trl_bf16": ("trl_ppo", "bf16", dict(mixed_precision="bf16")),
     # not like for like: --value-init shared, one backbone for policy and value (a change of the algorithm)
     "fg_shared_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", mixed_precision="bf16", value_init="shared")),
@@ -472,21 +473,24 @@ def update_flops(query_width: int, peak: dict[str, Any], s: Settings) -> float:
     return epochs * s.batch_size * (policy + value)
 
 
-def mfu_of(arm: str, scale: float, which: str, s: Settings, peak: dict, state: dict) -> tuple[float, str]:
-    """Median update-phase MFU of one finegrain arm's steps after the warm-up."""
+def mfu_of(arm: str, which: str, s: Settings, peak: dict, state: dict) -> tuple[float, str]:
+    """Median update-phase MFU of one finegrain arm's steps after the warm-up, against the ``which``
+    ("fp32" or "bf16") matmul peak its own process probed around each step."""
     runs = [r for r in state.get("ppo_runs", []) if r["name"] == arm]
     if not runs:
         return math.nan, f"no {arm} PPO runs to read the update phase from"
     mfus, achieved, peaks = [], [], []
     for run in runs:
-        probes = run["fp32_peak_after_step"]
+        if run["peak_dtype"] != which:
+            raise BenchFailed(f"{arm} probed the {run['peak_dtype']} matmul peak, not the {which} one")
+        probes = run["peak_after_step"]
         for i in range(s.warmup_steps, len(run["metrics"])):
             # the probes run just before and just after this step, in the same process
             local = max(p for p in (probes[i - 1], probes[i]) if p)
             flops = update_flops(run["query_widths"][i], peak, s) / run["metrics"][i]["time_update"]
             achieved.append(flops)
-            peaks.append(local * scale)
-            mfus.append(flops / (local * scale))
+            peaks.append(local)
+            mfus.append(flops / local)
     sm = summary(mfus)
     state.setdefault("mfu", {})[arm] = {"per_step": mfus, "achieved_flops": summary(achieved),
                                        "peaks": summary(peaks)}
@@ -502,11 +506,9 @@ def bench_mfu(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
         raise BenchFailed("no finegrain PPO runs to read the update phase from (run the ppo benchmark too)")
     peak = worker("peak", assets, logs, "peak")
     state["peak"] = peak
-    # a bf16 update is measured against the bf16 peak: the in-process fp32 probe scaled by the
-    # bf16/fp32 ratio of the separate probe
-    return {"ppo_mfu": mfu_of("fg_seq", 1.0, "fp32", s, peak, state),
-            "ppo_mfu_bf16": mfu_of("fg_seq_bf16", peak["bf16_flops"] / peak["fp32_flops"],
-                                   "bf16 (fp32 probe x bf16/fp32 ratio)", s, peak, state)}
+    # each arm's update against the peak of its own precision, probed in its own process around each step
+    return {"ppo_mfu": mfu_of("fg_seq", "fp32", s, peak, state),
+            "ppo_mfu_bf16": mfu_of("fg_seq_bf16", "bf16", s, peak, state)}
 
 
 def run_demo(out: Path, seed: int, quick: bool, logfile: Path, timeout: float) -> dict[str, Any]:

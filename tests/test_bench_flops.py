@@ -42,6 +42,27 @@ def test_update_flops_counts_the_lm_head_only_where_logits_are_kept(bench_run):
 
 
 # ----------------------------------------------------------------------------- cost curves and the real arm
+def test_mfu_divides_each_updates_flops_by_the_peak_its_own_process_probed_in_its_own_precision(bench_run):
+    s = replace(bench_run.QUICK, response_length=4, ppo_epochs=3, batch_size=2, num_minibatches=2, warmup_steps=1)
+    peak = {"lm_head_params": 10, "policy_matmul_params": 110, "value_matmul_params": 100, "n_layer": 2, "n_embd": 4,
+            "fp32_flops": 1e6, "bf16_flops": 9e6}  # the separate probe: only quoted, never the divisor
+    flops = 838152  # bench_run.update_flops(20, peak, s), checked by hand above
+    run = {"name": "fg_seq_bf16", "peak_dtype": "bf16", "query_widths": [20, 20, 20],
+           "peak_after_step": [4e6, 2e6, 3e6],  # probed after steps 0, 1, 2
+           "metrics": [{"time_update": 9.0}, {"time_update": 0.5}, {"time_update": 0.25}]}
+    state = {"ppo_runs": [run]}
+    mfu, text = bench_run.mfu_of("fg_seq_bf16", "bf16", s, peak, state)
+    # step 0 is the warm-up; step i is divided by the larger of the probes just before and after it
+    per_step = [flops / 0.5 / 4e6, flops / 0.25 / 3e6]
+    assert state["mfu"]["fg_seq_bf16"]["per_step"] == pytest.approx(per_step)
+    assert mfu == pytest.approx(sum(per_step) / 2)
+    assert text.startswith("update-phase FLOP/s") and "bf16 matmul peak" in text and "over 2 steps" in text
+    with pytest.raises(bench_run.BenchFailed, match="probed the bf16 matmul peak, not the fp32 one"):
+        bench_run.mfu_of("fg_seq_bf16", "fp32", s, peak, state)
+    assert bench_run.PPO_ARMS["fg_seq_bf16"][2]["peak_probe_dtype"] == "bf16"
+    assert bench_run.PPO_ARMS["fg_seq"][2].get("peak_probe_dtype", "fp32") == "fp32"
+
+
 def test_growth_exponent_fit_table_and_plot(bench_run, tmp_path):
     curves = importlib.import_module("curves")
     # step time = 0.5 s + 0.01 s per token: below linear (the fixed cost weighs at short lengths)
@@ -90,7 +111,7 @@ def test_real_arms_pair_every_finegrain_arm_with_trl_in_the_same_setting(bench_r
     plain = bench_run.PPO_ARMS["fg_seq_bf16"]
     for arm, option in (("fg_shared_bf16", {"value_init": "shared"}), ("fg_weights_bf16", {"param_dtype": "bf16"})):
         tiny = bench_run.PPO_ARMS[arm]  # the same run but the one option
-        assert tiny[:2] == plain[:2] and tiny[2] == dict({k: v for k, v in plain[2].items() if k != "peak_probe_s"},
+        assert tiny[:2] == plain[:2] and tiny[2] == dict({k: v for k, v in plain[2].items() if not k.startswith("peak_probe")},
                                                          **option)
     some = bench_run.real_arms(bench_run.REAL, before_after=True, which=("lora_bf16",))
     assert sorted(some) == ["fg_lora_bf16", "fg_lora_bf16_no_frozen_low_precision", "fg_lora_bf16_no_heap_large_blocks",

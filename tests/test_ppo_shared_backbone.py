@@ -194,3 +194,19 @@ def test_the_head_reads_the_width_of_the_last_hidden_state_not_the_configs_hidde
     ids, mask, pos = _batch()
     _, values = model(ids, mask, pos)
     assert values.shape == (2, 5)
+
+
+def test_value_head_round_trips_through_safetensors_and_refuses_pickle(tmp_path):
+    from finegrain.ppo.rollout import ValueHead, load_value_head
+
+    head = ValueHead(4)
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.tensor([[0.5, -1.0, 2.0, 0.25]]))
+        head.linear.bias.fill_(-0.75)
+    head.save_pretrained(tmp_path)
+    back = load_value_head(tmp_path)
+    hidden = torch.tensor([[[1.0, 1.0, 1.0, 4.0]]])
+    assert back(hidden).tolist() == [[0.5 - 1.0 + 2.0 + 1.0 - 0.75]]
+    assert [p.name for p in tmp_path.iterdir()] == [ValueHead.FILE]
+    with pytest.raises(ValueError, match="safetensors only"):
+        head.save_pretrained(tmp_path / "pickle", safe_serialization=False)

@@ -43,7 +43,12 @@ class ValueHead(nn.Module):
         return self.linear(hidden)[..., 0]
 
     def save_pretrained(self, out_dir, safe_serialization: bool = True) -> None:
+        """``out_dir/value_head.safetensors``; the signature is transformers' (what ``save_checkpoint``
+        calls), but a head is only ever written as safetensors."""
         from safetensors.torch import save_file
+
+        if not safe_serialization:
+            raise ValueError("a value head is saved as safetensors only (safe_serialization=False asked for pickle)")
 
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                   str(Path(out_dir) / self.FILE))

@@ -115,7 +115,7 @@ def rotated(items: list, r: int) -> list:
 
 
 PPO_ARMS = {  # name: (task, precision, extra arguments)
-    "fg_seq": ("fg_ppo", "no", dict(reward_mode="sequence", peak_probe_s=0.5)),
+    "fg_seq": ("fg_ppo", "no", dict(reward_mode="sequence", peak_probe_s=0.5, peak_probe_dtype="fp32")),
     "trl": ("trl_ppo", "no", {}),
     "fg_pair": ("fg_ppo_pair", "no", {}),  # token and sequence reward, stepped in turn in one process
     "fg_seq_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", peak_probe_s=0.5, peak_probe_dtype="bf16",

@@ -60,7 +60,7 @@ def test_mfu_divides_each_updates_flops_by_the_peak_its_own_process_probed_in_it
     with pytest.raises(bench_run.BenchFailed, match="probed the bf16 matmul peak, not the fp32 one"):
         bench_run.mfu_of("fg_seq_bf16", "fp32", s, peak, state)
     assert bench_run.PPO_ARMS["fg_seq_bf16"][2]["peak_probe_dtype"] == "bf16"
-    assert bench_run.PPO_ARMS["fg_seq"][2].get("peak_probe_dtype", "fp32") == "fp32"
+    assert bench_run.PPO_ARMS["fg_seq"][2]["peak_probe_dtype"] == "fp32"
 
 
 def test_growth_exponent_fit_table_and_plot(bench_run, tmp_path):

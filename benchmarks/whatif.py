@@ -36,6 +36,9 @@ attention kernel, a per-run option, switched with transformers' ``set_attn_imple
 - ``strided_head``: the LM head multiplies the strided slice of hidden states that ``logits_to_keep``
   hands it instead of a contiguous copy (``contiguous_head_input=False``; it matters for models held in
   bf16, ``--param-dtype bf16``, and in fp32).
+- ``dynamic_cache``: sampling grows transformers' dynamic KV cache by concatenation at every token
+  instead of writing into one allocated for the whole response (``preallocated_kv_cache=False``; it
+  matters where the attention reads the cache's view as it is: SDPA, or grouped key/value heads).
 """
 from __future__ import annotations
 
@@ -64,7 +67,8 @@ SWITCHES = {"gelu_new": {"fuse_gelu": False}, "full_logits": {"logits_to_keep": 
             "unfused_adamw": {"fused_adamw": False}, "generate": {"decoder": "generate"},
             "inference_mode": {"no_grad_sampling": False}, "rollout_forward": {"reuse_rollout_forward": False},
             "untrimmed": {"trim_minibatches": False}, "lora_unmerged": {"merge_lora_sampling": False},
-            "strided_head": {"contiguous_head_input": False}}
+            "strided_head": {"contiguous_head_input": False},
+            "dynamic_cache": {"preallocated_kv_cache": False}}
 VARIANTS = {"sdpa"} | set(SWITCHES)
 
 

@@ -231,3 +231,112 @@ def test_sampling_runs_outside_inference_mode(tiny_tokenizer, prompt_ids):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sample(m, tiny_tokenizer, prompt_ids, max_new_tokens=3, decoder="loop")
     assert seen and set(seen) == {(False, False)}
+
+
+# ----------------------------------------------------------------------------- preallocated KV cache
+def _tiny_llama(vocab: int, attn: str, kv_heads: int = 2, **cfg):
+    """A 2-layer Llama with grouped-query attention (4 heads, ``kv_heads`` key/value heads), sharpened."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                                      attn_implementation=attn, **cfg)
+    m = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return m
+
+
+def _loop(model, prompt_ids, pad, *, do_sample, preallocated, n=14):
+    from finegrain import speed
+    from finegrain.generation import _decode_loop
+    from finegrain.tokens import left_pad
+
+    ids, mask = left_pad(prompt_ids, pad)
+    torch.manual_seed(3)
+    with speed.overrides(preallocated_kv_cache=preallocated), torch.no_grad():
+        return _decode_loop(model, ids, mask, max_new_tokens=n, eos=-1, pad=pad, min_new_tokens=0,
+                            do_sample=do_sample, temperature=1.0, top_k=0, top_p=1.0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2-sdpa", "llama-gqa-eager", "llama-gqa-sdpa"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_preallocated_cache_decodes_the_dynamic_caches_tokens(arch, do_sample, sharp_model, tiny_tokenizer,
+                                                              prompt_ids, monkeypatch):
+    from finegrain import generation
+
+    model = sharp_model if arch == "gpt2-sdpa" else _tiny_llama(len(tiny_tokenizer), arch.rsplit("-", 1)[1])
+    made = []
+    real = generation.preallocated_cache
+    monkeypatch.setattr(generation, "preallocated_cache", lambda m, c: made.append(real(m, c)) or made[-1])
+    pad = tiny_tokenizer.pad_token_id
+    on = _loop(model, prompt_ids, pad, do_sample=do_sample, preallocated=True)
+    assert made and made[0] is not None and type(made[0].layers[0]).__name__ == "PreallocatedLayer"
+    assert made[0].layers[0].filled == max(map(len, prompt_ids)) + on.shape[1] - 1  # the last token is not fed back
+    off = _loop(model, prompt_ids, pad, do_sample=do_sample, preallocated=False)
+    assert len(made) == 1  # off: no preallocated cache was asked for
+    assert on.shape == (len(PROMPTS), 14) and torch.equal(on, off)
+    assert len({tuple(r.tolist()) for r in on}) > 1  # not a degenerate model
+
+
+def test_preallocated_cache_only_where_attention_reads_the_view_without_a_copy(sharp_model, tiny_tokenizer):
+    import transformers
+
+    from finegrain.generation import preallocated_cache
+    from finegrain.models import RECOMPUTED_EAGER
+
+    v = len(tiny_tokenizer)
+    assert preallocated_cache(sharp_model, 8) is not None  # GPT-2, SDPA
+    eager_gpt2 = make_tiny_model(tiny_tokenizer, "causal")
+    eager_gpt2.config._attn_implementation = "eager"
+    assert preallocated_cache(eager_gpt2, 8) is None  # eager attention would copy the view in every layer
+    assert preallocated_cache(_tiny_llama(v, "eager"), 8) is not None  # grouped heads: repeat_kv copies anyway
+    assert preallocated_cache(_tiny_llama(v, "eager", kv_heads=4), 8) is None  # no grouping: as GPT-2
+    assert preallocated_cache(_tiny_llama(v, "sdpa", kv_heads=4), 8) is not None
+    recomputed = _tiny_llama(v, "eager", kv_heads=4)
+    recomputed.config._attn_implementation = RECOMPUTED_EAGER
+    assert preallocated_cache(recomputed, 8) is None
+    torch.manual_seed(0)
+    sliding = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa"))
+    assert preallocated_cache(sliding, 8) is None  # sliding-window layers keep their own cache
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=8), st.integers(1, 6), st.integers(0, 3),
+       st.lists(st.integers(0, 2), min_size=1, max_size=4))
+def test_preallocated_layer_holds_what_the_dynamic_layer_holds(sizes, capacity, crop, rows):
+    from transformers.cache_utils import DynamicLayer
+
+    from finegrain.generation import _preallocated_layer_class
+
+    pre, dyn = _preallocated_layer_class()(capacity), DynamicLayer()
+    g = torch.Generator().manual_seed(sum(sizes) + capacity)
+
+    def same():
+        assert pre.get_seq_length() == dyn.get_seq_length()
+        assert torch.equal(pre.keys, dyn.keys) and torch.equal(pre.values, dyn.values)
+
+    for m in sizes:  # past the capacity it grows; each update returns the whole filled cache
+        k, v = torch.randn(3, 2, m, 4, generator=g), torch.randn(3, 2, m, 4, generator=g)
+        (pk, pv), (dk, dv) = pre.update(k, v), dyn.update(k, v)
+        assert torch.equal(pk, dk) and torch.equal(pv, dv)
+        same()
+    crop = min(crop, dyn.get_seq_length() - 1)
+    if crop:
+        pre.crop(-crop), dyn.crop(-crop)
+        same()
+    idx = torch.tensor(rows)
+    pre.batch_select_indices(idx), dyn.batch_select_indices(idx)
+    same()
+    k, v = torch.randn(len(rows), 2, 2, 4, generator=g), torch.randn(len(rows), 2, 2, 4, generator=g)
+    pre.update(k, v), dyn.update(k, v)
+    same()
+    with pytest.raises(ValueError, match="negative"):
+        pre.crop(1)
+    pre.reset()
+    assert pre.get_seq_length() == 0 and not pre.is_initialized

@@ -81,6 +81,13 @@ class SpeedOptions:
                             strided slice of the hidden states, which PyTorch's CPU matmul multiplies up to 70x
                             slower in bf16 without autograd (a frozen bf16 reference, the prefill of sampling);
                             off: the slice as it comes (the same products)
+    preallocated_kv_cache:  finegrain's decoding loop writes each step's keys and values into a cache allocated
+                            once for the prompt and every new token (:class:`finegrain.generation.PreallocatedLayer`),
+                            and attention reads a view of its filled part; transformers' dynamic cache copies
+                            the whole cache into a new block at every token of every layer (``torch.cat``).
+                            The same keys and values, the same attention, the same tokens; where the attention
+                            reads the view without copying it (SDPA; eager attention with grouped key/value
+                            heads). Off: the dynamic cache
     """
 
     fuse_gelu: bool = True
@@ -95,6 +102,7 @@ class SpeedOptions:
     frozen_low_precision: bool = True
     merge_lora_sampling: bool = True
     contiguous_head_input: bool = True
+    preallocated_kv_cache: bool = True
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SpeedOptions)}

@@ -95,3 +95,32 @@ def test_hf_judge_backend_runs_and_counts_unusable_answers(tmp_path, tiny_tokeni
     assert res["n"] + res["n_failed"] == 3 and res["n_requests"] == 3 and res["cost_usd"] == 0.0
     ann = json.loads((tmp_path / "w.annotations.json").read_text())
     assert all((a["preference"] is None) == (a["error"] is not None) for a in ann)
+
+
+def test_generate_dtype_loads_the_weights_in_it(tmp_path, tiny_dir, monkeypatch, capsys):
+    import torch
+
+    import finegrain.generation as generation
+
+    seen = []
+    real = generation.generate_texts
+
+    def spy(model, *a, **kw):
+        seen.append({p.dtype for p in model.parameters()})
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(generation, "generate_texts", spy)
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(3)))
+    res = generate(build_config(GenerateConfig, dict(model=tiny_dir, prompts=str(p), output=str(tmp_path / "b.jsonl"),
+                                                     max_new_tokens=4, dtype="bfloat16")))
+    rows = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert res["dtype"] == "bfloat16" and seen == [{torch.bfloat16}] and len(rows) == 3
+    generate(build_config(GenerateConfig, dict(model=tiny_dir, prompts=str(p), output=str(tmp_path / "f.jsonl"),
+                                               max_new_tokens=4)))
+    assert seen[1] == {torch.float32}  # the default keeps the checkpoint's float32 arithmetic
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors exit through SystemExit
+        main(["generate", "--model", tiny_dir, "--prompts", str(p), "--output", str(tmp_path / "x.jsonl"),
+              "--dtype", "int8"])
+    assert exit_info.value.code == 2 and "--dtype" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()

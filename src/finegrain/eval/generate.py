@@ -21,12 +21,8 @@ from ..io import iter_records, write_json, write_jsonl
 
 @dataclass(kw_only=True)
 class GenerateConfig(ModelOptions, PrecisionOptions):
-    """One output per prompt from a causal LM checkpoint.
-
-    Throughput grows with ``batch_size`` and a 16-bit ``dtype``: on 2 CPU cores (AMD EPYC) and
-    SmolLM2-135M, 32 AlpacaEval prompts, 64 new tokens, float32 in batches of 8 made 64-70 tokens/s,
-    bfloat16 in batches of 16 158-213 and in batches of 32 257-270 (benchmarks/RESULTS.md).
-    """
+    """One output per prompt from a causal LM checkpoint; throughput grows with ``batch_size`` and a
+    16-bit ``dtype`` (measured in benchmarks/RESULTS.md)."""
 
     model: str = opt(help="causal LM checkpoint directory (or hub / short name)")
     prompts: str = opt(help="prompt records with 'prompt' or 'instruction' (+ optional 'input'): .json/.jsonl/...")

@@ -21,6 +21,22 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer):
     return str(d)
 
 
+@pytest.fixture
+def seen_dtypes(monkeypatch) -> list[set]:
+    """The set of parameter dtypes of each model ``generate`` hands to ``generate_texts``, in call order."""
+    import finegrain.generation as generation
+
+    seen: list[set] = []
+    real = generation.generate_texts
+
+    def spy(model, *a, **kw):
+        seen.append({p.dtype for p in model.parameters()})
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(generation, "generate_texts", spy)
+    return seen
+
+
 def test_prompt_of_fields():
     assert prompt_of({"prompt": "p"}, "f", "line 1") == "p"
     assert prompt_of({"instruction": "Do x.", "input": "data"}, "f", "line 1") == "Do x.\n\ndata"
@@ -97,19 +113,45 @@ def test_hf_judge_backend_runs_and_counts_unusable_answers(tmp_path, tiny_tokeni
     assert all((a["preference"] is None) == (a["error"] is not None) for a in ann)
 
 
-def test_generate_dtype_loads_the_weights_in_it(tmp_path, tiny_dir, monkeypatch, capsys):
+def test_dtype_auto_is_the_dtype_a_checkpoint_was_saved_in(tmp_path, tiny_dir, tiny_tokenizer):
     import torch
 
-    import finegrain.generation as generation
+    from finegrain.models import resolve_dtype
 
-    seen = []
-    real = generation.generate_texts
+    saved = tmp_path / "bf16"
+    save_checkpoint(saved, make_tiny_model(tiny_tokenizer, "causal", seed=0).to(torch.bfloat16), tiny_tokenizer, {})
+    assert resolve_dtype("auto", str(saved)) == "bfloat16"
+    assert resolve_dtype("auto", tiny_dir) == "float32"
+    assert resolve_dtype("auto", None) == "float32"  # built from scratch
+    assert resolve_dtype("float16", str(saved)) == "float16"  # a named dtype is taken as it is
+    config = json.loads((saved / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (saved / "config.json").write_text(json.dumps(config))
+    assert resolve_dtype("auto", str(saved)) == "float32"  # a config that does not say
 
-    def spy(model, *a, **kw):
-        seen.append({p.dtype for p in model.parameters()})
-        return real(model, *a, **kw)
 
-    monkeypatch.setattr(generation, "generate_texts", spy)
+def test_generate_dtype_auto_loads_the_checkpoint_as_saved(tmp_path, tiny_dir, tiny_tokenizer, seen_dtypes):
+    import torch
+
+    seen = seen_dtypes
+    saved = tmp_path / "bf16"
+    save_checkpoint(saved, make_tiny_model(tiny_tokenizer, "causal", seed=0).to(torch.bfloat16), tiny_tokenizer, {})
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "question"}) + "\n")
+    for model, want in ((str(saved), torch.bfloat16), (tiny_dir, torch.float32)):
+        res = generate(build_config(GenerateConfig, dict(model=model, prompts=str(p), output=str(tmp_path / "o.jsonl"),
+                                                         max_new_tokens=3, dtype="auto")))
+        assert seen[-1] == {want} and res["dtype"] == str(want).removeprefix("torch.")
+    # the float32 default widens the bf16 checkpoint
+    generate(build_config(GenerateConfig, dict(model=str(saved), prompts=str(p), output=str(tmp_path / "o.jsonl"),
+                                               max_new_tokens=3)))
+    assert seen[-1] == {torch.float32}
+
+
+def test_generate_dtype_loads_the_weights_in_it(tmp_path, tiny_dir, seen_dtypes, capsys):
+    import torch
+
+    seen = seen_dtypes
     p = tmp_path / "p.jsonl"
     p.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(3)))
     res = generate(build_config(GenerateConfig, dict(model=tiny_dir, prompts=str(p), output=str(tmp_path / "b.jsonl"),

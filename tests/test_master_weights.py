@@ -276,15 +276,28 @@ def test_the_bf16_weight_forward_computes_what_autocast_over_fp32_weights_comput
     assert not torch.equal(lp_a, lp_b)  # it is a different computation, not the same one twice
 
 
-def test_training_bf16_weights_without_masters_warns_that_small_updates_vanish(tmp_path, caplog):
+@pytest.mark.parametrize("saved,dtype,warned", [("float32", "bfloat16", True), ("bfloat16", "auto", True),
+                                                ("float32", "auto", False)])
+def test_training_bf16_weights_without_masters_warns_that_small_updates_vanish(tmp_path, caplog, saved, dtype,
+                                                                                 warned):
+    """--dtype bfloat16, or --dtype auto on a policy saved in bf16 (every model then loads in bf16), trains the
+    bf16 weights themselves; auto on a float32 policy is float32 and says nothing."""
     import logging
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finegrain.models import save_checkpoint
     from finegrain.ppo.train import train_ppo
 
     ws = make_workspace(tmp_path)
+    if saved == "bfloat16":
+        policy = AutoModelForCausalLM.from_pretrained(ws["policy"], dtype=torch.bfloat16)
+        save_checkpoint(ws["policy"], policy, AutoTokenizer.from_pretrained(ws["policy"]), {"kind": "policy"})
     with caplog.at_level(logging.WARNING, logger="finegrain.ppo"):
-        train_ppo(toy_config(ws, tmp_path / "out", steps=1, dtype="bfloat16"))
-    assert any("rounded away" in r.getMessage() and "--param-dtype bf16" in r.getMessage() for r in caplog.records)
+        train_ppo(toy_config(ws, tmp_path / "out", steps=1, dtype=dtype))
+    said = [r.getMessage() for r in caplog.records if "rounded away" in r.getMessage()]
+    assert bool(said) == warned
+    assert all(f"--dtype {dtype}: AdamW steps the bfloat16 weights" in m and "--param-dtype bf16" in m for m in said)
 
 
 def test_resuming_across_a_change_of_param_dtype_is_refused_in_one_line(tmp_path):

@@ -57,7 +57,8 @@ def trained(files) -> Path:
     out = files / "rm"
     code = cli("train-rm", "--data", files / "train.jsonl", "--model", files / "base", "--loss", "token_edit",
                "--pairs", "edit", "--output", out, "--epochs", 4, "--lr", 3e-3, "--batch-size", 8,
-               "--max-length", 48, "--eval-fraction", 0.0, "--log-with", "tensorboard", "--save-every", 0)
+               "--max-length", 48, "--eval-fraction", 0.0, "--log-with", "tensorboard", "--save-every", 0,
+               "--dtype", "auto")  # a float32 base: float32
     assert code == 0
     return out
 
@@ -77,9 +78,10 @@ def test_cli_train_then_eval(trained, files, tmp_path, capsys):
     assert res["accuracy_se"] == pytest.approx((res["accuracy"] * (1 - res["accuracy"]) / 16) ** 0.5)
     print(f"CLI token RM: accuracy={res['accuracy']:.3f} token_auroc={res['token_auroc']:.3f}")
     assert res["accuracy"] >= 0.8
-    # without gold spans, edit pairs use the changed (U1) tokens of the rejected side
+    # without gold spans, edit pairs use the changed (U1) tokens of the rejected side (--dtype auto: the float32
+    # the RM was saved in, the same scores)
     assert cli("eval-rm", "--model", trained, "--data", files / "nogold.jsonl", "--pairs", "edit",
-               "--output", out) == 0
+               "--output", out, "--dtype", "auto") == 0
     res2 = json.loads(out.read_text())
     assert res2["token_auroc_source"] == "edit_u1" and res2["accuracy"] == res["accuracy"]
     # preference pairs without gold spans: accuracy only

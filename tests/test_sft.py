@@ -54,8 +54,8 @@ def test_sft_from_scratch_lowers_loss(tmp_path):
     cfg = build_config(SFTConfig, {"data": str(data), "output": str(tmp_path / "policy"), "from_scratch": True,
                                    "vocab_size": 400, "n_embd": 32, "epochs": 3.0, "batch_size": 8, "lr": 3e-3,
                                    "lr_scheduler": "constant", "warmup_ratio": 0.0,
-                                   "log_with": "none", "eval_fraction": 0.0})
-    out = train_sft(cfg)
+                                   "log_with": "none", "eval_fraction": 0.0, "dtype": "auto"})
+    out = train_sft(cfg)  # --dtype auto builds a model from scratch in float32
     assert out["steps"] == 18 and out["final_loss"] < out["first_loss"] - 0.8
     lines = [json.loads(x) for x in (tmp_path / "policy" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 19))
@@ -64,9 +64,12 @@ def test_sft_from_scratch_lowers_loss(tmp_path):
     assert meta["stage"] == "sft" and meta["n_train"] == 48
     # the checkpoint loads with transformers alone and continues training from --model
     cfg2 = build_config(SFTConfig, {"data": str(data), "output": str(tmp_path / "policy2"),
-                                    "model": str(tmp_path / "policy"), "epochs": 1.0, "lr": 1e-3, "log_with": "none"})
+                                    "model": str(tmp_path / "policy"), "epochs": 1.0, "lr": 1e-3, "log_with": "none",
+                                    "dtype": "auto"})
     out2 = train_sft(cfg2)
     assert out2["first_loss"] < out["first_loss"] - 0.8
+    for d in ("policy", "policy2"):  # and loads a float32 checkpoint as float32
+        assert json.loads((tmp_path / d / "config.json").read_text())["dtype"] == "float32"
 
 
 def test_sft_resume_matches_uninterrupted(tmp_path):

@@ -326,8 +326,9 @@ def config_command(config_cls: type, fn: Callable) -> tuple[Callable, Callable]:
 
 
 # ---------------------------------------------------------------- shared option groups
-DTYPES = ("float32", "bfloat16", "float16")
-"""``--dtype``: the weights dtypes a verb can load or build a model in."""
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+"""``--dtype``: the weights dtypes a verb can load or build a model in; ``auto`` is the checkpoint's own
+(:func:`finegrain.models.resolve_dtype`)."""
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 """``--mixed-precision``: no autocast, or autocast to bf16 / fp16."""
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "eager_recompute", "sdpa", "flash_attention_2")
@@ -375,7 +376,8 @@ class PrecisionOptions(OptionGroup):
 
     GROUP_TITLE = "precision"
 
-    dtype: str = opt("float32", "weights dtype", choices=list(DTYPES))
+    dtype: str = opt("float32", "weights dtype; auto = the dtype the checkpoint was saved in (float32 for a model "
+                                "built from scratch or a checkpoint that does not say)", choices=list(DTYPES))
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -227,6 +227,23 @@ def is_encoder_model(config) -> bool:
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
+def resolve_dtype(name: str, model: str | None, trust_remote_code: bool = False) -> str:
+    """The concrete ``--dtype`` name (:data:`DTYPE_NAMES`) that ``name`` stands for when loading ``model``.
+
+    ``auto`` is the dtype ``model``'s config says its weights were saved in (transformers' ``dtype``,
+    formerly ``torch_dtype``), float32 when it says none of :data:`DTYPE_NAMES` or when there is no
+    checkpoint (``model`` None: a model built from scratch). Other names are returned as they are.
+    """
+    if name != "auto":
+        return name
+    if model is None:
+        return "float32"
+    config = load_config(model, trust_remote_code)
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    saved = str(saved).removeprefix("torch.") if saved is not None else None
+    return saved if saved in DTYPE_NAMES else "float32"
+
+
 def torch_dtype(name: str):
     """The weights dtype of a ``--dtype`` name (:data:`DTYPE_NAMES`), or ``"auto"`` (the checkpoint's own) as is."""
     if name == "auto":

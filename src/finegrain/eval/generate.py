@@ -81,12 +81,13 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     import torch
 
     from ..generation import generate_texts
-    from ..models import load_model, load_tokenizer, torch_dtype
+    from ..models import load_model, load_tokenizer, resolve_dtype, torch_dtype
 
     items = read_prompts(cfg.prompts, cfg.limit)
     name = cfg.generator or os.path.basename(os.path.normpath(cfg.model))
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(cfg.model, "causal", tokenizer=tok, dtype=torch_dtype(cfg.dtype),
+    dtype = resolve_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code)
+    model = load_model(cfg.model, "causal", tokenizer=tok, dtype=torch_dtype(dtype),
                        trust_remote_code=cfg.trust_remote_code).eval()
     model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.time()
@@ -102,6 +103,6 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         write_jsonl(cfg.output, rows)
     else:
         write_json(cfg.output, rows)
-    return {"n": len(rows), "output": cfg.output, "generator": name, "model": cfg.model, "dtype": cfg.dtype,
+    return {"n": len(rows), "output": cfg.output, "generator": name, "model": cfg.model, "dtype": dtype,
             "avg_length": round(sum(len(t) for t in texts) / len(texts), 1), "elapsed_s": round(elapsed, 3),
             "n_empty": sum(1 for t in texts if not t.strip())}

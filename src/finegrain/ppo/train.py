@@ -359,10 +359,12 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
                 hold_parameters_in(m, torch.bfloat16)
         lora_lowered = cfg.use_lora
     else:
-        if cfg.dtype != "float32" and not sharded:  # (FSDP and DeepSpeed keep fp32 masters of their own)
+        held = next(p.dtype for p in models.policy.parameters() if p.requires_grad)  # (--dtype auto: as saved)
+        if held != torch.float32 and not sharded:  # (FSDP and DeepSpeed keep fp32 masters of their own)
+            name = str(held).removeprefix("torch.")
             log.warning("--dtype %s: AdamW steps the %s weights themselves, and an update below half a step of that "
                         "dtype is rounded away (at PPO's usual rates nearly every update); --param-dtype bf16 with "
-                        "--mixed-precision bf16 holds bf16 weights with fp32 master copies", cfg.dtype, cfg.dtype)
+                        "--mixed-precision bf16 holds bf16 weights with fp32 master copies", cfg.dtype, name)
         # frozen weights in the autocast dtype (speed.lower_frozen_weights); a sharded (FSDP/DeepSpeed) policy
         # keeps one dtype, its engine casts for itself
         low = accelerator.mixed_precision

@@ -239,7 +239,8 @@ def resolve_dtype(name: str, model: str | None, trust_remote_code: bool = False)
     if model is None:
         return "float32"
     config = load_config(model, trust_remote_code)
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # (transformers >= 4.56 names it dtype and warns on reading torch_dtype; older ones have torch_dtype only)
+    saved = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
     saved = str(saved).removeprefix("torch.") if saved is not None else None
     return saved if saved in DTYPE_NAMES else "float32"
 

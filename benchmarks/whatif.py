@@ -68,7 +68,7 @@ SWITCHES = {"gelu_new": {"fuse_gelu": False}, "full_logits": {"logits_to_keep": 
             "inference_mode": {"no_grad_sampling": False}, "rollout_forward": {"reuse_rollout_forward": False},
             "untrimmed": {"trim_minibatches": False}, "lora_unmerged": {"merge_lora_sampling": False},
             "strided_head": {"contiguous_head_input": False},
-            "dynamic_cache": {"preallocated_kv_cache": False}}
+            "dynamic_cache": {"preallocated_kv_cache": False}, "unpacked": {"packed_sampling_weights": False}}
 VARIANTS = {"sdpa"} | set(SWITCHES)
 
 

@@ -2,6 +2,8 @@
 path switched off gives the same result as switched on."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import transformers
@@ -340,3 +342,89 @@ def test_sample_draws_the_same_tokens_through_merged_lora_weights(tiny_tokenizer
         unmerged = sample(model, tiny_tokenizer, prompts, **kw)
     assert calls[0] > 0
     assert torch.equal(merged.response_ids, unmerged.response_ids) and merged.texts == unmerged.texts
+
+
+# ----------------------------------------------------------------------------- packed sampling weights
+needs_onednn_bf16 = pytest.mark.skipif(not speed._onednn_bf16_linear(),
+                                       reason="this CPU or torch build has no oneDNN bf16 linear kernels")
+
+
+def _plain_model(tiny_tokenizer, make: str):
+    from test_fast_kernels import _tiny_llama
+
+    return make_tiny_model(tiny_tokenizer).eval() if make == "gpt2" else _tiny_llama()
+
+
+def _linear_layers(model) -> list:
+    from transformers.pytorch_utils import Conv1D
+
+    return [m for m in model.modules() if type(m) in (torch.nn.Linear, Conv1D)]
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+@pytest.mark.parametrize("held", ["fp32 under bf16 autocast", "bf16"])
+def test_packed_weights_multiply_bit_for_bit_as_the_plain_ones_and_restore(tiny_tokenizer, make, held):
+    model = _plain_model(tiny_tokenizer, make)
+    if held == "bf16":
+        model.to(torch.bfloat16)
+    layers = _linear_layers(model)
+    weights = {id(m): m.weight for m in layers}
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if held != "bf16" else contextlib.nullcontext()
+    with torch.no_grad(), cast:
+        for rows, width in ((3, 9), (3, 1), (1, 4)):  # a prompt's forward and decoding-sized ones
+            ids = torch.randint(3, 300, (rows, width))
+            want = model(input_ids=ids).logits
+            with speed.packed_linear_weights(model, rows=3) as n:
+                assert n == len(layers) > 0  # every linear layer, the (tied) LM head among them
+                assert all("forward" in vars(m) for m in layers)
+                got = model(input_ids=ids).logits
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    assert not any("forward" in vars(m) for m in layers)  # each layer's own forward is back
+    assert all(m.weight is weights[id(m)] for m in layers)  # the weights themselves were never touched
+    with pytest.raises(RuntimeError), speed.packed_linear_weights(model, rows=3):
+        raise RuntimeError
+    assert not any("forward" in vars(m) for m in layers)
+
+
+@needs_onednn_bf16
+def test_packed_weights_are_only_for_bf16_products(tiny_tokenizer):
+    model = _plain_model(tiny_tokenizer, "llama")
+    with speed.packed_linear_weights(model, rows=2) as n:
+        assert n == 0  # fp32 weights without autocast multiply in fp32
+    with torch.autocast("cpu", dtype=torch.float16), speed.packed_linear_weights(model, rows=2) as n:
+        assert n == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with speed.overrides(packed_sampling_weights=False), speed.packed_linear_weights(model, rows=2) as n:
+            assert n == 0
+        with speed.packed_linear_weights(model, rows=2) as n:
+            assert n == len(_linear_layers(model))
+    model.model.layers[0].mlp.to(torch.bfloat16)  # without autocast only the bf16 layers multiply in bf16
+    with speed.packed_linear_weights(model, rows=2) as n:
+        assert n == 3  # gate, up and down of that block
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_sample_draws_the_same_tokens_through_packed_weights(tiny_tokenizer, make):
+    from finegrain.generation import sample
+
+    model = _plain_model(tiny_tokenizer, make)
+    prompts = [[41, 7, 250], [12, 99, 3, 180], [5, 6]]  # ids both vocabularies have (the Llama's is 300)
+    packed = []
+    real = speed.packed_linear_weights
+
+    @contextlib.contextmanager
+    def spy(m, rows):
+        with real(m, rows) as n:
+            packed.append((n, rows))
+            yield n
+
+    kw = dict(max_new_tokens=12, temperature=1.0, generator_seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(speed, "packed_linear_weights", spy)
+        fast = sample(model, tiny_tokenizer, prompts, **kw)
+        with speed.overrides(packed_sampling_weights=False):
+            plain = sample(model, tiny_tokenizer, prompts, **kw)
+    assert packed == [(len(_linear_layers(model)), 3), (0, 3)]
+    assert torch.equal(fast.response_ids, plain.response_ids) and fast.texts == plain.texts

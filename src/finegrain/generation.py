@@ -290,7 +290,8 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     ``generate``, ``"auto"`` the loop whenever :func:`loop_unsupported` finds nothing against it.
     Unset, it is the speed switch ``decoder`` (:func:`finegrain.speed.decoder`: the environment's
     ``FINEGRAIN_DECODER``, else ``"auto"``). A peft LoRA model samples with its updates merged
-    into its weights (:func:`finegrain.speed.merged_lora`; switch ``merge_lora_sampling``).
+    into its weights (:func:`finegrain.speed.merged_lora`; switch ``merge_lora_sampling``), and a bf16
+    one on a CPU through weights packed for oneDNN (:func:`finegrain.speed.packed_linear_weights`).
     """
     decoder = speed.decoder(decoder)
     eos = tokenizer.eos_token_id
@@ -306,7 +307,9 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     why_not = loop_unsupported(unwrapped) if decoder != "generate" else "generate asked for"
     if decoder == "loop" and why_not:
         raise ConfigError(f"finegrain's decoding loop cannot run this model: {why_not}")
-    with speed.merged_lora(unwrapped):  # a LoRA policy samples through merged weights (switch merge_lora_sampling)
+    # a LoRA policy samples through merged weights (switch merge_lora_sampling); bf16 products through weights
+    # packed for oneDNN once per call (switch packed_sampling_weights)
+    with speed.merged_lora(unwrapped), speed.packed_linear_weights(unwrapped, rows=q_ids.shape[0]):
         if why_not is None:
             gen_config = getattr(unwrapped, "generation_config", None)
             resp = _decode_loop(unwrapped, q_ids, q_mask, max_new_tokens=max_new_tokens, eos=eos, pad=pad,

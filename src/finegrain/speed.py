@@ -12,7 +12,7 @@ looks wrong.
 - The paths live here or are reached from here: :func:`fuse_gelu`, :func:`contiguous_head_input` /
   :func:`apply_model_switches` (every model load), :func:`keeps_logits` (PPO's forwards), :func:`reuses_rollout_forward`
   (PPO's update), :func:`lower_frozen_weights` (PPO's frozen models under autocast),
-  :func:`decoder`, :func:`sampling_grad_mode` and :func:`merged_lora` (sampling),
+  :func:`decoder`, :func:`sampling_grad_mode`, :func:`merged_lora` and :func:`packed_linear_weights` (sampling),
   :func:`keep_freed_memory` (the three trainers); ``fused_adamw`` is read by
   :func:`finegrain.training.make_adamw`, ``trim_minibatches`` by :func:`finegrain.ppo.train.ppo_update`.
 
@@ -88,6 +88,12 @@ class SpeedOptions:
                             The same keys and values, the same attention, the same tokens; where the attention
                             reads the view without copying it (SDPA; eager attention with grouped key/value
                             heads). Off: the dynamic cache
+    packed_sampling_weights: on a CPU with oneDNN's bf16 kernels, a bf16 policy (bf16 weights, or bf16 autocast)
+                            samples through linear layers whose weights are reordered once per sampling call into
+                            oneDNN's blocked layout (:func:`packed_linear_weights`): PyTorch's bf16 product
+                            reorders a plain weight in every call, which dominates decoding a few rows, where
+                            each weight is read for a handful of products. The same kernel on the same numbers
+                            (the same tokens, tested); off: the plain weights
     """
 
     fuse_gelu: bool = True
@@ -103,6 +109,7 @@ class SpeedOptions:
     merge_lora_sampling: bool = True
     contiguous_head_input: bool = True
     preallocated_kv_cache: bool = True
+    packed_sampling_weights: bool = True
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SpeedOptions)}
@@ -444,6 +451,87 @@ def merged_lora(model) -> Iterator[int]:
     finally:
         for parent, name, layer in swapped:
             setattr(parent, name, layer)
+
+
+def _onednn_bf16_linear() -> bool:
+    """Whether this torch has oneDNN's packed bf16 linear kernels and the CPU runs them natively."""
+    import torch
+
+    try:
+        return (torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    except (AttributeError, RuntimeError):  # a build without oneDNN's operators
+        return False
+
+
+class PackedLinear:
+    """A bf16 linear layer whose weight is held in oneDNN's blocked layout (see :func:`packed_linear_weights`).
+
+    Built from an ``nn.Linear`` or GPT-2's ``Conv1D`` (whose weight is stored (in, out)); multiplies
+    its input in bf16 as autocast's linear does (input, weight and bias in bf16, fp32 accumulation,
+    a bf16 result) with the one kernel that product would run, minus the per-call reorder of the weight.
+    """
+
+    def __init__(self, layer, rows: int):
+        import torch
+
+        weight = layer.weight.detach()
+        if type(layer) is not torch.nn.Linear:  # Conv1D: x @ W + b with W (in, out)
+            weight = weight.t()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous(), rows)
+        self.bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x):
+        import torch
+
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), self.weight, self.bias,
+                                                  "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_linear_weights(model, rows: int) -> Iterator[int]:
+    """Inside the block, ``model``'s bf16 linear layers multiply through weights packed once for oneDNN.
+
+    A bf16 product on a CPU goes through oneDNN, which reorders a plain weight into its blocked
+    layout in every call; decoding a few rows reads each weight for a handful of products, so the
+    reorder costs more than the product (SmolLM2-135M, 8 rows, on an AMD EPYC: 1.26-1.42x faster
+    decoding with the weights packed; benchmarks/RESULTS.md). Every ``nn.Linear`` and GPT-2
+    ``Conv1D`` that would multiply in bf16 -- bf16 autocast is on, or the layer's weight is bf16 and
+    autocast is off -- gets its ``forward`` replaced by a :class:`PackedLinear`'s (``rows``: the row
+    count to pack for, the decoding batch; other counts run too). Yields how many layers; on exit
+    every layer's own ``forward`` is back, also when the block raises. Nothing happens off the
+    CPU, without oneDNN's bf16 kernels, under fp16 autocast, or with switch
+    ``packed_sampling_weights`` off. For sampling only: the packed weights are copies, so the
+    layers must not change inside the block, and nothing trains through them. Memory: one bf16
+    copy of the packed layers' weights during the block.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    swapped = []
+    if options().packed_sampling_weights and _onednn_bf16_linear():
+        autocast = _autocast_dtype("cpu")
+        with torch.no_grad():
+            for layer in model.modules():
+                if type(layer) not in (torch.nn.Linear, Conv1D) or "forward" in vars(layer):
+                    continue
+                w = layer.weight
+                if w.device.type != "cpu" or not w.numel() or w.dim() != 2:
+                    continue
+                multiplies_in = autocast if autocast is not None and w.dtype == torch.float32 else w.dtype
+                if autocast not in (None, torch.bfloat16) or multiplies_in != torch.bfloat16:
+                    continue
+                try:
+                    packed = PackedLinear(layer, rows)
+                except RuntimeError:  # a weight oneDNN will not pack (a shape or build it has no kernel for)
+                    continue
+                layer.forward = packed.forward
+                swapped.append(layer)
+    try:
+        yield len(swapped)
+    finally:
+        for layer in swapped:
+            del layer.forward
 
 
 # ----------------------------------------------------------------------------- memory

@@ -39,6 +39,9 @@ attention kernel, a per-run option, switched with transformers' ``set_attn_imple
 - ``dynamic_cache``: sampling grows transformers' dynamic KV cache by concatenation at every token
   instead of writing into one allocated for the whole response (``preallocated_kv_cache=False``; it
   matters where the attention reads the cache's view as it is: SDPA, or grouped key/value heads).
+- ``unpacked``: a bf16 policy samples through its plain weights, which oneDNN reorders in every product,
+  instead of weights packed once per sampling call (``packed_sampling_weights=False``; CPUs with oneDNN's
+  bf16 kernels).
 """
 from __future__ import annotations
 

@@ -402,6 +402,15 @@ def test_packed_weights_are_only_for_bf16_products(tiny_tokenizer):
     model.model.layers[0].mlp.to(torch.bfloat16)  # without autocast only the bf16 layers multiply in bf16
     with speed.packed_linear_weights(model, rows=2) as n:
         assert n == 3  # gate, up and down of that block
+    mlp_bytes = 2 * sum(p.numel() for p in model.model.layers[0].mlp.parameters())
+    with pytest.MonkeyPatch.context() as mp:  # copies that would not fit in the memory free: none
+        mp.setattr(speed, "_packing_budget", lambda: mlp_bytes - 1)
+        with speed.packed_linear_weights(model, rows=2) as n:
+            assert n == 0
+        mp.setattr(speed, "_packing_budget", lambda: mlp_bytes)
+        with speed.packed_linear_weights(model, rows=2) as n:
+            assert n == 3
+    assert 0 < speed._packing_budget()
 
 
 @needs_onednn_bf16

@@ -464,6 +464,14 @@ def _onednn_bf16_linear() -> bool:
         return False
 
 
+def _packing_budget() -> float:
+    """Bytes the packed copies of :func:`packed_linear_weights` may take: half the memory free now (Linux), else no limit."""
+    try:
+        return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such sysconf name here
+        return float("inf")
+
+
 class PackedLinear:
     """A bf16 linear layer whose weight is held in oneDNN's blocked layout (see :func:`packed_linear_weights`).
 
@@ -503,7 +511,8 @@ def packed_linear_weights(model, rows: int) -> Iterator[int]:
     CPU, without oneDNN's bf16 kernels, under fp16 autocast, or with switch
     ``packed_sampling_weights`` off. For sampling only: the packed weights are copies, so the
     layers must not change inside the block, and nothing trains through them. Memory: one bf16
-    copy of the packed layers' weights during the block.
+    copy of the packed layers' weights during the block (in place of the copies autocast would
+    cache for fp32 weights); when that would pass half the memory free at entry, nothing is packed.
     """
     import torch
     from transformers.pytorch_utils import Conv1D
@@ -511,16 +520,20 @@ def packed_linear_weights(model, rows: int) -> Iterator[int]:
     swapped = []
     if options().packed_sampling_weights and _onednn_bf16_linear():
         autocast = _autocast_dtype("cpu")
+        layers = []
+        for layer in model.modules():
+            if type(layer) not in (torch.nn.Linear, Conv1D) or "forward" in vars(layer):
+                continue
+            w = layer.weight
+            if w.device.type != "cpu" or not w.numel() or w.dim() != 2:
+                continue
+            multiplies_in = autocast if autocast is not None and w.dtype == torch.float32 else w.dtype
+            if autocast in (None, torch.bfloat16) and multiplies_in == torch.bfloat16:
+                layers.append(layer)
+        if 2 * sum(m.weight.numel() for m in layers) > _packing_budget():
+            layers = []  # the copies would not fit beside everything else: sample through the plain weights
         with torch.no_grad():
-            for layer in model.modules():
-                if type(layer) not in (torch.nn.Linear, Conv1D) or "forward" in vars(layer):
-                    continue
-                w = layer.weight
-                if w.device.type != "cpu" or not w.numel() or w.dim() != 2:
-                    continue
-                multiplies_in = autocast if autocast is not None and w.dtype == torch.float32 else w.dtype
-                if autocast not in (None, torch.bfloat16) or multiplies_in != torch.bfloat16:
-                    continue
+            for layer in layers:
                 try:
                     packed = PackedLinear(layer, rows)
                 except RuntimeError:  # a weight oneDNN will not pack (a shape or build it has no kernel for)

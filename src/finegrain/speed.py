@@ -454,7 +454,7 @@ def merged_lora(model) -> Iterator[int]:
 
 
 def _onednn_bf16_linear() -> bool:
-    """Whether this torch has oneDNN's packed bf16 linear kernels and the CPU runs them natively."""
+    """Whether this torch has oneDNN's packed linear kernels and oneDNN multiplies in bf16 on this CPU."""
     import torch
 
     try:
@@ -518,29 +518,29 @@ def packed_linear_weights(model, rows: int) -> Iterator[int]:
     from transformers.pytorch_utils import Conv1D
 
     swapped = []
-    if options().packed_sampling_weights and _onednn_bf16_linear():
-        autocast = _autocast_dtype("cpu")
-        layers = []
-        for layer in model.modules():
-            if type(layer) not in (torch.nn.Linear, Conv1D) or "forward" in vars(layer):
-                continue
-            w = layer.weight
-            if w.device.type != "cpu" or not w.numel() or w.dim() != 2:
-                continue
-            multiplies_in = autocast if autocast is not None and w.dtype == torch.float32 else w.dtype
-            if autocast in (None, torch.bfloat16) and multiplies_in == torch.bfloat16:
-                layers.append(layer)
-        if 2 * sum(m.weight.numel() for m in layers) > _packing_budget():
-            layers = []  # the copies would not fit beside everything else: sample through the plain weights
-        with torch.no_grad():
-            for layer in layers:
-                try:
-                    packed = PackedLinear(layer, rows)
-                except RuntimeError:  # a weight oneDNN will not pack (a shape or build it has no kernel for)
-                    continue
-                layer.forward = packed.forward
-                swapped.append(layer)
     try:
+        if options().packed_sampling_weights and _onednn_bf16_linear():
+            autocast = _autocast_dtype("cpu")
+            layers = []
+            for layer in model.modules():
+                if type(layer) not in (torch.nn.Linear, Conv1D) or "forward" in vars(layer):
+                    continue
+                w = layer.weight
+                if w.device.type != "cpu" or not w.numel() or w.dim() != 2:
+                    continue
+                multiplies_in = autocast if autocast is not None and w.dtype == torch.float32 else w.dtype
+                if autocast in (None, torch.bfloat16) and multiplies_in == torch.bfloat16:
+                    layers.append(layer)
+            if 2 * sum(m.weight.numel() for m in layers) > _packing_budget():
+                layers = []  # the copies would not fit beside everything else: sample through the plain weights
+            with torch.no_grad():
+                for layer in layers:
+                    try:
+                        packed = PackedLinear(layer, rows)
+                    except RuntimeError:  # a weight oneDNN will not pack (a shape or build it has no kernel for)
+                        continue
+                    layer.forward = packed.forward
+                    swapped.append(layer)
         yield len(swapped)
     finally:
         for layer in swapped:

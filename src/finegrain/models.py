@@ -245,6 +245,11 @@ def resolve_dtype(name: str, model: str | None, trust_remote_code: bool = False)
     return saved if saved in DTYPE_NAMES else "float32"
 
 
+def load_dtype(name: str, model: str | None, trust_remote_code: bool = False):
+    """The torch dtype to load ``model`` in for ``--dtype name`` (:func:`resolve_dtype`, then :func:`torch_dtype`)."""
+    return torch_dtype(resolve_dtype(name, model, trust_remote_code))
+
+
 def torch_dtype(name: str):
     """The weights dtype of a ``--dtype`` name (:data:`DTYPE_NAMES`), or ``"auto"`` (the checkpoint's own) as is."""
     if name == "auto":

@@ -453,6 +453,7 @@ def merged_lora(model) -> Iterator[int]:
             setattr(parent, name, layer)
 
 
+@functools.lru_cache(maxsize=None)
 def _onednn_bf16_linear() -> bool:
     """Whether this torch has oneDNN's packed linear kernels and oneDNN multiplies in bf16 on this CPU."""
     import torch

@@ -161,7 +161,7 @@ def _load_kwargs(cfg: PPOConfig, device_type: str, longest_prompt: int | None = 
     weighs what eager attention would keep for the update's backward pass: the policy and the value
     model (the policy alone with a shared backbone), over a micro-batch of the longest prompt plus ``max_new_tokens``
     (:func:`finegrain.models.pick_attention`)."""
-    from ..models import eager_attention_bytes, load_config, pick_attention, resolve_dtype, torch_dtype
+    from ..models import eager_attention_bytes, load_config, load_dtype, pick_attention
 
     eager_bytes = None
     if longest_prompt is not None and cfg.attn_implementation == "auto":
@@ -170,8 +170,8 @@ def _load_kwargs(cfg: PPOConfig, device_type: str, longest_prompt: int | None = 
         trained = (cfg.policy,) if cfg.value_init == "shared" else (cfg.policy, _value_source(cfg))
         eager_bytes = sum(eager_attention_bytes(load_config(name, cfg.trust_remote_code), rows, length)
                           for name in trained)
-    dtype = resolve_dtype(cfg.dtype, cfg.policy, cfg.trust_remote_code)  # auto: the policy's, for every model
-    return dict(trust_remote_code=cfg.trust_remote_code, dtype=torch_dtype(dtype),
+    dtype = load_dtype(cfg.dtype, cfg.policy, cfg.trust_remote_code)  # auto: the policy's, for every model
+    return dict(trust_remote_code=cfg.trust_remote_code, dtype=dtype,
                 attn_implementation=pick_attention(cfg.attn_implementation, cfg.mixed_precision, device_type,
                                                    eager_bytes))
 

@@ -182,10 +182,11 @@ def evaluate_reward_model(cfg: EvalRMConfig) -> dict:
     """Accuracy (and token AUROC) of ``cfg.model`` on ``cfg.data``; written to ``cfg.output`` as JSON."""
     from .data import load_comparisons
     from .model import RewardModel
-    from ..models import resolve_dtype, torch_dtype
+    from ..models import load_dtype
 
     items = load_comparisons(cfg.data, cfg.pairs, skip_invalid=cfg.skip_invalid)
-    rm = RewardModel.load(cfg.model, dtype=torch_dtype(resolve_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code)), trust_remote_code=cfg.trust_remote_code,
+    rm = RewardModel.load(cfg.model, dtype=load_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code),
+                          trust_remote_code=cfg.trust_remote_code,
                           max_length=cfg.max_length)
     offsets = rm.kind == "token"
     better = [rm.encode(c.prompt, c.better, with_offsets=offsets) for c in items]

@@ -22,8 +22,7 @@ import torch
 from ..config import to_dict
 from ..io import iter_records, read_json, write_json
 from ..errors import ConfigError, InputError
-from ..models import (clamp_max_length, load_config, load_model, load_tokenizer, pick_attention, read_meta,
-                      resolve_dtype, torch_dtype)
+from ..models import clamp_max_length, load_config, load_dtype, load_model, load_tokenizer, pick_attention, read_meta
 from ..scratch import scratch_model
 from ..speed import keep_freed_memory
 from ..tracking import resolve_log_with
@@ -163,11 +162,10 @@ def build_model(cfg: TrainRMConfig, tok, device_type: str = "cpu"):
         sizes = {k: getattr(cfg, k) or getattr(base, attr) for k, attr in
                  (("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"), ("n_embd", "hidden_size"))}
         model = scratch_model(cfg.from_scratch, cfg.kind, tok, n_positions=cfg.max_length, attn_implementation=attn,
-                              dtype=torch_dtype(resolve_dtype(cfg.dtype, None)), **sizes)
+                              dtype=load_dtype(cfg.dtype, None), **sizes)
     else:
         model = load_model(cfg.model, cfg.kind, tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
-                           dtype=torch_dtype(resolve_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code)),
-                           attn_implementation=attn)
+                           dtype=load_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code), attn_implementation=attn)
     if cfg.kind == "sequence":
         ensure_distinct_pad(tok, model)
     return model

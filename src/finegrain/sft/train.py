@@ -18,7 +18,7 @@ import torch
 from ..config import to_dict
 from ..errors import InputError
 from ..tokens import format_prompt
-from ..models import clamp_max_length, load_model, load_tokenizer, pick_attention, resolve_dtype, torch_dtype
+from ..models import clamp_max_length, load_dtype, load_model, load_tokenizer, pick_attention
 from ..scratch import tiny_gpt2_config, train_bpe_tokenizer
 from ..speed import keep_freed_memory
 from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, held_out,
@@ -53,8 +53,7 @@ def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord], device_type: str 
     if not cfg.from_scratch:
         tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = load_model(cfg.model, "causal", tokenizer=tok, trust_remote_code=cfg.trust_remote_code,
-                           dtype=torch_dtype(resolve_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code)),
-                           attn_implementation=attn)
+                           dtype=load_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code), attn_implementation=attn)
         return model, tok
     from transformers import GPT2LMHeadModel
 
@@ -63,7 +62,7 @@ def build_policy(cfg: SFTConfig, records: Sequence[SFTRecord], device_type: str 
                               n_positions=cfg.n_positions, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id)
     kw = {"attn_implementation": attn} if attn is not None else {}
-    return GPT2LMHeadModel._from_config(config, **kw).to(torch_dtype(resolve_dtype(cfg.dtype, None))), tok
+    return GPT2LMHeadModel._from_config(config, **kw).to(load_dtype(cfg.dtype, None)), tok
 
 
 # ---------------------------------------------------------------- data

@@ -281,3 +281,42 @@ def test_an_example_config_file_builds(path):
     if "reward_mode" in required:
         required["reward_mode"] = "token"
     build_config(cls, yaml_path=str(ROOT / path), overrides=required)
+
+
+# ---------------------------------------------------------------- numbers out of range
+# options where any real number means something (a reward threshold on the model's own scale)
+ANY_REAL = {"flaw_threshold"}
+# the fewest values that make each verb's config valid, beside its required fields
+VALID_BASE = {"convert": {"source": "hh"}, "edit": {"backend": "sandbox"}, "generate": {"output": "o.jsonl"},
+              "ppo": {"reward_mode": "token"}, "sft": {"model": "m"}, "winrate": {"judge": "sandbox"}}
+
+
+def _valid_values(verb: str, cls: type) -> dict:
+    hints = __import__("typing").get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            tp, _ = fg_config._base_type(hints[f.name])
+            values[f.name] = {int: 1, float: 1.0, bool: False}.get(tp, "x.jsonl")
+    return values | VALID_BASE.get(verb, {})
+
+
+@pytest.mark.parametrize("verb", sorted(verb_configs()))
+def test_every_numeric_option_refuses_a_negative_value(verb):
+    """A count, size, rate, seed or duration below zero is refused with a ConfigError naming the option,
+    whether by the field's declared bounds or by the verb's own checks (never a traceback mid-run)."""
+    cls = verb_configs()[verb]
+    hints = __import__("typing").get_type_hints(cls)
+    base = _valid_values(verb, cls)
+    build_config(cls, dict(base))  # the base itself is valid
+    accepted = []
+    for f in dataclasses.fields(cls):
+        tp, _ = fg_config._base_type(hints[f.name])
+        if tp not in (int, float) or f.metadata.get("choices") or f.name in ANY_REAL:
+            continue
+        try:
+            build_config(cls, {**base, f.name: tp(-1)})
+        except ConfigError:
+            continue
+        accepted.append(f.name)
+    assert not accepted, f"{verb} accepts -1 for {accepted}"

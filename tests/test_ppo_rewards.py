@@ -311,3 +311,34 @@ def test_trimmed_minibatch_gives_the_same_loss_and_gradients():
     assert torch.allclose(la, lb, atol=1e-6) and sa.keys() == sb.keys()
     assert all(abs(sa[k] - sb[k]) < 1e-5 for k in sa)
     assert ga.keys() == gb.keys() and all(torch.allclose(ga[k], gb[k], atol=1e-6) for k in ga)
+
+
+# ----------------------------------------------------------------------------- --reward-norm in token mode
+@pytest.mark.parametrize("scale", ["raw", "mean"])
+def test_reward_norm_gives_token_mode_totals_unit_std_at_either_scale(scale):
+    """Hand numbers: 2 responses of 2 policy tokens, r_t = (1, 3) and (-1, -1), T of Eq. 1 = 2 for both.
+
+    raw: totals 4 and -2, mean 1, population std 3 -> r_t / 3, totals 4/3 and -2/3 (std 1).
+    mean: Eq. 1 means 2 and -1, mean 0.5, std 1.5 -> r_t / 1.5 / 2, totals 2/1.5 and -1/1.5 (std 1).
+    Before the fix the moments tracked the raw totals at the mean scale too: totals of std 1/2.
+    """
+    from finegrain.ppo import core
+    from finegrain.ppo.rollout import RewardSettings, Rollout, process_rewards, reward_statistic
+
+    tr = torch.tensor([[1.0, 3.0], [-1.0, -1.0]])
+    n_scored = torch.tensor([2, 2])
+    out = RewardOutput(tr.sum(-1) / n_scored, tr, n_scored)
+    s = RewardSettings("token", "k1", scale, None, None, False, 1.0, 0.95, False)
+    moments = core.RunningMoments()
+    moments.update(reward_statistic(out, s))
+    expected_std = {"raw": 3.0, "mean": 1.5}[scale]
+    assert moments.std == pytest.approx(expected_std)
+    zeros = torch.zeros(2, 2)
+    r = Rollout(["a", "b"], ["x", "y"], torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long), torch.ones(2, dtype=torch.bool),
+                zeros, zeros, zeros, zeros, out.scores)
+    got = process_rewards(r, out, 0.0, s, moments)
+    totals = got.token_rewards.sum(-1)
+    want = {"raw": [4 / 3, -2 / 3], "mean": [2 / 1.5, -1 / 1.5]}[scale]
+    assert totals.tolist() == pytest.approx(want)
+    assert totals.var(unbiased=False).sqrt().item() == pytest.approx(1.0)

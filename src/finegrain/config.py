@@ -441,7 +441,7 @@ class TrainingOptions(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptio
     save_every: int = opt(200, "write a resumable checkpoint every N optimizer steps (0 = never)", ge=0)
     keep_checkpoints: int = opt(2, "how many of the newest step checkpoints to keep (0 = all)", ge=0)
     resume: bool = opt(False, "continue from the newest checkpoint in OUTPUT/checkpoints")
-    seed: int = opt(0, "seed for data order, the held-out split and new weights")
+    seed: int = opt(0, "seed for data order, the held-out split and new weights", ge=0)
     skip_invalid: bool = opt(False, "skip invalid records (listed in OUTPUT/rejects.jsonl) instead of stopping")
     template: str | None = opt(None, "prompt template with {prompt} for tokenizers without a chat template "
                                      "(default: '{prompt}\\n')")

@@ -33,10 +33,10 @@ class GenerateConfig(ModelOptions, PrecisionOptions):
     max_new_tokens: int = opt(512, "longest output in tokens")
     temperature: float = opt(0.7, "sampling temperature (0 = greedy)")
     top_p: float = opt(1.0, "nucleus sampling mass")
-    max_prompt_tokens: int | None = opt(None, "keep only the last N prompt tokens")
+    max_prompt_tokens: int | None = opt(None, "keep only the last N prompt tokens", ge=1)
     template: str | None = opt(None, "prompt template with {prompt} (default: the tokenizer's chat template)")
-    seed: int = opt(0, "sampling seed")
-    limit: int | None = opt(None, "only the first N prompts")
+    seed: int = opt(0, "sampling seed", ge=0)
+    limit: int | None = opt(None, "only the first N prompts", ge=1)
     device: str | None = opt(None, "torch device (default: cuda if available, else cpu)")
 
     def validate(self) -> None:

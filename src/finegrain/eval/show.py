@@ -152,8 +152,8 @@ class ShowRewardsConfig(ModelOptions):
     output: str = opt(help="HTML file to write")
     n: int = opt(20, "number of pairs to show (the first N)")
     pairs: str = opt("edit", "preference: chosen vs rejected; edit: edited vs rejected", choices=["preference", "edit"])
-    batch_size: int = opt(16, "responses per forward pass")
-    max_length: int | None = opt(None, "maximum tokens per input (default: the model's training value)")
+    batch_size: int = opt(16, "responses per forward pass", ge=1)
+    max_length: int | None = opt(None, "maximum tokens per input (default: the model's training value)", ge=1)
     skip_invalid: bool = opt(False, "skip invalid records instead of stopping")
     mark_changed: bool = opt(True, "outline the tokens the edit changed (turn off for pairs that are not edits, "
                                    "e.g. two independent samples, where nearly every token differs)")

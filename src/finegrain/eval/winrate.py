@@ -54,7 +54,7 @@ class WinrateConfig(LLMCallConfig):
     name: str | None = opt(None, "name of the compared model (default: the outputs' generator field)")
     leaderboard: str | None = opt(None, "leaderboard CSV to create or update (default: OUTPUT_BASE.leaderboard.csv)")
     skip_missing: bool = opt(False, "skip outputs without a reference (default: stop with an error)")
-    limit: int | None = opt(None, "only the first N outputs")
+    limit: int | None = opt(None, "only the first N outputs", ge=1)
 
     def validate(self) -> None:
         self.check_llm()

@@ -41,11 +41,11 @@ class LLMCallConfig:
     batch_size: int = opt(8, "hf backend: prompts generated together")
     price_table: str | None = opt(None, "YAML of model-prefix: [input, output] USD per million tokens "
                                         "(default: the packaged table)")
-    price_input: float | None = opt(None, "USD per million input tokens (overrides the table)")
-    price_output: float | None = opt(None, "USD per million output tokens (overrides the table)")
+    price_input: float | None = opt(None, "USD per million input tokens (overrides the table)", ge=0)
+    price_output: float | None = opt(None, "USD per million output tokens (overrides the table)", ge=0)
     backend_options: dict = opt(default_factory=dict, help="extra backend options, KEY=VALUE,... (e.g. sandbox: "
                                                             "seed=1)")
-    seed: int = opt(0, "seed of retry jitter (and of the judge's output order)")
+    seed: int = opt(0, "seed of retry jitter (and of the judge's output order)", ge=0)
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(concurrency=self.concurrency, requests_per_minute=self.requests_per_minute,

@@ -42,7 +42,7 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     prompt_field: str = opt("prompt", "name of the record field holding the prompt text")
     steps: int = opt(100, "PPO steps (each = one batch of rollouts, then the update)", ge=1)
     resume: bool = opt(False, "continue from the latest checkpoint in OUTPUT/checkpoints")
-    seed: int = opt(0, "random seed (sampling of step s uses seed + s, so resumed runs repeat it)")
+    seed: int = opt(0, "random seed (sampling of step s uses seed + s, so resumed runs repeat it)", ge=0)
     # --- batch sizes
     batch_size: int = opt(16, "rollouts per step per process (the global batch is this x number of processes)", ge=1)
     num_minibatches: int = opt(4, "minibatches per PPO epoch (ignored when --mini-batch-size is set)", ge=1)

@@ -320,6 +320,18 @@ class RewardSettings:
     whiten_advantages: bool
 
 
+def reward_statistic(rm: RewardOutput, s: RewardSettings) -> torch.Tensor:
+    """(B,) what ``--reward-norm``'s running moments track: each response's reward as PPO will see it.
+
+    Sequence mode: the RM's score. Token mode: the response's total token reward at the chosen
+    ``token_reward_scale``, the sum of r_t for ``raw`` and Eq. 1's mean (r_t / T summed) for ``mean``,
+    so that dividing every r_t by the moments' std gives responses' totals a std of 1 at either scale.
+    """
+    if s.mode == "sequence" or s.token_reward_scale == "mean":
+        return rm.scores
+    return rm.token_rewards.sum(-1)
+
+
 def process_rewards(r: Rollout, rm: RewardOutput, kl_coef: float, s: RewardSettings,
                     moments: "core.RunningMoments | None" = None) -> Rollout:
     """Fill kl, token_rewards, rewards, non_score_rewards, advantages and returns of ``r``.

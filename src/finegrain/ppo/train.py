@@ -43,8 +43,8 @@ from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
 from .rollout import (AttachedForward, PolicyAndValue, RewardSettings, Rollout, ValueHead, attached_forward,
-                      causal_logits, forward_response, make_rollout, process_rewards, rollout_stats, sample_records,
-                      score_rollout_forward, unwrapped_for_generation)
+                      causal_logits, forward_response, make_rollout, process_rewards, reward_statistic, rollout_stats,
+                      sample_records, score_rollout_forward, unwrapped_for_generation)
 from .setup import LoadedModels, RunInputs, load_models, lora_on_loaded_base, preflight
 
 log = logging.getLogger("finegrain.ppo")
@@ -291,8 +291,7 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float], Attac
             fwd.update(own)
         rm = e.scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts)
     if e.moments is not None:  # running statistics over every process's rewards
-        x = rm.scores if cfg.reward_mode == "sequence" else rm.token_rewards.sum(-1)
-        e.moments.update(acc.gather(x.to(acc.device)).cpu())
+        e.moments.update(acc.gather(reward_statistic(rm, e.settings).to(acc.device)).cpu())
     r = process_rewards(make_rollout(prompts, queries, gen, fwd, rm), rm, e.kl_ctl.value, e.settings, e.moments)
     t2 = time.perf_counter()
     return r.tensors_out_of_inference_mode(), {"time_generate": t1 - t0, "time_score": t2 - t1}, attached

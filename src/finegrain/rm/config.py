@@ -29,7 +29,7 @@ class TrainRMConfig(TrainingOptions):
     batch_size: int = opt(8, "pairs per micro-batch per process")
     lr: float | None = opt(None, "peak learning rate (default: 1e-5 for a pretrained backbone, 1e-3 for a model "
                                  "built --from-scratch, which needs far larger steps)")
-    eval_every: int = opt(50, "evaluate every N optimizer steps (0 = only at the end)")
+    eval_every: int = opt(50, "evaluate every N optimizer steps (0 = only at the end)", ge=0)
     eval_batch_size: int = opt(16, "pairs per batch when evaluating", ge=1)
     u0_weight: float = opt(0.0, "token losses: weight of a regulariser pulling the rewards of aligned unchanged (U0) "
                                 "tokens of the two responses together, the assumption behind Eq. 3-4 "

@@ -49,7 +49,7 @@ class DemoConfig:
                              "large enough to show what the full run shows; sizes left unset take its values")
     smoke: bool = opt(False, "CI's plumbing check: every stage and file at the smallest sizes, too small to conclude "
                              "anything (the report says so)")
-    seed: int = opt(0, "seed of the whole run (data, models, sampling, annotators)")
+    seed: int = opt(0, "seed of the whole run (data, models, sampling, annotators)", ge=0)
     # --- environment
     flaw_rate: float = opt(0.3, "probability that a demonstration sentence carries a flaw")
     noise: float = opt(0.25, "annotator noise: expected disagreement with the gold order (AlpacaFarm: ~0.25)")
@@ -74,13 +74,13 @@ class DemoConfig:
                                           "among the evaluation prompts (several samples per prompt when there are fewer "
                                           "such prompts)" + f" ({_presets('n_val_prompts')})")
     # --- models and optimisation
-    n_embd: int = opt(64, "policy/RM hidden size (tiny GPT-2)")
-    n_layer: int = opt(2, "policy/RM layers")
-    vocab_size: int = opt(1200, "BPE vocabulary trained on the demonstrations")
-    sft_lr: float = opt(5e-3, "SFT learning rate")
-    sft_batch_size: int = opt(8, "SFT batch size (small batches, many steps: fastest to fluent text on CPU)")
-    rm_lr: float = opt(1e-3, "RM learning rate")
-    ppo_lr: float = opt(3e-4, "PPO policy learning rate")
+    n_embd: int = opt(64, "policy/RM hidden size (tiny GPT-2)", ge=1)
+    n_layer: int = opt(2, "policy/RM layers", ge=1)
+    vocab_size: int = opt(1200, "BPE vocabulary trained on the demonstrations", ge=1)
+    sft_lr: float = opt(5e-3, "SFT learning rate", gt=0)
+    sft_batch_size: int = opt(8, "SFT batch size (small batches, many steps: fastest to fluent text on CPU)", ge=1)
+    rm_lr: float = opt(1e-3, "RM learning rate", gt=0)
+    ppo_lr: float = opt(3e-4, "PPO policy learning rate", gt=0)
     # KL defaults: each system's pick of `finegrain demo --sweep --rm-sweep` (full preset, demo seed 0, PPO seed 0, KL
     # grid {0.05, 0.2, 0.5, 1, 2, 5}, highest win rate on 132 validation prompts x 3 samples not among the evaluation
     # prompts); the token system with its RM, token_mean_label
@@ -97,9 +97,9 @@ class DemoConfig:
                                        "the backbone): the pick of `--rm-sweep`, see the README", choices=TOKEN_RMS)
     rm_sweep: bool = opt(False, "train every RM variant (backbone x loss, equal data and epochs), score each on the "
                                 "evaluation and the validation pairs, and pick the token RM on validation")
-    sample_temperature: float = opt(1.0, "temperature of the SFT samples that form the RM pairs")
-    eval_temperature: float = opt(0.7, "temperature of the evaluation outputs (= PPO's sampling temperature)")
-    max_new_tokens: int = opt(64, "longest response in tokens")
+    sample_temperature: float = opt(1.0, "temperature of the SFT samples that form the RM pairs", gt=0)
+    eval_temperature: float = opt(0.7, "temperature of the evaluation outputs (= PPO's sampling temperature)", gt=0)
+    max_new_tokens: int = opt(64, "longest response in tokens", ge=1)
     threads: int = opt(1, "torch CPU threads (1 is fastest for these tiny models on a shared 2-core machine)")
     sweep: bool = opt(False, "also run the tuning sweep: every system over the same KL grid (plus token-reward scale "
                              "variants), one seed, each scored by its win rate on validation prompts disjoint from the "

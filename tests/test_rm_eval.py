@@ -78,6 +78,9 @@ def test_cli_train_then_eval(trained, files, tmp_path, capsys):
     assert res["accuracy_se"] == pytest.approx((res["accuracy"] * (1 - res["accuracy"]) / 16) ** 0.5)
     print(f"CLI token RM: accuracy={res['accuracy']:.3f} token_auroc={res['token_auroc']:.3f}")
     assert res["accuracy"] >= 0.8
+    # the threshold comes from train-rm's own pairs (no held-out split here), and eval-rm says so
+    assert res["flaw_threshold"] == json.loads((trained / "finegrain.json").read_text())["flaw_threshold"]
+    assert res["flaw_threshold_from"] == "train-rm's training pairs"
     # without gold spans, edit pairs use the changed (U1) tokens of the rejected side (--dtype auto: the float32
     # the RM was saved in, the same scores)
     assert cli("eval-rm", "--model", trained, "--data", files / "nogold.jsonl", "--pairs", "edit",
@@ -168,3 +171,20 @@ def test_localisation_metrics_hand_computed():
                                                            "span_f1": 1.0, "n_pred_spans": 1, "n_gold_spans": 2}
     # without a threshold: the rank figures only
     assert "span_f1" not in localisation(worse, labels, [off, off], gold, better, threshold=None)
+
+
+def test_eval_rm_warns_when_its_data_is_the_reward_models_own(tmp_path, caplog):
+    """Training data, or the held-out split that picked the kept weights and the threshold: one warning line."""
+    from finegrain.rm.evaluate import warn_if_seen_in_training
+
+    train, held, other = (tmp_path / f"{n}.jsonl" for n in ("train", "held", "other"))
+    for f in (train, held, other):
+        f.write_text("{}\n")
+    meta = {"data": str(train), "eval_data": str(held)}
+    with caplog.at_level("WARNING", logger="finegrain.rm.evaluate"):
+        assert warn_if_seen_in_training(str(tmp_path / "." / "train.jsonl"), meta) == "training data"
+        assert warn_if_seen_in_training(str(held), meta).startswith("held-out split")
+        assert warn_if_seen_in_training(str(other), meta) is None
+        assert warn_if_seen_in_training(str(other), {"data": str(tmp_path / "gone.jsonl"), "eval_data": None}) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "not held-out" in lines[0] and "picked the kept weights" in lines[1]

@@ -63,6 +63,22 @@ def u0_pairs(opcodes) -> list[tuple[int, int]]:
     return [(j1 + k, i1 + k) for tag, i1, i2, j1, _ in opcodes if tag == "equal" for k in range(i2 - i1)]
 
 
+def pair_alignment(better: RMExample, worse: RMExample, better_text: str, worse_text: str,
+                   tokenizer=None) -> tuple[list[bool], list[bool], list[tuple[int, int]]]:
+    """U1 marks (better, worse) and U0 pairs of one comparison's two examples, as training and evaluation see them.
+
+    When either example was cut (and ``tokenizer`` can re-encode the whole responses), from the alignment of
+    the whole responses (:func:`window_alignment`); otherwise from the two examples' own response tokens.
+    """
+    if tokenizer is not None and (better.truncated or worse.truncated):
+        from ..tokens import encode_response
+
+        return window_alignment(better, worse, encode_response(tokenizer, better_text),
+                                encode_response(tokenizer, worse_text))
+    al = align_tokens(worse.response_ids, better.response_ids)
+    return al.changed_edited, al.changed_original, u0_pairs(al.opcodes)
+
+
 def window_alignment(better: RMExample, worse: RMExample, better_ids: Sequence[int],
                      worse_ids: Sequence[int]) -> tuple[list[bool], list[bool], list[tuple[int, int]]]:
     """U1 marks and U0 pairs of two (maybe truncated) examples, from the alignment of their WHOLE responses.
@@ -94,20 +110,13 @@ def featurize(tokenizer, items: Sequence[Comparison], *, max_length: int, templa
     differ only beyond ``max_length`` - the edit was cut off by truncation, which the summary
     reports apart).
     """
-    from ..tokens import encode_response
-
     out, dropped, cut = [], 0, 0
     for c in items:
         b = build_rm_example(tokenizer, c.prompt, c.better, max_length=max_length, template=template,
                              with_offsets=with_offsets, view=view)
         w = build_rm_example(tokenizer, c.prompt, c.worse, max_length=max_length, template=template,
                              with_offsets=with_offsets, view=view)
-        if b.truncated or w.truncated:
-            mb, mw, pairs = window_alignment(b, w, encode_response(tokenizer, c.better),
-                                             encode_response(tokenizer, c.worse))
-        else:
-            al = align_tokens(w.response_ids, b.response_ids)
-            mb, mw, pairs = al.changed_edited, al.changed_original, u0_pairs(al.opcodes)
+        mb, mw, pairs = pair_alignment(b, w, c.better, c.worse, tokenizer)
         if not any(mb) and not any(mw):
             dropped += 1
             cut += int(b.truncated or w.truncated)

@@ -23,17 +23,21 @@ rejected response (``"edit_u1"``); the score of a token is -reward.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Sequence
 
 import numpy as np
 
 from ..data.schema import Comparison
 from ..io import write_json
-from .align import align_tokens, spans_to_token_mask
+from .align import spans_to_token_mask
 from .config import EvalRMConfig
 from .inputs import RMExample
 from .scorer import response_scores
+
+logger = logging.getLogger(__name__)
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
@@ -162,20 +166,27 @@ def flawed_token_labels(items: Sequence[Comparison], better: list[RMExample], wo
         return "gold_spans", [spans_to_token_mask(w.response_offsets, c.gold_spans) if c.gold_spans is not None
                               else None for c, w in zip(items, worse)]
     if pairs == "edit":
-        out: list[list[bool] | None] = []
-        from .data import window_alignment
-        from ..tokens import encode_response
+        from .data import pair_alignment
 
+        out: list[list[bool] | None] = []
         for c, b, w in zip(items, better, worse):
-            if tokenizer is not None and (b.truncated or w.truncated):
-                mb, mw, _ = window_alignment(b, w, encode_response(tokenizer, c.better),
-                                             encode_response(tokenizer, c.worse))
-            else:
-                al = align_tokens(w.response_ids, b.response_ids)
-                mb, mw = al.changed_edited, al.changed_original
+            mb, mw, _ = pair_alignment(b, w, c.better, c.worse, tokenizer)
             out.append(mw if any(mb) or any(mw) else None)
         return "edit_u1", out
     return None, [None] * len(items)
+
+
+def warn_if_seen_in_training(data: str, meta: dict) -> str | None:
+    """One warning line when ``data`` is a file train-rm used: its training pairs, or the held-out split that
+    picked the kept weights and the flaw threshold. Returns which, or None."""
+    def same(path) -> bool:
+        return bool(path) and os.path.exists(path) and os.path.samefile(path, data)
+
+    role = ("training data" if same(meta.get("data")) else
+            "held-out split (it picked the kept weights and the flaw threshold)" if same(meta.get("eval_data")) else None)
+    if role:
+        logger.warning("%s is the reward model's %s: these figures are not held-out", data, role)
+    return role
 
 
 def evaluate_reward_model(cfg: EvalRMConfig) -> dict:
@@ -188,6 +199,7 @@ def evaluate_reward_model(cfg: EvalRMConfig) -> dict:
     rm = RewardModel.load(cfg.model, dtype=load_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code),
                           trust_remote_code=cfg.trust_remote_code,
                           max_length=cfg.max_length)
+    warn_if_seen_in_training(cfg.data, rm.meta)
     offsets = rm.kind == "token"
     better = [rm.encode(c.prompt, c.better, with_offsets=offsets) for c in items]
     worse = [rm.encode(c.prompt, c.worse, with_offsets=offsets) for c in items]
@@ -213,7 +225,8 @@ def evaluate_reward_model(cfg: EvalRMConfig) -> dict:
             if loc["token_auroc"] is not None:
                 result.update(token_auroc_source=source, **loc,
                               flaw_threshold_from="--flaw-threshold" if cfg.flaw_threshold is not None else
-                              ("the reward model's training pairs" if threshold is not None else None))
+                              (f"train-rm's {rm.meta.get('flaw_threshold_from', 'training-side pairs')}"
+                               if threshold is not None else None))
     write_json(cfg.output, result)
     return result
 

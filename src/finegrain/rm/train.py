@@ -242,7 +242,8 @@ class BestKeeper:
 def calibrate_flaw_threshold(model, kind: str, features: Sequence[PairFeatures], pad_id: int, batch_size: int,
                              device) -> float | None:
     """The reward below which a token is called flawed: the threshold with the best token F1 against the
-    changed (U1) tokens of the worse responses of ``features`` (training-side pairs, never evaluation data)."""
+    changed (U1) tokens of the worse responses of ``features`` (train-rm's held-out split when it has one, else
+    its training pairs: never eval-rm's data, unless a user gives eval-rm the same file, which it warns about)."""
     from .evaluate import best_f1_threshold
 
     if kind != "token" or not features:

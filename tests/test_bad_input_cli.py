@@ -264,6 +264,15 @@ CORPUS: list[Case] = [
          run="rm", damage=plant_pickle("scheduler.pt")),
     Case("sft --resume: truncated RNG state", RUNS["sft"] + " --resume", "rng_0.pt: cannot resume", run="sft",
          damage=truncate("rng_0.pt")),
+    Case("eval-rm: a plain checkpoint (no finegrain.json) whose config.json is cut short", "eval-rm --model {o} "
+         "--data {w}/pairs.jsonl --output {t}/eval.json", "config.json: invalid JSON", run="rm",
+         damage=lambda run: ((run / "finegrain.json").unlink(),
+                             (run / "config.json").write_text('{"architectures": ["GPT2ForTok'))),
+    Case("eval-rm: a reward model whose finegrain.json is not an object", "eval-rm --model {o} --data "
+         "{w}/pairs.jsonl --output {t}/eval.json", "finegrain.json: not a JSON object", run="rm",
+         damage=lambda run: (run / "finegrain.json").write_text('["token"]')),
+    Case("ppo --resume with options the checkpoint was not saved with", PPO_RUN + " --resume --steps 3 --use-lora",
+         "cannot resume: the checkpoint does not fit this run's model or options", run="ppo"),
     Case("ppo --resume: a checkpoint of the layout before issue 16", PPO_RUN + " --resume --steps 3",
          "in the checkpoint layout of an earlier finegrain", run="ppo", damage=legacy_layout),
 ]

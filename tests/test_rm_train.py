@@ -260,7 +260,8 @@ def test_two_processes_train_and_resume_exactly(data_dir, base_model, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside this Python")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", FINEGRAIN_PROGRESS="0")
+    # TMPDIR: torchrun's torchelastic_* directories land under tmp_path, not in the machine's $TMPDIR
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", FINEGRAIN_PROGRESS="0", TMPDIR=str(tmp_path))
     out = tmp_path / "ddp"
     argv = [str(torchrun), "--nproc_per_node", "2", "-m", "finegrain", "train-rm", "--data",
             str(data_dir / "train.jsonl"), "--model", str(base_model), "--output", str(out), "--epochs", "1",
@@ -429,3 +430,29 @@ def test_truncation_never_marks_unchanged_tokens_as_changed(tiny_tokenizer):
 
     old = align_tokens(f.worse.response_ids, f.better.response_ids).changed_original
     assert sum(old) > sum(f.u1_worse)
+
+
+def test_best_keeper_ignores_nan_and_keeps_the_previous_best_through_a_crash(tmp_path):
+    """--keep best: a NaN evaluation is never the best; a crash between offer()'s renames loses nothing."""
+    import types
+
+    from safetensors.torch import load_file
+
+    from finegrain.rm.train import BestKeeper
+
+    acc = types.SimpleNamespace(wait_for_everyone=lambda: None, unwrap_model=lambda m: m)
+    model = torch.nn.Linear(2, 1)
+    keeper = BestKeeper(tmp_path, "loss", resume=False, main_process=True)
+    for step, loss in ((1, 0.3), (2, float("nan")), (3, 0.5), (4, 0.2)):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        keeper.offer(step, {"eval_loss": loss}, acc, model)
+        kept = {1: 1, 2: 1, 3: 1, 4: 4}[step]  # 0.3 stays best through the NaN and the worse 0.5; 0.2 beats it
+        assert keeper.record["step"] == kept and json.loads((tmp_path / "best" / "best.json").read_text())["step"] == kept
+        assert load_file(str(tmp_path / "best" / "model.safetensors"))["weight"].unique().tolist() == [float(kept)]
+    assert not (tmp_path / ".best.old").exists() and not (tmp_path / ".best.tmp").exists()
+    # a crash after the old best was moved aside and before the new one took its place
+    (tmp_path / "best").rename(tmp_path / ".best.old")
+    resumed = BestKeeper(tmp_path, "loss", resume=True, main_process=True)
+    assert resumed.record == {"step": 4, "metric": "eval_loss", "value": 0.2}
+    assert (tmp_path / "best" / "model.safetensors").exists() and not (tmp_path / ".best.old").exists()

@@ -327,7 +327,7 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     # position of the first EOS (or the end): keep tokens up to and including it
     first = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, resp.shape[1], dtype=torch.long))
     positions = torch.arange(resp.shape[1]).unsqueeze(0)
-    r_mask = (positions <= first.unsqueeze(1)).long() & (positions < resp.shape[1]).long()
+    r_mask = (positions <= first.unsqueeze(1)).long()
     resp = torch.where(r_mask.bool(), resp, torch.full_like(resp, pad))
     texts = tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(resp, r_mask)], skip_special_tokens=True)
     return Generated(q_ids.cpu(), q_mask.cpu(), resp, r_mask, ended, texts)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .speed import apply_model_switches
 
 Head = Literal["causal", "token", "sequence", "base"]
@@ -353,8 +353,12 @@ def save_checkpoint(out_dir: str | os.PathLike, model, tokenizer, meta: dict[str
 
 
 def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
+    from .io import read_json
+
     p = Path(model_dir) / META_FILE
     if not p.exists():
         return {}
-    with open(p, encoding="utf-8") as f:
-        return json.load(f)
+    meta = read_json(p)  # a damaged file: one InputError line naming it
+    if not isinstance(meta, dict):
+        raise InputError("not a JSON object", path=p)
+    return meta

@@ -239,7 +239,15 @@ def checkpoint_error(ckpt: Path, error: Exception) -> FinegrainError:
     elif isinstance(error, FileNotFoundError) and error.filename:
         path, reason = Path(error.filename), "missing"
     else:
-        path, reason = _unreadable_file(ckpt) or (ckpt, _reason(error))
+        damaged = _unreadable_file(ckpt)
+        if damaged is None:  # every file reads on its own: the run, not the checkpoint, differs (a model size,
+            # LoRA rank or value-model choice other than the saving run's)
+            detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+            detail = f" {detail[:160]}{'...' if len(detail) > 160 else ''}" if detail else ""
+            return InputError(f"cannot resume: the checkpoint does not fit this run's model or options ({_reason(error)}"
+                              f"{detail}); "
+                              "resume with the options it was saved with, or start again without --resume", path=ckpt)
+        path, reason = damaged
     return InputError(f"cannot resume: the checkpoint is damaged or was altered ({reason}); delete {ckpt} to "
                       "resume from the checkpoint before it, or start again without --resume", path=path)
 

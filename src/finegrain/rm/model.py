@@ -98,9 +98,10 @@ def kind_of_checkpoint(path: str) -> Kind | None:
         return kind
     cfg = Path(path) / "config.json"
     if cfg.exists():
-        import json
+        from ..io import read_json
 
-        archs = json.loads(cfg.read_text()).get("architectures") or []
+        saved = read_json(cfg)  # a damaged file: one InputError line naming it
+        archs = (saved.get("architectures") if isinstance(saved, dict) else None) or []
         if any(a.endswith("ForTokenClassification") for a in archs):
             return "token"
         if any(a.endswith("ForSequenceClassification") for a in archs):

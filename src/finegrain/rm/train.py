@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -204,6 +205,9 @@ class BestKeeper:
         self.dir, self.key, self.sign = output / "best", f"eval_{metric}", -1.0 if metric == "loss" else 1.0
         self.main = main_process
         self.record: dict | None = None
+        old = self.dir.with_name(".best.old")
+        if resume and self.main and not (self.dir / "best.json").exists() and (old / "best.json").exists():
+            old.rename(self.dir)  # a crash between the two renames of offer(): the previous best is still whole
         if resume and (self.dir / "best.json").exists():
             self.record = read_json(self.dir / "best.json")
         elif self.main and self.dir.exists():
@@ -212,8 +216,9 @@ class BestKeeper:
     def offer(self, step: int, metrics: dict, accelerator, model) -> None:
         """Save the model when ``metrics`` beats the best so far (all processes call this)."""
         value = metrics.get(self.key)
-        if value is None or (self.record is not None and self.sign * value <= self.sign * self.record["value"]):
-            return
+        if value is None or not math.isfinite(value) or (
+                self.record is not None and self.sign * value <= self.sign * self.record["value"]):
+            return  # a NaN evaluation is never the best (and would make any later value beat it)
         self.record = {"step": step, "metric": self.key, "value": value}
         accelerator.wait_for_everyone()
         if self.main:
@@ -224,8 +229,12 @@ class BestKeeper:
             tmp.mkdir(parents=True)
             save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
             write_json(tmp / "best.json", self.record)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            old = self.dir.with_name(".best.old")  # the previous best stays whole until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            if self.dir.exists():
+                self.dir.rename(old)
             tmp.rename(self.dir)
+            shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
     def restore(self, model) -> dict | None:

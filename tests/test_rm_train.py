@@ -456,3 +456,22 @@ def test_best_keeper_ignores_nan_and_keeps_the_previous_best_through_a_crash(tmp
     resumed = BestKeeper(tmp_path, "loss", resume=True, main_process=True)
     assert resumed.record == {"step": 4, "metric": "eval_loss", "value": 0.2}
     assert (tmp_path / "best" / "model.safetensors").exists() and not (tmp_path / ".best.old").exists()
+
+
+def test_skip_invalid_rejects_bad_held_out_records_into_their_own_file(data_dir, base_model, tmp_path):
+    """--eval-data with --skip-invalid: its bad records are counted and kept in rejects_eval.jsonl, as --data's are."""
+    from finegrain.models import load_tokenizer
+    from finegrain.rm.train import prepare_data
+
+    ev = tmp_path / "ev.jsonl"
+    write_jsonl(ev, synthetic_pairs(4, seed=3, prefix="e"))
+    with open(ev, "a", encoding="utf-8") as f:
+        f.write('{"id": "no-responses", "prompt": "Describe the lamp."}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    data = prepare_data(train_cfg(data_dir, base_model, out, eval_data=str(ev), skip_invalid=True),
+                        load_tokenizer(str(base_model)))
+    assert data.n_rejected == 1 and len(data.eval) == 4
+    kept = (out / "rejects_eval.jsonl").read_text().splitlines()
+    assert len(kept) == 1 and "no-responses" in kept[0]
+    assert not (out / "rejects.jsonl").exists() or not (out / "rejects.jsonl").read_text().strip()

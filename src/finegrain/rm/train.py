@@ -118,11 +118,14 @@ def prepare_data(cfg: TrainRMConfig, tokenizer) -> RMData:
     """Load, split, tokenise and align the pairs; drop unchanged ones."""
     rejects = str(Path(cfg.output) / "rejects.jsonl") if cfg.skip_invalid else None
     items, report = load_comparisons_report(cfg.data, cfg.pairs, skip_invalid=cfg.skip_invalid, rejects_path=rejects)
-    dropped, dropped_eval = report.n_unchanged, 0
+    dropped, dropped_eval, rejected = report.n_unchanged, 0, report.n_rejected
     if cfg.eval_data:
         train_items = items
-        eval_items, eval_report = load_comparisons_report(cfg.eval_data, cfg.pairs, skip_invalid=cfg.skip_invalid)
+        eval_rejects = str(Path(cfg.output) / "rejects_eval.jsonl") if cfg.skip_invalid else None
+        eval_items, eval_report = load_comparisons_report(cfg.eval_data, cfg.pairs, skip_invalid=cfg.skip_invalid,
+                                                          rejects_path=eval_rejects)
         dropped_eval += eval_report.n_unchanged
+        rejected += eval_report.n_rejected
     else:
         train_items, eval_items = split_by_id(items, cfg.eval_fraction, cfg.seed)
     kw = dict(max_length=cfg.max_length, template=cfg.template, view=cfg.token_view, with_offsets=False)
@@ -135,7 +138,7 @@ def prepare_data(cfg: TrainRMConfig, tokenizer) -> RMData:
     if cut + cut_eval:
         logger.warning("%d pairs dropped: their edit lies beyond --max-length %d (raise it to keep them)",
                        cut + cut_eval, cfg.max_length)
-    return RMData(train, ev, dropped, dropped_eval, report.n_rejected, cut + cut_eval)
+    return RMData(train, ev, dropped, dropped_eval, rejected, cut + cut_eval)
 
 
 # ---------------------------------------------------------------- model and optimisation

@@ -54,6 +54,23 @@ def _declared_entry_points_missing_from_install() -> None:
 
 _declared_entry_points_missing_from_install()
 
+
+def _hypothesis_storage_in_a_temporary_directory() -> None:
+    """Hypothesis keeps its example database and caches in ``./.hypothesis`` (the repo root in CI):
+    point it at a temporary directory removed at exit, unless HYPOTHESIS_STORAGE_DIRECTORY chooses one."""
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:  # the tests that need hypothesis fail on their own import
+        return
+    if os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        return
+    root = tempfile.mkdtemp(prefix="finegrain-hypothesis-")
+    atexit.register(shutil.rmtree, root, True)
+    set_hypothesis_home_dir(root)
+
+
+_hypothesis_storage_in_a_temporary_directory()
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 CORPUS = [

@@ -47,7 +47,7 @@ def test_spread_trimmed_offsets_by_hand():
     # "x   y": three lone-space tokens trimmed to (2,2), (3,3), (4,4) share the uncovered characters 1..3
     assert spread_trimmed_offsets([(0, 1), (2, 2), (3, 3), (4, 4), (4, 5)], 5) == [
         (0, 1), (1, 4), (1, 4), (1, 4), (4, 5)]
-    # a trailing space "city " -> (26, 26): its character is 25
+    # a trailing space "city " -> (27, 27): its character is 26
     assert spread_trimmed_offsets([(22, 23), (23, 26), (27, 27)], 27) == [(22, 23), (23, 26), (26, 27)]
     # no uncovered character around a zero-width span: kept as it is
     assert spread_trimmed_offsets([(0, 3), (3, 3), (3, 6)], 6) == [(0, 3), (3, 3), (3, 6)]

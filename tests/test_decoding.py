@@ -184,15 +184,26 @@ def test_models_the_loop_cannot_run_fall_back_to_generate(sharp_model, tiny_toke
 
 
 def test_decoder_from_the_environment(sharp_model, tiny_tokenizer, prompt_ids, monkeypatch):
+    from finegrain import generation
+
     sharp_model.generation_config.repetition_penalty = 1.3
     try:
         monkeypatch.setenv("FINEGRAIN_DECODER", "loop")
         with pytest.raises(ConfigError, match="repetition_penalty"):
             sample(sharp_model, tiny_tokenizer, prompt_ids, max_new_tokens=4)
-        monkeypatch.setenv("FINEGRAIN_DECODER", "generate")
-        sample(sharp_model, tiny_tokenizer, prompt_ids, max_new_tokens=4)
     finally:
         sharp_model.generation_config.repetition_penalty = 1.0
+    # a model the loop can run, so `auto` would take the loop: the variable alone must send it to generate
+    assert loop_unsupported(sharp_model) is None
+    loops = []
+    loop = generation._decode_loop
+    monkeypatch.setattr(generation, "_decode_loop", lambda *a, **k: loops.append(1) or loop(*a, **k))
+    monkeypatch.setenv("FINEGRAIN_DECODER", "auto")
+    sample(sharp_model, tiny_tokenizer, prompt_ids, max_new_tokens=4, do_sample=False)
+    assert len(loops) == 1  # the wrapper counts: auto ran the loop
+    monkeypatch.setenv("FINEGRAIN_DECODER", "generate")
+    sample(sharp_model, tiny_tokenizer, prompt_ids, max_new_tokens=4, do_sample=False)
+    assert len(loops) == 1  # generate asked for: the loop was not run again
     monkeypatch.setenv("FINEGRAIN_DECODER", "fast")
     with pytest.raises(ConfigError, match="FINEGRAIN_DECODER"):
         sample(sharp_model, tiny_tokenizer, prompt_ids, max_new_tokens=4)

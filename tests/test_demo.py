@@ -214,6 +214,7 @@ def test_aggregate_over_seeds_exact():
     assert one["win_rate_se"] == pytest.approx(0.03)  # one seed: the judge's own standard error
 
 
+@pytest.mark.slow  # quick_run runs `demo --smoke`, like the other tests that use it
 def test_rm_finding_says_whether_the_gap_is_beyond_noise(quick_run):
     from finegrain.sandbox.report import findings
 

@@ -266,8 +266,9 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_server_that_refuses_connections_stops_the_run_within_30_seconds(tmp_path):
-    """Default retries and backoff: the run stops after the first refused attempts, not after ~5 minutes."""
+def test_a_server_that_refuses_connections_stops_the_run_after_three_attempts(tmp_path):
+    """Default retries and backoff: the run stops after the first refused attempts, not after ~5 minutes
+    (the error line says it stopped after 3 attempts; the subprocess timeout guards against a hang)."""
     write_pairs(tmp_path / "pairs.jsonl", [""] * 12)
     out = tmp_path / "out" / "edited.jsonl"
     out.parent.mkdir()
@@ -275,10 +276,8 @@ def test_a_server_that_refuses_connections_stops_the_run_within_30_seconds(tmp_p
     cmd = [sys.executable, "-m", "finegrain", "edit", "--backend", "openai", "--model", "gpt-4o-mini",
            "--base-url", f"http://127.0.0.1:{closed_port()}/v1", "--data", str(tmp_path / "pairs.jsonl"),
            "--output", str(out)]
-    t0 = time.monotonic()
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - t0
-    assert done.returncode == 2 and elapsed < 30, (elapsed, done.stderr)
+    assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith("finegrain edit: error: edit: stopped, 3 attempts in a row found no server "
                                   "(cannot connect to http://127.0.0.1:"), done.stderr

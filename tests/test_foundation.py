@@ -85,7 +85,7 @@ def test_a_redeclared_field_keeps_the_bounds_of_the_field_it_overrides():
         build_config(SFTConfig, overrides={"data": "d", "output": "o", "from_scratch": True, "batch_size": 0})
 
 
-def test_negative_numbers_are_values_and_usage_errors_are_one_line(capsys):
+def test_negative_numbers_are_values_and_usage_errors_are_one_line(tmp_path, capsys):
     from finegrain.cli import build_parser
 
     args = build_parser("ppo").parse_args(["ppo", "--lr", "-1e-3", "--kl-coef", "-2E+1", "--gamma", "-.5",
@@ -95,7 +95,7 @@ def test_negative_numbers_are_values_and_usage_errors_are_one_line(capsys):
                         (["--lr", "soon"], "argument --lr: invalid float value: 'soon'"),
                         (["--nope"], "unrecognized arguments: --nope")]:
         with pytest.raises(SystemExit) if "option" not in words else contextlib.nullcontext():
-            assert main(["train-rm", "--data", "d", "--model", "m", "--output", "o", *argv]) == 2
+            assert main(["train-rm", "--data", "d", "--model", "m", "--output", str(tmp_path / "o"), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("finegrain train-rm: error: ") and words in err, err
 

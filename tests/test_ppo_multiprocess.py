@@ -74,8 +74,9 @@ def test_two_processes_stay_in_sync(tmp_path, num_minibatches, value_init, extra
                save_every=2, sample_every=1, log_with="none", prompt_template="{prompt} :", **extra)
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(ROOT / "tests")))
+    # TMPDIR: torchrun's torchelastic_* directories land under tmp_path, not in the machine's $TMPDIR
     env = dict(os.environ, FINEGRAIN_PROGRESS="0", PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1",
-               ACCELERATE_USE_CPU="true")
+               ACCELERATE_USE_CPU="true", TMPDIR=str(tmp_path))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", extra.get("mixed_precision", "no"), "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(script), json.dumps(cfg)]

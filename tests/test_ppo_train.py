@@ -517,10 +517,28 @@ def test_an_encoder_reward_model_scores_ppo_but_cannot_initialise_the_value_mode
     ws["reward_model"] = str(tmp_path / "bert_rm")
     with pytest.raises(ConfigError, match="a value model must not see the future; use --value-init policy"):
         preflight(toy_config(ws, tmp_path / "x", value_init="reward"))
-    summary = train_ppo(toy_config(ws, tmp_path / "out", steps=2))
+    summary = train_ppo(toy_config(ws, tmp_path / "out", steps=2, sample_every=1, num_samples=8))
     assert summary["steps"] == 2
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 and all(abs(m["reward"]) < 100 for m in lines)
+    samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and len(samples) == 16  # every rollout of both steps (batch size 8) is logged
+    for step, m in enumerate(lines, 1):
+        scores = [s["score"] for s in samples if s["step"] == step]
+        assert m["reward"] == pytest.approx(sum(scores) / len(scores), rel=1e-6)
+    # the BERT's own Eq. 1 score (mean r_t over the response and its closing EOS) of each logged sample whose
+    # text gives back its tokens (a sampled pad or unk is dropped from the text: those are left out)
+    checked = 0
+    for s in samples:
+        words = s["response"].split()
+        if len(words) != s["length"] - s["ended"]:
+            continue
+        p_ids = tok(s["prompt"] + " :", add_special_tokens=False)["input_ids"]  # toy_config's template
+        ids = p_ids + tok.convert_tokens_to_ids(words) + [tok.eos_token_id]
+        with torch.no_grad():
+            r_t = bert(input_ids=torch.tensor([ids])).logits[0, len(p_ids):, 0]
+        assert s["score"] == pytest.approx(r_t.mean().item(), abs=1e-5)
+        checked += 1
+    assert checked >= 4
 
 
 def test_an_echo_reward_model_is_read_with_its_view_in_ppo(tmp_path):

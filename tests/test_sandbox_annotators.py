@@ -80,7 +80,7 @@ def test_judge_backend_deterministic_and_exact_when_noiseless():
     again = [asyncio.run(noisy.judge(JudgeRequest(id=str(i), instruction=prompt, output_1=good, output_2=bad))).preference
              for i in range(200)]
     assert prefs == again
-    # gap 2.25 - (-2.25) = 4.5 at T ~ 1.44: p(prefer bad) = sigmoid(-4.5 / T) ~ 0.04
+    # gap 2.25 - (-2.75) = 5.0 at T ~ 1.44: p(prefer bad) = sigmoid(-5.0 / T) ~ 0.03
     assert 0 < sum(p == 2.0 for p in prefs) < 30
     err = asyncio.run(noisy.judge(JudgeRequest(id="x", instruction="hi", output_1="a", output_2="b")))
     assert err.error is not None

@@ -104,4 +104,4 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["sft", "--data", str(p), "--output", str(tmp_path / "o"), "--from-scratch"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "line 1" in err and "'prompt'" in err
-    assert main(["sft", "--data", str(p), "--output", "o", "--from-scratch", "--model", "m"]) == 2
+    assert main(["sft", "--data", str(p), "--output", str(tmp_path / "o"), "--from-scratch", "--model", "m"]) == 2

@@ -152,9 +152,9 @@ def test_sandbox_backends_resolve_lazily_and_run(tmp_path):
     """The `sandbox` editor and judge (another module) plug into the same runners."""
     import random
 
-    pytest.importorskip("finegrain.sandbox.backends")
+    import finegrain.sandbox.backends  # noqa: F401  (the package's own module: a failure here is a bug, not a skip)
     from finegrain.edit.core import EditConfig, edit_pairs
-    from finegrain.sandbox.domain import make_prompts, parse_prompt, sample_response
+    from finegrain.sandbox.domain import gold_reward, make_prompts, parse_prompt, sample_response
 
     rng = random.Random(0)
     rows = [{"id": f"s{i}", "prompt": p, "chosen": sample_response(parse_prompt(p), rng),
@@ -167,7 +167,12 @@ def test_sandbox_backends_resolve_lazily_and_run(tmp_path):
     refs = write(tmp_path / "r.json", [{"instruction": r["prompt"], "output": r["rejected"]} for r in rows])
     w = winrate(build_config(WinrateConfig, dict(outputs=outs, reference=refs, judge="sandbox",
                                                  output=str(tmp_path / "w.json"), backend_options={"noise": 0.0})))
-    assert w["n"] == 6 and w["judge_model"] == "gold" and 0.0 <= w["win_rate"] <= 1.0
+    assert w["n"] == 6 and w["judge_model"] == "gold"
+    # noise 0: an exact judge on the gold reward, so the win rate of the outputs (chosen) over the
+    # references (rejected) is known: 1 per higher gold reward, 1/2 per tie, 0 per lower
+    scores = [(gold_reward(r["prompt"], r["chosen"]), gold_reward(r["prompt"], r["rejected"])) for r in rows]
+    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in scores) / len(scores)
+    assert w["win_rate"] == pytest.approx(expected)
 
 
 @pytest.mark.realdata

@@ -80,10 +80,14 @@ def test_hf_editor_backend_batches_a_local_model(tmp_path, tiny_dir, tiny_tokeni
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "Be polite.", "chosen": "Sure, happy to help.",
                                          "rejected": f"You are stupid for asking that {i}."}) + "\n" for i in range(5)))
-    # the editing prompt does not fit a 256-position model: every item says so, nothing is generated
-    short = edit_pairs(build_config(EditConfig, dict(data=str(pairs), output=str(tmp_path / "s.jsonl"), backend="hf",
-                                                     model=tiny_dir, max_tokens=6)))
-    assert short["rejects_by_reason"] == {"too_long": 5}
+    # the editing prompt does not fit a 256-position model: every item fails so, and the run stops saying why
+    from finegrain.llm.interfaces import FatalBackendError
+
+    with pytest.raises(FatalBackendError, match=r"every request failed \(5 items, last: too_long: prompt of \d+ "
+                                                r"tokens \+ max_tokens=6 exceeds the model's context of 256 tokens"):
+        edit_pairs(build_config(EditConfig, dict(data=str(pairs), output=str(tmp_path / "s.jsonl"), backend="hf",
+                                                 model=tiny_dir, max_tokens=6)))
+    assert not (tmp_path / "s.jsonl").exists()
     long_dir = tmp_path / "long-ctx"
     save_checkpoint(long_dir, make_tiny_model(tiny_tokenizer, "causal", seed=1, n_positions=1024), tiny_tokenizer, {})
     cfg = build_config(EditConfig, dict(data=str(pairs), output=str(tmp_path / "e.jsonl"), backend="hf",
@@ -96,7 +100,7 @@ def test_hf_editor_backend_batches_a_local_model(tmp_path, tiny_dir, tiny_tokeni
     assert again["n_cached"] == 5 and again["n_requests"] == 0
 
 
-def test_hf_judge_backend_runs_and_counts_unusable_answers(tmp_path, tiny_tokenizer):
+def test_hf_judge_backend_runs_and_a_run_with_nothing_judged_writes_nothing(tmp_path, tiny_tokenizer):
     from finegrain.eval.winrate import WinrateConfig, winrate
 
     d = tmp_path / "judge"
@@ -104,13 +108,14 @@ def test_hf_judge_backend_runs_and_counts_unusable_answers(tmp_path, tiny_tokeni
     rows = [{"instruction": f"Task {i}", "output": f"answer {i}"} for i in range(3)]
     (tmp_path / "o.json").write_text(json.dumps(rows))
     (tmp_path / "r.json").write_text(json.dumps([dict(r, output="ref") for r in rows]))
-    res = winrate(build_config(WinrateConfig, dict(outputs=str(tmp_path / "o.json"), reference=str(tmp_path / "r.json"),
-                                                   judge="hf", judge_model=str(d), max_tokens=3,
-                                                   output=str(tmp_path / "w.json"))))
-    # an untrained judge rarely says A, B or TIE: whatever it says is either scored or counted as failed
-    assert res["n"] + res["n_failed"] == 3 and res["n_requests"] == 3 and res["cost_usd"] == 0.0
-    ann = json.loads((tmp_path / "w.annotations.json").read_text())
-    assert all((a["preference"] is None) == (a["error"] is not None) for a in ann)
+    from finegrain.llm.interfaces import FatalBackendError
+
+    # this untrained judge (greedy, seed 2) never says A, B or TIE: nothing is judged, so nothing is written
+    with pytest.raises(FatalBackendError, match=r"no example was judged \(3 examples, first error: unparseable"):
+        winrate(build_config(WinrateConfig, dict(outputs=str(tmp_path / "o.json"), reference=str(tmp_path / "r.json"),
+                                                 judge="hf", judge_model=str(d), max_tokens=3,
+                                                 output=str(tmp_path / "w.json"))))
+    assert not (tmp_path / "w.json").exists() and not (tmp_path / "w.annotations.json").exists()
 
 
 def test_dtype_auto_is_the_dtype_a_checkpoint_was_saved_in(tmp_path, tiny_dir, tiny_tokenizer):

@@ -73,12 +73,12 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: typing.S
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) for ``X``, ``X | None``, ``Optional[X]``."""
+    """(inner type, optional?) for ``X``, ``X | None``, ``Optional[X]``; a bare ``dict`` is ``dict[str, Any]``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else str), True
-    return tp, False
+        return _base_type(args[0])[0] if len(args) == 1 else str, True
+    return (dict[str, Any] if tp is dict else tp), False
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -199,12 +199,17 @@ def _add_field(parser: Any, f: dataclasses.Field, hint: Any, cls: type) -> None:
 
 
 def _parse_mapping(text: str) -> dict[str, Any]:
+    """``"seed=1,name=x"`` -> ``{"seed": 1, "name": "x"}`` (each value read as YAML)."""
     out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         k, sep, v = item.partition("=")
-        if not sep:
+        if not sep or not k.strip():
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise argparse.ArgumentTypeError(f"{k.strip()}: invalid value {v!r} "
+                                             f"({getattr(e, 'problem', None) or 'invalid YAML'})") from e
     return out
 
 
@@ -234,19 +239,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [(_coerce(v, args[0], where) if args else v) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping of KEY: VALUE, got {type(value).__name__} {value!r}")
+        if typing.get_args(inner)[:1] == (str,):
+            bad = next((k for k in value if not isinstance(k, str)), None)
+            if bad is not None:
+                raise ConfigError(f"{where}: keys must be strings, got {type(bad).__name__} {bad!r}")
         return dict(value)
     return value
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError as e:
-        raise InputError("no such config file", path=path) from e
-    except yaml.YAMLError as e:
-        raise InputError(f"invalid YAML: {e}", path=path) from e
+    from .io import read_yaml
+
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

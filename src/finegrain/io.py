@@ -5,7 +5,12 @@ Sources: .jsonl, .jsonl.gz, .json (a list, or a dict holding one list), .parquet
 location (``line 12`` or ``index 12``) so that validation errors can point at it. A file that
 cannot be read (not parquet, corrupt gzip, JSON nested deeper than Python can parse) and a
 record holding NaN or Infinity (not JSON; it could not be written back) are an
-:class:`InputError` naming the file, like every other bad record.
+:class:`InputError` naming the file, like every other bad record. A UTF-8 byte-order mark at
+the start of a JSON or JSONL file is allowed (and dropped).
+
+An output that cannot be written is an :class:`InputError` naming it too: checked before any work
+by a command (:func:`check_output_file`, :func:`check_output_dir`), and, as a last resort, when
+:func:`atomic_write` fails.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ def iter_records(path: str | os.PathLike, on_error: Callable[[InputError, Any], 
     opener = gzip.open if path.endswith(".gz") else open
     try:
         # surrogateescape: undecodable bytes become U+DC80..U+DCFF so the error can name line and field
-        with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as f:
+        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape") as f:
             if path.endswith(".json") or path.endswith(".json.gz"):
                 text = f.read()
                 try:
@@ -250,25 +255,66 @@ def exclusive_lock(path: str | os.PathLike, guarded: str):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _unwritable(path: Path, directory: bool = False) -> str | None:
+    """Why the file (or, with ``directory``, the directory) ``path`` cannot be created, or None if it can."""
+    if directory and path.exists() and not path.is_dir():
+        return "it is a file, not a directory"
+    if not directory and path.is_dir():
+        return "it is a directory, not a file"
+    blocker = next((p for p in path.parents if p.exists()), None)  # the nearest existing ancestor
+    if blocker is not None and not blocker.is_dir():
+        return f"{blocker} is a file, not a directory"
+    return None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--output") -> None:
+    """Refuse, before any work, an output file that cannot be created: an :class:`InputError` naming ``path`` and
+    ``what`` gives it (``--output``, "the rejects file beside --output", ...)."""
+    problem = _unwritable(Path(path))
+    if problem:
+        raise InputError(f"{what} cannot be written: {problem}", path=path)
+
+
+def check_output_dir(path: str | os.PathLike, files: Iterable[str] = (), what: str = "--output") -> None:
+    """Like :func:`check_output_file` for an output directory and the ``files`` a command writes in it."""
+    problem = _unwritable(Path(path), directory=True)
+    if problem:
+        raise InputError(f"{what} cannot be written: {problem}", path=path)
+    for name in files:
+        check_output_file(Path(path) / name, f"{name} in {what}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
     """Write to a temporary file beside ``path`` and rename it into place only on success.
 
-    A crash or Ctrl-C leaves the previous version of ``path`` (if any) untouched.
+    A crash or Ctrl-C leaves the previous version of ``path`` (if any) untouched. A file that cannot
+    be written (a directory, under a file, no permission, a full disk) is an :class:`InputError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        # an OSError of the write itself (a full disk has no file name; the rename names tmp and path), not one
+        # of the caller's own reading inside the block (it names its own file)
+        if isinstance(e, OSError) and (e.filename is None or str(e.filename) in (str(tmp), str(path))):
+            raise _write_error(path, e) from e
         raise
+
+
+def _write_error(path: Path, e: OSError) -> InputError:
+    return InputError(f"cannot write: {_unwritable(path) or e.strerror or e}", path=path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -295,12 +341,32 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
 
 def read_json(path: str | os.PathLike) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except FileNotFoundError as e:
         raise InputError("no such file", path=path) from e
     except json.JSONDecodeError as e:
         raise InputError(f"invalid JSON ({e.msg} at line {e.lineno})", path=path) from e
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """The YAML document of ``path`` (``what`` it is, for the messages: "config file", "price table"); a file that
+    is missing, a directory, not UTF-8, unreadable or not YAML is an :class:`InputError` naming it."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise InputError(f"no such {what}", path=path) from e
+    except IsADirectoryError as e:
+        raise InputError(f"is a directory, not a {what}", path=path) from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"text is not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8", path=path) from e
+    except OSError as e:
+        raise InputError(f"cannot read the {what} ({e.strerror or e})", path=path) from e
+    except yaml.YAMLError as e:
+        raise InputError(f"invalid YAML: {e}", path=path) from e
 
 
 def _json_default(o: Any) -> Any:

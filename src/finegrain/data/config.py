@@ -6,6 +6,7 @@ from typing import Any
 
 from ..config import opt
 from ..errors import ConfigError
+from ..io import check_output_dir
 from .convert import QA_PROMPTS, SOURCES
 
 
@@ -26,6 +27,7 @@ class ConvertConfig:
         for name, value in (("INPUT", self.input), ("--output", self.output)):
             if not value:
                 raise ConfigError(f"missing required option {name}")
+        check_output_dir(self.output, ("pairs.jsonl", "edits.jsonl", "rejects.jsonl", "convert_summary.json"))
 
     def source_options(self) -> dict[str, Any]:
         """The converter options of ``--from``'s source (``qa_prompt_style`` for qa-feedback; none for the others)."""

@@ -52,6 +52,10 @@ class EditConfig(LLMCallConfig):
             raise ConfigError("--max-edit-ratio must be in (0, 1]")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1")
+        base = output_base(self.output)
+        self.check_outputs(self.output, (base + ".rejects.jsonl", "the rejects file beside --output"),
+                           (base + ".summary.json", "the summary beside --output"),
+                           (base + ".lock", "the lock file beside --output"))
 
 
 def _edit_meta(backend, outcome, stats: dict[str, Any] | None) -> dict[str, Any]:

@@ -14,7 +14,8 @@ the model; ``preference`` is 1 (reference better), 2 (model better) or 1.5 (tie)
     win_rate = mean(s) = (wins + ties / 2) / n,     se = std(s, ddof=1) / sqrt(n)
 
 (fractions in the JSON; percent in the leaderboard CSV, as AlpacaEval's leaderboard). Examples
-the judge could not answer are counted as ``n_failed`` and left out of n.
+the judge could not answer are counted as ``n_failed`` and left out of n; a run that judged no
+example stops with an error before writing anything (the leaderboard keeps its row).
 
 Writes: ``--output FILE.json`` (the summary), ``FILE.annotations.json`` (AlpacaEval's
 annotations format plus ``judge_order``, ``raw_preference``, ``id``) and a leaderboard CSV
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 from ..config import opt, to_dict
 from ..errors import ConfigError, InputError
 from ..io import atomic_write, iter_records, write_json
-from ..llm.backends import BACKEND_NAMES, JudgeRequest, JudgeResult, backend_spec, get_judge
+from ..llm.backends import BACKEND_NAMES, FatalBackendError, JudgeRequest, JudgeResult, backend_spec, get_judge
 from ..llm.calls import LLMCallConfig, make_job, output_base, resolve_cache_path, run_cached, usage_summary
 from .generate import prompt_of
 
@@ -60,6 +61,16 @@ class WinrateConfig(LLMCallConfig):
         self.check_llm()
         if self.judge_model is None and backend_spec(self.judge).default_judge_model is None:
             raise ConfigError(f"--judge-model is required for --judge {self.judge}")
+        paths = self.paths()
+        self.check_outputs(self.output, (paths["annotations"], "the annotations beside --output"),
+                           (paths["leaderboard"], "--leaderboard" if self.leaderboard else
+                            "the leaderboard beside --output"))
+
+    def paths(self) -> dict[str, str]:
+        """The files a run writes: the summary (``output``), the annotations and the leaderboard."""
+        base = output_base(self.output)
+        return {"output": self.output, "annotations": base + ".annotations.json",
+                "leaderboard": self.leaderboard or base + ".leaderboard.csv"}
 
 
 @dataclass
@@ -191,21 +202,23 @@ def winrate(cfg: WinrateConfig) -> dict[str, Any]:
     jobs = [make_job("judge", backend, ex.id, r, r.instruction, r.output_1, r.output_2)
             for ex, r in zip(examples, requests)]
     cache_path = resolve_cache_path(cfg.cache, cfg.output)
+    price = cfg.price(cfg.judge, judge_model)
     outcomes = run_cached(jobs, backend.judge, kind="judge", backend=backend, result_cls=JudgeResult,
                           cache_path=cache_path, policy=cfg.retry_policy(), seed=cfg.seed, desc=f"judge ({cfg.judge})")
     annotations = [_annotation(ex, outcomes[j.key], backend) for ex, j in zip(examples, jobs)]
     prefs = [a["preference"] for a in annotations if a["preference"] is not None]
+    paths = cfg.paths()
+    if not prefs:  # a row of empty values would replace the model's row in the leaderboard
+        first = next((a["error"] for a in annotations if a["error"]), None)
+        raise FatalBackendError(f"judge: no example was judged ({len(annotations)} examples, first error: {first}); "
+                                f"nothing was written (the leaderboard {paths['leaderboard']} is unchanged)")
     stats = winrate_stats(prefs)
     name = cfg.name or examples[0].generator
-    base = output_base(cfg.output)
-    paths = {"output": cfg.output, "annotations": base + ".annotations.json",
-             "leaderboard": cfg.leaderboard or base + ".leaderboard.csv"}
     avg_length = round(sum(len(ex.output) for ex in examples) / len(examples))
     write_json(paths["annotations"], annotations)
     update_leaderboard(paths["leaderboard"], {
         "name": name, "win_rate": _nan_to_none(100 * stats["win_rate"]), "standard_error": _nan_to_none(100 * stats["se"]),
         "n_wins": stats["n_wins"], "n_draws": stats["n_draws"], "n_total": stats["n"], "avg_length": avg_length})
-    price = cfg.price(cfg.judge, judge_model)
     summary = {
         **usage_summary(price, jobs, outcomes),  # n_failed below overrides its count of failed calls
         "win_rate": _nan_to_none(stats["win_rate"]), "se": _nan_to_none(stats["se"]), "n": stats["n"],

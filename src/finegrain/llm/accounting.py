@@ -9,6 +9,7 @@ first paid (``cached_tokens`` / ``cached_cost_usd``, i.e. what the cache saved).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable
@@ -16,24 +17,33 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import InputError
+from ..io import read_yaml
 from .backends import find_backend
+from .interfaces import is_answered
 
 
 def load_price_table(path: str | None = None) -> dict[str, tuple[float, float]]:
+    """``{model_prefix: (input, output)}`` USD per million tokens from the YAML at ``path`` (default: the
+    packaged table): a mapping of model-prefix to ``[input, output]``, finite numbers >= 0. Anything else is
+    an :class:`InputError` naming the file and the key."""
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError as e:
-            raise InputError("no such price table", path=path) from e
+        data = read_yaml(path, "price table")
     else:
         data = yaml.safe_load(resources.files("finegrain.llm").joinpath("prices.yaml").read_text(encoding="utf-8"))
+    where = path or "prices.yaml"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"a price table must be a mapping of model-prefix: [input, output] USD per million tokens, "
+                         f"got {type(data).__name__}", path=where)
     out = {}
-    for model, pair in (data or {}).items():
+    for model, pair in data.items():
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)):
-            raise InputError("expected [input_usd_per_mtok, output_usd_per_mtok]", path=path or "prices.yaml",
+            raise InputError(f"expected [input_usd_per_mtok, output_usd_per_mtok], got {pair!r}", path=where,
                              field=str(model))
+        if not all(math.isfinite(x) and x >= 0 for x in pair):
+            raise InputError(f"prices must be finite numbers >= 0, got {list(pair)!r}", path=where, field=str(model))
         out[str(model)] = (float(pair[0]), float(pair[1]))
     return out
 
@@ -73,14 +83,14 @@ class Usage:
 
     def add(self, outcomes: Iterable[Any]) -> "Usage":
         for o in outcomes:
-            if o.result is None:
+            if o.result is not None:
+                bucket = self.cached_tokens if o.cached else self.tokens
+                bucket["input"] += int(getattr(o.result, "input_tokens", 0) or 0)
+                bucket["output"] += int(getattr(o.result, "output_tokens", 0) or 0)
+            if o.result is None or not is_answered(o.result):  # every attempt failed, or a per-item failure
                 self.failed += 1
                 self.attempts += o.attempts
-                continue
-            bucket = self.cached_tokens if o.cached else self.tokens
-            bucket["input"] += int(getattr(o.result, "input_tokens", 0) or 0)
-            bucket["output"] += int(getattr(o.result, "output_tokens", 0) or 0)
-            if o.cached:
+            elif o.cached:
                 self.cached += 1
             else:
                 self.requests += 1

@@ -41,6 +41,7 @@ The interfaces, and how a backend reports failure: :mod:`finegrain.llm.interface
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -190,15 +191,44 @@ def _role(name: str, role: str) -> Callable[..., Any]:
     return factory
 
 
+def _check_options(name: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Refuse an option that ``factory(model, ...)`` does not declare (a factory with ``**options`` takes any,
+    and checks them itself), naming it and the known ones, instead of a TypeError."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())[1:]  # the first takes the model
+    except (TypeError, ValueError):  # no signature to read: the factory checks
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise ConfigError(f"backend {name!r}: unknown option {unknown[0]!r} "
+                          f"({'known: ' + ', '.join(known) if known else 'it takes no options'})")
+
+
+def _make(backend: str, role: str, model: str, options: dict[str, Any]) -> Any:
+    factory = _role(backend, role)
+    _check_options(backend, factory, options)
+    if not options or backend_spec(backend).llm_options:
+        return factory(model, **options)
+    try:
+        return factory(model, **options)
+    except (TypeError, ValueError) as e:  # a value of its --backend-options that the backend refuses
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ConfigError(f"backend {backend!r} refused its options ({given}): {e}") from e
+
+
 def get_editor(backend: str, model: str, **options: Any) -> EditorBackend:
     """An editor backend by name.
 
     Options for ``anthropic`` / ``openai`` / ``hf``: ``prompt`` (a packaged prompt name such as
     ``minimal_edit_v1`` or a path to a prompt file), ``base_url``, ``api_key_env``, ``timeout``,
     ``max_tokens``, ``temperature``; ``hf`` also ``batch_size``, ``device``, ``dtype``. ``file``:
-    ``model`` is the path of a human-edits JSONL file. Other backends: options go to their factory.
+    ``model`` is the path of a human-edits JSONL file (no options). Other backends: options go to their
+    factory. An option the backend does not know is a ConfigError naming it.
     """
-    return _role(backend, "editor")(model, **options)
+    return _make(backend, "editor", model, options)
 
 
 def get_judge(backend: str, model: str, **options: Any) -> JudgeBackend:
@@ -206,7 +236,7 @@ def get_judge(backend: str, model: str, **options: Any) -> JudgeBackend:
 
     ``file``: ``model`` is the path of judgements in AlpacaEval's annotations format.
     """
-    return _role(backend, "judge")(model, **options)
+    return _make(backend, "judge", model, options)
 
 
 # ---------------------------------------------------------------------------------------- built-in backends
@@ -220,13 +250,13 @@ def _chat_factory(backend: str, role: str) -> Callable[..., Any]:
     return factory
 
 
-def _file_editor(model: str, **options: Any) -> EditorBackend:
+def _file_editor(model: str) -> EditorBackend:
     from .files import FileEditor
 
     return FileEditor(model)
 
 
-def _file_judge(model: str, **options: Any) -> JudgeBackend:
+def _file_judge(model: str) -> JudgeBackend:
     from .files import FileJudge
 
     return FileJudge(model)

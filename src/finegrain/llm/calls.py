@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from ..config import opt
 from ..errors import ConfigError
+from ..io import check_output_file
 from .accounting import Usage, load_price_table, lookup_price
 from .backends import backend_spec
 from .cache import AnswerCache, cache_key, input_hash
@@ -73,6 +74,18 @@ class LLMCallConfig:
         for name in ("requests_per_minute", "timeout", "max_retries", "backoff_base", "backoff_max", "temperature"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+        if self.price_table:  # a bad table stops the command before any request, not after
+            load_price_table(self.price_table)
+
+    def check_outputs(self, output: str, *beside: tuple[str, str]) -> None:
+        """Refuse, before any request, an output that cannot be written: ``output``, the files written beside it
+        (``(path, what)``, e.g. ``(base + ".summary.json", "the summary beside --output")``) and the cache."""
+        check_output_file(output, "--output")
+        for path, what in beside:
+            check_output_file(path, what)
+        cache = resolve_cache_path(self.cache, output)
+        if cache:
+            check_output_file(cache, "--cache" if self.cache else "the cache beside --output")
 
 
 def output_base(path: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..errors import ConfigError
 from .interfaces import EditRequest, EditResult, JudgeRequest, JudgeResult
 from .cache import input_hash
 from .clients import Completion, ItemFailure
@@ -134,16 +135,26 @@ class ChatJudge(_ChatBackend):
 DEFAULT_PROMPTS = {"editor": "minimal_edit_v1", "judge": "pairwise_judge_v1"}
 _CLIENT_OPTIONS = ("base_url", "api_key_env", "timeout", "max_tokens", "temperature", "batch_size", "device",
                    "dtype", "trust_remote_code")
+# what a command passes every chat backend (LLMCallConfig.backend_kwargs); a client uses those it has
+SHARED_OPTIONS = ("prompt", "base_url", "api_key_env", "timeout", "max_tokens", "temperature", "batch_size")
 
 
 def chat_client(backend: str, model: str, options: dict[str, Any]):
-    """The chat client of built-in backend ``anthropic``, ``openai`` or ``hf``, given the options it takes."""
+    """The chat client of built-in backend ``anthropic``, ``openai`` or ``hf``, given the options it takes.
+
+    An option that is neither a client's nor a shared one (:data:`SHARED_OPTIONS`), e.g. a misspelt
+    ``--backend-options`` key, is a ConfigError naming it and the known ones.
+    """
     if backend == "anthropic":
         from .clients import AnthropicClient as cls
     elif backend == "openai":
         from .clients import OpenAIClient as cls
     else:
         from .local import HFChatClient as cls
+    unknown = [k for k in options if k not in SHARED_OPTIONS and k not in cls.OPTIONS]
+    if unknown:
+        raise ConfigError(f"backend {backend!r}: unknown option {unknown[0]!r} "
+                          f"(known: {', '.join(sorted({'prompt', *cls.OPTIONS}))})")
     opts = {k: options[k] for k in _CLIENT_OPTIONS if options.get(k) is not None and k in cls.OPTIONS}
     return cls(model, **opts)
 

@@ -21,6 +21,7 @@ or JSONL of ``{"instruction", "output_1", "output_2", "preference"}`` with prefe
 (output_1 better), 2 (output_2 better) or 1.5 (tie), and optionally ``id``. A judgement is
 found by ``id`` when both sides have one, else by instruction; its orientation is read from
 the texts, so a judgement made with the outputs in the other order is flipped (3 - preference).
+An empty judgements file is an error naming it.
 """
 from __future__ import annotations
 
@@ -169,6 +170,8 @@ class FileJudge(_FileBackend):
             if rec.get("id") is not None:
                 self.by_id.setdefault(str(rec["id"]), item)
             self.by_instruction.setdefault(item["instruction"], item)
+        if not self.by_instruction:
+            raise InputError("no judgements (the file is empty)", path=self.model)
 
     async def judge(self, req: JudgeRequest) -> JudgeResult:
         rec = self.by_id.get(req.id) or self.by_instruction.get(req.instruction)

@@ -13,7 +13,8 @@ How a backend reports failure (the runner, :mod:`finegrain.llm.runner`, relies o
   model): the run stops with one clear line, and what was answered stays in the cache;
 - RETURN a result with ``error = "code: message"`` for an item that got no usable answer
   (``code`` becomes the reject reason). A result is cached when its call was answered
-  (``error is None`` or ``raw`` is set), so a re-run never pays twice for it.
+  (``error is None`` or ``raw`` is set, :func:`is_answered`), so a re-run never pays twice for it;
+  one with an error and no ``raw`` (a per-item failure such as HTTP 400) counts as a failed item.
 
 Optional attributes the runner reads with ``getattr``: ``prompt_version`` (str, part of the
 cache key; default ``"none"``), ``cache_salt`` (str, anything else that changes answers, e.g.
@@ -103,6 +104,11 @@ class UnreachableError(RetryableError):
 
 class FatalBackendError(FinegrainError):
     """A failure every request would hit (authentication, unknown model): stop the run."""
+
+
+def is_answered(result: object) -> bool:
+    """Whether a backend's result holds an answer: no ``error``, or an error about an answer it got (``raw``)."""
+    return getattr(result, "error", None) is None or getattr(result, "raw", None) is not None
 
 
 def resolve_api_key(env_var: str, *, required: bool) -> str | None:

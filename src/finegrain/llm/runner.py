@@ -11,8 +11,9 @@ the cache the moment it arrives. Jobs with the same key are asked once.
 
 A run that is not getting through stops early with one line (:class:`FailureWatch`) instead of
 retrying every item for minutes: the server cannot be reached before any answer came, several
-items in a row failed after all their retries, or every request failed. What was answered
-before stays in the cache.
+items in a row failed after all their retries, or every request failed (after its retries, or
+at once with an error a retry would not fix, such as HTTP 400). What was answered before stays
+in the cache.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Sequence
 
-from .interfaces import FatalBackendError, RetryableError, UnreachableError
+from .interfaces import FatalBackendError, RetryableError, UnreachableError, is_answered
 from .cache import AnswerCache
 
 log = logging.getLogger("finegrain.llm")
@@ -113,19 +114,28 @@ class FailureWatch:
     - ``policy.max_failed_in_a_row`` items in a row failed after all their retries (no answer in
       between): every request fails;
     - at the end (:meth:`finish`), some item failed and nothing was answered, now or in an
-      earlier run (a re-run whose only remaining items keep failing still writes its outputs).
+      earlier run (a re-run whose only remaining items keep failing still writes its outputs);
+      else, when some items failed, one warning says how many.
 
+    An item fails after all its retries (:meth:`item_failed`) or at once, when the backend returns
+    a per-item failure (a result with an error and no answer, e.g. HTTP 400; see
+    :func:`~finegrain.llm.interfaces.is_answered`), which is not retried.
     Transient failures between answers are retried as usual; answers stay in the cache.
     """
 
     def __init__(self, policy: RetryPolicy, kind: str):
         self.policy, self.kind = policy, kind
-        self.n_answered = self.unreachable = self.failed_in_a_row = self.n_failed = 0
-        self.last_error: Exception | None = None
+        self.n_answered = self.unreachable = self.failed_in_a_row = self.n_failed = self.n_errors = 0
+        self.last_error: object = None
 
-    def answered(self) -> None:
+    def answered(self, result: Any = None) -> None:
+        """A call returned ``result``: the server is there; an answer, or a per-item failure (counted)."""
+        self.unreachable = 0
+        if result is not None and not is_answered(result):
+            self.n_errors, self.last_error = self.n_errors + 1, result.error
+            return
         self.n_answered += 1
-        self.unreachable = self.failed_in_a_row = 0
+        self.failed_in_a_row = 0
 
     def quiet(self, err: RetryableError) -> bool:
         """Whether a retry after ``err`` goes unlogged: no server found yet, so the run soon stops or recovers."""
@@ -146,13 +156,19 @@ class FailureWatch:
 
     def finish(self, n_items: int, n_cached: int) -> None:
         """End of a run that asked ``n_items`` (and had ``n_cached``): stop if nothing was ever answered, else warn."""
-        if self.n_failed and not self.n_answered and not n_cached:
-            raise FatalBackendError(f"{self.kind}: every request failed ({self.n_failed} items, last: "
+        n_failed = self.n_failed + self.n_errors
+        if n_failed and not self.n_answered and not n_cached:
+            raise FatalBackendError(f"{self.kind}: every request failed ({n_failed} items, last: "
                                     f"{self.last_error}); nothing was answered")
-        if self.n_failed:
+        if self.n_failed and not self.n_errors:
             log.warning("%s: %d of %d requested items failed after %d attempts each (last: %s); run the same command "
                         "again to retry them (answers are cached)", self.kind, self.n_failed, n_items,
                         self.policy.max_retries + 1, self.last_error)
+        elif n_failed:
+            how = ([f"{self.n_failed} after {self.policy.max_retries + 1} attempts each"] if self.n_failed else []) \
+                + [f"{self.n_errors} with an error that is not retried"]
+            log.warning("%s: %d of %d requested items failed: %s (last: %s)", self.kind, n_failed, n_items,
+                        ", ".join(how), self.last_error)
 
 
 def _now_iso() -> str:
@@ -174,7 +190,7 @@ async def call_with_retries(call: Callable[[Any], Awaitable[Any]], request: Any,
             else:
                 result = await call(request)
             if watch is not None:
-                watch.answered()
+                watch.answered(result)
             return result, attempt + 1
         except asyncio.TimeoutError:
             err = RetryableError(f"timeout: no answer within {timeout:g} s")
@@ -200,10 +216,6 @@ def result_to_json(result: Any) -> dict[str, Any]:
 def result_from_json(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def _cacheable(result: Any) -> bool:
-    return getattr(result, "error", None) is None or getattr(result, "raw", None) is not None
 
 
 async def _run(jobs: Sequence[Job], call, *, kind: str, backend, result_cls: type, cache: AnswerCache,
@@ -245,7 +257,7 @@ async def _run(jobs: Sequence[Job], call, *, kind: str, backend, result_cls: typ
             watch.item_failed(e)
             return Outcome(None, attempts=policy.max_retries + 1, error=f"failed: {e}", requested_at=started)
         answered = _now_iso()
-        if getattr(backend, "cacheable", True) and _cacheable(result):
+        if getattr(backend, "cacheable", True) and is_answered(result):
             cache.put(job.key, in_hash=job.in_hash, item_id=job.item_id,
                       result=dict(result_to_json(result), _requested_at=started, _answered_at=answered), **meta)
         return Outcome(result, attempts=attempts, requested_at=started, answered_at=answered)

@@ -70,9 +70,13 @@ def test_demo_smoke_writes_every_artefact(quick_run):
 
 @pytest.mark.slow
 def test_demo_resumes_and_report_escapes(quick_run, capsys):
+    import torch
+
     from finegrain.sandbox.report import html_report
 
-    assert main(["demo", "--smoke", "--out", str(quick_run), "--seed", "0"]) == 0
+    threads = torch.get_num_threads()
+    assert main(["demo", "--smoke", "--out", str(quick_run), "--seed", "0", "--threads", str(threads + 1)]) == 0
+    assert torch.get_num_threads() == threads  # the demo's own thread count ends with it
     err = capsys.readouterr().err
     m = json.loads((quick_run / "metrics.json").read_text())
     token_run = m["systems"]["edit_token"]["runs"][0]["name"]
@@ -92,6 +96,32 @@ def test_demo_bad_options_exit_2(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--edit-seq-kl-coef", "-1"]) == 2
     assert main(["demo", "--out", str(tmp_path), "--quick", "--smoke"]) == 2
     assert "at most one of --quick and --smoke" in capsys.readouterr().err
+    for flag in ("--n-eval-prompts", "--n-val-prompts"):  # one comparison has no standard error
+        assert main(["demo", "--out", str(tmp_path), "--smoke", flag, "1"]) == 2
+        assert f"{flag} must be at least 2" in capsys.readouterr().err
+
+
+def test_stages_rerun_after_an_interruption_and_follow_the_evaluation_options(tmp_path):
+    """A stage re-run with other options that is interrupted is not complete for the old options either;
+    the evaluation stages' keys hold the sampling options of the outputs they judge."""
+    from finegrain.config import build_config
+    from finegrain.sandbox.config import DemoConfig
+    from finegrain.sandbox.demo import Stages, _keys
+
+    st, calls = Stages(tmp_path), []
+    assert st.run("s", {"k": 1}, lambda: calls.append(1) or {"r": 1}) == {"r": 1}
+    assert st.run("s", {"k": 1}, lambda: calls.append(2) or {"r": 2}) == {"r": 1} and calls == [1]  # reused
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        st.run("s", {"k": 2}, interrupted)
+    assert st.run("s", {"k": 1}, lambda: calls.append(3) or {"r": 3}) == {"r": 3} and calls == [1, 3]
+    base = _keys(build_config(DemoConfig, {"out": "x", "smoke": True}))
+    for option in ({"eval_temperature": 1.0}, {"max_new_tokens": 32}):
+        other = _keys(build_config(DemoConfig, {"out": "x", "smoke": True, **option}))
+        assert other["eval"] != base["eval"] and other["val"] != base["val"], option
 
 
 @pytest.mark.slow

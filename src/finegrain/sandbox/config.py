@@ -59,8 +59,9 @@ class DemoConfig:
     sft_epochs: float | None = opt(None, "SFT epochs" + f" ({_presets('sft_epochs')})")
     n_rm_prompts: int | None = opt(None, "prompts for RM pairs: two SFT samples each"
                                    + f" ({_presets('n_rm_prompts')})")
-    n_heldout_prompts: int | None = opt(None, "held-out prompts for the gold-ordered RM evaluation pairs (and as many "
-                                              "for the RM sweep's validation pairs)" + f" ({_presets('n_heldout_prompts')})")
+    n_heldout_prompts: int | None = opt(None, "prompts of the gold-ordered RM evaluation pairs, two fresh SFT samples "
+                                              "each, not in the training pairs (and as many for the RM sweep's "
+                                              "validation pairs)" + f" ({_presets('n_heldout_prompts')})")
     rm_epochs: float | None = opt(None, "RM epochs, the same for every RM (a tenth of the pairs held out to keep the "
                                         "best evaluation)" + f" ({_presets('rm_epochs')})")
     n_ppo_prompts: int | None = opt(None, "PPO training prompts" + f" ({_presets('n_ppo_prompts')})")
@@ -68,7 +69,8 @@ class DemoConfig:
                                       + f" ({_presets('ppo_steps')})")
     ppo_batch_size: int | None = opt(None, "rollouts per PPO step" + f" ({_presets('ppo_batch_size')})")
     ppo_seeds: int | None = opt(None, "PPO seeds per system" + f" ({_presets('ppo_seeds')})")
-    n_eval_prompts: int | None = opt(None, "held-out prompts for win rates"
+    n_eval_prompts: int | None = opt(None, "distinct prompts for win rates (fresh samples; drawn, as the PPO prompts are, "
+                                     "from the sandbox's 432 prompts, so most of them also occur in training)"
                                      + f" ({_presets('n_eval_prompts')})")
     n_val_prompts: int | None = opt(None, "--sweep: validation comparisons the sweep selects on, on the sandbox prompts NOT "
                                           "among the evaluation prompts (several samples per prompt when there are fewer "
@@ -117,6 +119,9 @@ class DemoConfig:
             v = getattr(self, f.name)
             if f.name in PRESETS and v is not None and v <= 0:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be > 0")
+        for name in ("n_eval_prompts", "n_val_prompts"):  # a win rate's standard error needs two comparisons
+            if self.size(name) < 2:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 2")
         if self.size("n_eval_prompts") > 432:
             raise ConfigError("--n-eval-prompts must be <= 432 (the number of distinct sandbox prompts)")
         if self.sweep and self.size("n_eval_prompts") >= 432:

@@ -91,7 +91,8 @@ def _variants() -> dict[str, RMVariant]:
 RM_VARIANTS = _variants()
 MAIN_RMS = ("seq_pref", "seq_edit", "token_edit", "token_mean", "token_label")  # always trained (Table 2)
 RM_SELECTION_RULE = ("among the token RM variants of the RM sweep, the highest accuracy on the validation pairs "
-                     "(gold-ordered SFT sample pairs on prompts of their own, never the evaluation pairs); among "
+                     "(gold-ordered pairs of fresh SFT samples, never the evaluation pairs; their prompts recur among the 432 of "
+                     "the sandbox); among "
                      "those within one standard error of it, the highest mean per-response AUROC against the gold "
                      "flawed tokens")
 SYSTEMS = {  # name -> (reward model, PPO reward mode, label); the token RM is --token-rm
@@ -135,6 +136,7 @@ class Stages:
                 self.n_reused += 1
                 self.times[name] = rec.get("elapsed_s", 0.0)
                 return rec["result"]
+        marker.unlink(missing_ok=True)  # from here the stage is not complete, whatever an interruption leaves
         for p in clean:  # outputs of an older run with other options (or of one killed mid-stage)
             if p.is_dir():
                 shutil.rmtree(p)
@@ -449,8 +451,9 @@ def _keys(cfg: DemoConfig) -> dict[str, dict]:
     # options shared by every PPO run; a run adds its own KL (and, token reward, RM and scale): see run_key
     k["ppo"] = {"rm": k["rm"], "steps": s("ppo_steps"), "batch": s("ppo_batch_size"), "n_prompts": s("n_ppo_prompts"),
                 "lr": cfg.ppo_lr, "temperature": cfg.eval_temperature}
-    k["eval"] = {"n": s("n_eval_prompts"), "judge_noise": cfg.judge_noise}
-    k["val"] = {"n_val": s("n_val_prompts"), "n_eval": s("n_eval_prompts"), "judge_noise": cfg.judge_noise}
+    sampling = {"temperature": cfg.eval_temperature, "max_new_tokens": cfg.max_new_tokens}  # of every evaluated output
+    k["eval"] = {"n": s("n_eval_prompts"), "judge_noise": cfg.judge_noise, **sampling}
+    k["val"] = {"n_val": s("n_val_prompts"), "n_eval": s("n_eval_prompts"), "judge_noise": cfg.judge_noise, **sampling}
     return k
 
 
@@ -488,13 +491,24 @@ def ppo_run(cfg: DemoConfig, out: Path, st: Stages, keys: dict, sysname: str, rm
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run (or resume) the whole demo in ``cfg.out``; returns the metrics also written to metrics.json."""
+    """Run (or resume) the whole demo in ``cfg.out``; returns the metrics also written to metrics.json.
+
+    Runs on ``cfg.threads`` torch threads and gives the caller its own thread count back.
+    """
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run_demo(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
     from .report import write_report
 
     t_start = time.time()
-    torch.set_num_threads(cfg.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -364,7 +364,7 @@ def environment_lines(m: dict) -> list[str]:
         f"Oracle edits: {e['n_edited']} of {e['n_pairs']} rejected responses edited ({e['n_rejected']} without a flaw: "
         f"{e['rejects_by_reason']}); mean gold gain {fmt(e['mean_gold_gain'])}, minimum {fmt(e['min_gold_gain'])}.",
         f"Held-out RM evaluation pairs: {a['n_heldout_pairs']} (two SFT samples ordered by the gold reward); "
-        f"validation pairs for choosing among RM variants: {a.get('n_val_pairs')} (the same kind, other prompts).",
+        f"validation pairs for choosing among RM variants: {a.get('n_val_pairs')} (the same kind, other samples; their prompts recur among the sandbox's 432).",
         f"Wall time of this invocation {m['timings_s']['total']:.0f} s ({m['timings_s'].get('n_reused', 0)} stages "
         f"reused; all stages as first run: {m['timings_s'].get('stages_sum', m['timings_s']['total']):.0f} s), "
         f"peak RSS {m['peak_rss_mb']:.0f} MB.",

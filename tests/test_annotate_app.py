@@ -52,6 +52,20 @@ def test_login_sets_an_httponly_strict_cookie_and_no_token_in_urls(live):
         assert c.get("/", follow_redirects=False).status_code == 303
 
 
+def test_the_login_cookie_is_secure_behind_a_tls_proxy(tmp_path):
+    """With an https --public-url the app sees plain http from the proxy, and still marks the cookie Secure."""
+    server = start_live(tmp_path, PAIRS, public_url="https://annot.example")
+    try:
+        token = server.add("behind-proxy")
+        with httpx.Client(base_url=server.url) as c:
+            r = c.post("/login", json={"token": token}, headers={"Origin": "https://annot.example",
+                                                                  "Host": "annot.example"})
+            assert r.status_code == 200, r.text
+            assert "secure" in [part.strip() for part in r.headers["set-cookie"].lower().split(";")]
+    finally:
+        server.stop()
+
+
 def test_wrong_or_missing_tokens_get_403(live):
     with httpx.Client(base_url=live.url, headers={"Origin": live.url}) as c:
         assert c.post("/login", json={"token": "1.wrongwrongwrongwrongwrongwrongwrongwrongwro"}).status_code == 403
@@ -154,6 +168,19 @@ def test_submissions_are_checked_by_the_server(live):
     assert r.status_code == 400 and "Nothing to fix" in r.json()["error"]
     r = client.post("/api/answer", json={"item_id": "1", "action": "submit", "text": "x", "csrf": csrf})
     assert r.status_code == 400
+    # an edit far longer than the original is refused before it is aligned (seconds of work at every admin report)
+    r = client.post("/api/answer", json={"item_id": item_id, "action": "submit", "csrf": csrf,
+                                         "text": original + " x" * (len(original) + 1001)})
+    assert r.status_code == 400 and "an edit should be minimal" in r.json()["error"]
+    r = client.post("/api/draft", json={"item_id": item_id, "text": "y" * (3 * len(original) + 2001), "csrf": csrf})
+    assert r.status_code == 400 and r.json()["field"] == "text"
+    # malformed bodies and ids past SQLite's integers are 400/404, never a server error
+    r = client.post("/api/draft", content=b"[" * 100_000 + b"]" * 100_000,
+                    headers={"content-type": "application/json", "x-csrf-token": csrf})
+    assert r.status_code == 400
+    r = client.post("/api/answer", json={"item_id": 10 ** 30, "action": "skip", "csrf": csrf})
+    assert r.status_code == 400 and r.json()["field"] == "item_id"
+    assert client.get("/item/99999999999999999999999").status_code == 404
     r = client.post("/api/answer", json={"item_id": item_id, "action": "submit", "text": original + " Fixed.",
                                          "spans": [[0, 4, "unsafe"]], "active_s": 12.5, "csrf": csrf})
     assert r.status_code == 200 and r.json()["next"] == "/"

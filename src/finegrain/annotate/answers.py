@@ -41,12 +41,23 @@ def line_ends_like(original: str, edited: str) -> str:
     return edited
 
 
-def parse_text(value: Any, field: str = "text") -> str:
+def parse_text(value: Any, field: str = "text", original: str | None = None) -> str:
+    """A posted text: a string of at most MAX_TEXT characters, and, as an edit of ``original``, at most
+    :func:`max_edit_length` (a minimal edit is about the original's length; the alignment of a much longer
+    one costs seconds at every submit and every admin report)."""
     if not isinstance(value, str):
         raise AnswerError("the text must be a string", field)
-    if len(value) > MAX_TEXT:
-        raise AnswerError(f"the text is longer than {MAX_TEXT} characters", field)
+    limit = MAX_TEXT if original is None else min(MAX_TEXT, max_edit_length(original))
+    if len(value) > limit:
+        raise AnswerError(f"the text is longer than {limit} characters"
+                          + (" (3 times the original's length + 2000: an edit should be minimal)"
+                             if limit < MAX_TEXT else ""), field)
     return value
+
+
+def max_edit_length(original: str) -> int:
+    """The longest edit of ``original`` accepted: 3 times its length plus 2,000 characters."""
+    return 3 * len(original) + 2000
 
 
 def parse_spans(value: Any, original: str, error_types: Sequence[str]) -> list[list]:
@@ -98,7 +109,7 @@ def build_answer(payload: dict, *, original: str, prefill: str | None, error_typ
     active_s = parse_seconds(payload.get("active_s"), wall_s)
     edited, spans, ratio, stats, reason = None, [], None, None, None
     if action == "submit":
-        edited = line_ends_like(original, parse_text(payload.get("text")))
+        edited = line_ends_like(original, parse_text(payload.get("text"), original=original))
         try:
             check_text(edited, "edited")
         except InputError as e:

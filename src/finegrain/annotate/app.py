@@ -79,8 +79,8 @@ class SecurityHeadersMiddleware:
 def item_id_of(body: dict) -> int:
     """The ``item_id`` of a post, an integer."""
     value = body.get("item_id")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AnswerError("item_id must be an integer", "item_id")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2 ** 63:
+        raise AnswerError("item_id must be a positive integer below 2^63 (SQLite's)", "item_id")
     return value
 
 
@@ -157,7 +157,7 @@ class AnnotateApp:
         body = b"".join(chunks)
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested past Python's depth
             return None
         return data if isinstance(data, dict) else None
 
@@ -192,8 +192,13 @@ class AnnotateApp:
             return self.forbidden(request, "this login link is not valid (ask for a new one)", api=True)
         response = JSONResponse({"next": "/admin" if who.is_admin else "/", "name": who.name})
         response.set_cookie(cookie_name(request), token, max_age=COOKIE_MAX_AGE, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", path="/")
+                            secure=self.https(request), path="/")
         return response
+
+    def https(self, request: Request) -> bool:
+        """Whether browsers reach the app over HTTPS: directly, or through a TLS proxy at an https --public-url
+        (the app then sees plain http; the login cookie must still be Secure)."""
+        return request.url.scheme == "https" or (self.settings.public_url or "").lower().startswith("https://")
 
     async def logout(self, request: Request) -> Response:
         who, _, error = await self.post_guard(request)
@@ -241,7 +246,8 @@ class AnnotateApp:
         who = await self.annotator(request)
         if who is None:
             return self.forbidden(request, "Not logged in: open your personal login link.")
-        ctx = await self.db_call(self._item_context, who, request.path_params["item_id"])
+        item_id = request.path_params["item_id"]
+        ctx = await self.db_call(self._item_context, who, item_id) if 0 < item_id < 2 ** 63 else None
         if ctx is None:
             return self.not_found(request, who)
         return self.page(request, "item.html", who=who, **ctx)
@@ -281,7 +287,7 @@ class AnnotateApp:
             t = db.task(conn, who.annotator_id, item_id_of(body))
             if t is None or t["status"] == "skip":
                 return None
-            text = parse_text(body.get("text"))
+            text = parse_text(body.get("text"), original=t["rejected"])
             spans = parse_spans(body.get("spans"), t["rejected"], self.settings.error_types)
             note = parse_text(body.get("note") or "", "note")[:MAX_NOTE]
             active = parse_seconds(body.get("active_s"), time.time() - t["assigned_at"])

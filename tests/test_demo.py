@@ -290,3 +290,24 @@ def test_newcomer_preset_raises_the_gold_reward_of_every_system(tmp_path):
         assert gold[-1] > gold[0], f"{name}: gold reward {gold[0]:.3f} at step 1, {gold[-1]:.3f} at the last step"
         assert sysm["gold_reward"] > m["eval_sft"]["gold"]["gold_reward"], name   # held-out prompts too
     assert "Win-rate order measured" in (out / "report.md").read_text()
+
+
+def test_pooled_win_rate_over_passes_on_the_same_prompts_exact():
+    """Three prompts, two passes: per-prompt means 0.75, 0.5, 0 (an unjudged comparison left out),
+    mean 5/12, SE = sd(0.75, 0.5, 0) / sqrt(3) = sqrt(7/48) / sqrt(3); the passes' SEs combined as
+    independent would give another (smaller) figure."""
+    from finegrain.sandbox.demo import pooled_win_rate
+
+    got = pooled_win_rate([[1.0, 0.5, 0.0], [0.5, None, 0.0]])
+    assert got["n_prompts"] == 3 and got["win_rate"] == pytest.approx(5 / 12)
+    assert got["se"] == pytest.approx(math.sqrt(7 / 48) / math.sqrt(3))
+
+
+def test_the_sft_reference_samples_from_a_stream_no_ppo_run_shares():
+    from finegrain.sandbox.demo import generation_seed
+
+    for demo_seed in range(100):
+        reference = {generation_seed("sft", demo_seed, j) for j in range(3)}
+        runs = {generation_seed(f"run-s{k}", demo_seed * 100 + k, j) for k in range(3) for j in range(3)}
+        assert not reference & runs, demo_seed
+    assert generation_seed("baseline-kl0.2-s0", 0) == 10_000  # PPO runs keep their streams

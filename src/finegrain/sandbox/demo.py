@@ -414,24 +414,54 @@ def _eval_pass(cfg: DemoConfig, out: Path, name: str, ref: str, model: str, seed
             "output": str(ev / wr_dir / f"{name}.json"), "cache": "none", "seed": seed,
             "backend_options": {"noise": cfg.judge_noise, "seed": seed}}))
         res.update(win_rate=wr["win_rate"], se=wr["se"], n=wr["n"])
+        annotations = read_json(ev / wr_dir / f"{name}.annotations.json")  # per prompt, in the prompts' order
+        res["scores"] = [None if a["preference"] is None else a["preference"] - 1.0 for a in annotations]
     return res
+
+
+# The SFT reference samples from a stream of its own: PPO run k of demo seed s samples its evaluation outputs with
+# seed 10,000 + 100 s + k, so the reference (10,000 + s before) shared PPO seed 0's stream in demo seed 0, and the
+# two outputs of a comparison started alike (a coupled comparison, pulled towards a tie).
+REFERENCE_STREAM = 5_000_000
+
+
+def generation_seed(name: str, seed: int, pass_index: int = 0) -> int:
+    """The sampling seed of evaluation outputs: the SFT reference's own stream, another for each PPO run (by seed)."""
+    return (REFERENCE_STREAM if name == "sft" else 10_000) + seed + 1_000 * pass_index
+
+
+def pooled_win_rate(passes: list[list[float | None]]) -> dict[str, float]:
+    """Win rate and SE of several passes over the SAME prompts: each prompt's mean score over its judged passes,
+    then the mean and the standard error over prompts (the passes share the prompts, so their errors are not
+    independent: combining the passes' SEs as if they were understates it)."""
+    per_prompt = []
+    for scores in zip(*passes):
+        judged = [s for s in scores if s is not None]
+        if judged:
+            per_prompt.append(sum(judged) / len(judged))
+    n = len(per_prompt)
+    mean = sum(per_prompt) / n if n else float("nan")
+    var = sum((x - mean) ** 2 for x in per_prompt) / (n - 1) if n > 1 else float("nan")
+    return {"win_rate": mean, "se": math.sqrt(var / n) if n > 1 else float("nan"), "n_prompts": n}
 
 
 def stage_eval(cfg: DemoConfig, out: Path, name: str, model: str, seed: int, split: str = "eval",
                passes: int = 1) -> dict:
     """Outputs of ``model`` on the split's prompts (``passes`` samples each), gold statistics, win rate vs SFT.
 
-    With several passes, pass j compares ``name-pj`` with ``sft-pj``; the result averages the passes
-    (SE: the passes' SEs combined as independent, sqrt(sum se^2) / passes).
+    With several passes, pass j compares ``name-pj`` with ``sft-pj`` on the same prompts; the result
+    averages the passes, with the win rate's SE over prompts (:func:`pooled_win_rate`).
     """
     if passes == 1:
-        return _eval_pass(cfg, out, name, "sft", model, seed, 10_000 + seed, split)
-    res = [_eval_pass(cfg, out, f"{name}-p{j}", f"sft-p{j}", model, seed, 10_000 + seed + 1_000 * j, split)
+        res = _eval_pass(cfg, out, name, "sft", model, seed, generation_seed(name, seed), split)
+        res.pop("scores", None)
+        return res
+    res = [_eval_pass(cfg, out, f"{name}-p{j}", f"sft-p{j}", model, seed, generation_seed(name, seed, j), split)
            for j in range(passes)]
     merged: dict[str, Any] = {"gold": {k: sum(r["gold"][k] for r in res) / passes for k in res[0]["gold"]}}
     if "win_rate" in res[0]:
-        merged.update(win_rate=sum(r["win_rate"] for r in res) / passes,
-                      se=math.sqrt(sum(r["se"] ** 2 for r in res)) / passes, n=sum(r["n"] for r in res))
+        pooled = pooled_win_rate([r["scores"] for r in res])
+        merged.update(win_rate=pooled["win_rate"], se=pooled["se"], n=sum(r["n"] for r in res))
     return merged
 
 
@@ -451,7 +481,8 @@ def _keys(cfg: DemoConfig) -> dict[str, dict]:
     # options shared by every PPO run; a run adds its own KL (and, token reward, RM and scale): see run_key
     k["ppo"] = {"rm": k["rm"], "steps": s("ppo_steps"), "batch": s("ppo_batch_size"), "n_prompts": s("n_ppo_prompts"),
                 "lr": cfg.ppo_lr, "temperature": cfg.eval_temperature}
-    sampling = {"temperature": cfg.eval_temperature, "max_new_tokens": cfg.max_new_tokens}  # of every evaluated output
+    # of every evaluated output; streams 2: the SFT reference samples from a stream of its own (REFERENCE_STREAM)
+    sampling = {"temperature": cfg.eval_temperature, "max_new_tokens": cfg.max_new_tokens, "streams": 2}
     k["eval"] = {"n": s("n_eval_prompts"), "judge_noise": cfg.judge_noise, **sampling}
     k["val"] = {"n_val": s("n_val_prompts"), "n_eval": s("n_eval_prompts"), "judge_noise": cfg.judge_noise, **sampling}
     return k

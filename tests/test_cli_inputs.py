@@ -458,3 +458,13 @@ def test_jsonl_and_json_files_with_a_byte_order_mark_are_read(tmp_path, capsys):
     assert (summary["input"]["n_records"], summary["n_edited"]) == (2, 2)
     assert [json.loads(x)["edited"] for x in (tmp_path / "e.jsonl").read_text().splitlines()] == [
         "Paris is the capital.", "It was 1789, in été."]
+
+
+def test_the_sandbox_backends_refuse_an_unknown_option():
+    import finegrain.sandbox.backends  # noqa: F401  (registers the sandbox backend)
+
+    with pytest.raises(ConfigError, match=r"^backend 'sandbox': unknown option 'nosie' \(known: noise, seed, temperature\)$"):
+        get_judge("sandbox", "gold", nosie=0.1)
+    with pytest.raises(ConfigError, match=r"^backend 'sandbox': unknown option 'seed' \(it takes no options\)$"):
+        get_editor("sandbox", "oracle", seed=1)
+    assert get_judge("sandbox", "gold", noise=0.0, seed=2).annotator is not None

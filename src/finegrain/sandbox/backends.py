@@ -31,13 +31,12 @@ class SandboxEditor:
     remote = False      # no per-request timeouts
     cacheable = False   # free and deterministic: nothing to save by caching
 
-    def __init__(self, model: str = "oracle", **options):
+    def __init__(self, model: str = "oracle"):
         if model != "oracle":
             from ..errors import ConfigError
 
             raise ConfigError(f"the sandbox editor has one model, 'oracle' (got {model!r})")
         self.model = model
-        self.options = options
         self._meta: dict[str, dict] = {}
 
     def item_meta(self, item_id: str) -> dict:
@@ -80,15 +79,13 @@ class SandboxJudge:
     remote = False
     cacheable = False
 
-    def __init__(self, model: str = "gold", noise: float = 0.25, seed: int = 0, temperature: float | None = None,
-                 **options):
+    def __init__(self, model: str = "gold", noise: float = 0.25, seed: int = 0, temperature: float | None = None):
         if model != "gold":
             from ..errors import ConfigError
 
             raise ConfigError(f"the sandbox judge has one model, 'gold' (got {model!r})")
         self.model = model
         self.annotator = Annotator(noise=noise, seed=seed, temperature=temperature)
-        self.options = options
 
     async def judge(self, req: JudgeRequest) -> JudgeResult:
         return self.judge_sync(req)

@@ -50,6 +50,30 @@ def test_login_sets_an_httponly_strict_cookie_and_no_token_in_urls(live):
         page = c.get("/login").text
         assert token not in page
         assert c.get("/", follow_redirects=False).status_code == 303
+        # the cookie is a session of its own, not the login token (other services on the host see the cookies)
+        session = next(iter(c.cookies.values()))
+        assert token not in r.headers["set-cookie"] and token.split(".", 1)[1] not in session
+
+
+def test_logout_ends_the_session_and_a_new_token_ends_them_all(live):
+    token = live.add("sessions")
+    first, second = (httpx.Client(base_url=live.url, headers={"Origin": live.url}) for _ in range(2))
+    with first, second:
+        for c in (first, second):
+            assert http_login(c, live, token).status_code == 200 and c.get("/progress").status_code == 200
+        stolen = dict(first.cookies)
+        r = first.post("/logout", json={"csrf": csrf_of(first)})
+        assert r.status_code == 200 and r.json()["next"] == "/login"
+        with httpx.Client(base_url=live.url, cookies=stolen) as replay:  # the logged-out cookie no longer works
+            assert replay.get("/progress").status_code == 403
+        assert second.get("/progress").status_code == 200  # the other login is still open
+        _new_token(live, "sessions")
+        assert second.get("/progress").status_code == 403  # a new token closes every session of the old one
+
+
+def _new_token(live, name: str) -> str:
+    with live.store.connect() as conn:
+        return db.add_annotator(conn, name, new_token=True)
 
 
 def test_the_login_cookie_is_secure_behind_a_tls_proxy(tmp_path):

@@ -127,7 +127,7 @@ class AnnotateApp:
         return self.page(request, "error.html", 404, who=who, title="Not found", message=message)
 
     async def annotator(self, request: Request) -> db.Annotator | None:
-        return await self.db_call(db.annotator_for_token, request.cookies.get(cookie_name(request)))
+        return await self.db_call(db.annotator_for_session, request.cookies.get(cookie_name(request)))
 
     def same_origin(self, request: Request) -> bool:
         """The Origin (or, lacking it, the Referer) must be this server as the browser reached it."""
@@ -190,8 +190,9 @@ class AnnotateApp:
         who = await self.db_call(db.annotator_for_token, token if isinstance(token, str) else None)
         if who is None:
             return self.forbidden(request, "this login link is not valid (ask for a new one)", api=True)
+        session = await self.db_call(db.open_session, who, COOKIE_MAX_AGE)
         response = JSONResponse({"next": "/admin" if who.is_admin else "/", "name": who.name})
-        response.set_cookie(cookie_name(request), token, max_age=COOKIE_MAX_AGE, httponly=True, samesite="strict",
+        response.set_cookie(cookie_name(request), session, max_age=COOKIE_MAX_AGE, httponly=True, samesite="strict",
                             secure=self.https(request), path="/")
         return response
 
@@ -204,6 +205,7 @@ class AnnotateApp:
         who, _, error = await self.post_guard(request)
         if error:
             return error
+        await self.db_call(db.close_session, request.cookies.get(cookie_name(request)))  # the cookie stops working
         response = JSONResponse({"next": "/login"})
         response.delete_cookie(cookie_name(request), path="/", httponly=True, samesite="strict")
         return response

@@ -8,6 +8,10 @@
   send a fragment to the server, so the token is in no request line, access log or Referer
   header; the login page posts it once and the server answers with an HttpOnly,
   SameSite=Strict cookie. The page then drops the fragment from the address bar and history.
+- The cookie holds a session id, not the token: 256 random bits of its own, stored as its sha256
+  with the annotator and an expiry. Logging out deletes the session, a new token deletes all of
+  the annotator's sessions, and the long-lived token reaches no other service that shares the
+  host's cookies (browsers do not separate cookies by port).
 - The CSRF token of a login is HMAC-SHA256(server key, token hash): the same for every page of
   that login, different for every login, and it survives a restart (the key is in the
   database). Every POST must carry it, besides passing the Origin check of the app.
@@ -24,6 +28,11 @@ _TOKEN_BYTES = 32
 def new_token(annotator_id: int) -> str:
     """A fresh login token for ``annotator_id``."""
     return f"{annotator_id}.{secrets.token_urlsafe(_TOKEN_BYTES)}"
+
+
+def new_session_id() -> str:
+    """A fresh session id (the login cookie's value)."""
+    return secrets.token_urlsafe(_TOKEN_BYTES)
 
 
 def hash_token(token: str) -> str:
@@ -58,5 +67,5 @@ def csrf_ok(secret_key: str, token_hash: str, presented: object) -> bool:
                                                               presented.encode("utf-8", "replace"))
 
 
-__all__ = ["csrf_ok", "csrf_token", "hash_token", "new_secret_key", "new_token", "token_annotator_id",
+__all__ = ["csrf_ok", "csrf_token", "hash_token", "new_secret_key", "new_session_id", "new_token", "token_annotator_id",
            "token_matches"]

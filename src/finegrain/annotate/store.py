@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS annotators (
     is_admin INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    session_hash TEXT PRIMARY KEY,
+    annotator_id INTEGER NOT NULL REFERENCES annotators (annotator_id),
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tasks (
     annotator_id INTEGER NOT NULL REFERENCES annotators (annotator_id),
     item_id INTEGER NOT NULL REFERENCES items (item_id),
@@ -263,6 +269,7 @@ def add_annotator(conn: sqlite3.Connection, name: str, *, admin: bool = False, n
         token = auth.new_token(annotator_id)
         conn.execute("UPDATE annotators SET token_hash = ? WHERE annotator_id = ?",
                      (auth.hash_token(token), annotator_id))
+        conn.execute("DELETE FROM sessions WHERE annotator_id = ?", (annotator_id,))  # the old link's logins end
     return token
 
 
@@ -285,6 +292,34 @@ def annotator_for_token(conn: sqlite3.Connection, token: str | None) -> Annotato
     if row is None or not row["token_hash"] or not auth.token_matches(token, row["token_hash"]):
         return None
     return Annotator(row["annotator_id"], row["name"], bool(row["is_admin"]), row["token_hash"])
+
+
+def open_session(conn: sqlite3.Connection, annotator: Annotator, max_age: float) -> str:
+    """A new login session of ``annotator`` lasting ``max_age`` seconds; returns its id (the cookie's value)."""
+    session, now = auth.new_session_id(), time.time()
+    with write(conn):
+        conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+        conn.execute("INSERT INTO sessions (session_hash, annotator_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                     (auth.hash_token(session), annotator.annotator_id, now, now + max_age))
+    return session
+
+
+def annotator_for_session(conn: sqlite3.Connection, session: str | None) -> Annotator | None:
+    """The annotator of an open, unexpired session, or None."""
+    if not session or len(session) > 200:
+        return None
+    row = conn.execute("SELECT a.* FROM sessions s JOIN annotators a USING (annotator_id) WHERE s.session_hash = ? "
+                       "AND s.expires_at > ?", (auth.hash_token(session), time.time())).fetchone()
+    if row is None or not row["token_hash"]:
+        return None
+    return Annotator(row["annotator_id"], row["name"], bool(row["is_admin"]), row["token_hash"])
+
+
+def close_session(conn: sqlite3.Connection, session: str | None) -> None:
+    """End a session (logging out); the annotator's other sessions stay."""
+    if session:
+        with write(conn):
+            conn.execute("DELETE FROM sessions WHERE session_hash = ?", (auth.hash_token(session),))
 
 
 # ---------------------------------------------------------------- tasks, drafts, answers
@@ -362,6 +397,6 @@ def annotator_tasks(conn: sqlite3.Connection, annotator_id: int) -> list[sqlite3
                         "USING (item_id) WHERE t.annotator_id = ? ORDER BY t.seq", (annotator_id,)).fetchall()
 
 
-__all__ = ["ANSWERS", "Annotator", "Answer", "STATUSES", "Store", "add_annotator", "annotator_for_token",
-           "annotator_tasks", "check_name", "draft", "ensure_admin", "get_meta", "item", "record_answer",
-           "save_draft", "set_meta", "settings", "sync_items", "task", "write"]
+__all__ = ["ANSWERS", "Annotator", "Answer", "STATUSES", "Store", "add_annotator", "annotator_for_session",
+           "annotator_for_token", "annotator_tasks", "check_name", "close_session", "draft", "ensure_admin", "get_meta",
+           "item", "open_session", "record_answer", "save_draft", "set_meta", "settings", "sync_items", "task", "write"]

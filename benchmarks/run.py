@@ -121,6 +121,9 @@ PPO_ARMS = {  # name: (task, precision, extra arguments)
     "fg_seq_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", peak_probe_s=0.5, peak_probe_dtype="bf16",
                                           mixed_precision="bf16")),
     "trl_bf16": ("trl_ppo", "bf16", dict(mixed_precision="bf16")),
+    # TRL given the rest of finegrain's bf16 setting: every rollout call under autocast (its bf16 mode autocasts only
+    # the update), eager attention, bf16 frozen models, freed memory kept (trl_side._match_finegrain_bf16)
+    "trl_matched_bf16": ("trl_ppo", "bf16", dict(mixed_precision="bf16", matched=True)),
     # not like for like: --value-init shared, one backbone for policy and value (a change of the algorithm)
     "fg_shared_bf16": ("fg_ppo", "bf16", dict(reward_mode="sequence", mixed_precision="bf16", value_init="shared")),
     # the same algorithm in other numerics: bf16 weights with fp32 master weights instead of autocast over fp32 weights
@@ -183,8 +186,12 @@ def bench_ppo(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, t
     shipped = ""  # TRL as its documentation runs it (its bf16 flag alone leaves it in fp32)
     if "fg_seq_bf16" in med and "trl" in med:
         shipped = f"; against TRL in fp32 {med['fg_seq_bf16'] / med['trl']:.2f}x"
-    return {"ppo_speedup_vs_trl": figure("fg_seq_bf16", "trl_bf16", " (both bf16 autocast)"
-                                         + tokens("fg_seq_bf16", "trl_bf16") + shipped),
+    return {"ppo_speedup_vs_trl": figure("fg_seq_bf16", "trl_bf16", " (each system's bf16 mode: TRL's autocasts "
+                                         "only its update)" + tokens("fg_seq_bf16", "trl_bf16") + shipped),
+            "ppo_speedup_vs_trl_matched": figure("fg_seq_bf16", "trl_matched_bf16", " (TRL given finegrain's bf16 "
+                                                 "setting: every pass under autocast, eager attention, bf16 frozen "
+                                                 "models, freed memory kept)"
+                                                 + tokens("fg_seq_bf16", "trl_matched_bf16")),
             "ppo_speedup_vs_trl_fp32": figure("fg_seq", "trl", " (both fp32)" + tokens("fg_seq", "trl")),
             "shared_backbone_vs_trl": figure("fg_shared_bf16", "trl_bf16", " (bf16; finegrain --value-init shared, "
                                              "one backbone for policy and value: not the same algorithm)"
@@ -264,6 +271,9 @@ def real_arms(r: RealSettings, before_after: bool | tuple[str, ...] = False,
             arms[f"fg_{tune}_{prec}"] = ("fg_ppo", dict(extra, reward_mode="sequence"))
             arms[f"trl_{tune}_{prec}"] = ("trl_ppo", extra)
             for variant in variants if prec == "bf16" else ():
+                if variant == TRL_MATCHED:  # TRL given the rest of finegrain's bf16 setting (trl_side.run_ppo)
+                    arms[f"trl_{tune}_{prec}_matched"] = ("trl_ppo", dict(extra, matched=True))
+                    continue
                 arms[f"fg_{tune}_{prec}_{variant}"] = ("fg_ppo", dict(extra, reward_mode="sequence",
                                                                       **REAL_VARIANTS[variant][0]))
             if prec == "bf16":  # finegrain without a speed path, in the same run
@@ -282,6 +292,10 @@ REAL_VARIANTS = {
     "weights": ({"param_dtype": "bf16"}, "real_bf16_weights_vs_trl",
                 "finegrain --param-dtype bf16 (bf16 weights, fp32 master weights; the same algorithm)"),
 }
+
+# --real-variants trl_matched: TRL's bf16 arms again, given the rest of finegrain's bf16 setting (every rollout pass
+# under autocast, eager attention, bf16 frozen models, freed memory kept), against finegrain's bf16 arms
+TRL_MATCHED = "trl_matched"
 
 # speed paths measured before/after on the real model (--real-before-after):
 # arm suffix -> (switches off, the fine-tuning kinds the path acts in)
@@ -361,6 +375,10 @@ def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, 
             for variant, (_, figure, what) in REAL_VARIANTS.items():
                 if f"{fg}_{variant}" in arms:
                     out[f"{figure}_{tune}"] = versus(f"{fg}_{variant}", trl, f"{what} / TRL tokens/s")
+            if f"{trl}_matched" in arms:
+                out[f"real_ppo_speedup_{tune}_{prec}_vs_matched_trl"] = versus(
+                    fg, f"{trl}_matched", "finegrain / TRL given finegrain's bf16 setting (every pass under autocast, "
+                                          "eager attention, bf16 frozen models, freed memory kept) tokens/s")
             for suffix in s.real_before_after if prec == "bf16" else ():
                 if f"{fg}_{suffix}" in arms:
                     out[f"real_gain_{suffix}_{tune}"] = versus(
@@ -587,7 +605,7 @@ def bench_robust(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str
 
 BENCHES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "ppo": (bench_ppo, ("ppo_speedup_vs_trl", "ppo_speedup_vs_trl_fp32", "token_vs_sequence_cost",
-                        "shared_backbone_vs_trl", "bf16_weights_vs_trl")),
+                        "shared_backbone_vs_trl", "bf16_weights_vs_trl", "ppo_speedup_vs_trl_matched")),
     "mfu": (bench_mfu, ("ppo_mfu", "ppo_mfu_bf16")),
     "rm": (bench_rm, ("rm_speedup_vs_trl",)),
     "curves": (bench_curves, tuple(f"curve_{m}_{a}_exponent_gap" for m in ("tiny", "smollm2")
@@ -641,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-variants", default="",
                     help="the real arm also runs finegrain's bf16 arms in these variants against the same TRL arms: "
                          + "; ".join(f"{k} = {v[2]}" for k, v in REAL_VARIANTS.items())
+                         + f"; {TRL_MATCHED} = TRL's bf16 arms given the rest of finegrain's bf16 setting (every "
+                           "rollout pass under autocast, eager attention, bf16 frozen models, freed memory kept)"
                          + " (comma-separated; about 3 minutes more each)")
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: every core)")
     ap.add_argument("--json", type=Path, help="write every raw measurement here")
@@ -664,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, plot=str(args.plot))
     s = replace(s, real_before_after=listed("--real-before-after", BEFORE_AFTER),
                 real_arms=listed("--real-arms", REAL_PPO_ARMS + ("rm",), empty_ok=False),
-                real_variants=listed("--real-variants", REAL_VARIANTS))
+                real_variants=listed("--real-variants", tuple(REAL_VARIANTS) + (TRL_MATCHED,)))
     if args.threads:
         os.environ["FINEGRAIN_BENCH_THREADS"] = str(args.threads)
     only = ([b.strip() for b in args.only.split(",") if b.strip()] if args.only else

@@ -54,8 +54,12 @@ def _prompt_ids(tok, assets: Path) -> list[list[int]]:
 def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, ppo_epochs: int,
             num_minibatches: int, seed: int, learning_rate: float, temperature: float, kl_coef: float,
             mixed_precision: str = "no", use_lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
-            lora_target_modules: list[str] | None = None, policy: str = "policy") -> dict[str, Any]:
+            lora_target_modules: list[str] | None = None, policy: str = "policy",
+            matched: bool = False) -> dict[str, Any]:
     """Train TRL's PPOTrainer for ``steps`` PPO steps; returns per-step wall times.
+
+    ``matched`` (with bf16): TRL given what finegrain's bf16 run has, beyond TRL's own bf16 mode, which
+    autocasts only the update's forward (:func:`_match_finegrain_bf16`).
 
     ``use_lora`` passes a peft ``LoraConfig`` and no reference model: TRL's documented LoRA setup,
     where the reference is the policy with its adapters disabled (the value model stays full).
@@ -77,7 +81,14 @@ def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, 
     train = Dataset.from_dict({"input_ids": ids})
     evald = Dataset.from_dict({"input_ids": ids[:batch_size]})
     policy_dir = assets / policy
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    bf16 = mixed_precision == "bf16"
+    if matched and not bf16:
+        raise ValueError("matched=True is TRL given finegrain's bf16 setting: it needs mixed_precision='bf16'")
+    # matched: the attention kernel finegrain's --attn-implementation auto picks under bf16 on a CPU (eager), and the
+    # frozen reference and reward model held in bf16 as finegrain holds them
+    attn = {"attn_implementation": "eager"} if matched else {}
+    frozen = {"dtype": torch.bfloat16} if matched else {}
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, **attn)
     ref, peft_config = None, None
     if use_lora:
         from peft import LoraConfig
@@ -85,11 +96,12 @@ def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, 
         peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                  target_modules=lora_target_modules, task_type="CAUSAL_LM")
     else:
-        ref = AutoModelForCausalLM.from_pretrained(policy_dir)
-    value = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1)
-    reward = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1)
+        ref = AutoModelForCausalLM.from_pretrained(policy_dir, **attn, **frozen)
+    value = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1, **attn)
+    reward = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1, **attn, **frozen)
     mini = batch_size // num_minibatches
-    bf16 = mixed_precision == "bf16"
+    if matched:
+        _match_finegrain_bf16()
     if bf16:
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +123,37 @@ def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, 
     times = clock.step_times()
     return {"system": "trl", "step_s": times, "response_tokens_per_step": batch_size * response_length,
             "rss_at_step_gb": clock.rss_gb,
-            "threads": torch.get_num_threads(), "mixed_precision": trainer.accelerator.mixed_precision}
+            "threads": torch.get_num_threads(), "mixed_precision": trainer.accelerator.mixed_precision,
+            "matched": matched}
+
+
+def _match_finegrain_bf16() -> None:
+    """Give TRL's PPO the rest of finegrain's bf16 setting, for a comparison of the trainers alone.
+
+    TRL's bf16 mode (``bf16=True`` through accelerate) autocasts only the prepared policy+value module's forward,
+    i.e. the update; its generation and its reference, value and reward passes run in fp32. Here each of its
+    rollout calls (``batch_generation``, ``forward``, ``get_reward`` of its PPO module) runs under bf16 autocast
+    as finegrain's do, one autocast context per call, so cached bf16 weight copies never outlive a weight update;
+    and the process keeps freed memory as finegrain's trainers do (``finegrain.speed.keep_freed_memory``,
+    glibc's malloc thresholds). The models' attention kernel and bf16 frozen models are set by the caller.
+    """
+    import functools
+
+    import torch
+    from trl.experimental.ppo import ppo_trainer
+
+    from finegrain.speed import keep_freed_memory
+
+    def autocast(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*args, **kwargs)
+        return call
+
+    for name in ("batch_generation", "forward", "get_reward"):
+        setattr(ppo_trainer, name, autocast(getattr(ppo_trainer, name)))
+    keep_freed_memory("cpu")
 
 
 def run_rm(assets: Path, *, n_pairs: int, batch_size: int, max_length: int, seed: int,

@@ -198,6 +198,16 @@ class FakeLLMServer:
             pass
 
 
+def serving(monkeypatch, key: str, cls: type = FakeLLMServer):
+    """The body of a pytest fixture: a started ``cls`` server that expects ``key``, with both SDKs' key
+    variables set to it; stopped when the test ends."""
+    srv = cls(expected_key=key).start()
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    yield srv
+    srv.stop()
+
+
 def main() -> None:  # pragma: no cover - manual use: python tests/fake_llm_server.py
     srv = FakeLLMServer().start()
     print(srv.url, flush=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_llm_server import FakeLLMServer
+from fake_llm_server import FakeLLMServer, serving
 from finegrain.cli import main
 from finegrain.config import build_config
 from finegrain.edit.core import EditConfig, edit_pairs
@@ -38,11 +38,7 @@ class Fake400Server(FakeLLMServer):
 
 @pytest.fixture
 def server(monkeypatch):
-    srv = Fake400Server(expected_key=KEY).start()
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    yield srv
-    srv.stop()
+    yield from serving(monkeypatch, KEY, Fake400Server)
 
 
 @pytest.fixture

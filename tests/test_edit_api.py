@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_llm_server import FakeLLMServer
+from fake_llm_server import serving
 from finegrain.cli import main
 from finegrain.config import build_config
 from finegrain.edit.core import EditConfig, edit_pairs
@@ -36,11 +36,7 @@ SCENARIOS = ["", "[429]", "[500]", "[slow]", "[malformed]", "[refuse]", "[preamb
 
 @pytest.fixture
 def server(monkeypatch):
-    srv = FakeLLMServer(expected_key=KEY).start()
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    yield srv
-    srv.stop()
+    yield from serving(monkeypatch, KEY)
 
 
 def rejected_text(i: int, tag: str) -> str:

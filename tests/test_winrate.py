@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fake_llm_server import FakeLLMServer
+from fake_llm_server import serving
 from finegrain.cli import main
 from finegrain.config import build_config
 from finegrain.errors import ConfigError, InputError
@@ -19,11 +19,7 @@ KEY = "sk-fg-judge-SECRET-11aa"
 
 @pytest.fixture
 def server(monkeypatch):
-    srv = FakeLLMServer(expected_key=KEY).start()
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    yield srv
-    srv.stop()
+    yield from serving(monkeypatch, KEY)
 
 
 def test_winrate_stats_hand_computed():

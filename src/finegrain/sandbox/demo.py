@@ -434,15 +434,12 @@ def pooled_win_rate(passes: list[list[float | None]]) -> dict[str, float]:
     """Win rate and SE of several passes over the SAME prompts: each prompt's mean score over its judged passes,
     then the mean and the standard error over prompts (the passes share the prompts, so their errors are not
     independent: combining the passes' SEs as if they were understates it)."""
-    per_prompt = []
-    for scores in zip(*passes):
-        judged = [s for s in scores if s is not None]
-        if judged:
-            per_prompt.append(sum(judged) / len(judged))
-    n = len(per_prompt)
-    mean = sum(per_prompt) / n if n else float("nan")
-    var = sum((x - mean) ** 2 for x in per_prompt) / (n - 1) if n > 1 else float("nan")
-    return {"win_rate": mean, "se": math.sqrt(var / n) if n > 1 else float("nan"), "n_prompts": n}
+    from ..eval.winrate import winrate_stats
+
+    per_prompt = [sum(judged) / len(judged) for scores in zip(*passes)
+                  if (judged := [s for s in scores if s is not None])]
+    stats = winrate_stats([1.0 + x for x in per_prompt])  # as preferences: 1 + score, in [1, 2]
+    return {"win_rate": stats["win_rate"], "se": stats["se"], "n_prompts": stats["n"]}
 
 
 def stage_eval(cfg: DemoConfig, out: Path, name: str, model: str, seed: int, split: str = "eval",

@@ -10,6 +10,7 @@ import pytest
 from annotate_support import PAIRS, XSS, give, http_login, start_live
 
 from finegrain.annotate import store as db
+from finegrain.annotate.answers import MAX_REVISIONS
 from finegrain.annotate.app import SECURITY_HEADERS
 from finegrain.annotate.server import NoQueryStrings, log_config
 
@@ -240,6 +241,15 @@ def test_an_answer_can_be_changed_and_every_version_is_kept(live):
         log = conn.execute("SELECT edited FROM submissions WHERE annotator_id = ? ORDER BY submission_id",
                            (me,)).fetchall()
     assert t["edited"] == second and t["revisions"] == 1 and [r[0] for r in log] == [first, second]
+    # every version is kept, so the number of changes is bounded
+    with live.store.connect() as conn, db.write(conn):
+        conn.execute("UPDATE tasks SET revisions = ? WHERE annotator_id = ? AND item_id = ?",
+                     (MAX_REVISIONS, me, item_id))
+    r = client.post("/api/answer", json={"item_id": item_id, "action": "submit", "text": first, "csrf": csrf})
+    assert r.status_code == 400 and f"at most {MAX_REVISIONS} times" in r.json()["error"]
+    with live.store.connect() as conn:
+        assert db.task(conn, me, item_id)["edited"] == second
+        assert conn.execute("SELECT COUNT(*) FROM submissions WHERE annotator_id = ?", (me,)).fetchone()[0] == 2
 
 
 def test_two_annotators_submitting_at_once_lose_nothing(live):

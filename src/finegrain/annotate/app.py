@@ -35,7 +35,7 @@ from starlette.staticfiles import StaticFiles
 from . import auth
 from . import report as reports
 from . import store as db
-from .answers import FLAG_REASONS, MAX_NOTE, AnswerError, build_answer, parse_seconds, parse_spans, parse_text
+from .answers import FLAG_REASONS, MAX_NOTE, MAX_REVISIONS, AnswerError, build_answer, parse_seconds, parse_spans, parse_text
 from .config import AppSettings
 from .queue import current_item, remaining_pairs
 from .wordclass import char_classes
@@ -313,6 +313,9 @@ class AnnotateApp:
                 return "missing"
             if body.get("action") == "skip" and t["status"] != "open":
                 raise AnswerError("an answered item cannot be skipped (answer it again instead)", "action")
+            if t["status"] != "open" and t["revisions"] >= MAX_REVISIONS:
+                raise AnswerError(f"an answer can be changed at most {MAX_REVISIONS} times, and this one "
+                                  "was: the last version stands", "action")
             answer = build_answer(body, original=t["rejected"], prefill=t["prefill"],
                                   error_types=self.settings.error_types,
                                   guidelines_version=self.settings.guidelines.version,

@@ -89,8 +89,19 @@ class PromptResponse:
 
 
 def is_encoder_style(tokenizer) -> bool:
-    """True for tokenizers that add special tokens to a pair of texts (BERT-like ``[CLS] a [SEP] b [SEP]``)."""
-    return tokenizer.num_special_tokens_to_add(pair=True) > 0
+    """True for tokenizers whose pair template closes the second text with a special token (BERT-like
+    ``[CLS] a [SEP] b [SEP]``, RoBERTa's ``<s> a </s></s> b </s>``).
+
+    A decoder tokenizer that only puts BOS before each text (Llama 2 and 3, Mistral, Gemma: ``<s> a <s> b``)
+    adds special tokens to a pair too, but is not one: its responses take the decoder layout, closed by EOS.
+    """
+    if tokenizer.num_special_tokens_to_add(pair=True) == 0:
+        return False
+    try:
+        seq = tokenizer("a", "b", add_special_tokens=True).sequence_ids()
+    except (ValueError, AttributeError, NotImplementedError):  # a slow tokenizer has no sequence ids
+        return True
+    return seq[-1] is None
 
 
 def encode_text(tokenizer, text: str, with_offsets: bool = False) -> tuple[list[int], list[tuple[int, int]] | None]:

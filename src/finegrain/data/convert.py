@@ -259,12 +259,16 @@ def from_oasst(rec: dict, counts: Counter) -> Iterator[Candidate]:
             continue
         ranked = sorted(((r, w) for r, w in replies if r.get("rank") is not None and not r.get("deleted")),
                         key=lambda rw: rw[0]["rank"])
+        shared = {rank for rank, n in Counter(r["rank"] for r, _ in ranked).items() if n > 1}
         for (c, cw), (j, jw) in itertools.combinations(ranked, 2):
             if c["rank"] == j["rank"]:
                 counts["ties_dropped"] += 1
                 continue
             mid = msg.get("message_id", where)
-            out = {"id": f"{mid}:r{c['rank']}>r{j['rank']}", "prompt": oasst_prompt(turns), "chosen": c["text"],
+            # a rank two siblings share names its pairs ambiguously: those pairs are named by the replies instead
+            name = (f"r{c['rank']}>r{j['rank']}" if not {c["rank"], j["rank"]} & shared else
+                    f"{c.get('message_id', cw)}>{j.get('message_id', jw)}")
+            out = {"id": f"{mid}:{name}", "prompt": oasst_prompt(turns), "chosen": c["text"],
                    "rejected": j["text"], "message_tree_id": tree, "parent_id": mid, "turns": len(turns),
                    "chosen_id": c.get("message_id"), "rejected_id": j.get("message_id"),
                    "chosen_rank": c["rank"], "rejected_rank": j["rank"], "lang": msg.get("lang")}

@@ -10,7 +10,8 @@ Record format (TRL's preference format, plus edits):
 - preference: ``prompt``, ``chosen``, ``rejected`` (non-empty strings), optional ``id``;
 - edit: the same plus ``edited`` (non-empty string), optional ``edit_meta`` (object), optional
   ``gold_spans`` (list of ``[start, end)`` character spans of ``rejected``); ``chosen`` may be
-  absent or null.
+  absent or null. A preference pair may carry ``gold_spans`` too (checked the same way, kept in
+  ``meta``): eval-rm scores a token RM's localisation against them.
 
 Decisions:
 
@@ -137,7 +138,10 @@ def pair_from_record(rec: dict, kind: PairKind) -> tuple[PreferencePair, int]:
     if kind == "preference":
         if chosen == rejected:
             raise InputError("is identical to 'rejected': the pair says nothing", field="chosen")
-        return PreferencePair(prompt, chosen, rejected, pid or content_id(prompt, chosen, rejected), meta), 0
+        spans, merged = check_spans(rec.get("gold_spans"), len(rejected))
+        if spans is not None:  # flawed spans of `rejected` on a preference pair: kept in meta, checked like an edit's
+            meta["gold_spans"] = [list(s) for s in spans]
+        return PreferencePair(prompt, chosen, rejected, pid or content_id(prompt, chosen, rejected), meta), merged
     edited = check_text(rec["edited"], "edited")
     edit_meta = rec.get("edit_meta")
     if edit_meta is None:

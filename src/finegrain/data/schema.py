@@ -63,7 +63,9 @@ def comparisons(pairs: Iterable[PreferencePair], kind: PairKind) -> list[Compari
         else:
             if p.chosen is None:
                 raise ValueError(f"pair {p.id!r} has no 'chosen' response")
-            out.append(Comparison(p.id, p.prompt, p.chosen, p.rejected, getattr(p, "gold_spans", None)))
+            spans = p.gold_spans if isinstance(p, EditedPair) else p.meta.get("gold_spans")
+            out.append(Comparison(p.id, p.prompt, p.chosen, p.rejected,
+                                  None if spans is None else [(int(s[0]), int(s[1])) for s in spans]))
     return out
 
 

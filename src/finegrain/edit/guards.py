@@ -4,6 +4,8 @@ Checked in this order, the first that fires is the reason:
 
 - ``error`` codes from the backend (``missing``, ``truncated``, ``http_400``, ``failed`` ...);
 - ``empty``: no text, or only whitespace;
+- ``invalid_text``: characters the pair files refuse (control characters other than tab, newline
+  and carriage return; lone surrogates), so that train-rm never stops at an accepted edit;
 - ``refusal``: the answer opens like a refusal ("I'm sorry, but I can't ...") while the
   original did not, AND it either talks about the editing task (edit, revise, rewrite, this
   response/content/request) or is not a minimal edit. An apology the editor inserted into an
@@ -28,6 +30,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.loaders import check_text
+from ..errors import InputError
 from .distance import edit_stats
 from .postprocess import looks_like_refusal
 
@@ -55,6 +59,10 @@ def check_edit(original: str, edited: str | None, error: str | None, cfg: GuardC
         return (code if re.fullmatch(r"[a-z][a-z0-9_]{0,30}", code) else "error"), None
     if edited is None or not edited.strip():
         return "empty", None
+    try:
+        check_text(edited, "edited")
+    except InputError:
+        return "invalid_text", None
     stats = edit_stats(original, edited)
     too_big = stats["edit_ratio"] > cfg.max_edit_ratio
     if looks_like_refusal(edited) and not looks_like_refusal(original):

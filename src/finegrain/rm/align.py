@@ -62,7 +62,7 @@ def absorb_coincidences(opcodes: Sequence[Opcode]) -> list[Opcode]:
     """Merge every equal block shorter than the changed blocks on both of its sides into one ``replace``.
 
     The size of a changed block is its longer side. Repeated until nothing merges (a merge makes
-    its block larger, which can absorb the next equal block).
+    its block larger, which can absorb the equal block on either side of it).
 
     >>> absorb_coincidences([("replace", 0, 3, 0, 4), ("equal", 3, 4, 4, 5), ("replace", 4, 6, 5, 8)])
     [('replace', 0, 6, 0, 8)]
@@ -77,7 +77,7 @@ def absorb_coincidences(opcodes: Sequence[Opcode]) -> list[Opcode]:
         if mid[0] == "equal" and left[0] != "equal" and right[0] != "equal" \
                 and size(mid) < min(size(left), size(right)):
             ops[k - 1:k + 2] = [("replace", left[1], right[2], left[3], right[4])]
-            k = max(1, k - 1)
+            k = max(1, k - 2)  # the equal block before the merged one is checked again: its right side grew
             continue
         k += 1
     return ops  # type: ignore[return-value]

@@ -179,8 +179,10 @@ def flawed_token_labels(items: Sequence[Comparison], better: list[RMExample], wo
 def warn_if_seen_in_training(data: str, meta: dict) -> str | None:
     """One warning line when ``data`` is a file train-rm used: its training pairs, or the held-out split that
     picked the kept weights and the flaw threshold. Returns which, or None."""
+    local = os.path.exists(data)  # a `datasets` name is no file of train-rm's
+
     def same(path) -> bool:
-        return bool(path) and os.path.exists(path) and os.path.samefile(path, data)
+        return local and bool(path) and os.path.exists(path) and os.path.samefile(path, data)
 
     role = ("training data" if same(meta.get("data")) else
             "held-out split (it picked the kept weights and the flaw threshold)" if same(meta.get("eval_data")) else None)
@@ -217,7 +219,7 @@ def evaluate_reward_model(cfg: EvalRMConfig) -> dict:
         use = [i for i, lab in enumerate(labels) if lab is not None]
         if source and use:
             threshold = cfg.flaw_threshold if cfg.flaw_threshold is not None else rm.meta.get("flaw_threshold")
-            gold = [items[i].gold_spans if source == "gold_spans" else
+            gold = [seen_spans(items[i].gold_spans, worse[i]) if source == "gold_spans" else
                     u1_spans(worse[i].response_offsets, labels[i]) for i in use]
             loc = localisation([r_worse[i] for i in use], [labels[i] for i in use],
                                [worse[i].response_offsets for i in use], gold, [r_better[i] for i in use],
@@ -229,6 +231,21 @@ def evaluate_reward_model(cfg: EvalRMConfig) -> dict:
                                if threshold is not None else None))
     write_json(cfg.output, result)
     return result
+
+
+def seen_spans(spans: Sequence[Sequence[int]], ex: RMExample) -> list[tuple[int, int]]:
+    """The part of gold ``spans`` inside the response characters ``ex`` kept, as the token figures count them.
+
+    A response cut by ``--max-length`` keeps only the characters of its kept tokens; a gold span beyond them
+    can be neither flagged nor found, so the span figures leave it out as the token figures do.
+
+    >>> seen_spans([(0, 3), (5, 9), (12, 14)], RMExample([1, 2, 3, 0], 1, 4, [(0, 3), (4, 7), (7, 7)], True))
+    [(0, 3), (5, 7)]
+    """
+    if not ex.truncated:
+        return [(int(a), int(b)) for a, b in spans]
+    end = max((e for _, e in ex.response_offsets[:-1]), default=0)
+    return [(int(a), min(int(b), end)) for a, b in spans if a < end]
 
 
 def u1_spans(offsets: Sequence[tuple[int, int]], changed: Sequence[bool]) -> list[tuple[int, int]]:

@@ -3,10 +3,10 @@
 Prompt and response are tokenised separately and concatenated, so the prompt/response boundary
 is identical for both sides of a pair (DESIGN.md decision 1):
 
-- decoder tokenizers (no special tokens added for pairs; GPT-2, Llama, Qwen2, SmolLM2):
+- decoder tokenizers (no special token closing a pair; GPT-2, Llama, Qwen2, SmolLM2; a BOS before each text is fine):
   ``format_prompt(prompt) ids + response ids + [EOS]``, the layout SFT trains on too
   (:func:`finegrain.tokens.decoder_example`)
-- encoder tokenizers (BERT-like, add special tokens for pairs):
+- encoder tokenizers (BERT-like, a special token closes a pair, :func:`finegrain.tokens.is_encoder_style`):
   ``[CLS] prompt [SEP] response [SEP]``; the closing special token plays the role of EOS.
 
 The response's scored positions are its tokens plus that closing token, so "the token after an

@@ -133,7 +133,10 @@ def prepare_data(cfg: TrainRMConfig, tokenizer) -> RMData:
     ev, n_eval, cut_eval = featurize(tokenizer, eval_items, **kw)
     dropped, dropped_eval = dropped + n, dropped_eval + n_eval
     if not train:
-        raise InputError(f"no training pairs left ({dropped} dropped because both responses are identical)",
+        held = "" if cfg.eval_data or not eval_items else (
+            f", {len(eval_items)} held out for evaluation by --eval-fraction {cfg.eval_fraction:g}: lower it, "
+            "or give --eval-data")
+        raise InputError(f"no training pairs left ({dropped} dropped because both responses are identical{held})",
                          path=cfg.data)
     if cut + cut_eval:
         logger.warning("%d pairs dropped: their edit lies beyond --max-length %d (raise it to keep them)",

@@ -39,6 +39,22 @@ def test_config_bad_yaml_names_field(tmp_path, text, field):
     assert f"field {field!r}" in str(e.value) and "c.yaml" in str(e.value)
 
 
+def test_yaml_numbers_in_exponent_notation_without_a_dot_are_numbers(tmp_path):
+    """`lr: 1e-5` is a float in YAML 1.2 (and on the command line); PyYAML alone would read the string '1e-5'."""
+    from finegrain.config import _parse_mapping
+
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 1e-5\nepochs: 3\nloss: token_mean\n")
+    cfg = build_config(Cfg, yaml_path=str(y), overrides={"data": "1e-5x"})
+    assert (cfg.lr, cfg.epochs, cfg.loss, cfg.data) == (1e-5, 3, "token_mean", "1e-5x")
+    y.write_text("lr: -2E+4\n")
+    assert build_config(Cfg, yaml_path=str(y), overrides={"data": "x"}).lr == -2e4
+    y.write_text("lr: '1e-5'\n")  # quoted: a string, refused as such
+    with pytest.raises(InputError, match="field 'lr': expected a number, got str '1e-5'"):
+        build_config(Cfg, yaml_path=str(y), overrides={"data": "x"})
+    assert _parse_mapping("lr=3e-4,name=e5") == {"lr": 3e-4, "name": "e5"}
+
+
 def test_config_missing_and_choices():
     with pytest.raises(ConfigError, match="--data"):
         build_config(Cfg)

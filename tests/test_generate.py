@@ -69,6 +69,48 @@ def test_generate_writes_alpaca_eval_outputs(tmp_path, tiny_dir):
                                                                                   ("p2", "mine")]
 
 
+def test_an_interrupted_generate_resumes_with_the_outputs_of_an_uninterrupted_run(tmp_path, tiny_dir, monkeypatch):
+    from finegrain import generation
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "word " * (i % 4) + f"question {i}"}) + "\n" for i in range(7)))
+    settings = dict(model=tiny_dir, prompts=str(prompts), max_new_tokens=5, batch_size=2, seed=4)
+    generate(build_config(GenerateConfig, dict(settings, output=str(tmp_path / "whole.jsonl"))))
+    whole = (tmp_path / "whole.jsonl").read_text()
+    assert not (tmp_path / "whole.jsonl.partial.jsonl").exists()  # removed once the output is written
+
+    real_sample, calls = generation.sample, []
+
+    def crashing_sample(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "sample", crashing_sample)
+    out = tmp_path / "out.jsonl"
+    cfg = build_config(GenerateConfig, dict(settings, output=str(out)))
+    with pytest.raises(KeyboardInterrupt):
+        generate(cfg)
+    partial = out.with_name("out.jsonl.partial.jsonl")
+    assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 4  # the header, two batches of two
+    with open(partial, "a") as f:
+        f.write('{"i": 5, "outp')  # a line a crash cut short
+    calls.clear()
+    monkeypatch.setattr(generation, "sample", lambda *a, **k: calls.append(len(a[2])) or real_sample(*a, **k))
+    assert generate(cfg)["resumed"] == 4
+    assert calls == [2, 1] and out.read_text() == whole and not partial.exists()
+
+    # other sampling settings do not take the kept outputs
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(generation, "sample", crashing_sample)
+        calls.clear()
+        generate(cfg)
+    monkeypatch.setattr(generation, "sample", real_sample)
+    other = build_config(GenerateConfig, dict(settings, output=str(out), seed=5))
+    assert generate(other)["resumed"] == 0
+
+
 def test_generate_bad_prompt_file_exits_2(tmp_path, tiny_dir, capsys):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 7}) + "\n")

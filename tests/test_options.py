@@ -320,3 +320,19 @@ def test_every_numeric_option_refuses_a_negative_value(verb):
             continue
         accepted.append(f.name)
     assert not accepted, f"{verb} accepts -1 for {accepted}"
+
+
+def test_every_prompt_template_option_needs_the_prompt_placeholder():
+    """A template without ``{prompt}`` would give every record the same prompt: each verb with one refuses it."""
+    with_template = []
+    for verb, cls in sorted(verb_configs().items()):
+        base = _valid_values(verb, cls)
+        for name in ("template", "prompt_template"):
+            if name not in {f.name for f in dataclasses.fields(cls)}:
+                continue
+            with_template.append(verb)
+            flag = "--" + name.replace("_", "-")
+            with pytest.raises(ConfigError, match=rf"{flag} 'Q: ' has no \{{prompt\}}"):
+                build_config(cls, {**base, name: "Q: "})
+            assert getattr(build_config(cls, {**base, name: "Q: {prompt}\nA:"}), name) == "Q: {prompt}\nA:"
+    assert {"generate", "ppo", "sft", "train-rm"} <= set(with_template)

@@ -138,6 +138,27 @@ def test_same_tokenizer_token_rewards_are_the_rm_rewards(tiny_tokenizer):
         assert int(out.n_scored[b]) == len(raw[b])
 
 
+def test_a_response_ended_by_another_stop_token_is_scored_as_if_it_ended_with_eos(tiny_tokenizer):
+    """A chat model's end-of-turn token (generation_config.eos_token_id) ends a response: the RM sees its own EOS
+    in that place, as in the pairs it learnt from, not the end-of-turn token followed by EOS."""
+    tok = tiny_tokenizer
+    rm = make_tiny_model(tok, "token", seed=4).eval()
+    prompts, texts = ["Be polite.", "List fruit."], ["Sure, here it is.", "apples, bananas"]
+    q = [tok(p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
+    r_ids, r_mask = _fake_generation(tok, texts, [True, True])
+    end_of_turn = 7  # any id that is not the tokenizer's EOS
+    assert end_of_turn != tok.eos_token_id
+    turn_ids = r_ids.clone()
+    turn_ids[r_ids == tok.eos_token_id] = end_of_turn
+    expected = RewardScorer(rm, tok, "token", tok, max_length=64).score(prompts, q, r_ids, r_mask, texts)
+    scorer = RewardScorer(rm, tok, "token", tok, max_length=64, stop_ids=[tok.eos_token_id, end_of_turn])
+    out = scorer.score(prompts, q, turn_ids, r_mask, texts)
+    assert torch.equal(out.scores, expected.scores) and torch.equal(out.token_rewards, expected.token_rewards)
+    assert torch.equal(out.n_scored, expected.n_scored)
+    unaware = RewardScorer(rm, tok, "token", tok, max_length=64).score(prompts, q, turn_ids, r_mask, texts)
+    assert (unaware.n_scored == expected.n_scored + 1).all()  # without the stop ids: one token more, EOS appended
+
+
 def test_cross_tokenizer_preserves_each_responses_reward_sum(tiny_tokenizer):
     pol_tok = tiny_tokenizer
     rm_tok = train_bpe_tokenizer(CORPUS * 5, vocab_size=290)  # another vocabulary

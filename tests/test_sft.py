@@ -105,3 +105,45 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "line 1" in err and "'prompt'" in err
     assert main(["sft", "--data", str(p), "--output", str(tmp_path / "o"), "--from-scratch", "--model", "m"]) == 2
+
+
+def test_skip_invalid_skips_unreadable_records_and_lists_them_in_rejects_jsonl(tmp_path):
+    data = _demos(tmp_path, n=16)
+    lines = data.read_text().splitlines()
+    lines[2:2] = ['{"prompt": "cut by a kill', json.dumps(["not", "an", "object"]), json.dumps({"prompt": "p"})]
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"sft.jsonl: line 3: invalid JSON"):
+        load_sft_records(str(data))
+    recs, skipped = load_sft_records(str(data), skip_invalid=True, rejects_path=tmp_path / "r.jsonl")
+    assert len(recs) == 16 and skipped == 3
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["location"], r["field"]) for r in rows] == [("line 3", None), ("line 4", None), ("line 5", "response")]
+    assert rows[2]["record"] == {"prompt": "p"} and "line 5" in rows[2]["error"]
+    out = tmp_path / "policy"
+    assert main(["sft", "--data", str(data), "--output", str(out), "--from-scratch", "--vocab-size", "300",
+                 "--n-embd", "16", "--epochs", "0.5", "--log-with", "none", "--skip-invalid"]) == 0
+    assert json.loads((out / "finegrain.json").read_text())["n_skipped"] == 3
+    assert len((out / "rejects.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_template_without_the_prompt_placeholder_is_refused(tmp_path, capsys):
+    """`--template 'Q: '` would give every record the same prompt (the records' prompts dropped)."""
+    base = {"data": "d", "output": "o", "from_scratch": True}
+    with pytest.raises(ConfigError, match=r"--template 'Q: ' has no \{prompt\}"):
+        build_config(SFTConfig, dict(base, template="Q: "))
+    assert build_config(SFTConfig, dict(base, template="Q: {prompt}\nA:")).template == "Q: {prompt}\nA:"
+    data = _demos(tmp_path, n=4)
+    assert main(["sft", "--data", str(data), "--output", str(tmp_path / "o"), "--from-scratch", "--template",
+                 "Question:"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "{prompt}" in err and not (tmp_path / "o").exists()
+
+
+def test_an_output_that_cannot_be_a_directory_is_refused_before_training(tmp_path, capsys):
+    data = _demos(tmp_path, n=4)
+    (tmp_path / "afile").write_text("keep me")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert main(["sft", "--data", str(data), "--output", str(out), "--from-scratch", "--log-with", "none"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--output cannot be written" in err and "afile" in err
+    assert (tmp_path / "afile").read_text() == "keep me"

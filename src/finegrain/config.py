@@ -200,13 +200,15 @@ def _add_field(parser: Any, f: dataclasses.Field, hint: Any, cls: type) -> None:
 
 def _parse_mapping(text: str) -> dict[str, Any]:
     """``"seed=1,name=x"`` -> ``{"seed": 1, "name": "x"}`` (each value read as YAML)."""
+    from .io import yaml_load
+
     out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         k, sep, v = item.partition("=")
         if not sep or not k.strip():
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
         try:
-            out[k.strip()] = yaml.safe_load(v)
+            out[k.strip()] = yaml_load(v)
         except yaml.YAMLError as e:
             raise argparse.ArgumentTypeError(f"{k.strip()}: invalid value {v!r} "
                                              f"({getattr(e, 'problem', None) or 'invalid YAML'})") from e
@@ -450,3 +452,13 @@ class TrainingOptions(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptio
     skip_invalid: bool = opt(False, "skip invalid records (listed in OUTPUT/rejects.jsonl) instead of stopping")
     template: str | None = opt(None, "prompt template with {prompt} for tokenizers without a chat template "
                                      "(default: '{prompt}\\n')")
+
+    def validate(self) -> None:
+        super().validate()
+        check_template(self.template, "--template")
+
+
+def check_template(template: str | None, flag: str) -> None:
+    """A prompt template must hold ``{prompt}``: without it every record would get the same prompt."""
+    if template is not None and "{prompt}" not in template:
+        raise ConfigError(f"{flag} {template!r} has no {{prompt}} to put each record's prompt in")

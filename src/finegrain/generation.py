@@ -11,8 +11,9 @@ beams, ...) is sampled with ``generate``; speed switch ``decoder`` (:mod:`finegr
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,6 +22,7 @@ from .errors import ConfigError
 from .speed import forward_params
 from .tokens import encode_texts, format_prompt, left_pad
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class Generated:
@@ -28,7 +30,7 @@ class Generated:
 
     query_ids:     (B, Lq) prompt ids, left-padded; query_mask marks real tokens
     response_ids:  (B, Lr) sampled ids, right-padded with pad; response_mask marks real tokens
-                   (up to and including the first EOS)
+                   (up to and including the first EOS: any of :func:`stop_token_ids`)
     ended:         (B,) True where the response emitted EOS
     texts:         decoded responses without special tokens
     """
@@ -232,14 +234,16 @@ def preallocated_cache(model, capacity: int):
     return cache
 
 
-def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int, pad: int, min_new_tokens: int,
-                 do_sample: bool, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int | Sequence[int], pad: int,
+                 min_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """(B, <= max_new_tokens) new token ids; rows that ended carry ``pad`` after their EOS.
 
     A KV-cache loop over the model's own forward: the prompt once (LM head on its last position
     only), then one token per step with position ids continuing each row's own count (the
-    prompts are left-padded). Stops when every row has emitted EOS.
+    prompts are left-padded). ``eos``: the id, or the ids, that end a response (as
+    ``generate``'s ``eos_token_id``). Stops when every row has emitted one.
     """
+    stops = torch.as_tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=q_ids.device)
     params = forward_params(model)
     cache_kw = "cache" if "cache" in params else "past_key_values"
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -254,7 +258,7 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int, pad: in
     for t in range(max_new_tokens):
         scores = out.logits[:, -1, :].float()
         if t < min_new_tokens:
-            scores[:, eos] = float("-inf")
+            scores[:, stops] = float("-inf")
         for w in warpers:
             scores = w(None, scores)
         if do_sample:
@@ -264,7 +268,7 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int, pad: in
             nxt = scores.argmax(dim=-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)
-        done = done | (nxt == eos)
+        done = done | torch.isin(nxt, stops)
         if t + 1 == max_new_tokens or bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -277,6 +281,20 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int, pad: in
     if not tokens:
         return q_ids.new_zeros((q_ids.shape[0], 0))
     return torch.stack(tokens, dim=1)
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """The ids that end a sampled response: the tokenizer's EOS, then every other EOS id the model's
+    ``generation_config`` names (as ``generate`` stops on them).
+
+    Chat models often end a turn with a token of their own besides the tokenizer's EOS (Gemma's
+    ``<end_of_turn>``, Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``), listed in
+    ``generation_config.eos_token_id``; without them a response would run on past its turn.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    named = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+    named = [] if named is None else [named] if isinstance(named, int) else list(named)
+    return list(dict.fromkeys([int(tokenizer.eos_token_id)] + [int(x) for x in named]))
 
 
 @speed.sampling_grad_mode  # no_grad, not inference_mode: autocast caches its bf16 weight copies only outside it
@@ -297,13 +315,17 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the policy's tokenizer has no EOS token; responses could never end")
+    empty = next((i for i, p in enumerate(prompt_ids) if not len(p)), None)
+    if empty is not None:
+        raise ConfigError(f"prompt {empty + 1} of the batch has no tokens; a decoder needs at least one to continue")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    unwrapped = getattr(model, "module", model)
+    stops = stop_token_ids(tokenizer, unwrapped)
     device = next(model.parameters()).device
     q_ids, q_mask = left_pad(prompt_ids, pad)
     q_ids, q_mask = q_ids.to(device), q_mask.to(device)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
-    unwrapped = getattr(model, "module", model)
     why_not = loop_unsupported(unwrapped) if decoder != "generate" else "generate asked for"
     if decoder == "loop" and why_not:
         raise ConfigError(f"finegrain's decoding loop cannot run this model: {why_not}")
@@ -312,17 +334,17 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     with speed.merged_lora(unwrapped), speed.packed_linear_weights(unwrapped, rows=q_ids.shape[0]):
         if why_not is None:
             gen_config = getattr(unwrapped, "generation_config", None)
-            resp = _decode_loop(unwrapped, q_ids, q_mask, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+            resp = _decode_loop(unwrapped, q_ids, q_mask, max_new_tokens=max_new_tokens, eos=stops, pad=pad,
                                 min_new_tokens=int(getattr(gen_config, "min_new_tokens", None) or 0),
                                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p).cpu()
         else:
-            kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                       use_cache=True)
             if do_sample:
                 kw.update(temperature=max(temperature, 1e-5), top_k=top_k if top_k > 0 else 0, top_p=top_p)
             out = unwrapped.generate(input_ids=q_ids, attention_mask=q_mask, **kw)
             resp = out[:, q_ids.shape[1]:].cpu()
-    is_eos = resp == eos
+    is_eos = torch.isin(resp, torch.tensor(stops, dtype=resp.dtype))
     ended = is_eos.any(dim=1)
     # position of the first EOS (or the end): keep tokens up to and including it
     first = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, resp.shape[1], dtype=torch.long))
@@ -336,22 +358,53 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
 def generate_texts(model, tokenizer, prompts: Sequence[str], *, template: str | None = None, batch_size: int = 8,
                    max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
                    do_sample: bool = True, max_prompt_tokens: int | None = None, progress_desc: str | None = None,
-                   seed: int = 0) -> list[str]:
-    """Responses (decoded text) for plain-text prompts, batched, sorted by length for less padding."""
+                   seed: int = 0, done: dict[int, str] | None = None,
+                   on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
+    """Responses (decoded text) for plain-text prompts, batched, sorted by length for less padding.
+
+    A prompt is cut from its left (its end, next to the response, stays) to ``max_prompt_tokens``
+    and to what the model's context leaves beside ``max_new_tokens``, with one warning line.
+    Each batch samples with seed ``seed`` + its first position in the length order, so a batch
+    whose prompts are all in ``done`` (prompt index -> text, from an interrupted run with the same
+    settings) is skipped and the result is the one an uninterrupted run gives; ``on_batch(indices,
+    texts)`` is called after each generated batch (what a resumable caller stores).
+    """
+    from .models import context_length
     from .tracking import progress
 
     formatted = [format_prompt(tokenizer, p, template) for p in prompts]
     ids = encode_texts(tokenizer, formatted)
-    if max_prompt_tokens:
-        ids = [s[-max_prompt_tokens:] for s in ids]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+    ctx = context_length(base.config) if getattr(base, "config", None) is not None else None
+    limit = max_prompt_tokens or None
+    if ctx is not None:
+        if max_new_tokens >= ctx:
+            raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                              f"of {ctx} tokens")
+        longest = max(map(len, ids), default=0)
+        if longest > ctx - max_new_tokens and (limit is None or limit > ctx - max_new_tokens):
+            n_cut = sum(len(s) > ctx - max_new_tokens for s in ids)
+            logger.warning("%d prompt(s) longer than the %d tokens that the model's context of %d leaves beside "
+                           "--max-new-tokens %d (the longest: %d); keeping the last %d tokens of each", n_cut,
+                           ctx - max_new_tokens, ctx, max_new_tokens, longest, ctx - max_new_tokens)
+            limit = ctx - max_new_tokens
+    if limit:
+        ids = [s[-limit:] for s in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
+    done = done or {}
     bar = progress(total=len(ids), desc=progress_desc or "generate")
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        g = sample(model, tokenizer, [ids[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k, top_p=top_p, do_sample=do_sample, generator_seed=seed + start)
-        for i, t in zip(idx, g.texts):
+        if all(i in done for i in idx):
+            texts = [done[i] for i in idx]
+        else:
+            texts = sample(model, tokenizer, [ids[i] for i in idx], max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                           generator_seed=seed + start).texts
+            if on_batch is not None:
+                on_batch(idx, texts)
+        for i, t in zip(idx, texts):
             out[i] = t
         bar.update(len(idx))
     bar.close()

@@ -345,8 +345,31 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except FileNotFoundError as e:
         raise InputError("no such file", path=path) from e
+    except IsADirectoryError as e:
+        raise InputError("is a directory, not a JSON file", path=path) from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"text is not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8", path=path) from e
     except json.JSONDecodeError as e:
         raise InputError(f"invalid JSON ({e.msg} at line {e.lineno})", path=path) from e
+    except RecursionError as e:
+        raise InputError(_TOO_DEEP, path=path) from e
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror or e})", path=path) from e
+
+
+# a number in exponent notation without a dot (1e-5, -2E+4): a float in YAML 1.2, a string to PyYAML's YAML 1.1
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+def yaml_load(stream: Any) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-5`` as the number it is (YAML 1.2; PyYAML would give the string)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+    return yaml.load(stream, Loader=Loader)  # noqa: S506 - a SafeLoader
 
 
 def read_yaml(path: str | os.PathLike, what: str) -> Any:
@@ -356,7 +379,7 @@ def read_yaml(path: str | os.PathLike, what: str) -> Any:
 
     try:
         with open(path, encoding="utf-8-sig") as f:
-            return yaml.safe_load(f)
+            return yaml_load(f)
     except FileNotFoundError as e:
         raise InputError(f"no such {what}", path=path) from e
     except IsADirectoryError as e:

@@ -68,6 +68,11 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, padding_side: 
         tok = AutoTokenizer.from_pretrained(res.path, trust_remote_code=trust_remote_code, **res.kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a tokenizer from {name!r}: {e}") from e
+    # transformers builds an empty tokenizer (special tokens only) from a model directory without tokenizer
+    # files instead of failing: every text would encode to nothing
+    if len(tok) <= len(set(tok.all_special_ids)):
+        raise ConfigError(f"cannot load a tokenizer from {name!r}: it has no vocabulary besides special tokens "
+                          "(no tokenizer files there? save the tokenizer with the model)")
     ensure_pad_token(tok)
     tok.padding_side = padding_side
     return tok

@@ -292,7 +292,11 @@ def refuse_stale_checkpoints(output: str | Path, resume: bool, found: list[Path]
     """Refuse a fresh run (no --resume) in an output directory that holds checkpoints (``found``) of another run.
 
     Starting over there would truncate that run's metrics and leave its checkpoints beside the new ones.
+    An ``output`` that cannot be a directory (a file, or under one) is refused too, before any work.
     """
+    from .io import check_output_dir
+
+    check_output_dir(output)
     if found and not resume:
         raise ConfigError(f"{output} already holds checkpoints ({found[-1].name}, ...); pass --resume to continue "
                           "that run, or choose another --output")

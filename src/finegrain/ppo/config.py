@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import LoggingOptions, TrainerModelOptions, TrainerPrecisionOptions, opt
+from ..config import LoggingOptions, TrainerModelOptions, TrainerPrecisionOptions, check_template, opt
 from ..errors import ConfigError
 
 
@@ -124,6 +124,7 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     def validate(self) -> None:
         """Checks across fields (bounds of single fields are declared with them; model and data: the pre-flight)."""
         super().validate()
+        check_template(self.prompt_template, "--prompt-template")
         if self.param_dtype == "bf16" and self.mixed_precision != "bf16":
             raise ConfigError(f"--param-dtype bf16 runs under bf16 autocast: add --mixed-precision bf16 (not "
                               f"{self.mixed_precision!r})")

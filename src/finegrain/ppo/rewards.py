@@ -163,9 +163,13 @@ class RewardScorer:
     """
 
     def __init__(self, model, tokenizer, kind: str, policy_tokenizer, *, max_length: int,
-                 template: str | None = None, batch_size: int = 16, view: str = "causal"):
+                 template: str | None = None, batch_size: int = 16, view: str = "causal",
+                 stop_ids: Sequence[int] = ()):
         self.rm = RewardModel(model, tokenizer, kind, max_length=max_length, template=template, view=view)
         self.kind, self.policy_tokenizer, self.batch_size = kind, policy_tokenizer, batch_size
+        # what ends a policy response (generation.stop_token_ids): the RM sees its own EOS in that token's place,
+        # as in the pairs it learnt from (a chat model's end-of-turn token is no part of a response's text)
+        self.stop_ids = {policy_tokenizer.eos_token_id, *stop_ids}
         # the ids layout is the decoder one; an (unusual) encoder-style policy tokenizer takes the text path
         self.same_tokenizer = tokenizers_match(tokenizer, policy_tokenizer) and not is_encoder_style(tokenizer)
 
@@ -178,7 +182,7 @@ class RewardScorer:
         out = []
         for q, r, m in zip(query_ids, response_ids, response_mask):
             body = [t for t in r[m.bool()].tolist()]
-            if body and body[-1] == eos:
+            if body and body[-1] in self.stop_ids:
                 body = body[:-1]
             out.append(rm_example_from_ids(list(q), body, eos, self.rm.max_length, self.rm.view))
         return out

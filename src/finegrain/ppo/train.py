@@ -32,7 +32,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import ConfigError, InputError
-from ..generation import sample
+from ..generation import sample, stop_token_ids
 from ..io import write_json
 from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from ..speed import keep_freed_memory, lower_frozen_weights, options as speed_options, reuses_rollout_forward
@@ -391,7 +391,8 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
     ref = models.ref_policy.to(accelerator.device) if models.ref_policy is not None else None
     scorer = RewardScorer(models.reward_model.to(accelerator.device), run.rm_tokenizer, run.rm_kind, run.tokenizer,
                           max_length=run.rm_max_length, template=cfg.prompt_template,
-                          batch_size=cfg.forward_batch_size, view=run.rm_view)
+                          batch_size=cfg.forward_batch_size, view=run.rm_view,
+                          stop_ids=stop_token_ids(run.tokenizer, models.policy))
     kl_ctl = (core.AdaptiveKLController(cfg.initial_kl_coef(), cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.initial_kl_coef()))
     settings = RewardSettings(cfg.reward_mode, cfg.kl_estimator, cfg.token_reward_scale, cfg.reward_clip,

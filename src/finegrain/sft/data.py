@@ -8,14 +8,15 @@ The loss covers the response tokens and that EOS, never the prompt.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..data.loaders import check_id, check_text, content_id, located
+from ..data.loaders import LoadReport, Rejects, check_id, check_text, content_id, located
 from ..errors import ConfigError, InputError
-from ..io import iter_records
+from ..io import iter_records, write_jsonl
 from ..tokens import decoder_example, is_encoder_style, right_pad
 
 IGNORE_INDEX = -100  # label of positions without loss (transformers' convention)
@@ -40,19 +41,26 @@ def record_from_dict(rec: dict) -> SFTRecord:
     return SFTRecord(rid, prompt, response)
 
 
-def load_sft_records(path: str, *, skip_invalid: bool = False) -> tuple[list[SFTRecord], int]:
-    """Valid records of ``path`` and the number skipped (``skip_invalid``; else the first bad one raises)."""
-    out, skipped = [], 0
-    for location, rec in iter_records(path):
+def load_sft_records(path: str, *, skip_invalid: bool = False,
+                     rejects_path: str | os.PathLike | None = None) -> tuple[list[SFTRecord], int]:
+    """Valid records of ``path`` and the number skipped (``skip_invalid``; else the first bad one raises).
+
+    With ``skip_invalid`` a record that cannot be read (invalid JSON, not an object) is skipped
+    too, and with ``rejects_path`` every skipped record is written there as a JSON line
+    ``{path, location, field, error, record}`` (the rejects file of the pair loaders).
+    """
+    reject = Rejects(skip_invalid, LoadReport([], str(path), "sft"))
+    out = []
+    for location, rec in iter_records(path, on_error=reject if skip_invalid else None):
         try:
             out.append(record_from_dict(rec))
         except InputError as e:
-            if not skip_invalid:
-                raise located(e, str(path), location) from None
-            skipped += 1
+            reject(located(e, str(path), location), rec, location)
+    if reject.rows and rejects_path is not None:
+        write_jsonl(rejects_path, reject.rows)
     if not out:
         raise InputError("no valid SFT records (need `prompt` and `response` or `chosen`)", path=path)
-    return out, skipped
+    return out, reject.report.n_rejected
 
 
 @dataclass

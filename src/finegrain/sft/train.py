@@ -122,7 +122,8 @@ def train_sft(cfg: SFTConfig) -> dict:
 
     output = Path(cfg.output)
     refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output))
-    records, n_skipped = load_sft_records(cfg.data, skip_invalid=cfg.skip_invalid)  # bad data fails first
+    rejects = output / "rejects.jsonl" if cfg.skip_invalid else None  # bad data fails first
+    records, n_skipped = load_sft_records(cfg.data, skip_invalid=cfg.skip_invalid, rejects_path=rejects)
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
                               mixed_precision=cfg.mixed_precision)
     keep_freed_memory(accelerator.device.type)

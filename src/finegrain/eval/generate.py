@@ -35,7 +35,8 @@ class GenerateConfig(ModelOptions, PrecisionOptions):
     model: str = opt(help="causal LM checkpoint directory (or hub / short name)")
     prompts: str = opt(help="prompt records with 'prompt' or 'instruction' (+ optional 'input'): .json/.jsonl/...")
     output: str = opt(help="outputs file: .json (AlpacaEval's list format) or .jsonl")
-    generator: str | None = opt(None, "name recorded in each output's 'generator' (default: the model directory's name)")
+    generator: str | None = opt(None, "name recorded in each output's 'generator' (default: the model directory's "
+                                      "name; for a run's OUTPUT/final, OUTPUT's name)")
     batch_size: int = opt(16, "prompts generated together (more rows cost little extra time per token; "
                               "the KV cache grows with them)")
     max_new_tokens: int = opt(512, "longest output in tokens")
@@ -71,6 +72,18 @@ def prompt_of(rec: dict, path: str, where: str) -> str:
                 raise InputError("must be a string", path=path, record=where, field="input")
             return f"{text}\n\n{extra}" if extra and extra.strip() else text
     raise InputError("no 'prompt' or 'instruction' field", path=path, record=where)
+
+
+def default_generator(model: str) -> str:
+    """The model directory's name, or for ``OUTPUT/final`` (where ``ppo`` saves every run's policy) ``OUTPUT``'s:
+    winrate names a model by it, and a leaderboard keeps one row per name.
+
+    >>> default_generator("runs/ppo-token/final/"), default_generator("HuggingFaceTB/SmolLM2-135M-Instruct")
+    ('ppo-token', 'SmolLM2-135M-Instruct')
+    """
+    path = os.path.normpath(model)
+    name, parent = os.path.basename(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return parent if name == "final" and parent else name
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[tuple[dict, str]]:
@@ -150,7 +163,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     from ..models import load_model, load_tokenizer, resolve_dtype, torch_dtype
 
     items = read_prompts(cfg.prompts, cfg.limit)
-    name = cfg.generator or os.path.basename(os.path.normpath(cfg.model))
+    name = cfg.generator or default_generator(cfg.model)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     dtype = resolve_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code)
     model = load_model(cfg.model, "causal", tokenizer=tok, dtype=torch_dtype(dtype),

@@ -54,8 +54,8 @@ class PairView:
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}
 .pair{border:1px solid #ccc;border-radius:6px;padding:.5em 1em;margin:1em 0}
-.prompt{white-space:pre-wrap;color:#555;background:#f6f6f6;padding:.4em;border-radius:4px}
-.resp{white-space:pre-wrap;line-height:1.9;font-family:ui-monospace,monospace;font-size:.9em}
+.prompt{white-space:pre-wrap;overflow-wrap:anywhere;color:#555;background:#f6f6f6;padding:.4em;border-radius:4px}
+.resp{white-space:pre-wrap;overflow-wrap:anywhere;line-height:1.9;font-family:ui-monospace,monospace;font-size:.9em}
 .tok{border-radius:2px;padding:1px 0}
 .u1{outline:2px solid #1f4fff;outline-offset:0}
 .gold{text-decoration:underline dotted #000 2px}
@@ -77,7 +77,9 @@ def reward_colour(r: float, centre: float, scale: float) -> str:
     >>> reward_colour(-1.0, 0.0, 1.0), reward_colour(0.0, 0.0, 1.0), reward_colour(2.0, 1.0, 2.0)
     ('rgb(221,79,71)', 'rgb(255,255,255)', 'rgb(176,196,223)')
     """
-    t = max(-1.0, min(1.0, (r - centre) / scale)) if scale > 0 and math.isfinite(r) else 0.0
+    gap = r - centre
+    t = gap / scale if scale > 0 and math.isfinite(r) and not math.isnan(gap) else 0.0
+    t = max(-1.0, min(1.0, t)) if not math.isnan(t) else math.copysign(1.0, gap)  # inf / inf: a full end colour
     end = LOW_RGB if t < 0 else HIGH_RGB
     w = abs(t) * 0.85
     return "rgb({},{},{})".format(*(round(255 + (c - 255) * w) for c in end))
@@ -96,10 +98,12 @@ def _response_html(v: ResponseView, centre: float, scale: float) -> str:
     for k, ((s, e), r) in enumerate(zip(v.offsets, v.rewards)):
         if s > prev:
             parts.append(html.escape(v.text[prev:s]))
-        # a zero-width position is the closing token (shown by name) or, inside the text, a token
-        # whose characters a tokenizer trimmed from its offsets (a lone space): shown as a thin box
-        closing = e == s and s >= len(v.text)
-        shown = v.text[s:e] if e > s else (v.tokens[k] if closing else "")
+        # a zero-width position is the closing token (the last position, shown by name) or, inside the text, a
+        # token whose characters a tokenizer trimmed from its offsets (a lone space): shown as a thin box. The
+        # byte-level pieces of one character all have its offsets: the first shows it, the others show nothing
+        closing = e == s and s >= len(v.text) and k == len(v.offsets) - 1
+        a = max(s, prev)
+        shown = v.text[a:e] if e > a else (v.tokens[k] if closing else "")
         classes = ["tok"] + (["u1"] if k < len(v.changed) and v.changed[k] else []) \
             + (["gold"] if k < len(v.gold) and v.gold[k] else []) + (["special"] if closing else []) \
             + (["zw"] if e == s and not closing else [])
@@ -129,7 +133,7 @@ def token_reward_html(items: Sequence[PairView], *, title: str = "Per-token rewa
     ``centre`` None: the median reward on the page (said so in the legend).
     """
     rewards = [r for it in items for v in it.responses for r in v.rewards if math.isfinite(r)]
-    if centre is None:
+    if centre is None or not math.isfinite(centre):
         centre = sorted(rewards)[len(rewards) // 2] if rewards else 0.0
         centre_label = "the median reward on this page"
     scale = colour_scale(rewards, centre)

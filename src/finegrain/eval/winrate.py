@@ -1,7 +1,9 @@
 """``winrate(cfg)``: pairwise win rate of model outputs against reference outputs (``finegrain winrate``).
 
 Outputs and references are AlpacaEval model-outputs files (``instruction``, ``output``,
-``generator``; .json list or .jsonl), matched by instruction (plus ``input`` when present).
+``generator``; .json list or .jsonl), matched by instruction (plus ``input`` when present; ``prompt``
+for records without an instruction). An instruction twice in the outputs, or twice with different
+outputs in the references, is an error.
 Each pair is shown to a pairwise judge (:func:`finegrain.llm.backends.get_judge`, default
 prompt ``pairwise_judge_v1``) in a random order drawn per example from ``sha256(seed,
 instruction)``, so it is reproducible, independent of file order, and the same on a re-run
@@ -14,13 +16,15 @@ the model; ``preference`` is 1 (reference better), 2 (model better) or 1.5 (tie)
     win_rate = mean(s) = (wins + ties / 2) / n,     se = std(s, ddof=1) / sqrt(n)
 
 (fractions in the JSON; percent in the leaderboard CSV, as AlpacaEval's leaderboard). Examples
-the judge could not answer are counted as ``n_failed`` and left out of n; a run that judged no
-example stops with an error before writing anything (the leaderboard keeps its row).
+the judge could not answer (or answered with a preference outside [1, 2]) are counted as ``n_failed``
+and left out of n; a run that judged no example stops with an error before writing anything (the
+leaderboard keeps its row).
 
 Writes: ``--output FILE.json`` (the summary), ``FILE.annotations.json`` (AlpacaEval's
 annotations format plus ``judge_order``, ``raw_preference``, ``id``) and a leaderboard CSV
 (name, win_rate, standard_error, n_wins, n_draws, n_total, avg_length), one row per name,
-updated in place when several models are compared into the same file.
+updated in place when several models are compared into the same file (columns a user added are
+kept; a file without ``name`` and ``win_rate`` columns is refused before any judging).
 """
 from __future__ import annotations
 
@@ -86,11 +90,17 @@ class Example:
     extra: dict
 
 
+def match_key(rec: dict, path: str, where: str) -> str:
+    """What matches an output with its reference: ``instruction`` (+ blank line + ``input``), as in AlpacaEval,
+    also when the record has a ``prompt`` too (generate keeps a prompts file's fields); ``prompt`` without one."""
+    return prompt_of({k: v for k, v in rec.items() if k != "prompt"} if "instruction" in rec else rec, path, where)
+
+
 def read_outputs(path: str, limit: int | None = None) -> list[tuple[str, dict, str]]:
     """``(location, record, key)`` of each record, with ``output`` checked."""
     out = []
     for where, rec in iter_records(path):
-        key = prompt_of(rec, path, where)
+        key = match_key(rec, path, where)
         if not isinstance(rec.get("output"), str):
             raise InputError("must be a string", path=path, record=where, field="output")
         out.append((where, rec, key))
@@ -109,8 +119,13 @@ def model_shown_first(seed: int, key: str) -> bool:
 def match_examples(cfg: WinrateConfig) -> list[Example]:
     outputs = read_outputs(cfg.outputs, cfg.limit)
     refs: dict[str, dict] = {}
-    for _, rec, key in read_outputs(cfg.reference):
-        refs.setdefault(key, rec)
+    first_at: dict[str, str] = {}
+    for where, rec, key in read_outputs(cfg.reference):
+        ref = refs.setdefault(key, rec)
+        first_at.setdefault(key, where)
+        if ref["output"] != rec["output"]:  # which one would be judged is anyone's guess
+            raise InputError(f"duplicate instruction with another output than at {first_at[key]} (keep one "
+                             "reference output per instruction)", path=cfg.reference, record=where, field="instruction")
     ref_name = os.path.splitext(os.path.basename(cfg.reference))[0]
     examples, missing, seen = [], [], set()
     for where, rec, key in outputs:
@@ -159,7 +174,10 @@ def winrate_stats(preferences: Sequence[float]) -> dict[str, Any]:
 
 def _annotation(ex: Example, outcome, backend) -> dict[str, Any]:
     res = outcome.result
-    raw = res.preference if res is not None and res.error is None and not math.isnan(res.preference) else None
+    answer = res.preference if res is not None and res.error is None else None
+    raw = float(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) \
+        and 1.0 <= answer <= 2.0 else None
+    invalid = res is not None and res.error is None and raw is None  # a backend's bug, e.g. NaN, 0 or 3: not scored
     pref = canonical_preference(raw, ex.model_first) if raw is not None else None
     return {"instruction": ex.instruction, "output_1": ex.reference, "generator_1": ex.reference_generator,
             "output_2": ex.output, "generator_2": ex.generator, "preference": pref,
@@ -167,19 +185,52 @@ def _annotation(ex: Example, outcome, backend) -> dict[str, Any]:
             "raw_completion": res.raw if res is not None else None,
             "judge_order": "model_first" if ex.model_first else "reference_first", "raw_preference": raw,
             "id": ex.id, "cached": outcome.cached,
-            "error": outcome.error or (res.error if res is not None else None), **ex.extra}
+            "error": outcome.error or (res.error if res is not None else None)
+            or (f"invalid preference {res.preference!r} (a judge answers 1, 2 or 1.5)" if invalid else None),
+            **ex.extra}
+
+
+def _win_rate_of(value: Any) -> float | None:
+    """A leaderboard cell's win rate; None when empty or not finite."""
+    x = float(value) if value not in (None, "") else math.nan
+    return x if math.isfinite(x) else None
+
+
+def read_leaderboard(path: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """The columns (ours first, then any the file adds) and rows of the leaderboard CSV at ``path`` (none yet: no
+    rows), checked, so that a file that is not one stops the run before any judging, not after it."""
+    if not os.path.exists(path):
+        return list(LEADERBOARD_FIELDS), []
+    try:  # utf-8-sig: a spreadsheet's BOM would otherwise hide the 'name' column
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = []
+            for r in reader:
+                rows.append(r)
+                try:
+                    _win_rate_of(r.get("win_rate"))
+                except ValueError:
+                    raise InputError(f"must be a number (percent) or empty, got {r.get('win_rate')!r}", path=path,
+                                     record=f"line {reader.line_num}", field="win_rate") from None
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        raise InputError(f"cannot read the leaderboard CSV: {e}", path=path) from e
+    missing = [c for c in ("name", "win_rate") if c not in columns] if columns else []
+    if missing:
+        raise InputError(f"not a leaderboard CSV: no {missing[0]!r} column (columns: {', '.join(columns)}); "
+                         "give another --leaderboard", path=path)
+    return list(LEADERBOARD_FIELDS) + [c for c in columns if c not in LEADERBOARD_FIELDS], rows
 
 
 def update_leaderboard(path: str, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Replace or add ``row`` (by name) in the CSV at ``path``; rows sorted by win rate, written atomically."""
-    rows: list[dict[str, Any]] = []
-    if os.path.exists(path):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("name") != row["name"]]
+    """Replace or add ``row`` (by name) in the CSV at ``path``; rows sorted by win rate, written atomically.
+    Columns the file has besides ours are kept."""
+    columns, rows = read_leaderboard(path)
+    rows = [r for r in rows if r.get("name") != row["name"]]
     rows.append({k: row[k] for k in LEADERBOARD_FIELDS})
-    rows.sort(key=lambda r: -float(r["win_rate"]) if r["win_rate"] not in (None, "", "nan") else math.inf)
+    rows.sort(key=lambda r: -x if (x := _win_rate_of(r["win_rate"])) is not None else math.inf)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LEADERBOARD_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     with atomic_write(path) as f:
@@ -195,6 +246,7 @@ def winrate(cfg: WinrateConfig) -> dict[str, Any]:
     """Judge every matched example, write annotations, leaderboard and summary; return the summary."""
     t0 = time.time()
     examples = match_examples(cfg)
+    read_leaderboard(cfg.paths()["leaderboard"])  # a file that is not one stops the run here, before any judging
     judge_model = cfg.judge_model or backend_spec(cfg.judge).default_judge_model
     backend = get_judge(cfg.judge, judge_model, **cfg.backend_kwargs(cfg.judge, cfg.prompt))
     version = getattr(backend, "prompt_version", "none")

@@ -104,6 +104,13 @@ def test_file_judge_reimports_annotations_in_either_order(tmp_path, server):
     assert again["win_rate"] == first["win_rate"] and again["n"] == 12
     ann = json.loads((tmp_path / "b.annotations.json").read_text())
     assert [a["preference"] for a in ann] == expected
+    # an empty output is judged like any other, and a failed judgement (preference null) is no judgement
+    ann[0]["output_2"], ann[1]["preference"] = "", None
+    (tmp_path / "c.annotations.json").write_text(json.dumps(ann))
+    from finegrain.llm.files import FileJudge
+
+    judge = FileJudge(str(tmp_path / "c.annotations.json"))
+    assert judge.by_id[str(ann[0]["id"])]["output_2"] == "" and str(ann[1]["id"]) not in judge.by_id
 
 
 def test_unparseable_judge_answers_are_counted_not_scored(tmp_path, server, monkeypatch):

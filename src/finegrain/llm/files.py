@@ -40,7 +40,8 @@ def _text(rec: dict, field: str, path: str, where: str, *, optional: bool = Fals
     v = rec.get(field)
     if v is None and optional:
         return None
-    if not isinstance(v, str) or (not optional and not v.strip() and field != "edited"):
+    # an edit may delete everything, and a model's output may be empty (AlpacaEval's references hold two)
+    if not isinstance(v, str) or (not optional and not v.strip() and field not in ("edited", "output_1", "output_2")):
         raise InputError("must be a non-empty string", path=path, record=where, field=field)
     return v
 
@@ -163,6 +164,8 @@ class FileJudge(_FileBackend):
         self.by_id: dict[str, dict] = {}
         self.by_instruction: dict[str, dict] = {}
         for where, rec in iter_records(self.model):
+            if "preference" in rec and rec["preference"] is None:  # a judgement that failed (winrate writes those)
+                continue
             item = {"instruction": _text(rec, "instruction", self.model, where),
                     "output_1": _text(rec, "output_1", self.model, where),
                     "output_2": _text(rec, "output_2", self.model, where),

@@ -191,17 +191,32 @@ def _role(name: str, role: str) -> Callable[..., Any]:
     return factory
 
 
-def _check_options(name: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Refuse an option that ``factory(model, ...)`` does not declare (a factory with ``**options`` takes any,
-    and checks them itself), naming it and the known ones, instead of a TypeError."""
+def _declared_options(factory: Callable[..., Any]) -> tuple[list[str], tuple[str, ...]] | None:
+    """(the options ``factory(model, ...)`` declares, options it takes and ignores), or None: it checks them itself.
+
+    Declared: its ``options`` attribute when it has one (with ``ignored_options``: the built-in chat backends,
+    which every command passes the shared options), else the keyword parameters of its signature (a factory
+    with ``**options`` takes any).
+    """
+    if getattr(factory, "options", None) is not None:
+        return list(factory.options), tuple(getattr(factory, "ignored_options", ()))
     try:
         params = list(inspect.signature(factory).parameters.values())[1:]  # the first takes the model
     except (TypeError, ValueError):  # no signature to read: the factory checks
-        return
+        return None
     if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)], ()
+
+
+def _check_options(name: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Refuse an option that ``factory(model, ...)`` does not declare (:func:`_declared_options`), e.g. a
+    misspelt ``--backend-options`` key, naming it and the known ones, instead of a TypeError."""
+    declared = _declared_options(factory)
+    if declared is None:
         return
-    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = [k for k in options if k not in known]
+    known, ignored = declared
+    unknown = [k for k in options if k not in known and k not in ignored]
     if unknown:
         raise ConfigError(f"backend {name!r}: unknown option {unknown[0]!r} "
                           f"({'known: ' + ', '.join(known) if known else 'it takes no options'})")
@@ -246,7 +261,11 @@ def _chat_factory(backend: str, role: str) -> Callable[..., Any]:
 
         return chat_backend(backend, role, model, options)
 
+    from .chat import SHARED_OPTIONS, client_class
+
     factory.__qualname__ = factory.__name__ = f"{backend}_{role}"
+    factory.options = tuple(sorted({"prompt", *client_class(backend).OPTIONS}))  # type: ignore[attr-defined]
+    factory.ignored_options = SHARED_OPTIONS  # type: ignore[attr-defined]
     return factory
 
 

@@ -139,22 +139,21 @@ _CLIENT_OPTIONS = ("base_url", "api_key_env", "timeout", "max_tokens", "temperat
 SHARED_OPTIONS = ("prompt", "base_url", "api_key_env", "timeout", "max_tokens", "temperature", "batch_size")
 
 
-def chat_client(backend: str, model: str, options: dict[str, Any]):
-    """The chat client of built-in backend ``anthropic``, ``openai`` or ``hf``, given the options it takes.
-
-    An option that is neither a client's nor a shared one (:data:`SHARED_OPTIONS`), e.g. a misspelt
-    ``--backend-options`` key, is a ConfigError naming it and the known ones.
-    """
+def client_class(backend: str) -> type:
+    """The chat client class of built-in backend ``anthropic``, ``openai`` or ``hf``."""
     if backend == "anthropic":
         from .clients import AnthropicClient as cls
     elif backend == "openai":
         from .clients import OpenAIClient as cls
     else:
         from .local import HFChatClient as cls
-    unknown = [k for k in options if k not in SHARED_OPTIONS and k not in cls.OPTIONS]
-    if unknown:
-        raise ConfigError(f"backend {backend!r}: unknown option {unknown[0]!r} "
-                          f"(known: {', '.join(sorted({'prompt', *cls.OPTIONS}))})")
+    return cls
+
+
+def chat_client(backend: str, model: str, options: dict[str, Any]):
+    """The chat client of built-in backend ``anthropic``, ``openai`` or ``hf``, given the options it takes
+    (the registry refused any other but the shared ones, :data:`SHARED_OPTIONS`, before)."""
+    cls = client_class(backend)
     opts = {k: options[k] for k in _CLIENT_OPTIONS if options.get(k) is not None and k in cls.OPTIONS}
     return cls(model, **opts)
 

@@ -193,6 +193,7 @@ def test_lora_policy_uses_adapter_disabled_reference(tmp_path):
     train_ppo(cfg, models=models)
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero: policy == reference
+    assert abs(rows[1]["kl"]) > 1e-4  # ... and once they have moved the reference stays the base: KL is not 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")  # plain transformers
     base = AutoModelForCausalLM.from_pretrained(ws["policy"])
     w0, w1 = base.transformer.h[0].attn.c_attn.weight, merged.transformer.h[0].attn.c_attn.weight

@@ -45,7 +45,8 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     seed: int = opt(0, "random seed (sampling of step s uses seed + s, so resumed runs repeat it)", ge=0)
     # --- batch sizes
     batch_size: int = opt(16, "rollouts per step per process (the global batch is this x number of processes)", ge=1)
-    num_minibatches: int = opt(4, "minibatches per PPO epoch (ignored when --mini-batch-size is set)", ge=1)
+    num_minibatches: int = opt(4, "minibatches per PPO epoch, a divisor of --batch-size (one rollout each when it "
+                               "exceeds it; ignored when --mini-batch-size is set)", ge=1)
     mini_batch_size: int | None = opt(None, "rollouts per minibatch (per process); must divide --batch-size", ge=1)
     ppo_epochs: int = opt(4, "passes over the rollouts of a step (Huang et al.: 4)", ge=1)
     grad_accum: int = opt(1, "micro-batches per minibatch: gradients are accumulated, one optimizer step per minibatch",
@@ -111,7 +112,8 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     use_lora: bool = opt(False, "train LoRA adapters (peft); the reference is the same model with adapters disabled")
     lora_r: int = opt(16, "LoRA rank", ge=1)
     lora_alpha: int = opt(32, "LoRA alpha", gt=0)
-    lora_dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1)
+    lora_dropout: float = opt(0.0, "LoRA dropout: must stay 0, PPO runs every model with dropout off (Huang et al.)",
+                              ge=0, lt=1)
     lora_target_modules: list[str] | None = opt(None, "module names to adapt (default: peft's choice for the model)")
     cross_tokenizer: bool = opt(False, "allow an RM whose tokenizer differs from the policy's: responses are decoded, "
                                 "re-tokenised for the RM and token rewards mapped back by character offsets")
@@ -128,6 +130,16 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
         if self.param_dtype == "bf16" and self.mixed_precision != "bf16":
             raise ConfigError(f"--param-dtype bf16 runs under bf16 autocast: add --mixed-precision bf16 (not "
                               f"{self.mixed_precision!r})")
+        if self.lora_dropout > 0:
+            raise ConfigError(f"--lora-dropout {self.lora_dropout} would do nothing: PPO runs every model with dropout "
+                              "off (Huang et al.), so that the rollout's log-probs and the update's come from one "
+                              "network; leave it at 0")
+        if self.mini_batch_size is None and self.batch_size % self.num_minibatches and \
+                self.num_minibatches < self.batch_size:  # (more minibatches than rollouts: one rollout each)
+            raise ConfigError(f"--num-minibatches {self.num_minibatches} does not divide --batch-size "
+                              f"{self.batch_size}: minibatches of {self.minibatch_size()} rollouts would make "
+                              f"{-(-self.batch_size // self.minibatch_size())} of them; choose a divisor or set "
+                              "--mini-batch-size")
         mb = self.minibatch_size()
         if self.batch_size % mb or mb % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} must split into minibatches of {mb} rollouts and each "

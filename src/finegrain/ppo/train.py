@@ -100,7 +100,9 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
     """``ppo_epochs`` passes over the rollouts in shuffled minibatches; one optimizer step per minibatch.
 
     Each minibatch is split into ``grad_accum`` micro-batches whose gradients accelerate
-    accumulates (and synchronises across processes once per minibatch). Returned statistics
+    accumulates (and synchronises across processes once per minibatch). Each micro-batch's loss
+    (a token mean) is weighted by its share of the minibatch's response tokens, so the accumulated
+    gradient is the whole minibatch's token mean whatever the responses' lengths. Returned statistics
     are averaged over ALL micro-batches of all epochs, not the last one. ``attached``, the
     rollout's forward that :func:`rollout_step` returns when it is reused
     (:func:`finegrain.speed.reuses_rollout_forward`), is spent on the first minibatch, the whole
@@ -117,6 +119,7 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
     trim = speed_options().trim_minibatches
     if attached is not None and micro < n:
         raise ValueError("an attached forward covers the whole batch; the minibatch here is smaller")
+    tokens = rollout.response_mask.sum(-1).float()  # (B,) real response tokens of each rollout
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, micro):
@@ -127,6 +130,10 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
             with accelerator.accumulate(model):
                 loss, stats = ppo_minibatch_loss(model, b, cfg, attached)
                 attached = None  # spent (taken): its graph lives only as long as this loss
+                if cfg.grad_accum > 1:  # accelerate divides by grad_accum: x grad_accum x this micro-batch's share
+                    first = start - start % mb
+                    share = tokens[perm[start:start + micro]].sum() / tokens[perm[first:first + mb]].sum().clamp(min=1)
+                    loss = loss * (cfg.grad_accum * share.item())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                     clip_gradients(accelerator, model, optimizer, cfg.max_grad_norm)
@@ -414,6 +421,9 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     out = Path(cfg.output)
     refuse_stale_checkpoints(out, cfg.resume, checkpoint_dirs(out))
     acc = accelerator or make_accelerator(cfg)
+    if acc.gradient_accumulation_steps != cfg.grad_accum:  # it decides when the optimizer steps
+        raise ConfigError(f"the accelerator passed in accumulates {acc.gradient_accumulation_steps} micro-batches per "
+                          f"optimizer step, --grad-accum {cfg.grad_accum}: build it with make_accelerator(cfg)")
     keep_freed_memory(acc.device.type)
     from accelerate.utils import set_seed
 

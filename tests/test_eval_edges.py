@@ -206,3 +206,24 @@ def test_progress_bar_is_off_when_stderr_is_not_a_terminal(monkeypatch, capsys):
     assert not bar.disable
     bar.close()
     capsys.readouterr()
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
+    """Steps an interrupted run logged after its last checkpoint are logged again by the resumed run: TensorBoard
+    hides the earlier ones (purge_step), as metrics.jsonl drops them."""
+    pytest.importorskip("tensorboard")
+    from accelerate import Accelerator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from finegrain.tracking import init_trackers
+
+    for first, last, offset in ((1, 5, 0.0), (3, 6, 100.0)):  # killed after step 5; resumed from step 2's checkpoint
+        acc = Accelerator(log_with="tensorboard", project_dir=str(tmp_path))
+        init_trackers(acc, "ppo", {"lr": 1e-3}, first_step=first)
+        for step in range(first, last + 1):
+            acc.log({"loss": offset + step}, step=step)
+        acc.end_training()
+    ea = EventAccumulator(str(tmp_path / "ppo"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 103.0), (4, 104.0),
+                                                               (5, 105.0), (6, 106.0)]

@@ -359,3 +359,16 @@ def test_the_echo_view_reaches_the_scorer_ppo_builds(tmp_path):
     (ex,) = e.scorer.examples([run.prompts[0]], [q], t([[11, 4, eos]]), t([[1, 1, 1]]), ["x a"])
     assert ex.input_ids == q + [11, 4, eos, 11, 4, eos]
     assert ex.response_end - ex.response_start == 3  # T of Eq. 1: one copy of the response and its EOS
+
+
+def test_an_adaptive_kl_coefficient_that_starts_at_zero_is_refused():
+    """The adaptive controller multiplies beta: from 0 it would stay 0 for the whole run, silently."""
+    from finegrain.config import build_config
+    from finegrain.errors import ConfigError
+    from finegrain.ppo.config import PPOConfig
+
+    base = dict(policy="p", reward_model="r", reward_mode="token", prompts="x.jsonl", output="o", adaptive_kl=True)
+    with pytest.raises(ConfigError, match="--kl-coef of 0 never moves"):
+        build_config(PPOConfig, dict(base, kl_coef=0.0))
+    assert build_config(PPOConfig, dict(base, kl_coef=0.1)).initial_kl_coef() == 0.1
+    assert build_config(PPOConfig, dict(base, kl_coef=0.0, adaptive_kl=False)).initial_kl_coef() == 0.0

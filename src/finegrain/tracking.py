@@ -55,12 +55,17 @@ class MetricsLog:
         return [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
 
 
-def init_trackers(accelerator, project: str, config: dict[str, Any]) -> None:
-    """Start accelerate's trackers (those installed among tensorboard/wandb); log the config once."""
+def init_trackers(accelerator, project: str, config: dict[str, Any], *, first_step: int = 1) -> None:
+    """Start accelerate's trackers (those installed among tensorboard/wandb); log the config once.
+
+    ``first_step``: the first step this run logs (after a resume, the one after the checkpoint's). TensorBoard
+    hides the events an earlier run wrote from that step on (its ``purge_step``), so a resumed run shows each
+    step once, as ``metrics.jsonl`` keeps it.
+    """
     if accelerator.log_with is None or not accelerator.log_with:
         return
     flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
-    accelerator.init_trackers(project, config=flat)
+    accelerator.init_trackers(project, config=flat, init_kwargs={"tensorboard": {"purge_step": first_step}})
 
 
 def default_log_with() -> list[str]:

@@ -590,7 +590,7 @@ class SupervisedLoop:
         cfg, acc, steps = self.cfg, self.accelerator, self.steps
         metrics = MetricsLog(self.output / "metrics.jsonl", resume_from_step=self.start + 1 if cfg.resume else None,
                              enabled=acc.is_main_process)
-        init_trackers(acc, stage.name, to_dict(cfg))
+        init_trackers(acc, stage.name, to_dict(cfg), first_step=self.start + 1)
         bar = progress(total=steps, initial=self.start, desc=stage.name,
                        disable=None if acc.is_main_process else True)
         self.model.train()

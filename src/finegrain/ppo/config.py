@@ -130,6 +130,9 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
         if self.param_dtype == "bf16" and self.mixed_precision != "bf16":
             raise ConfigError(f"--param-dtype bf16 runs under bf16 autocast: add --mixed-precision bf16 (not "
                               f"{self.mixed_precision!r})")
+        if self.adaptive_kl and self.initial_kl_coef() == 0:
+            raise ConfigError("--adaptive-kl multiplies beta towards --target-kl, so a --kl-coef of 0 never moves; "
+                              "give a positive initial --kl-coef")
         if self.lora_dropout > 0:
             raise ConfigError(f"--lora-dropout {self.lora_dropout} would do nothing: PPO runs every model with dropout "
                               "off (Huang et al.), so that the rollout's log-probs and the update's come from one "

@@ -443,7 +443,7 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     if main:
         write_json(out / "config.json", to_dict(cfg))
         log.info("PPO config: %s", to_dict(cfg))
-    init_trackers(acc, "ppo", to_dict(cfg))
+    init_trackers(acc, "ppo", to_dict(cfg), first_step=start + 1)
     bar = progress(total=cfg.steps, initial=start, desc=f"ppo ({cfg.reward_mode} rewards)", disable=None if main else True)
     line: dict = {}
     for step in range(start, cfg.steps):

@@ -99,6 +99,9 @@ def test_demo_bad_options_exit_2(tmp_path, capsys):
     for flag in ("--n-eval-prompts", "--n-val-prompts"):  # one comparison has no standard error
         assert main(["demo", "--out", str(tmp_path), "--smoke", flag, "1"]) == 2
         assert f"{flag} must be at least 2" in capsys.readouterr().err
+    # PPO splits each step's rollouts into 2 minibatches: said before any stage runs, not at the PPO stage
+    assert main(["demo", "--out", str(tmp_path / "odd"), "--smoke", "--ppo-batch-size", "7"]) == 2
+    assert "--ppo-batch-size must be even" in capsys.readouterr().err and not (tmp_path / "odd" / "data").exists()
 
 
 def test_stages_rerun_after_an_interruption_and_follow_the_evaluation_options(tmp_path):

@@ -134,6 +134,8 @@ class DemoConfig:
                               "for evaluation)")
         if self.threads < 1:
             raise ConfigError("--threads must be >= 1")
+        if self.size("ppo_batch_size") > 1 and self.size("ppo_batch_size") % 2:  # known before any stage runs
+            raise ConfigError("--ppo-batch-size must be even: each PPO step's rollouts are split into 2 minibatches")
 
     @property
     def preset(self) -> str:

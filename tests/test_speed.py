@@ -183,7 +183,7 @@ def test_decoder_switch_reaches_sample(tiny_tokenizer, monkeypatch):
     from finegrain import generation
 
     model = make_tiny_model(tiny_tokenizer).eval()
-    ids = generation.encode_texts(tiny_tokenizer, ["The capital of", "Paris"])
+    ids = generation.encode_prompts(tiny_tokenizer, ["The capital of", "Paris"])
     loops = []
     loop = generation._decode_loop
     monkeypatch.setattr(generation, "_decode_loop", lambda *a, **k: loops.append(1) or loop(*a, **k))

@@ -234,6 +234,27 @@ def preallocated_cache(model, capacity: int):
     return cache
 
 
+def longrope_switch_length(config) -> int | None:
+    """The sequence length past which the model's LongRoPE rotates every position with its long factors, or None.
+
+    LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) picks its RoPE frequencies from the longest position of
+    each forward: the short factors up to ``original_max_position_embeddings``, the long ones past it,
+    for every position at once. Keys cached while the sequence was shorter were rotated with the
+    short ones; ``generate`` drops them when the sequence passes that length and runs it all again
+    (Phi-3's ``prepare_inputs_for_generation``), and so does :func:`_decode_loop`. Other RoPE
+    types rotate a position the same way whatever the length (or, "dynamic", are left as
+    ``generate`` leaves them).
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    per_layer_type = rope and all(isinstance(v, dict) for v in rope.values())  # {"full_attention": {...}, ...}
+    for r in (rope.values() if per_layer_type else [rope]):
+        if (r.get("rope_type") or r.get("type")) == "longrope":
+            n = r.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+            return int(n) if n else None
+    return None
+
+
 def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int | Sequence[int], pad: int,
                  min_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """(B, <= max_new_tokens) new token ids; rows that ended carry ``pad`` after their EOS.
@@ -241,18 +262,28 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int | Sequen
     A KV-cache loop over the model's own forward: the prompt once (LM head on its last position
     only), then one token per step with position ids continuing each row's own count (the
     prompts are left-padded). ``eos``: the id, or the ids, that end a response (as
-    ``generate``'s ``eos_token_id``). Stops when every row has emitted one.
+    ``generate``'s ``eos_token_id``). Stops when every row has emitted one. A LongRoPE model
+    runs the whole sequence again, into a new cache, when it passes the length where its RoPE
+    changes (:func:`longrope_switch_length`), as ``generate`` does.
     """
     stops = torch.as_tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=q_ids.device)
     params = forward_params(model)
     cache_kw = "cache" if "cache" in params else "past_key_values"
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     warpers = _warpers(max(temperature, 1e-5), top_k, top_p) if do_sample else []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    switch = longrope_switch_length(base.config) if getattr(base, "config", None) is not None else None
+
+    def prefill(ids, mask):
+        """Position ids and the forward of whole left-padded rows, into a new cache (LM head on the last position)."""
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = (preallocated_cache(model, q_ids.shape[1] + max_new_tokens) if speed.options().preallocated_kv_cache
+                 else None)
+        return pos, model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep,
+                          **({cache_kw: cache} if cache is not None else {}))
+
     mask = q_mask
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = preallocated_cache(model, q_ids.shape[1] + max_new_tokens) if speed.options().preallocated_kv_cache else None
-    out = model(input_ids=q_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep,
-                **({cache_kw: cache} if cache is not None else {}))
+    pos, out = prefill(q_ids, mask)
     done = torch.zeros(q_ids.shape[0], dtype=torch.bool, device=q_ids.device)
     tokens = []
     for t in range(max_new_tokens):
@@ -272,10 +303,17 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int | Sequen
         if t + 1 == max_new_tokens or bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if switch is not None and mask.shape[1] == switch + 1:  # LongRoPE turns to its long factors here
+            pos, out = prefill(torch.cat([q_ids, torch.stack(tokens, dim=1)], dim=1), mask)
+            continue
         pos = pos[:, -1:] + 1
         cache = out.get("cache")
         if cache is None:
             cache = out.get("past_key_values")
+        if cache is None or (hasattr(cache, "get_seq_length") and not cache.get_seq_length()):
+            # nothing cached: the next forward would read the new token alone, without its context
+            raise ConfigError("the model returned no KV cache to decode with (gradient checkpointing turns it off "
+                              "in training mode); sample with the model in eval mode (model.eval())")
         out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos, use_cache=True,
                     **{cache_kw: cache})
     if not tokens:

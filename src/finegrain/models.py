@@ -99,6 +99,30 @@ AUTO_CLASSES = {  # head -> the transformers Auto class that builds it
     "sequence": "AutoModelForSequenceClassification",
     "base": "AutoModel",
 }
+# what a missing head stops, and what to use instead
+_HEAD_USES = {
+    "causal": "a policy needs one",
+    "token": "a token reward model (train-rm's token losses) and a PPO value model need one: train a sequence RM "
+             "(--loss sequence) and give PPO --value-init shared (a value head on the policy)",
+    "sequence": "a sequence reward model needs one: train a token RM (--loss token_edit)",
+    "base": "",
+}
+
+
+def missing_head(config, head: Head) -> str | None:
+    """Why transformers has no ``head`` for ``config``'s model type, in one line (None when it has one).
+
+    Some families have a causal LM and a sequence classifier but no token classifier (OPT, Gemma 3):
+    no token reward model or value model can be built on them. A config whose ``auto_map`` names the
+    Auto class (remote code) brings its own.
+    """
+    import transformers
+
+    auto = AUTO_CLASSES[head]
+    if auto in (getattr(config, "auto_map", None) or {}) or type(config) in getattr(transformers, auto)._model_mapping:
+        return None
+    uses = _HEAD_USES[head]
+    return f"transformers has no {auto} for model type {config.model_type!r}" + (f"; {uses}" if uses else "")
 
 
 
@@ -298,13 +322,26 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
     try:
         model = auto.from_pretrained(res.path, **kw)
     except (OSError, ValueError, EnvironmentError) as e:
-        raise ConfigError(f"cannot load {name!r} as a {head} model: {e}") from e
+        # (transformers' own message for a missing head lists every model type that has one, and no way out)
+        why = _missing_head_of(res, head, trust_remote_code)
+        raise ConfigError(f"cannot load {name!r} as a {head} model: {why or e}") from e
     if "gguf_file" in kw:
         _drop_dequantized_gguf_marker(model)
     apply_model_switches(model)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _missing_head_of(res: ResolvedModel, head: Head, trust_remote_code: bool) -> str | None:
+    """:func:`missing_head` of a model that failed to load; None when its config cannot be read either."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(res.path, trust_remote_code=trust_remote_code, **res.kwargs)
+    except (OSError, ValueError):
+        return None
+    return missing_head(config, head)
 
 
 def _drop_dequantized_gguf_marker(model) -> None:

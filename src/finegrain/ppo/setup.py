@@ -4,7 +4,8 @@
 :class:`ConfigError` / :class:`InputError` line for: an empty prompt set, a missing or empty
 prompt, a prompt that leaves no room for the response, a sequence RM asked for token
 rewards, an RM whose tokenizer differs from the policy's without ``--cross-tokenizer``, a
-value model initialised from such an RM, and a policy tokenizer without EOS.
+value model initialised from such an RM or from a model type without a token-classification
+head (OPT, Gemma 3), and a policy tokenizer without EOS.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError, InputError
 from ..io import iter_records
-from ..models import clamp_max_length, is_encoder_model, load_config, load_tokenizer, read_meta
+from ..models import clamp_max_length, is_encoder_model, load_config, load_tokenizer, missing_head, read_meta
 from ..rm.inputs import check_view
 from ..rm.model import reward_model_kind
 from ..tokens import encode_prompts, format_prompt
@@ -91,6 +92,11 @@ def preflight(cfg: PPOConfig) -> RunInputs:
     if cfg.value_init == "reward" and is_encoder_model(load_config(cfg.reward_model, cfg.trust_remote_code)):
         raise ConfigError(f"--value-init reward: {cfg.reward_model} is an encoder, whose outputs at token t see the "
                           "tokens after t; a value model must not see the future; use --value-init policy")
+    if cfg.value_init != "shared":
+        why = missing_head(load_config(_value_source(cfg), cfg.trust_remote_code), "token")
+        if why:
+            raise ConfigError(f"--value-init {cfg.value_init}: the value model is a token classifier on "
+                              f"{_value_source(cfg)}, but {why}")
     prompts = load_prompts(cfg)
     query_ids = encode_prompts(tok, [format_prompt(tok, p, cfg.prompt_template) for p in prompts])
     ctx = model_context_length(cfg.policy, cfg.trust_remote_code)

@@ -122,6 +122,31 @@ def make_tiny_model(tokenizer, head: str = "causal", seed: int = 0, **cfg):
     return cls(config)
 
 
+@pytest.fixture(scope="module")
+def sharp_model(tiny_tokenizer):
+    """A tiny GPT-2 whose matrices are scaled up, so greedy decoding does not just repeat one token."""
+    import torch
+
+    m = make_tiny_model(tiny_tokenizer, "causal", seed=0).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return m
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``): its models are
+    tiny, and on a shared 2-core machine two threads are ~5x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_model_factory(tiny_tokenizer):
     return lambda head="causal", seed=0, **cfg: make_tiny_model(tiny_tokenizer, head, seed, **cfg)

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from annotate_support import PAIRS, XSS, browser, free_port, give, login, start_live, watch, write_pairs  # noqa: F401
-from test_rm_train import make_base_model, single_thread  # noqa: F401 (autouse fixture: one torch thread)
+from test_rm_train import make_base_model
 
 from finegrain.annotate import store as db
 from finegrain.annotate.config import ExportConfig
@@ -33,6 +33,8 @@ from finegrain.annotate.export import export_annotations
 from finegrain.cli import main
 from finegrain.config import build_config
 from finegrain.edit.distance import edit_stats, opcodes, words
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # one torch thread: tiny models
 
 VIEWPORT = {"width": 1360, "height": 940}
 

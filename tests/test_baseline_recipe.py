@@ -16,7 +16,9 @@ import torch
 from finegrain.cli import main
 from finegrain.config import build_config
 from finegrain.io import write_jsonl
-from test_rm_train import make_base_model, single_thread, synthetic_pairs  # noqa: F401 (autouse fixture)
+from test_rm_train import make_base_model, synthetic_pairs
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # one torch thread: tiny models
 
 
 def cli(*argv) -> int:

@@ -25,17 +25,6 @@ PROMPTS = ["The capital of", "Step 1: preheat the oven", "Paris", "I am sorry, b
 
 
 @pytest.fixture(scope="module")
-def sharp_model(tiny_tokenizer):
-    """A tiny GPT-2 whose matrices are scaled up, so greedy decoding does not just repeat one token."""
-    m = make_tiny_model(tiny_tokenizer, "causal", seed=0).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return m
-
-
-@pytest.fixture(scope="module")
 def prompt_ids(tiny_tokenizer):
     ids = encode_texts(tiny_tokenizer, PROMPTS)
     assert len({len(x) for x in ids}) > 2  # the batch is left-padded to different lengths

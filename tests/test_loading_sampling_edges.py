@@ -7,7 +7,6 @@ import logging
 import shutil
 
 import pytest
-import torch
 
 from conftest import make_tiny_model
 from finegrain.cli import main
@@ -17,17 +16,6 @@ from finegrain.models import load_tokenizer, read_meta, save_checkpoint
 from finegrain.tokens import encode_texts
 
 PROMPTS = ["The capital of", "Step 1: preheat the oven", "Paris", "I am sorry, but I cannot help"]
-
-
-@pytest.fixture(scope="module")
-def sharp_model(tiny_tokenizer):
-    """A tiny GPT-2 whose matrices are scaled up, so greedy decoding does not just repeat one token."""
-    m = make_tiny_model(tiny_tokenizer, "causal", seed=0).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return m
 
 
 @pytest.mark.parametrize("decoder", ["loop", "generate"])

@@ -32,12 +32,7 @@ ENCODERS = ["bert", "roberta", "deberta-v2"]
 NO_TOKEN_HEAD = {"gemma3", "opt"}  # transformers has no *ForTokenClassification for these
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def decoder_config(arch: str, vocab: int, eos: int, pad: int | None, **extra):

@@ -12,7 +12,9 @@ from hypothesis import given, strategies as st
 from finegrain.cli import main
 from finegrain.io import write_jsonl
 from finegrain.rm import RewardModel, auroc
-from test_rm_train import make_base_model, single_thread, synthetic_pairs  # noqa: F401 (autouse fixture)
+from test_rm_train import make_base_model, synthetic_pairs
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # one torch thread: tiny models
 
 
 def test_auroc_hand_computed():

@@ -4,10 +4,14 @@ from __future__ import annotations
 import re
 from html import unescape
 
+import pytest
+
 from finegrain.cli import main
 from finegrain.eval.show import PairView, ResponseView, reward_colour, token_reward_html
 from finegrain.io import write_jsonl
-from test_rm_train import make_base_model, single_thread, synthetic_pairs  # noqa: F401 (autouse fixture)
+from test_rm_train import make_base_model, synthetic_pairs
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # one torch thread: tiny models
 
 
 def test_html_escapes_text_and_marks_changed_tokens():

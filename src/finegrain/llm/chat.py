@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import ConfigError
 from .interfaces import EditRequest, EditResult, JudgeRequest, JudgeResult
 from .cache import input_hash
 from .clients import Completion, ItemFailure

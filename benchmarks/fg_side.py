@@ -192,13 +192,13 @@ def run_ppo_pair(assets: Path, *, steps: int, batch_size: int, response_length: 
 
 def query_widths(assets: Path, cfg) -> list[int]:
     """Padded prompt width of every step (finegrain's prompt order is a pure function of the step)."""
-    from finegrain.tokens import encode_texts, format_prompt
+    from finegrain.tokens import encode_prompts, format_prompt
     from finegrain.models import load_tokenizer
     from finegrain.ppo.setup import load_prompts
     from finegrain.ppo.train import batch_indices
 
     tok = load_tokenizer(cfg.policy)
-    ids = encode_texts(tok, [format_prompt(tok, p, cfg.prompt_template) for p in load_prompts(cfg)])
+    ids = encode_prompts(tok, [format_prompt(tok, p, cfg.prompt_template) for p in load_prompts(cfg)])
     return [max(len(ids[i]) for i in batch_indices(len(ids), s, cfg.batch_size, 0, 1, cfg.seed))
             for s in range(cfg.steps)]
 

@@ -45,10 +45,10 @@ def _clock_callback():
 
 
 def _prompt_ids(tok, assets: Path) -> list[list[int]]:
-    from finegrain.tokens import encode_texts, format_prompt
+    from finegrain.tokens import encode_prompts, format_prompt
 
     prompts = [r["prompt"] for r in read_jsonl(assets / "prompts.jsonl")]
-    return encode_texts(tok, [format_prompt(tok, p) for p in prompts])
+    return encode_prompts(tok, [format_prompt(tok, p) for p in prompts])  # as finegrain builds its queries
 
 
 def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, ppo_epochs: int,

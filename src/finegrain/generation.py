@@ -19,7 +19,7 @@ import torch
 
 from . import speed
 from .errors import ConfigError
-from .speed import forward_params
+from .speed import base_model, forward_params
 from .tokens import encode_prompts, format_prompt, leading_bos, left_pad
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def loop_unsupported(model) -> str | None:
     top-k and top-p (repetition penalties, suppressed tokens, beams and the like go to
     transformers' ``generate``).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return "not a decoder-only transformers model"
@@ -271,7 +271,7 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int | Sequen
     cache_kw = "cache" if "cache" in params else "past_key_values"
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     warpers = _warpers(max(temperature, 1e-5), top_k, top_p) if do_sample else []
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     switch = longrope_switch_length(base.config) if getattr(base, "config", None) is not None else None
 
     def prefill(ids, mask):
@@ -310,7 +310,7 @@ def _decode_loop(model, q_ids, q_mask, *, max_new_tokens: int, eos: int | Sequen
         cache = out.get("cache")
         if cache is None:
             cache = out.get("past_key_values")
-        if cache is None or (hasattr(cache, "get_seq_length") and not cache.get_seq_length()):
+        if t == 0 and (cache is None or (hasattr(cache, "get_seq_length") and not cache.get_seq_length())):
             # nothing cached: the next forward would read the new token alone, without its context
             raise ConfigError("the model returned no KV cache to decode with (gradient checkpointing turns it off "
                               "in training mode); sample with the model in eval mode (model.eval())")
@@ -329,7 +329,7 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     ``<end_of_turn>``, Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``), listed in
     ``generation_config.eos_token_id``; without them a response would run on past its turn.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     named = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
     named = [] if named is None else [named] if isinstance(named, int) else list(named)
     return list(dict.fromkeys([int(tokenizer.eos_token_id)] + [int(x) for x in named]))
@@ -412,7 +412,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, template: str | 
 
     formatted = [format_prompt(tokenizer, p, template) for p in prompts]
     ids = encode_prompts(tokenizer, formatted)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+    base = base_model(getattr(model, "module", model))
     ctx = context_length(base.config) if getattr(base, "config", None) is not None else None
     limit = max_prompt_tokens or None
     if ctx is not None:

@@ -261,9 +261,14 @@ def apply_model_switches(model) -> int:
 
 
 # ----------------------------------------------------------------------------- PPO
+def base_model(model):
+    """A peft model's base model; any other model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def forward_params(model) -> frozenset[str]:
     """Names of the keyword arguments the model's ``forward`` takes (a peft model's base model's), cached per class."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     cls = type(base)
     if cls not in _FORWARD_PARAMS:
         import inspect

@@ -17,6 +17,7 @@ encoder pair layout, the echo view) build on this in :mod:`finegrain.rm.inputs`.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -117,12 +118,21 @@ def encode_text(tokenizer, text: str, with_offsets: bool = False) -> tuple[list[
 
 def leading_bos(tokenizer) -> int | None:
     """The BOS id a decoder tokenizer puts before every text (Llama, Mistral, Gemma), else None (GPT-2,
-    Qwen2, SmolLM2: no BOS; encoder tokenizers lay out their own special tokens)."""
+    Qwen2, SmolLM2: no BOS; encoder tokenizers lay out their own special tokens). Worked out once per
+    tokenizer (and BOS id): every example's prompt asks."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None or is_encoder_style(tokenizer):
+    if bos is None:
         return None
+    known = _LEADING_BOS.get(tokenizer)
+    if known is not None and known[0] == bos:
+        return known[1]
     first = tokenizer("a", add_special_tokens=True)["input_ids"][:1]
-    return bos if first == [bos] else None
+    out = bos if first == [bos] and not is_encoder_style(tokenizer) else None
+    _LEADING_BOS[tokenizer] = (bos, out)
+    return out
+
+
+_LEADING_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its BOS id, leading_bos)
 
 
 def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:

@@ -111,6 +111,23 @@ def test_an_interrupted_generate_resumes_with_the_outputs_of_an_uninterrupted_ru
     assert generate(other)["resumed"] == 0
 
 
+def test_runs_whose_seeds_differ_by_a_multiple_of_the_batch_draw_independent_samples(tiny_dir, tiny_tokenizer):
+    """With a batch's seed = seed + its start, --seed 16 at batch 16 sampled its first batch with the stream of
+    --seed 0's second batch: on the same prompts the same responses. Each batch's seed is now a hash of both."""
+    from finegrain.generation import batch_seed, generate_texts
+    from finegrain.models import load_model
+
+    model = load_model(tiny_dir, "causal").eval()
+    prompts = ["how do i clean the oven ?"] * 8
+    kw = dict(template="{prompt}", batch_size=4, max_new_tokens=8, temperature=1.0)
+    first, second = generate_texts(model, tiny_tokenizer, prompts, seed=0, **kw), \
+        generate_texts(model, tiny_tokenizer, prompts, seed=4, **kw)
+    assert first == generate_texts(model, tiny_tokenizer, prompts, seed=0, **kw)  # still seeded
+    assert second[:4] != first[4:]
+    seeds = {batch_seed(s, start) for s in range(64) for start in range(0, 512, 16)}
+    assert len(seeds) == 64 * 32 and all(0 <= x < 2 ** 63 for x in seeds)
+
+
 def test_generate_bad_prompt_file_exits_2(tmp_path, tiny_dir, capsys):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 7}) + "\n")

@@ -11,6 +11,7 @@ beams, ...) is sampled with ``generate``; speed switch ``decoder`` (:mod:`finegr
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -393,6 +394,17 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     return Generated(q_ids.cpu(), q_mask.cpu(), resp, r_mask, ended, texts)
 
 
+def batch_seed(seed: int, start: int) -> int:
+    """The sampling seed of the batch that starts at position ``start`` of a run seeded ``seed``: a hash of both.
+
+    Not ``seed + start``: with it, runs whose seeds differ by a multiple of the batch size (``--seed 0`` and
+    ``--seed 16`` at batch 16) drew every batch but one with another run's random stream, coupling samples that
+    were meant to be independent (two candidate responses per prompt, say).
+    """
+    digest = hashlib.blake2b(f"finegrain-generate:{seed}:{start}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.manual_seed takes it
+
+
 def generate_texts(model, tokenizer, prompts: Sequence[str], *, template: str | None = None, batch_size: int = 8,
                    max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0,
                    do_sample: bool = True, max_prompt_tokens: int | None = None, progress_desc: str | None = None,
@@ -402,9 +414,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, template: str | 
 
     A prompt is cut from its left (its end, next to the response, stays) to ``max_prompt_tokens``
     and to what the model's context leaves beside ``max_new_tokens``, with one warning line.
-    Each batch samples with seed ``seed`` + its first position in the length order, so a batch
-    whose prompts are all in ``done`` (prompt index -> text, from an interrupted run with the same
-    settings) is skipped and the result is the one an uninterrupted run gives; ``on_batch(indices,
+    Each batch samples with a seed drawn from ``seed`` and its first position in the length order
+    (`batch_seed`), so a batch whose prompts are all in ``done`` (prompt index -> text, from an
+    interrupted run with the same settings) is skipped and the result is the one an uninterrupted run gives; ``on_batch(indices,
     texts)`` is called after each generated batch (what a resumable caller stores).
     """
     from .models import context_length
@@ -441,7 +453,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, template: str | 
         else:
             texts = sample(model, tokenizer, [ids[i] for i in idx], max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                           generator_seed=seed + start).texts
+                           generator_seed=batch_seed(seed, start)).texts
             if on_batch is not None:
                 on_batch(idx, texts)
         for i, t in zip(idx, texts):

@@ -119,3 +119,15 @@ def test_line_ends_follow_the_original():
     assert line_ends_like("a\nb", "a\nb x") == "a\nb x"
     assert parse_spans([[0, 2, "unsafe"], [0, 1, "other"]], "abc", ["unsafe", "other"]) == [[0, 1, "other"],
                                                                                            [0, 2, "unsafe"]]
+
+
+def test_a_pre_edit_with_other_line_ends_is_unchanged_when_the_person_changed_nothing():
+    """A CRLF response, an LLM's pre-edit of it with LF lines: the text box shows it with LF, the person submits it
+    as is, the server gives it the original's CRLF back. The person did not change the pre-edit."""
+    original = "Soak it in bleach.\r\nThen dry it."
+    llm = "Rinse it with water.\nThen dry it."
+    kept = answer({"action": "submit", "text": llm}, original=original, prefill=llm)
+    assert kept.edited == "Rinse it with water.\r\nThen dry it."
+    assert kept.stats["prefill_changed"] is False and kept.stats["prefill_edit_ratio"] == 0.0
+    fixed = answer({"action": "submit", "text": llm.replace("water", "hot water")}, original=original, prefill=llm)
+    assert fixed.stats["prefill_changed"] is True

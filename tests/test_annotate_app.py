@@ -7,7 +7,7 @@ import threading
 
 import httpx
 import pytest
-from annotate_support import PAIRS, XSS, give, http_login, start_live
+from annotate_support import PAIRS, XSS, give, http_login, start_live, write_pairs
 
 from finegrain.annotate import store as db
 from finegrain.annotate.answers import MAX_REVISIONS
@@ -183,6 +183,25 @@ def test_security_headers(live):
     assert r.status_code == 400  # DNS-rebinding guard: unknown Host
 
 
+def test_ipv6_and_upper_case_host_names_are_answered(tmp_path):
+    """The Host guard compares lower-cased names and bracketed IPv6 addresses, as browsers send them."""
+    from starlette.testclient import TestClient
+
+    from finegrain.annotate.app import create_app
+    from finegrain.annotate.config import ServeConfig
+    from finegrain.annotate.server import prepare
+    from finegrain.config import build_config
+
+    cfg = build_config(ServeConfig, dict(data=str(write_pairs(tmp_path / "pairs.jsonl")), db=str(tmp_path / "a.sqlite"),
+                                         host="::1", allowed_hosts=["Annot.Example"]))
+    prepared = prepare(cfg)
+    assert prepared.summary["url"] == "http://[::1]:8000"
+    with TestClient(create_app(prepared.store, prepared.settings)) as c:
+        for host in ("[::1]:8000", "annot.example", "ANNOT.example:8000", "localhost:8000"):
+            assert c.get("/login", headers={"Host": host}).status_code == 200, host
+        assert c.get("/login", headers={"Host": "evil.example"}).status_code == 400
+
+
 def test_submissions_are_checked_by_the_server(live):
     client, _ = client_for(live, "checks")
     item_id = current(client)
@@ -217,6 +236,20 @@ def test_submissions_are_checked_by_the_server(live):
     assert t["status"] == "submit" and t["edited"] == original + " Fixed." and json.loads(t["spans"]) == [
         [0, 4, "unsafe"]]
     assert 0 < t["edit_ratio"] < 0.2 and t["guidelines_version"] == "minimal_edit_v1"
+
+
+def test_a_lone_surrogate_in_a_post_is_a_400_not_a_server_error(live):
+    """JSON can carry "\\ud800" (a browser's JSON.stringify writes one for half an emoji); SQLite cannot store it."""
+    client, _ = client_for(live, "surrogate")
+    item_id = current(client)
+    csrf = csrf_of(client)
+    for path, fields in (("/api/draft", '"text": "half \\ud83d of an emoji"'),
+                         ("/api/draft", '"text": "fine", "note": "\\udc00"'),
+                         ("/api/answer", '"action": "submit", "text": "half \\ud83d of an emoji"')):
+        body = f'{{"item_id": {item_id}, {fields}, "csrf": "{csrf}"}}'.encode()
+        r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "lone surrogate" in r.json()["error"], (path, r.status_code, r.text)
+    assert client.post("/api/draft", json={"item_id": item_id, "text": "ok 😀", "csrf": csrf}).status_code == 200
 
 
 def test_an_answer_can_be_changed_and_every_version_is_kept(live):

@@ -82,6 +82,15 @@ def test_serve_refuses_bad_options(tmp_path, capsys):
                                             "--db", db_path)
 
 
+def test_serve_refuses_a_db_it_cannot_create_with_one_line(tmp_path, capsys):
+    pairs = str(write_pairs(tmp_path / "pairs.jsonl"))
+    (tmp_path / "afile").write_text("x")
+    line = one_error_line(capsys, "annotate", "serve", "--data", pairs, "--db", str(tmp_path / "afile" / "a.sqlite"))
+    assert "a.sqlite: --db cannot be written: " in line and "afile is a file, not a directory" in line, line
+    line = one_error_line(capsys, "annotate", "serve", "--data", pairs, "--db", str(tmp_path))
+    assert "--db cannot be written: it is a directory, not a file" in line, line
+
+
 def test_serve_options_from_a_yaml_file(tmp_path):
     pairs, db_path = write_pairs(tmp_path / "p.jsonl"), tmp_path / "new" / "a.sqlite"
     (tmp_path / "annotate.yaml").write_text(f"data: {pairs}\ndb: {db_path}\noverlap: 3\nerror-types: [wrong, rude]\n")
@@ -227,3 +236,49 @@ def test_human_edits_file_checks_the_new_optional_fields(tmp_path, capsys):
     row = json.loads((tmp_path / "e.jsonl").read_text())
     assert code == 0 and row["gold_spans"] == [[25, 30]]  # overlaps merged
     assert row["edit_meta"]["backend"] == "file" and row["edit_meta"]["time_spent_s"] == 3
+
+
+def test_export_gets_the_permissions_of_any_file_the_user_writes(tmp_path, capsys):
+    """The export is written atomically (a temporary file renamed), yet not left private (mkstemp's 0600): the umask
+    applies to a new file, and a file written over keeps its permissions, as with open(path, "w")."""
+    import os
+    import stat
+
+    db_path = tmp_path / "a.sqlite"
+    prepare(build_config(ServeConfig, dict(data=str(write_pairs(tmp_path / "pairs.jsonl")), db=str(db_path))))
+    annotate(db_path, "alice", {"paris": ("submit", lambda t: t.replace("Lyon", "Paris"), [])}, overlap=1)
+    out = tmp_path / "human_edits.jsonl"
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli(capsys, "annotate", "export", "--db", str(db_path), "--output", str(out))
+        assert code == 0, err
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        out.chmod(0o664)
+        code, _, err = run_cli(capsys, "annotate", "export", "--db", str(db_path), "--output", str(out))
+        assert code == 0, err
+        assert stat.S_IMODE(out.stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+    assert json.loads(out.read_text())["id"] == "paris"
+
+
+def test_consensus_tie_goes_to_the_first_submitted_even_after_it_is_revised(tmp_path, capsys):
+    """Two edits of a pair always tie: the export takes the one submitted first, and a later revision of it (a typo
+    fixed) keeps its place rather than handing the pair to the other annotator."""
+    db_path = tmp_path / "a.sqlite"
+    prepare(build_config(ServeConfig, dict(data=str(write_pairs(tmp_path / "pairs.jsonl")), db=str(db_path),
+                                           overlap=2)))
+    annotate(db_path, "alice", {"paris": ("submit", lambda t: t.replace("Lyon", "Pariss"), [])})
+    annotate(db_path, "bob", {"paris": ("submit", lambda t: t.replace("Lyon", "Paris"), [])})
+    with db.Store(db_path).connect() as conn:
+        me = conn.execute("SELECT annotator_id FROM annotators WHERE name = 'alice'").fetchone()[0]
+        item_id = conn.execute("SELECT item_id FROM items WHERE pair_id = 'paris'").fetchone()[0]
+        original = db.task(conn, me, item_id)["rejected"]
+        a = build_answer({"action": "submit", "text": original.replace("Lyon", "Paris")}, original=original,
+                         prefill=None, error_types=["unsafe"], guidelines_version="minimal_edit_v1", wall_s=60.0)
+        assert db.record_answer(conn, me, item_id, a, ("submit",))
+    out = tmp_path / "human_edits.jsonl"
+    code, _, err = run_cli(capsys, "annotate", "export", "--db", str(db_path), "--output", str(out))
+    assert code == 0, err
+    row = next(r for r in map(json.loads, out.read_text().splitlines()) if r["id"] == "paris")
+    assert row["annotator"] == "alice" and row["edit_meta"]["revisions"] == 1

@@ -235,3 +235,15 @@ def test_screening_answers_are_scored_per_annotator(tmp_path):
     assert (rows["bad"]["screening_passed"], rows["bad"]["screening_total"]) == (0, 2)
     assert rows["good"]["nothing"] == 5 and rows["good"]["agreement_with_others"] == 1.0  # both: nothing on pairs
     assert report["overview"]["pairs_complete"] == 4 and report["overview"]["screening_items"] == 2
+
+
+def test_the_admin_plot_draws_names_holding_dollar_signs(store):
+    """An annotator name is text, never matplotlib TeX: "$\\frac$" must not break /admin/plot.png."""
+    from finegrain.annotate.report import admin_report, plot_png
+
+    ids = names(store, "a$\\frac$", "cost $5 $6")
+    with store.connect() as conn:
+        for who in ids.values():
+            assert answer(conn, who, current_item(conn, who, 2, 0))
+        report = admin_report(conn, overlap=2, max_edit_ratio=0.75)
+    assert plot_png(report)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import zlib
 from pathlib import Path
@@ -298,6 +299,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     except OSError as e:
         raise _write_error(path, e) from e
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp's 0600 would make every output private to its owner
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()
@@ -311,6 +313,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         if isinstance(e, OSError) and (e.filename is None or str(e.filename) in (str(tmp), str(path))):
             raise _write_error(path, e) from e
         raise
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would give: those of the file it replaces, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0o077)  # reading the umask means setting it: briefly to the strictest, never looser
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _write_error(path: Path, e: OSError) -> InputError:

@@ -8,6 +8,7 @@ field has a type and a size limit. A bad post gets HTTP 400 with a message the p
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 from ..data.loaders import check_text
@@ -20,6 +21,7 @@ MAX_NOTE = 2_000
 MAX_SPANS = 200
 MAX_REVISIONS = 50  # changes of one answer: the submissions log keeps every version, so it is bounded
 FLAG_REASONS = ("unsafe", "unreadable", "other")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class AnswerError(ValueError):
@@ -42,6 +44,11 @@ def line_ends_like(original: str, edited: str) -> str:
     return edited
 
 
+def textarea_text(text: str) -> str:
+    """``text`` as a browser's text box holds it: every CRLF and CR a LF (a person cannot have changed those)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def parse_text(value: Any, field: str = "text", original: str | None = None) -> str:
     """A posted text: a string of at most MAX_TEXT characters, and, as an edit of ``original``, at most
     :func:`max_edit_length` (a minimal edit is about the original's length; the alignment of a much longer
@@ -53,6 +60,10 @@ def parse_text(value: Any, field: str = "text", original: str | None = None) -> 
         raise AnswerError(f"the text is longer than {limit} characters"
                           + (" (3 times the original's length + 2000: an edit should be minimal)"
                              if limit < MAX_TEXT else ""), field)
+    m = _SURROGATE.search(value)
+    if m:  # JSON can carry one ("\ud800"), SQLite cannot store it: a 400, not a server error
+        raise AnswerError(f"the text contains a lone surrogate U+{ord(m.group()):04X} at character {m.start()} "
+                          "(not valid Unicode text)", field)
     return value
 
 
@@ -122,7 +133,7 @@ def build_answer(payload: dict, *, original: str, prefill: str | None, error_typ
         ratio = stats["edit_ratio"]
         if prefill is not None:
             stats["prefill_edit_ratio"] = edit_stats(prefill, edited)["edit_ratio"]
-            stats["prefill_changed"] = edited != prefill
+            stats["prefill_changed"] = textarea_text(edited) != textarea_text(prefill)  # not just its line ends
     elif action == "flag":
         reason = payload.get("flag_reason") or FLAG_REASONS[0]
         if reason not in FLAG_REASONS:
@@ -131,4 +142,4 @@ def build_answer(payload: dict, *, original: str, prefill: str | None, error_typ
 
 
 __all__ = ["AnswerError", "FLAG_REASONS", "build_answer", "line_ends_like", "parse_seconds", "parse_spans",
-           "parse_text", "same_text"]
+           "parse_text", "same_text", "textarea_text"]

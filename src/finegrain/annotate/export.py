@@ -82,7 +82,9 @@ def export_row(t: dict, group: list[dict], select: str) -> dict[str, Any]:
 
 def select_rows(tasks: list[dict], select: str) -> list[dict[str, Any]]:
     """Export rows of the answered ``tasks`` (edits only) by the ``select`` rule, in queue order."""
-    edits = sorted((t for t in tasks if t["status"] == "submit"), key=lambda t: (t["item_id"], t["answered_at"]))
+    # a tie goes to the edit submitted first: a later revision of it keeps its place
+    edits = sorted((t for t in tasks if t["status"] == "submit"),
+                   key=lambda t: (t["item_id"], t["first_answered_at"] or t["answered_at"]))
     rows = []
     for _, group in itertools.groupby(edits, key=lambda t: t["item_id"]):
         group = list(group)

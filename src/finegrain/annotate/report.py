@@ -27,10 +27,12 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def answered_tasks(conn: sqlite3.Connection) -> list[dict]:
-    """Every answered task with its item and annotator, in answer order."""
+    """Every answered task with its item and annotator, in answer order (``answered_at``: the latest version's time,
+    ``first_answered_at``: the first answer's, which a revision keeps)."""
     rows = conn.execute(
-        "SELECT t.*, a.name, i.pair_id, i.kind, i.rejected, i.expected, i.prefill_meta FROM tasks t JOIN annotators a "
-        "USING (annotator_id) JOIN items i USING (item_id) WHERE t.status != 'open' "
+        "SELECT t.*, a.name, i.pair_id, i.kind, i.rejected, i.expected, i.prefill_meta, (SELECT MIN(s.at) FROM "
+        "submissions s WHERE s.annotator_id = t.annotator_id AND s.item_id = t.item_id) AS first_answered_at "
+        "FROM tasks t JOIN annotators a USING (annotator_id) JOIN items i USING (item_id) WHERE t.status != 'open' "
         "ORDER BY t.answered_at, t.annotator_id").fetchall()
     out = []
     for r in rows:
@@ -156,7 +158,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
         data = [[v for n, v in report[key] if n == name and v is not None] for name in names]
         for k, vals in enumerate(data):
             ax.scatter(vals, [k] * len(vals), alpha=0.6, s=22)
-        ax.set_yticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), [n.replace("$", r"\$") for n in names])  # "$...$" would be TeX
         ax.set_ylim(-0.7, len(names) - 0.3)
         ax.set_xlabel(unit)
         ax.set_title(title, fontsize=10)

@@ -58,7 +58,9 @@ def allowed_hosts(cfg: ServeConfig) -> list[str]:
         from urllib.parse import urlsplit
 
         hosts.add(urlsplit(cfg.public_url).hostname or "")
-    return sorted(h for h in hosts if h)
+    # compared as the Host header is: lower-cased, an IPv6 address in brackets ("[::1]:8000")
+    hosts = {h.strip("[]").lower() for h in hosts}
+    return sorted(f"[{h}]" if ":" in h else h for h in hosts if h)
 
 
 @dataclass

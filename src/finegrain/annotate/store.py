@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from ..errors import ConfigError, InputError
+from ..io import check_output_file
 from . import auth
 from .inputs import Item
 
@@ -144,7 +145,11 @@ class Store:
             raise InputError("no such annotation database: start `finegrain annotate serve --data PAIRS --db "
                              f"{self.path}` once to create it", path=self.path)
         if create:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            check_output_file(self.path, "--db")  # a file where a folder should be: one line, not a traceback
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            except OSError as e:
+                raise InputError(f"cannot create the database's folder ({e.strerror or e})", path=self.path) from e
         try:
             with self.connect() as conn:
                 if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":

@@ -220,6 +220,9 @@ CORPUS: list[Case] = [
          {"human.jsonl": b'{"id": "p0", "edited": "An edit."}\n{"id": "p99", "edited": "Lost work."}\n'}),
     Case("an empty human-edits file", "edit --backend file --model {t}/human.jsonl --data {w}/pairs.jsonl "
          "--output {o}/edited.jsonl", "human.jsonl: no human edits (the file is empty)", {"human.jsonl": b"\n"}),
+    Case("edit --cache that is not SQLite", "edit --backend sandbox --model oracle --data {w}/pairs.jsonl "
+         "--output {t}/new/edited.jsonl --cache {t}/answers.jsonl", "answers.jsonl: cannot use it as the answer cache "
+         "(file is not a database)", {"answers.jsonl": b'{"id": "p0", "text": "an answer, not a SQLite file"}\n'}),
     # 4. an output directory holding another run's checkpoints, without --resume
     Case("train-rm over another run's checkpoints", GOOD_RM, "already holds checkpoints",
          damage=stale_checkpoints("state.json", "step-00000286")),

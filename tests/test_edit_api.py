@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_llm_server import serving
+from fake_llm_server import _ITEM_RE, FakeLLMServer, serving
 from finegrain.cli import main
 from finegrain.config import build_config
 from finegrain.edit.core import EditConfig, edit_pairs
@@ -357,3 +357,145 @@ def test_the_lock_of_a_killed_run_is_free(tmp_path):
     holder.wait(timeout=30)
     with exclusive_lock(lock, "x"):
         assert lock.read_text() == f"process {os.getpid()}\n"
+
+
+# ----------------------------------------------------------------------------- replies outside the wire format
+class ScriptedReplies(FakeLLMServer):
+    """The fake server, except that the n-th request of item NAME gets ``replies[NAME][n]`` while there is one: a
+    dict (sent as JSON), bytes (sent as an HTML page with status 200) or ``(status, bytes)`` (an HTML page)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.replies: dict[str, list] = {}
+
+    def _respond(self, h):
+        import io
+
+        body = h.rfile.read(int(h.headers.get("content-length", 0)))
+        m = _ITEM_RE.search(body.decode())
+        item = m.group(1) if m else "?"
+        attempt = self._attempt(item)
+        if attempt >= len(self.replies.get(item, [])):
+            h.rfile = io.BytesIO(body)
+            return super()._respond(h)
+        with self._lock:
+            self.requests.append({"item": item, "api": "?", "time": time.monotonic(), "attempt": attempt})
+        status, reply = self.replies[item][attempt] if isinstance(self.replies[item][attempt], tuple) else \
+            (200, self.replies[item][attempt])
+        raw = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+        h.send_response(status)
+        h.send_header("content-type", "text/html" if isinstance(reply, bytes) else "application/json")
+        h.send_header("content-length", str(len(raw)))
+        h.end_headers()
+        h.wfile.write(raw)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    yield from serving(monkeypatch, KEY, ScriptedReplies)
+
+
+def openai_reply(content, finish_reason="stop") -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "finish_reason": finish_reason,
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}}
+
+
+def anthropic_reply(text, stop_reason="end_turn") -> dict:
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-3-5-haiku-latest",
+            "content": [{"type": "text", "text": text}], "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": {"input_tokens": 7, "output_tokens": 5}}
+
+
+def test_replies_outside_the_wire_format_are_retried_and_content_parts_are_read(tmp_path, scripted):
+    write_pairs(tmp_path / "pairs.jsonl", [""] * 4)
+    fixed = [rejected_text(i, "").replace("bad", "good") for i in range(4)]
+    scripted.replies = {
+        "p0": [b"<html><body>502 Bad Gateway (a proxy's page, status 200)</body></html>"],
+        "p1": [{"id": "chatcmpl-1", "object": "chat.completion"}],  # JSON without choices
+        "p2": [openai_reply([{"type": "text", "text": fixed[2][:20]}, {"type": "text", "text": fixed[2][20:]}])],
+        "p3": [openai_reply(5)] * 3,  # content that is no text, every time
+    }
+    s = edit_pairs(config(tmp_path, scripted))
+    rows = {r["id"]: r["edited"] for r in read_jsonl(tmp_path / "out" / "edited.jsonl")}
+    assert rows == {"p0": fixed[0], "p1": fixed[1], "p2": fixed[2]}
+    rejects = read_jsonl(tmp_path / "out" / "edited.rejects.jsonl")
+    assert [(r["id"], r["reason"]) for r in rejects] == [("p3", "failed")] and "malformed" in rejects[0]["error"]
+    assert scripted.count() == {"p0": 2, "p1": 2, "p2": 1, "p3": 3}  # a malformed reply is retried, like broken JSON
+    assert s["n_failed"] == 1
+
+
+@pytest.mark.parametrize("backend,reply", [
+    ("openai", openai_reply("This answer is good because it gives", "length")),
+    ("anthropic", anthropic_reply("This answer is good because it gives", "max_tokens")),
+    ("anthropic", anthropic_reply("This answer is good because it gives", "model_context_window_exceeded")),
+], ids=["openai-length", "anthropic-max_tokens", "anthropic-context-window"])
+def test_an_answer_cut_by_a_token_limit_is_rejected_as_truncated(tmp_path, scripted, backend, reply):
+    write_pairs(tmp_path / "pairs.jsonl", ["", ""])
+    scripted.replies = {"p1": [reply]}
+    s = edit_pairs(config(tmp_path, scripted, backend=backend))
+    assert [r["id"] for r in read_jsonl(tmp_path / "out" / "edited.jsonl")] == ["p0"]
+    (rej,) = read_jsonl(tmp_path / "out" / "edited.rejects.jsonl")
+    assert (rej["id"], rej["reason"], rej["answer"]) == ("p1", "truncated", "This answer is good because it gives")
+    assert s["rejects_by_reason"] == {"truncated": 1} and s["tokens"]["output"] > 5  # its tokens were paid
+
+
+def test_a_key_pasted_with_a_newline_works_or_stays_out_of_the_error(tmp_path, server, monkeypatch, capsys, caplog):
+    write_pairs(tmp_path / "pairs.jsonl", [""])
+    monkeypatch.setenv("OPENAI_API_KEY", KEY + "\n")  # e.g. read from a file with its final newline
+    assert edit_pairs(config(tmp_path, server))["n_edited"] == 1
+    monkeypatch.setenv("OPENAI_API_KEY", KEY[:10] + "\n" + KEY[10:])  # no HTTP header can carry it
+    with caplog.at_level(logging.DEBUG):
+        code = main(["edit", "--backend", "openai", "--model", "gpt-4o-mini", "--base-url", server.url + "/v1",
+                     "--data", str(tmp_path / "pairs.jsonl"), "--output", str(tmp_path / "o.jsonl"), "--cache", "none",
+                     "--max-retries", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("finegrain"))  # (httpcore's own
+    for text in (err, ours):                                                          # DEBUG trace shows the header)
+        assert KEY[:10] not in text and KEY[10:] not in text, text
+
+
+def test_human_edits_of_pairs_with_the_same_texts_stay_with_their_own_pair(tmp_path):
+    """Two pairs may share prompt and rejected response (one rejected answer against two chosen ones): each keeps
+    the edit its annotator made for it."""
+    text = rejected_text(0, "")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "Q?", "chosen": c, "rejected": text})
+                                                  + "\n" for i, c in [("a", "One."), ("b", "Two.")]))
+    edits = {"a": text.replace("a bad date", "the right date"), "b": text.replace("a vague list", "a clear list")}
+    (tmp_path / "human.jsonl").write_text("".join(json.dumps({"id": i, "edited": e, "annotator": f"ann-{i}"}) + "\n"
+                                                  for i, e in edits.items()))
+    cfg = build_config(EditConfig, dict(data=str(tmp_path / "pairs.jsonl"), output=str(tmp_path / "e.jsonl"),
+                                        backend="file", model=str(tmp_path / "human.jsonl")))
+    assert edit_pairs(cfg)["n_edited"] == 2
+    rows = read_jsonl(tmp_path / "e.jsonl")
+    assert [(r["id"], r["edited"], r["edit_meta"]["annotator"]) for r in rows] == [
+        ("a", edits["a"], "ann-a"), ("b", edits["b"], "ann-b")]
+
+
+def test_timeout_zero_means_no_limit_in_the_sdk_too(tmp_path, server):
+    from finegrain.llm.backends import get_editor
+
+    for timeout, expected in ((0, None), (7.5, 7.5)):
+        cfg = config(tmp_path, server, timeout=timeout)
+        backend = get_editor(cfg.backend, cfg.model, **cfg.backend_kwargs(cfg.backend, cfg.prompt))
+        assert cfg.retry_policy().timeout == expected and backend.client.timeout == expected
+        assert backend.client._client.timeout == expected  # the SDK's own limit (not its default of 120 s)
+
+
+@pytest.mark.parametrize("backend", ["anthropic", "openai"])
+def test_a_proxys_html_error_page_keeps_the_last_line_one_line(tmp_path, scripted, backend, caplog):
+    write_pairs(tmp_path / "pairs.jsonl", ["", ""])
+    page = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+            b"</center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+    scripted.replies = {"p1": [(502, page)] * 3}
+    with caplog.at_level("WARNING", logger="finegrain.llm"):
+        s = edit_pairs(config(tmp_path, scripted, backend=backend))
+    assert s["n_edited"] == 1 and s["n_failed"] == 1 and scripted.count("p1") == 3  # 502 is retried
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("finegrain")]
+    assert len(lines) == 3 and all("\n" not in x and "\r" not in x for x in lines), lines  # two retries, the end
+    assert lines[-1].startswith("edit: 1 of 2 requested items failed after 3 attempts each (last: HTTP 502"), lines
+    (rej,) = read_jsonl(tmp_path / "out" / "edited.rejects.jsonl")
+    assert rej["reason"] == "failed" and "\n" not in rej["error"]
+

@@ -147,6 +147,20 @@ def test_packaged_prompts_render_once(tmp_path):
         load_prompt("nope_v9")
 
 
+def test_a_prompt_without_the_text_to_edit_or_judge_is_refused_before_any_request(tmp_path):
+    from finegrain.llm.backends import get_editor, get_judge
+
+    typo = tmp_path / "my_edit_v1.txt"
+    typo.write_text("### system\nEdit minimally.\n### user\n{instruction}\n<response>\n{rejected}\n</response>\n")
+    with pytest.raises(ConfigError, match=r"prompt 'my_edit_v1' has no \{response\} placeholder"):
+        get_editor("openai", "m", base_url="http://127.0.0.1:9/v1", prompt=str(typo))
+    with pytest.raises(ConfigError, match=r"has no \{output_1\} placeholder.*needs \{output_1\}, \{output_2\}"):
+        get_judge("openai", "m", base_url="http://127.0.0.1:9/v1", prompt="minimal_edit_v1")
+    ok = tmp_path / "my_edit_v2.txt"
+    ok.write_text("### user\n{response}\n")
+    assert get_editor("openai", "m", base_url="http://127.0.0.1:9/v1", prompt=str(ok)).prompt_version == "my_edit_v2"
+
+
 # ---------------------------------------------------------------- retries and rate cap
 
 def test_backoff_is_exponential_with_jitter_and_honours_retry_after():

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
     key TEXT PRIMARY KEY,
@@ -50,9 +52,14 @@ class AnswerCache:
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
-            self._db.execute(_SCHEMA)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
+                self._db.execute(_SCHEMA)
+            except sqlite3.DatabaseError as e:  # not a SQLite file (a JSONL given as --cache), or damaged
+                self.close()
+                raise InputError(f"cannot use it as the answer cache ({e}); give another --cache path, or 'none'",
+                                 path=self.path) from None
 
     def get(self, key: str) -> dict[str, Any] | None:
         if self._db is None:

@@ -101,8 +101,10 @@ def resolve_cache_path(cache: str | None, output: str) -> str | None:
 
 def make_job(kind: str, backend: Any, item_id: str, request: Any, *texts: str) -> Job:
     """The job asking ``backend`` for ``request``, keyed by ``texts`` (what the answer depends on) and the
-    backend's name, model, ``prompt_version`` and ``cache_salt``."""
-    h = input_hash(*texts, getattr(backend, "cache_salt", ""))
+    backend's name, model, ``prompt_version`` and ``cache_salt``; for a backend that is not ``cacheable`` (human
+    edits read by id, the sandbox) also by ``item_id``, so two items with the same texts get their own answers."""
+    per_item = () if getattr(backend, "cacheable", True) else (item_id,)
+    h = input_hash(*texts, *per_item, getattr(backend, "cache_salt", ""))
     return Job(cache_key(kind, backend.name, backend.model, getattr(backend, "prompt_version", "none"), h), h,
                item_id, request)
 

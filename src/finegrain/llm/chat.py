@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..errors import ConfigError
 from .interfaces import EditRequest, EditResult, JudgeRequest, JudgeResult
 from .cache import input_hash
 from .clients import Completion, ItemFailure
@@ -132,6 +133,7 @@ class ChatJudge(_ChatBackend):
 
 
 DEFAULT_PROMPTS = {"editor": "minimal_edit_v1", "judge": "pairwise_judge_v1"}
+_REQUIRED_PLACEHOLDERS = {"editor": ("response",), "judge": ("output_1", "output_2")}
 _CLIENT_OPTIONS = ("base_url", "api_key_env", "timeout", "max_tokens", "temperature", "batch_size", "device",
                    "dtype", "trust_remote_code")
 # what a command passes every chat backend (LLMCallConfig.backend_kwargs); a client uses those it has
@@ -153,7 +155,9 @@ def chat_client(backend: str, model: str, options: dict[str, Any]):
     """The chat client of built-in backend ``anthropic``, ``openai`` or ``hf``, given the options it takes
     (the registry refused any other but the shared ones, :data:`SHARED_OPTIONS`, before)."""
     cls = client_class(backend)
-    opts = {k: options[k] for k in _CLIENT_OPTIONS if options.get(k) is not None and k in cls.OPTIONS}
+    # None means the client's default, except for timeout, where it means no limit (--timeout 0)
+    opts = {k: options[k] for k in _CLIENT_OPTIONS
+            if k in cls.OPTIONS and (options.get(k) is not None or (k == "timeout" and k in options))}
     return cls(model, **opts)
 
 
@@ -161,4 +165,10 @@ def chat_backend(backend: str, role: str, model: str, options: dict[str, Any]) -
     """The ``role`` (``editor`` or ``judge``) of a built-in chat backend, with prompt ``options["prompt"]``
     (default ``minimal_edit_v1`` / ``pairwise_judge_v1``)."""
     cls = ChatEditor if role == "editor" else ChatJudge
-    return cls(chat_client(backend, model, options), load_prompt(options.get("prompt") or DEFAULT_PROMPTS[role]))
+    prompt = load_prompt(options.get("prompt") or DEFAULT_PROMPTS[role])
+    missing = [n for n in _REQUIRED_PLACEHOLDERS[role] if "{" + n + "}" not in prompt.system + prompt.user]
+    if missing:  # every request would go without the text to edit or judge, and be paid for
+        needs = ", ".join("{" + n + "}" for n in _REQUIRED_PLACEHOLDERS[role])
+        raise ConfigError(f"prompt {prompt.version!r} has no {{{missing[0]}}} placeholder, so the {role} would never "
+                          f"see that text; a {role} prompt needs {needs}")
+    return cls(chat_client(backend, model, options), prompt)

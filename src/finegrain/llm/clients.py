@@ -72,7 +72,16 @@ class _SDKClient:
         self.params = {"max_tokens": max_tokens, "temperature": temperature}
 
     def scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key and len(self._key) > 3 else text
+        """``text`` without the key, also as quoted in an error (``b'Bearer sk-..\\n'``: escaped characters)."""
+        if not self._key or len(self._key) <= 3:
+            return text
+        for form in (self._key, repr(self._key)[1:-1], repr(self._key.encode())[2:-1]):
+            text = text.replace(form, "***")
+        return text
+
+    def brief(self, e: Exception) -> str:
+        """The error's message, scrubbed, on one line (a proxy's HTML error page has many), at most 300 characters."""
+        return " ".join(self.scrub(str(getattr(e, "message", e))).split())[:300]
 
     def map_error(self, e: Exception, sdk) -> Exception | None:
         """The runner-facing exception for an SDK exception, or None for a per-item failure."""
@@ -83,7 +92,7 @@ class _SDKClient:
             return UnreachableError(f"cannot connect to {where}: {self.scrub(_root_cause(e))}")
         if isinstance(e, sdk.APIStatusError):
             status = e.status_code
-            message = self.scrub(str(getattr(e, "message", e)))[:300]
+            message = self.brief(e)
             if status in (408, 409, 429) or status >= 500:
                 return RetryableError(f"HTTP {status}: {message}", retry_after=parse_retry_after(e.response.headers))
             if status in (401, 403):
@@ -103,13 +112,14 @@ class _SDKClient:
         sdk = importlib.import_module(self.name)
         try:
             return await self._complete(system, user)
+        except (RetryableError, FatalBackendError):  # already mapped (a malformed response: retried)
+            raise
         except Exception as e:  # map every SDK failure; unknown ones become per-item errors
             mapped = self.map_error(e, sdk)
             if mapped is not None:
                 raise mapped from None
             status = getattr(e, "status_code", None)
-            raise ItemFailure(f"http_{status}" if status else "error",
-                               self.scrub(str(getattr(e, "message", e)))[:300]) from None
+            raise ItemFailure(f"http_{status}" if status else "error", self.brief(e)) from None
 
     async def _complete(self, system: str, user: str) -> Completion:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -171,7 +181,7 @@ class AnthropicClient(_SDKClient):
             text = "".join(b.text for b in msg.content if getattr(b, "type", None) == "text")
             usage = msg.usage
             return Completion(text, int(usage.input_tokens or 0), int(usage.output_tokens or 0),
-                              truncated=msg.stop_reason == "max_tokens")
+                              truncated=msg.stop_reason in ("max_tokens", "model_context_window_exceeded"))
 
 
 class OpenAIClient(_SDKClient):
@@ -195,5 +205,18 @@ class OpenAIClient(_SDKClient):
         with _malformed_guard():
             choice = resp.choices[0]
             usage = resp.usage  # some compatible servers send no usage
-            return Completion(choice.message.content or "", int(getattr(usage, "prompt_tokens", 0) or 0),
-                              int(getattr(usage, "completion_tokens", 0) or 0), truncated=choice.finish_reason == "length")
+            return Completion(_message_text(choice.message.content),
+                              int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0),
+                              truncated=choice.finish_reason == "length")
+
+
+def _message_text(content: Any) -> str:
+    """A message's text: a string, none (""), or a list of content parts (some compatible servers send those);
+    anything else is a malformed response (TypeError)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = [p.get("text") for p in content if p.get("type") == "text"]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    raise TypeError(f"message content is a {type(content).__name__}, not text")

@@ -113,7 +113,7 @@ def is_answered(result: object) -> bool:
 
 def resolve_api_key(env_var: str, *, required: bool) -> str | None:
     """The API key from environment variable ``env_var`` (never from a file or a flag)."""
-    key = os.environ.get(env_var)
+    key = (os.environ.get(env_var) or "").strip()  # a newline pasted with the key is never part of it
     if not key and required:
         raise ConfigError(f"no API key: set the environment variable {env_var} (or choose another variable "
                           "with --api-key-env)")

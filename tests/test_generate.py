@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import make_tiny_model
 from finegrain.cli import main
@@ -230,3 +231,29 @@ def test_generate_dtype_loads_the_weights_in_it(tmp_path, tiny_dir, seen_dtypes,
         main(["generate", "--model", tiny_dir, "--prompts", str(p), "--output", str(tmp_path / "x.jsonl"),
               "--dtype", "int8"])
     assert exit_info.value.code == 2 and "--dtype" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_hf_backend_counts_the_tokens_it_sampled_and_flags_answers_cut_at_max_tokens(tmp_path, tiny_tokenizer,
+                                                                                      sharp_model):
+    """Its answers' token counts and ``truncated`` come from the decoder (EOS seen or not), not from re-encoding
+    the decoded text, which merges or splits pieces (a cut answer read as complete, or the reverse)."""
+    from finegrain.generation import sample
+    from finegrain.llm.local import HFChatClient
+    from finegrain.tokens import encode_prompts
+
+    d = tmp_path / "sharp"
+    save_checkpoint(d, sharp_model, tiny_tokenizer, {})
+    client = HFChatClient(str(d), max_tokens=6)
+    texts = ["Be polite.", "how do i clean the oven ? my oven is red .", "Sure."]
+    got = client._generate(texts)
+    ref = sample(client.lm, client.tokenizer, encode_prompts(client.tokenizer, texts), max_new_tokens=6,
+                 do_sample=False)
+    assert [c.text for c in got] == ref.texts
+    assert [c.output_tokens for c in got] == ref.response_mask.sum(dim=1).tolist()
+    assert [c.truncated for c in got] == [not e for e in ref.ended.tolist()]
+    with torch.no_grad():  # every hidden state all ones, EOS's row the largest: every answer ends at once
+        client.lm.transformer.ln_f.weight.zero_()
+        client.lm.transformer.ln_f.bias.fill_(1.0)
+        client.lm.get_output_embeddings().weight[tiny_tokenizer.eos_token_id] = 10.0
+    ended = client._generate(texts)
+    assert [(c.text, c.output_tokens, c.truncated) for c in ended] == [("", 1, False)] * 3

@@ -106,15 +106,17 @@ class HFChatClient:
         self.batcher = MicroBatcher(self._generate, batch_size)
 
     def _generate(self, texts: list[str]) -> list[Completion]:
-        from ..generation import generate_texts
-        from ..tokens import encode_texts
+        """One batch of chat texts (each within the context, :meth:`complete` checked): their answers, with the
+        token counts the decoder saw and ``truncated`` where an answer stopped at ``max_tokens`` without EOS."""
+        from ..generation import sample
+        from ..tokens import encode_prompts
 
-        outs = generate_texts(self.lm, self.tokenizer, texts, template="{prompt}", batch_size=len(texts),
-                              max_new_tokens=self.max_tokens, temperature=self.temperature or 1.0,
-                              do_sample=self.temperature > 0, progress_desc="hf batch")
-        n_in = [len(x) for x in encode_texts(self.tokenizer, texts)]
-        n_out = [len(x) for x in encode_texts(self.tokenizer, outs)]
-        return [Completion(o, i, n, truncated=n >= self.max_tokens) for o, i, n in zip(outs, n_in, n_out)]
+        ids = encode_prompts(self.tokenizer, texts)
+        out = sample(self.lm, self.tokenizer, ids, max_new_tokens=self.max_tokens,
+                     temperature=self.temperature or 1.0, do_sample=self.temperature > 0, generator_seed=0)
+        n_out = out.response_mask.sum(dim=1).tolist()
+        return [Completion(t, len(i), int(n), truncated=not e) for t, i, n, e in
+                zip(out.texts, ids, n_out, out.ended.tolist())]
 
     def context_length(self) -> int | None:
         cfg = self.lm.config

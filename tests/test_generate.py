@@ -158,6 +158,13 @@ def test_hf_editor_backend_batches_a_local_model(tmp_path, tiny_dir, tiny_tokeni
     assert s["tokens"]["input"] > 0
     again = edit_pairs(cfg)
     assert again["n_cached"] == 5 and again["n_requests"] == 0
+    # a model trained again into the same directory, or loaded in another dtype, answers anew
+    save_checkpoint(long_dir, make_tiny_model(tiny_tokenizer, "causal", seed=2, n_positions=1024), tiny_tokenizer, {})
+    retrained = edit_pairs(cfg)
+    assert retrained["n_cached"] == 0 and retrained["n_requests"] == 5
+    assert edit_pairs(cfg)["n_cached"] == 5
+    bf16 = build_config(EditConfig, dict(cfg.__dict__, backend_options={"dtype": "bfloat16"}))
+    assert edit_pairs(bf16)["n_requests"] == 5
 
 
 def test_hf_judge_backend_runs_and_a_run_with_nothing_judged_writes_nothing(tmp_path, tiny_tokenizer):

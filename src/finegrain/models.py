@@ -64,6 +64,17 @@ def resolve_model(name: str) -> ResolvedModel:
     return ResolvedModel(str(path), dict(kwargs))
 
 
+def weights_fingerprint(name: str) -> str:
+    """What tells the weights a model directory holds now from those it held before: the name, size and
+    modification time of each file in it (a model trained again into the same directory gets another
+    fingerprint); "" for a hub name. Part of the answer cache's key of a local model's answers."""
+    path = Path(resolve_model(name).path)
+    if not path.is_dir():
+        return ""
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    return json.dumps(files)
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool = False, padding_side: str = "right"):
     from transformers import AutoTokenizer
 

@@ -94,10 +94,13 @@ class HFChatClient:
                  device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False):
         import torch
 
-        from ..models import load_model, load_tokenizer, torch_dtype
+        from ..models import load_model, load_tokenizer, torch_dtype, weights_fingerprint
 
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature or 0.0
-        self.params = {"max_tokens": max_tokens, "temperature": temperature}
+        # what the answers depend on besides the prompt (the runner's cache key): the weights now in a local
+        # directory (a model trained again into it answers anew) and their dtype
+        self.params = {"max_tokens": max_tokens, "temperature": temperature, "dtype": dtype,
+                       "weights": weights_fingerprint(model)}
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.lm = load_model(model, "causal", tokenizer=self.tokenizer, trust_remote_code=trust_remote_code,
                              dtype=torch_dtype(dtype) if dtype else None).eval()

@@ -151,6 +151,32 @@ def test_leaderboard_rows_update_in_place(tmp_path):
     assert [(r["name"], float(r["win_rate"])) for r in rows] == [("a", 70.0), ("b", 60.0)]
 
 
+def test_runs_updating_one_leaderboard_at_once_keep_every_row(tmp_path, monkeypatch):
+    """Two runs that read the leaderboard before either wrote it each wrote back one row: the first was lost."""
+    import sys
+    import threading
+    import time
+
+    wr = sys.modules[update_leaderboard.__module__]  # (finegrain.eval.winrate: the package's function hides it)
+
+    real_read = wr.read_leaderboard
+
+    def slow_read(path):  # both runs read before either writes, unless they take turns
+        out = real_read(path)
+        time.sleep(0.3)
+        return out
+
+    monkeypatch.setattr(wr, "read_leaderboard", slow_read)
+    p = str(tmp_path / "lb.csv")
+    row = dict(name="a", win_rate=40.0, standard_error=1.0, n_wins=4, n_draws=0, n_total=10, avg_length=100)
+    runs = [threading.Thread(target=update_leaderboard, args=(p, dict(row, name=n))) for n in ("a", "b", "c")]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert sorted(r["name"] for r in real_read(p)[1]) == ["a", "b", "c"]
+
+
 def test_sandbox_backends_resolve_lazily_and_run(tmp_path):
     """The `sandbox` editor and judge (another module) plug into the same runners."""
     import random

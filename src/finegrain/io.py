@@ -222,11 +222,12 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, guarded: str):
+def exclusive_lock(path: str | os.PathLike, guarded: str, *, wait: bool = False):
     """Hold an exclusive OS lock on the file ``path`` (created if absent) while the block runs.
 
     If another process holds it, raise :class:`InputError` naming ``guarded`` (what the lock
-    protects, e.g. an output file) and that process.
+    protects, e.g. an output file) and that process; with ``wait``, wait for it instead (a short
+    read-modify-write that many runs share, such as a leaderboard).
     The lock is ``fcntl.flock``: the kernel drops it when its process ends, however it ends, so a
     killed run never leaves a stale lock (the file itself stays, empty of meaning). No-op where
     ``fcntl`` does not exist (Windows).
@@ -240,7 +241,7 @@ def exclusive_lock(path: str | os.PathLike, guarded: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError as e:
             f.seek(0)
             holder = f.read().strip() or "another process"

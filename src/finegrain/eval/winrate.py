@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 from ..config import opt, to_dict
 from ..errors import ConfigError, InputError
-from ..io import atomic_write, iter_records, write_json
+from ..io import atomic_write, exclusive_lock, iter_records, write_json
 from ..llm.backends import BACKEND_NAMES, FatalBackendError, JudgeRequest, JudgeResult, backend_spec, get_judge
 from ..llm.calls import LLMCallConfig, make_job, output_base, resolve_cache_path, run_cached, usage_summary
 from .generate import prompt_of
@@ -224,7 +224,13 @@ def read_leaderboard(path: str) -> tuple[list[str], list[dict[str, Any]]]:
 
 def update_leaderboard(path: str, row: dict[str, Any]) -> list[dict[str, Any]]:
     """Replace or add ``row`` (by name) in the CSV at ``path``; rows sorted by win rate, written atomically.
-    Columns the file has besides ours are kept."""
+    Columns the file has besides ours are kept. Runs that update one leaderboard at the same time take turns
+    (an OS lock on ``PATH.lock``), so none loses another's row."""
+    with exclusive_lock(f"{path}.lock", path, wait=True):
+        return _update_leaderboard(path, row)
+
+
+def _update_leaderboard(path: str, row: dict[str, Any]) -> list[dict[str, Any]]:
     columns, rows = read_leaderboard(path)
     rows = [r for r in rows if r.get("name") != row["name"]]
     rows.append({k: row[k] for k in LEADERBOARD_FIELDS})

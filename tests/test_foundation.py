@@ -101,6 +101,27 @@ def test_a_redeclared_field_keeps_the_bounds_of_the_field_it_overrides():
         build_config(SFTConfig, overrides={"data": "d", "output": "o", "from_scratch": True, "batch_size": 0})
 
 
+def test_a_seed_of_any_accepted_size_plans_the_data_and_a_larger_one_is_refused_in_one_line(tmp_path, capsys):
+    """A 19-digit --seed (``$(date +%s%N)``) was accepted and then overflowed torch's 64-bit seed in the micro-batch
+    plan with a traceback; now every accepted seed plans, the plan of a small seed is unchanged, and a seed
+    torch cannot take is refused as an option out of bounds."""
+    import torch
+
+    from finegrain.training import micro_batch_plan
+
+    big = 1_700_000_000_000_000_000
+    assert micro_batch_plan(10, 3, 2.0, big) == micro_batch_plan(10, 3, 2.0, big) != micro_batch_plan(10, 3, 2.0, 1)
+    assert micro_batch_plan(10, 3, 2.0, 2 ** 64 - 1)[0]
+    first = torch.randperm(10, generator=torch.Generator().manual_seed(7 * 100_003)).tolist()
+    assert micro_batch_plan(10, 5, 1.0, 7) == [first[:5], first[5:]]
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"prompt": "p", "response": "r"}])
+    argv = ["sft", "--data", str(data), "--output", str(tmp_path / "o"), "--from-scratch", "--log-with", "none"]
+    assert main([*argv, "--seed", str(2 ** 64)]) == 2
+    assert capsys.readouterr().err == ("finegrain sft: error: option --seed must be >= 0 and <= 18446744073709551615, "
+                                       "got 18446744073709551616\n")
+
+
 def test_negative_numbers_are_values_and_usage_errors_are_one_line(tmp_path, capsys):
     from finegrain.cli import build_parser
 

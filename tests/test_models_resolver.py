@@ -160,3 +160,32 @@ def test_smollm2_loads_tokenizer_and_forward_pass(tmp_path):
     assert getattr(model, "hf_quantizer", None) is None
     out = save_checkpoint(tmp_path / "saved", model, tok, {"kind": "causal"})
     assert (out / "model.safetensors").is_file() and not (out / "model.gguf").exists()
+
+
+class _Planted:
+    """A pickle whose unpickling would create a directory: proves pickled weights are refused, never run."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (__import__("os").mkdir, (self.marker,))
+
+
+def test_a_directory_of_pickled_weights_only_is_refused_in_one_line_and_never_unpickled(tmp_path, tiny_tokenizer):
+    import torch
+
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tiny_tokenizer, "causal")
+    folder = tmp_path / "bin-only"
+    model.config.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    _Planted.marker = str(tmp_path / "ran")
+    torch.save({**model.state_dict(), "planted": _Planted()}, folder / "pytorch_model.bin")
+    for head in ("causal", "token"):
+        with pytest.raises(ConfigError) as e:
+            load_model(str(folder), head)
+        assert str(e.value).startswith(f"cannot load '{folder}' as a {head} model: its weights are only a pickle "
+                                       "(pytorch_model.bin), which finegrain never loads")
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "ran").exists()

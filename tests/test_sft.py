@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -78,13 +79,40 @@ def test_sft_resume_matches_uninterrupted(tmp_path):
             "batch_size": 8, "lr": 1e-3, "log_with": "none", "save_every": 4}
     full = train_sft(build_config(SFTConfig, dict(base, output=str(tmp_path / "a"))))
     # a run killed after its step-4 checkpoint: only checkpoints/step-00000004 survives
-    import shutil
     shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "c" / "checkpoints")
     assert [p.name for p in (tmp_path / "c" / "checkpoints").iterdir()] == ["step-00000004"]
     resumed = train_sft(build_config(SFTConfig, dict(base, output=str(tmp_path / "c"), resume=True)))
     assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-5)
     steps = [json.loads(x)["step"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 6, 7, 8]
+    # a resume whose metrics.jsonl holds the interrupted run's first steps reports that run's first loss
+    shutil.rmtree(tmp_path / "c")
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "c" / "checkpoints")
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "c" / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")  # killed during step 6
+    resumed = train_sft(build_config(SFTConfig, dict(base, output=str(tmp_path / "c"), resume=True)))
+    assert resumed["first_loss"] == full["first_loss"]
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-5)
+    assert json.loads((tmp_path / "c" / "finegrain.json").read_text())["first_loss"] == full["first_loss"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 8}, "--batch-size is 8 here but was 4 in that run"),
+    ({"seed": 7}, "--seed is 7 here but was 0 in that run"),  # without held-out data the split cannot tell
+    ({"grad_accum": 2}, "--grad-accum is 2 here but was 1"),
+    ({"epochs": 1.0}, "--epochs is 1.0 here but was 2.0"),
+    ({"lr": 5e-3}, "--lr is 0.005 here but was 0.001"),
+    ({"dtype": "bfloat16"}, "--dtype is 'bfloat16' here but was 'float32'"),
+])
+def test_sft_resume_refuses_options_that_change_the_plan_or_the_updates(tmp_path, change, message):
+    """Step N of another batch size, seed, accumulation, length or rate is not the saving run's step N: the resume
+    would silently take other micro-batches (or none: a checkpoint beyond the new last step) or another rate."""
+    data = _demos(tmp_path, n=16)
+    base = {"data": str(data), "from_scratch": True, "vocab_size": 300, "n_embd": 16, "epochs": 2.0,
+            "batch_size": 4, "lr": 1e-3, "log_with": "none", "save_every": 6, "eval_fraction": 0.0}
+    train_sft(build_config(SFTConfig, dict(base, output=str(tmp_path / "a"))))
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step-00000006: " + message.replace(".", r"\.")):
+        train_sft(build_config(SFTConfig, dict(base, output=str(tmp_path / "a"), resume=True, **change)))
 
 
 def test_records_validation(tmp_path):
@@ -96,6 +124,14 @@ def test_records_validation(tmp_path):
     assert len(recs) == 1 and skipped == 1
     with pytest.raises(ConfigError, match="exactly one"):
         build_config(SFTConfig, {"data": "x", "output": "y"})
+
+
+@pytest.mark.parametrize("flag, value", [("n_layer", 4), ("vocab_size", 2000), ("n_positions", 1024)])
+def test_a_from_scratch_size_given_with_a_model_is_refused_not_ignored(flag, value):
+    """--n-layer 4 --model runs/base used to train the loaded model at its own size without a word."""
+    with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')} applies with --from-scratch; --model m keeps"):
+        build_config(SFTConfig, {"data": "x", "output": "y", "model": "m", flag: value})
+    assert build_config(SFTConfig, {"data": "x", "output": "y", "from_scratch": True, flag: value})
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -147,3 +183,21 @@ def test_an_output_that_cannot_be_a_directory_is_refused_before_training(tmp_pat
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "--output cannot be written" in err and "afile" in err
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_forced_progress_bar_in_a_log_is_not_a_line_per_step(tmp_path, monkeypatch, capsys):
+    """FINEGRAIN_PROGRESS=1 with stderr in a file (a batch job's log): the bar redraws at most once a second, as
+    tqdm's mininterval says, not at every step's postfix."""
+    import time
+
+    monkeypatch.setenv("FINEGRAIN_PROGRESS", "1")
+    data = _demos(tmp_path, n=20)
+    start = time.monotonic()
+    out = train_sft(build_config(SFTConfig, {"data": str(data), "output": str(tmp_path / "p"), "from_scratch": True,
+                                             "vocab_size": 300, "n_embd": 16, "epochs": 2.0, "batch_size": 1,
+                                             "log_with": "none", "eval_fraction": 0.0}))
+    assert out["steps"] == 40
+    draws = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("sft:")]
+    seconds = time.monotonic() - start
+    # the first draw, one a second at most, the last (a draw per step would be 42 unless 40 steps took 40 s)
+    assert 2 <= len(draws) <= seconds + 3 and "40/40" in draws[-1] and "loss=" in draws[-1], (len(draws), seconds)

@@ -116,8 +116,8 @@ def field_bounds(cls: type, name: str) -> dict[str, float]:
 
 
 def describe_bounds(bounds: dict[str, float]) -> str:
-    """``{"ge": 0, "le": 1}`` -> ``">= 0 and <= 1"``."""
-    return " and ".join(f"{_BOUND_OPS[k][1]} {v:g}" for k, v in bounds.items())
+    """``{"ge": 0, "le": 1}`` -> ``">= 0 and <= 1"`` (an integer bound in all its digits)."""
+    return " and ".join(f"{_BOUND_OPS[k][1]} {v if isinstance(v, int) else f'{v:g}'}" for k, v in bounds.items())
 
 
 def number_problem(value: Any, bounds: dict[str, float]) -> str | None:
@@ -448,7 +448,7 @@ class TrainingOptions(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptio
     save_every: int = opt(200, "write a resumable checkpoint every N optimizer steps (0 = never)", ge=0)
     keep_checkpoints: int = opt(2, "how many of the newest step checkpoints to keep (0 = all)", ge=0)
     resume: bool = opt(False, "continue from the newest checkpoint in OUTPUT/checkpoints")
-    seed: int = opt(0, "seed for data order, the held-out split and new weights", ge=0)
+    seed: int = opt(0, "seed for data order, the held-out split and new weights", ge=0, le=2 ** 64 - 1)  # torch's
     skip_invalid: bool = opt(False, "skip invalid records (listed in OUTPUT/rejects.jsonl) instead of stopping")
     template: str | None = opt(None, "prompt template with {prompt} for tokenizers without a chat template "
                                      "(default: '{prompt}\\n')")

@@ -416,8 +416,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, template: str | 
     and to what the model's context leaves beside ``max_new_tokens``, with one warning line.
     Each batch samples with a seed drawn from ``seed`` and its first position in the length order
     (`batch_seed`), so a batch whose prompts are all in ``done`` (prompt index -> text, from an
-    interrupted run with the same settings) is skipped and the result is the one an uninterrupted run gives; ``on_batch(indices,
-    texts)`` is called after each generated batch (what a resumable caller stores).
+    interrupted run with the same settings) is skipped and the result is the one an uninterrupted
+    run gives; ``on_batch(indices, texts)`` is called after each generated batch (what a resumable
+    caller stores).
     """
     from .models import context_length
     from .tracking import progress

@@ -334,7 +334,7 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
         model = auto.from_pretrained(res.path, **kw)
     except (OSError, ValueError, EnvironmentError) as e:
         # (transformers' own message for a missing head lists every model type that has one, and no way out)
-        why = _missing_head_of(res, head, trust_remote_code)
+        why = _pickled_weights_only(res.path) or _missing_head_of(res, head, trust_remote_code)
         raise ConfigError(f"cannot load {name!r} as a {head} model: {why or e}") from e
     if "gguf_file" in kw:
         _drop_dequantized_gguf_marker(model)
@@ -342,6 +342,18 @@ def load_model(name: str, head: Head, *, tokenizer=None, trust_remote_code: bool
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _pickled_weights_only(path: str) -> str | None:
+    """Why a local directory whose weights are only pickles (``pytorch_model*.bin``) is refused; None otherwise."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return None
+    pickled = sorted(f.name for f in folder.glob("pytorch_model*.bin"))
+    if not pickled:
+        return None
+    return (f"its weights are only a pickle ({pickled[0]}), which finegrain never loads (unpickling can run code); "
+            "save the model with safetensors (model.save_pretrained(DIR, safe_serialization=True)) and load that")
 
 
 def _missing_head_of(res: ResolvedModel, head: Head, trust_remote_code: bool) -> str | None:

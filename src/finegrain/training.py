@@ -17,8 +17,9 @@ Checkpoints
     scheduler.pt        the learning-rate schedule (sft, train-rm; ppo sets its rate from the step)
     rng_<rank>.pt       each process's torch, CUDA, Python and NumPy generator states
     state.json          the step, accelerate's step counter (the gradient-accumulation phase), the
-                        data fingerprint and the trainer's own running state (ppo: KL controller,
-                        reward statistics), written last
+                        data fingerprint, the options that fix the data order and the updates (sft,
+                        train-rm: :data:`RESUMED_OPTIONS`) and the trainer's own running state (ppo: KL
+                        controller, reward statistics), written last
 
 Under FSDP or DeepSpeed, accelerate writes the weights and optimizer in those engines' own sharded
 forms instead of the first two files. The directory is written under a temporary name
@@ -494,7 +495,8 @@ def micro_batch_plan(n: int, batch_size: int, epochs: float, seed: int) -> list[
     plan: list[list[int]] = []
     epoch = 0
     while len(plan) < total:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        # (a torch seed is 64 bits: a --seed of 19 digits, e.g. from the clock, wraps round instead of overflowing)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2 ** 64)).tolist()
         plan += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
         epoch += 1
     return plan[:total]
@@ -518,6 +520,10 @@ def save_model_into(output: Path, model, tokenizer, meta: dict) -> None:
 
 # ---------------------------------------------------------------- the supervised loop (sft, train-rm)
 MicroBatchLoss = Callable[[list[int]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+RESUMED_OPTIONS = ("epochs", "batch_size", "grad_accum", "seed", "optimizer", "lr_scheduler", "warmup_ratio",
+                   "weight_decay", "max_grad_norm", "max_length", "dtype", "mixed_precision")
+"""Options of :class:`SupervisedLoop` that ``--resume`` must be given as the saving run had them (with ``--lr``
+and the number of processes): they decide which micro-batches a step takes and how it updates the weights."""
 
 
 @dataclass
@@ -550,10 +556,11 @@ class SupervisedLoop:
     the number of training examples: it plans the micro-batches (``batch_size`` per process,
     ``grad_accum`` per optimizer step), builds the optimizer and schedule, and prepares the model
     and optimizer (:attr:`model`, :attr:`optimizer`). :meth:`resume` restores the newest
-    checkpoint when ``--resume``; :meth:`run` trains to the end: each step every process takes
-    its slice of each micro-batch (gradients synchronised on the last), clips the gradient norm,
-    steps, stops on a NaN (:func:`check_finite`), evaluates, logs the line to metrics.jsonl and the
-    trackers, and writes a checkpoint every ``save_every`` steps (not at the last: the final model is saved).
+    checkpoint when ``--resume`` (refused when :data:`RESUMED_OPTIONS` differ from the saving
+    run's); :meth:`run` trains to the end: each step every process takes its slice of each
+    micro-batch (gradients synchronised on the last), clips the gradient norm, steps, stops on a
+    NaN (:func:`check_finite`), evaluates, logs the line to metrics.jsonl and the trackers, and
+    writes a checkpoint every ``save_every`` steps (not at the last: the final model is saved).
     """
 
     def __init__(self, cfg, output: str | Path, accelerator, model, n_examples: int, *, lr: float | None = None):
@@ -565,6 +572,9 @@ class SupervisedLoop:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.start = 0
         self.fingerprints: dict[str, str] = {}
+        # what fixes the plan and the optimisation: a resumed run must have the saving run's (checkpoints record them)
+        self.options = {"processes": world, "lr": lr if lr is not None else cfg.lr,
+                        **{name: getattr(cfg, name) for name in RESUMED_OPTIONS}}
 
     @property
     def steps(self) -> int:
@@ -579,8 +589,21 @@ class SupervisedLoop:
         if self.cfg.resume:
             found = resume_training_state(self.output, self.accelerator, expect=fingerprints, differs=differs,
                                           scheduler=self.scheduler)
+        if found:
+            self._check_options(found.get("options"), checkpoint_dirs(self.output)[-1])
         self.start = int(found["step"]) if found else 0
         return self.start
+
+    def _check_options(self, saved: Any, ckpt: Path) -> None:
+        """Refuse a resume whose options (:attr:`options`) differ from those checkpoint ``ckpt`` recorded (``saved``;
+        a checkpoint that recorded none is not checked): the same step would take other micro-batches or another rate."""
+        if not isinstance(saved, dict):
+            return
+        for name, value in self.options.items():
+            if name in saved and saved[name] != value:
+                what = "the number of processes" if name == "processes" else f"--{name.replace('_', '-')}"
+                raise ConfigError(f"cannot resume from {ckpt}: {what} is {value!r} here but was {saved[name]!r} in "
+                                  "that run; resume with the options it was saved with, or start again without --resume")
 
     def run(self, stage: SupervisedStage) -> dict[str, Any]:
         """Train from the resume point to the last step; the last step's metrics line ({} if none ran)."""
@@ -608,11 +631,11 @@ class SupervisedLoop:
                     stage.on_eval(step, line)
             metrics.log(line)
             acc.log({k: v for k, v in line.items() if k != "step"}, step=step)
-            bar.update(1)
-            bar.set_postfix(**stage.postfix(line))
+            bar.set_postfix(**stage.postfix(line), refresh=False)  # shown by update(), at most once a second: a
+            bar.update(1)                                           # log of a forced bar is not a line per step
             if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-                save_training_state(self.output, step, acc, self.fingerprints, scheduler=self.scheduler,
-                                    keep=cfg.keep_checkpoints)
+                save_training_state(self.output, step, acc, dict(self.fingerprints, options=self.options),
+                                    scheduler=self.scheduler, keep=cfg.keep_checkpoints)
         bar.close()
         return line
 

@@ -1,10 +1,14 @@
 """Options of `finegrain sft` (light module: no torch import)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..config import TrainingOptions, opt
 from ..errors import ConfigError
+
+
+SCRATCH_SIZES = ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions")  # options of --from-scratch only
 
 
 @dataclass(kw_only=True)
@@ -32,9 +36,14 @@ class SFTConfig(TrainingOptions):
         if self.from_scratch == (self.model is not None):
             raise ConfigError("give exactly one of --model NAME_OR_PATH and --from-scratch")
         super().validate()
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions"):
+        for name in SCRATCH_SIZES:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [name for name in SCRATCH_SIZES if getattr(self, name) != defaults[name]]
+        if not self.from_scratch and changed:  # a loaded model keeps its own sizes: the option would do nothing
+            raise ConfigError(f"--{changed[0].replace('_', '-')} applies with --from-scratch; --model "
+                              f"{self.model} keeps its own vocabulary and sizes")
         if self.from_scratch and self.n_embd % self.n_head:
             raise ConfigError("--n-embd must be a multiple of --n-head")
         if self.from_scratch and self.vocab_size < 260:

@@ -23,7 +23,7 @@ from ..scratch import tiny_gpt2_config, train_bpe_tokenizer
 from ..speed import keep_freed_memory
 from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, held_out,
                         refuse_stale_checkpoints, save_model_into)
-from ..tracking import resolve_log_with
+from ..tracking import MetricsLog, resolve_log_with
 from .config import SFTConfig
 from .data import IGNORE_INDEX, SFTBatch, SFTExample, SFTRecord, build_sft_example, collate_sft, load_sft_records
 
@@ -154,6 +154,10 @@ def train_sft(cfg: SFTConfig) -> dict:
                                            accelerator.device)}
 
     last = loop.run(SupervisedStage("sft", loss_of, evaluate=evaluate if data.eval else None, on_step=on_step))
+    if loop.start:  # resumed: the run's first loss is in the lines the interrupted run logged
+        logged = MetricsLog(output / "metrics.jsonl", enabled=False).read()
+        if logged and logged[0].get("step") == 1:
+            first_loss[:] = [logged[0]["loss"]]
     meta = {"kind": "policy", "stage": "sft", "data": cfg.data,
             "base_model": "tiny-gpt2 (from scratch)" if cfg.from_scratch else cfg.model, "template": cfg.template,
             "max_length": max_length, "n_train": len(data.train), "n_eval": len(data.eval),

@@ -225,6 +225,25 @@ def test_keep_checkpoints_keeps_the_newest_and_the_last_one_resumes(tmp_path):
     assert [m["step"] for m in rows] == [1, 2, 3]
 
 
+def test_a_resume_with_options_that_change_its_steps_is_refused_and_one_that_extends_the_run_goes_on(tmp_path):
+    """A resume took any options: another --kl-coef or --batch-size continued another run's steps silently."""
+    from finegrain.errors import ConfigError
+    from finegrain.ppo.train import train_ppo
+    from test_ppo_train import make_workspace, toy_config
+
+    ws = make_workspace(tmp_path)
+    kw = dict(steps=2, batch_size=4, ppo_epochs=1, save_every=1, sample_every=0)
+    train_ppo(toy_config(ws, tmp_path / "out", **kw))
+    for change, message in ((dict(kl_coef=0.5), "--kl-coef is 0.5 here but was 0.01 in that run"),
+                            (dict(batch_size=8, num_minibatches=4), "--batch-size is 8 here but was 4"),
+                            (dict(lr_schedule="linear"), "--lr-schedule is 'linear' here but was 'constant'")):
+        with pytest.raises(ConfigError, match=message):
+            train_ppo(toy_config(ws, tmp_path / "out", resume=True, **dict(kw, **change)))
+    # more steps at a constant rate, and other saving and sampling intervals: the same run, continued
+    more = train_ppo(toy_config(ws, tmp_path / "out", resume=True, **dict(kw, steps=3, save_every=3, sample_every=1)))
+    assert more["resumed_from"] == 2 and more["steps"] == 3
+
+
 def test_an_accelerator_passed_in_must_accumulate_as_grad_accum_says(tmp_path):
     """It decides when the optimizer steps: one built without --grad-accum 2 stepped on every micro-batch."""
     from accelerate import Accelerator

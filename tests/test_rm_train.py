@@ -380,6 +380,14 @@ def test_max_length_above_the_position_limit_is_clamped_with_one_warning(data_di
                  "--output", str(tmp_path / "e2.json"), "--max-length", "5000"]) == 0
 
 
+def test_a_from_scratch_size_given_with_pretrained_weights_is_refused_not_ignored(data_dir, base_model, tmp_path):
+    from finegrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--n-layer applies with --from-scratch"):
+        train_cfg(data_dir, base_model, tmp_path, n_layer=4)
+    assert train_cfg(data_dir, base_model, tmp_path, n_layer=4, from_scratch="decoder").n_layer == 4
+
+
 def test_learning_rate_default_depends_on_the_start_and_underfitting_is_said(data_dir, base_model, tmp_path, caplog):
     import logging
 

@@ -485,6 +485,12 @@ def build_optimizer(cfg, model, total_steps: int, lr: float | None = None):
     return opt, sched
 
 
+def torch_seed(x: int) -> int:
+    """``x`` as a torch generator takes it (64 bits): a larger number, e.g. a --seed of 19 digits from the
+    clock times a constant, wraps round instead of overflowing."""
+    return x % 2 ** 64
+
+
 def micro_batch_plan(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
     """Every micro-batch of the run, in order: a fresh seeded permutation per epoch.
 
@@ -495,8 +501,7 @@ def micro_batch_plan(n: int, batch_size: int, epochs: float, seed: int) -> list[
     plan: list[list[int]] = []
     epoch = 0
     while len(plan) < total:
-        # (a torch seed is 64 bits: a --seed of 19 digits, e.g. from the clock, wraps round instead of overflowing)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2 ** 64)).tolist()
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(torch_seed(seed * 100_003 + epoch))).tolist()
         plan += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
         epoch += 1
     return plan[:total]
@@ -516,6 +521,19 @@ def save_model_into(output: Path, model, tokenizer, meta: dict) -> None:
     for name in sorted((p.name for p in staging.iterdir()), key=lambda n: n == "finegrain.json"):
         os.replace(staging / name, output / name)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def refuse_changed_options(saved: Any, options: dict[str, Any], ckpt: Path) -> None:
+    """Refuse a resume whose ``options`` differ from those checkpoint ``ckpt`` recorded (``saved``, the
+    ``options`` entry of its state.json; a checkpoint that recorded none is not checked): the resumed
+    steps would take other data or update otherwise than the run they continue."""
+    if not isinstance(saved, dict):
+        return
+    for name, value in json.loads(json.dumps(options)).items():  # as state.json holds them (tuples as lists)
+        if name in saved and saved[name] != value:
+            what = "the number of processes" if name == "processes" else f"--{name.replace('_', '-')}"
+            raise ConfigError(f"cannot resume from {ckpt}: {what} is {value!r} here but was {saved[name]!r} in "
+                              "that run; resume with the options it was saved with, or start again without --resume")
 
 
 # ---------------------------------------------------------------- the supervised loop (sft, train-rm)
@@ -590,20 +608,9 @@ class SupervisedLoop:
             found = resume_training_state(self.output, self.accelerator, expect=fingerprints, differs=differs,
                                           scheduler=self.scheduler)
         if found:
-            self._check_options(found.get("options"), checkpoint_dirs(self.output)[-1])
+            refuse_changed_options(found.get("options"), self.options, checkpoint_dirs(self.output)[-1])
         self.start = int(found["step"]) if found else 0
         return self.start
-
-    def _check_options(self, saved: Any, ckpt: Path) -> None:
-        """Refuse a resume whose options (:attr:`options`) differ from those checkpoint ``ckpt`` recorded (``saved``;
-        a checkpoint that recorded none is not checked): the same step would take other micro-batches or another rate."""
-        if not isinstance(saved, dict):
-            return
-        for name, value in self.options.items():
-            if name in saved and saved[name] != value:
-                what = "the number of processes" if name == "processes" else f"--{name.replace('_', '-')}"
-                raise ConfigError(f"cannot resume from {ckpt}: {what} is {value!r} here but was {saved[name]!r} in "
-                                  "that run; resume with the options it was saved with, or start again without --resume")
 
     def run(self, stage: SupervisedStage) -> dict[str, Any]:
         """Train from the resume point to the last step; the last step's metrics line ({} if none ran)."""

@@ -42,7 +42,8 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     prompt_field: str = opt("prompt", "name of the record field holding the prompt text")
     steps: int = opt(100, "PPO steps (each = one batch of rollouts, then the update)", ge=1)
     resume: bool = opt(False, "continue from the latest checkpoint in OUTPUT/checkpoints")
-    seed: int = opt(0, "random seed (sampling of step s uses seed + s, so resumed runs repeat it)", ge=0)
+    seed: int = opt(0, "random seed (step s samples with a seed made of it and s, so resumed runs repeat it)", ge=0,
+                    le=2 ** 64 - 1)
     # --- batch sizes
     batch_size: int = opt(16, "rollouts per step per process (the global batch is this x number of processes)", ge=1)
     num_minibatches: int = opt(4, "minibatches per PPO epoch, a divisor of --batch-size (one rollout each when it "

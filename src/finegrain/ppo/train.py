@@ -38,7 +38,8 @@ from ..tracking import MetricsLog, init_trackers, progress, resolve_log_with
 from ..speed import keep_freed_memory, lower_frozen_weights, options as speed_options, reuses_rollout_forward
 from ..training import (MasterWeightAdamW, check_finite, checkpoint_dirs, clip_gradients, fingerprint,
                         hold_parameters_in, make_adamw, master_weights, refuse_stale_checkpoints,
-                        resume_training_state, save_training_state)
+                        refuse_changed_options, resume_training_state, save_training_state,
+                        torch_seed)
 from . import core
 from .config import PPOConfig
 from .rewards import RewardScorer
@@ -63,7 +64,7 @@ def batch_indices(n_prompts: int, step: int, batch_size: int, rank: int, world: 
     out = []
     for pos in range(start, start + batch_size):
         epoch, i = divmod(pos, n_prompts)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(torch_seed(seed * 1_000_003 + epoch))
         out.append(int(torch.randperm(n_prompts, generator=g)[i]))
     return out
 
@@ -111,7 +112,7 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
     n = len(rollout.prompts)
     mb = cfg.minibatch_size()
     micro = mb // cfg.grad_accum
-    g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    g = torch.Generator().manual_seed(torch_seed(cfg.seed * 7919 + step))
     for group, base in zip(optimizer.param_groups, (cfg.lr, cfg.value_learning_rate())):
         group["lr"] = base * lr_factor(cfg, step)
     sums: dict[str, float] = defaultdict(float)
@@ -148,6 +149,21 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
 
 
 # ----------------------------------------------------------------------------- checkpoints
+# what a resumed run may change: where things are and go (the prompts are checked by their fingerprint), how
+# often it saves, samples and logs, and the speed switches; every other option decides the steps it continues
+_FREE_ON_RESUME = frozenset({"policy", "reward_model", "prompts", "output", "prompt_field", "prompt_template",
+                             "resume", "save_every", "keep_checkpoints", "sample_every", "num_samples", "log_with",
+                             "forward_batch_size", "attn_implementation", "trust_remote_code"})
+
+
+def resumed_options(cfg: PPOConfig, processes: int) -> dict:
+    """The options a resume must repeat (checked against a checkpoint's by
+    :func:`finegrain.training.refuse_changed_options`): all but :data:`_FREE_ON_RESUME`, and ``--steps`` only
+    under the linear learning-rate schedule (which decays over them; a constant rate lets a run be extended)."""
+    free = _FREE_ON_RESUME | ({"steps"} if cfg.lr_schedule != "linear" else set())
+    return {"processes": processes, **{k: v for k, v in to_dict(cfg).items() if k not in free}}
+
+
 def running_state(e: Engine, steps_done: int) -> dict:
     """What a checkpoint's state.json keeps of the run besides weights, optimizer and RNG
     (:func:`finegrain.training.save_training_state`)."""
@@ -283,7 +299,8 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float], Attac
         with acc.autocast():
             gen = sample(unwrapped.policy, e.run.tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                         generator_seed=cfg.seed * 1_000_003 + step * acc.num_processes + acc.process_index)
+                         generator_seed=torch_seed(cfg.seed * 1_000_003 + step * acc.num_processes
+                                                    + acc.process_index))
         t1 = time.perf_counter()
         lora = unwrapped.policy if cfg.use_lora else None
         with acc.autocast():
@@ -427,14 +444,16 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
     keep_freed_memory(acc.device.type)
     from accelerate.utils import set_seed
 
-    set_seed(cfg.seed)
+    set_seed(cfg.seed % 2 ** 32)  # (NumPy's seed is 32 bits)
     e = build_engine(cfg, run, models or load_models(cfg, run, acc.device.type), acc)
     prompts = {"data_fingerprint": fingerprint(" ".join(map(str, q)) for q in run.query_ids)}
-    state = None
+    state, options = None, resumed_options(cfg, acc.num_processes)
     if cfg.resume:
         state = resume_training_state(out, acc, expect=prompts, restore=lambda saved: restore_running_state(e, saved),
                                       differs="the prompts differ from that run's (same --prompts, "
                                               "--prompt-field, --prompt-template and policy tokenizer needed)")
+        if state is not None:
+            refuse_changed_options(state.get("options"), options, checkpoint_dirs(out)[-1])
     start = state["step"] if state is not None else 0
     main = acc.is_main_process
     resume_at = start + 1 if cfg.resume else None
@@ -454,10 +473,10 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             for row in sample_records(step + 1, r, cfg.num_samples):
                 samples.log(row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{line['reward']:.3f}", kl=f"{line['kl']:.3f}")
+        bar.set_postfix(reward=f"{line['reward']:.3f}", kl=f"{line['kl']:.3f}", refresh=False)  # drawn by update(),
+        bar.update(1)                                                                      # at most once a second
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_training_state(out, step + 1, acc, dict(prompts, **running_state(e, step + 1)),
+            save_training_state(out, step + 1, acc, dict(prompts, options=options, **running_state(e, step + 1)),
                                 keep=cfg.keep_checkpoints)
     bar.close()
     if not line and main:  # resumed at the last step: nothing ran, report the last logged line

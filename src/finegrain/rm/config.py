@@ -67,6 +67,10 @@ class TrainRMConfig(TrainingOptions):
         if self.token_view == "echo" and self.kind == "sequence":
             raise ConfigError("--token-view echo applies to token RMs; a sequence RM's score already sees the whole "
                               "response")
+        sized = next((n for n in ("n_layer", "n_head", "n_embd") if getattr(self, n) is not None), None)
+        if sized and not self.from_scratch:  # a loaded model keeps its own sizes: the option would do nothing
+            raise ConfigError(f"--{sized.replace('_', '-')} applies with --from-scratch; --model {self.model} keeps "
+                              "its own sizes")
 
     @property
     def kind(self) -> str:

@@ -220,6 +220,27 @@ def test_tuning_findings_say_whether_systems_are_equally_tuned():
     assert "NOT every system at its pick" in " ".join(tuning_findings(m))
 
 
+def test_report_says_the_kl_coefficients_are_the_defaults_only_when_they_are():
+    from finegrain.sandbox.config import DemoConfig
+    from finegrain.sandbox.report import settings_line, tuning_findings
+
+    d = DemoConfig()
+    cfg = {"ppo_lr": 3e-4, "baseline_kl_coef": d.baseline_kl_coef, "edit_seq_kl_coef": d.edit_seq_kl_coef,
+           "token_kl_coef": d.token_kl_coef, "token_reward_scale": "mean", "token_rm": "token_mean_label"}
+    sizes = {"ppo_steps": 2, "ppo_batch_size": 4, "ppo_seeds": 1}
+    systems = {k: {"kl_coef": cfg[f"{k}_kl_coef" if k != "edit_token" else "token_kl_coef"]}
+               for k in ("baseline", "edit_seq", "edit_token")}
+    m = {"config": cfg, "sizes": sizes, "systems": systems}
+    assert "the demo defaults" in settings_line(m) and "the demo defaults" in tuning_findings(m)[0]
+    # a run at other KL coefficients (e.g. the re-run sweep's picks) must not be called the defaults, nor the
+    # defaults "the pick of the sweep" of a run whose own sweep picked otherwise
+    m["config"] = dict(cfg, baseline_kl_coef=0.5)
+    m["systems"]["baseline"]["kl_coef"] = 0.5
+    assert "defaults:" not in settings_line(m) and "not all the demo defaults" in settings_line(m)
+    assert "not all the demo defaults" in tuning_findings(m)[0]
+    assert "pick of the sweep" not in settings_line(dict(m, config=cfg))
+
+
 def test_report_curve_helpers_exact():
     from finegrain.sandbox.report import mean_curve, running_mean, steps_to_fraction, steps_to_level
 

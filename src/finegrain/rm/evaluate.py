@@ -11,7 +11,9 @@ rejected response (``"edit_u1"``); the score of a token is -reward.
 - ``token_auroc``: rank-based AUROC (ties 1/2) pooled over all tokens of all worse responses;
 - ``response_auroc``: the mean of the AUROC within each worse response that has both flawed and
   unflawed tokens (``response_auroc_n`` of them): "in this response, are the bad tokens the
-  lowest?", which the pooled figure mixes with "which responses are bad";
+  lowest?", which the pooled figure mixes with "which responses are bad"; as in the pooled
+  figure, every scored position counts, the closing token (a reward PPO also receives; never a
+  gold flawed token) among the unflawed ones;
 - with a flaw threshold (tokens with reward below it are called flawed; by default the one
   train-rm chose on its own training-side pairs and stored as ``flaw_threshold`` in
   finegrain.json, so no evaluation label picks it; ``--flaw-threshold`` overrides):

@@ -189,8 +189,10 @@ def tuning_findings(m: dict) -> list[str]:
     s, sw = m["systems"], m.get("sweep")
     used = ", ".join(f"{k} {s[k]['kl_coef']:g}" for k in s)
     if not sw:
-        return [f"Tuning: KL coefficients of this run: {used} (the demo defaults, each system's pick of `finegrain "
-                "demo --sweep` on the full preset; run with --sweep to re-measure the choice)."]
+        return [f"Tuning: KL coefficients of this run: {used} ("
+                + ("the demo defaults, each system's pick of an earlier `finegrain demo --sweep` on the full preset"
+                   if uses_default_kl(m["config"]) else "not all the demo defaults")
+                + "; run with --sweep to re-measure the choice)."]
     val = {(r["system"], r["kl_coef"]): r for r in sw["rows"] if r["grid"]}
     picks = ", ".join(f"{k} {kl:g} ({fmt(val[(k, kl)]['val_win_rate'], pct=True)}%)" for k, kl in sw["best_kl"].items())
     same = all(s[k]["kl_coef"] == kl for k, kl in sw["best_kl"].items())
@@ -347,7 +349,19 @@ def settings_line(m: dict) -> str:
             f"{c['baseline_kl_coef']}, of the edit-data sequence system {c['edit_seq_kl_coef']}; token-reward system: "
             f"RM {c.get('token_rm', 'token_edit')}, reward scale "
             f"{c['token_reward_scale']} (raw = r_t, mean = r_t / T), KL coefficient {c['token_kl_coef']} "
-            "(defaults: each system's pick of the sweep, see Findings).")
+            + ("(the demo defaults: each system's pick of an earlier sweep; this run's picks, if swept, in Findings)."
+               if uses_default_kl(c) else "(not all the demo defaults; see Findings)."))
+
+
+KL_OPTIONS = ("baseline_kl_coef", "edit_seq_kl_coef", "token_kl_coef")
+
+
+def uses_default_kl(cfg: dict) -> bool:
+    """Whether the run's KL coefficients (``cfg``: the demo config as recorded) are the demo's defaults."""
+    from .config import DemoConfig
+
+    defaults = DemoConfig()
+    return all(cfg.get(k) == getattr(defaults, k) for k in KL_OPTIONS)
 
 
 def environment_lines(m: dict) -> list[str]:

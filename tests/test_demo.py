@@ -203,6 +203,20 @@ def test_difference_line_uses_the_larger_se_exact():
     assert "gold reward +0.300 (± 0.050" in line and line.endswith("beyond two standard errors.")
 
 
+def test_table_1_gives_each_win_rate_the_se_its_differences_use(quick_run):
+    """Table 1 quoted the SE over PPO seeds (61.0 ± 0.3), blind to the judge's noise (± 1.6) that the
+    difference lines count: each row now gives the larger, as they do."""
+    from finegrain.sandbox.report import tables, win_rate_se
+
+    m = json.loads((quick_run / "metrics.json").read_text())
+    k = "edit_token"
+    m["systems"][k].update(win_rate=0.61, win_rate_se=0.003, win_rate_judge_se=0.016)
+    assert win_rate_se(m["systems"][k]) == 0.016
+    title, header, rows = tables(m)[0]
+    assert title.startswith("Table 1") and "the larger of seed and judge SE" in header[2]
+    assert [r[2] for r in rows if r[0] == m["systems"][k]["label"]] == ["61.0 ± 1.6"]
+
+
 def test_tuning_findings_say_whether_systems_are_equally_tuned():
     from finegrain.sandbox.report import tuning_findings
 

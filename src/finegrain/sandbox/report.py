@@ -162,6 +162,12 @@ def rm_sweep_finding(m: dict) -> str:
                f"this run's token system uses {used} (--token-rm), not the pick."))
 
 
+def win_rate_se(system: dict) -> float:
+    """A system's win-rate SE as the report gives it: the larger of the SE over PPO seeds (a rough estimate from
+    few seeds, and blind to the judge and the reference outputs every seed shares) and the judge's SE."""
+    return max(system["win_rate_se"] or 0, system.get("win_rate_judge_se") or 0)
+
+
 def difference_line(s: dict, other: str) -> str:
     """Token-level PPO minus ``other`` in win rate and gold reward, each with a conservative SE.
 
@@ -170,7 +176,7 @@ def difference_line(s: dict, other: str) -> str:
     """
     t, o = s["edit_token"], s[other]
     gap = t["win_rate"] - o["win_rate"]
-    se = math.sqrt(sum(max(x["win_rate_se"] or 0, x.get("win_rate_judge_se") or 0) ** 2 for x in (t, o)))
+    se = math.sqrt(sum(win_rate_se(x) ** 2 for x in (t, o)))
     line = (f"Token-level PPO minus {other}: win rate {100 * gap:+.1f} points (± {100 * se:.1f}, the larger of seed and "
             "judge SE per system); " + ("beyond two standard errors" if abs(gap) > 2 * se and se > 0 else
                                         "within two standard errors: not a clear difference at this budget"))
@@ -289,14 +295,15 @@ def tables(m: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
     rows = []
     for k, v in m["systems"].items():
-        rows.append([v["label"], fmt(v.get("kl_coef"), 2), pm(v["win_rate"], v["win_rate_se"], pct=True),
+        rows.append([v["label"], fmt(v.get("kl_coef"), 2), pm(v["win_rate"], win_rate_se(v), pct=True),
                      pm(v["gold_reward"], v.get("gold_reward_se")), fmt(v["flaw_rate"], pct=True),
                      PAPER_TABLE1[k]])
     sft = m["eval_sft"]["gold"]
     rows.append(["SFT policy (reference)", "—", "50.0", fmt(sft["gold_reward"]), fmt(sft["flaw_rate"], pct=True),
                  "Davinci003: 50.0"])
     out.append(("Table 1 analogue: win rate against the SFT policy (gold judge, noisy BT)",
-                ["system", "KL coef", "win rate % (± SE)", "gold reward", "flawed responses %", "paper: win rate vs Davinci003"],
+                ["system", "KL coef", "win rate % (± SE: the larger of seed and judge SE)", "gold reward (± SE over "
+                 "seeds)", "flawed responses %", "paper: win rate vs Davinci003"],
                 rows))
     rows = [[rm_label(m, k), pm(v["accuracy"], v["accuracy_se"], pct=True), fmt(v.get("response_auroc")),
              fmt(v.get("token_auroc")), fmt(v.get("span_f1")), fmt(v.get("better_flagged_rate"), pct=True),

@@ -72,7 +72,8 @@ def world(tmp_path_factory, tiny_tokenizer) -> Path:
 
 TRAIN = "--log-with none --max-length 48 --batch-size 8 --save-every 1 --eval-fraction 0"
 PPO_RUN = ("ppo --policy {w}/policy --reward-model {w}/rm --reward-mode token --prompts {w}/prompts.jsonl "
-           "--output {o} --steps 2 --batch-size 2 --ppo-epochs 1 --max-new-tokens 4 --save-every 1 --log-with none")
+           "--output {o} --steps 2 --batch-size 2 --ppo-epochs 1 --max-new-tokens 4 --save-every 1 --log-with none "
+           "--lr-schedule constant")  # constant: a resume may extend --steps
 RUNS = {
     "rm": f"train-rm --data {{w}}/pairs.jsonl --model {{w}}/policy --output {{o}} --loss token_edit {TRAIN}",
     "sft": f"sft --data {{w}}/sft.jsonl --model {{w}}/policy --output {{o}} {TRAIN}",

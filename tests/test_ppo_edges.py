@@ -242,6 +242,11 @@ def test_a_resume_with_options_that_change_its_steps_is_refused_and_one_that_ext
     # more steps at a constant rate, and other saving and sampling intervals: the same run, continued
     more = train_ppo(toy_config(ws, tmp_path / "out", resume=True, **dict(kw, steps=3, save_every=3, sample_every=1)))
     assert more["resumed_from"] == 2 and more["steps"] == 3
+    # under the linear schedule the rate decays over --steps: more of them would be another schedule
+    linear = dict(kw, lr_schedule="linear")
+    train_ppo(toy_config(ws, tmp_path / "linear", **linear))
+    with pytest.raises(ConfigError, match="--steps is 3 here but was 2 in that run"):
+        train_ppo(toy_config(ws, tmp_path / "linear", resume=True, **dict(linear, steps=3)))
 
 
 def test_an_accelerator_passed_in_must_accumulate_as_grad_accum_says(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from annotate_support import PAIRS, XSS, give, http_login, start_live, write_pairs
 
 from finegrain.annotate import store as db
-from finegrain.annotate.answers import MAX_REVISIONS
+from finegrain.annotate.store import MAX_REVISIONS
 from finegrain.annotate.app import SECURITY_HEADERS
 from finegrain.annotate.server import NoQueryStrings, log_config
 
@@ -33,6 +33,12 @@ def client_for(live, name: str, admin: bool = False) -> tuple[httpx.Client, str]
 def csrf_of(client: httpx.Client, path: str = "/progress") -> str:
     html = client.get(path).text
     return html.split('name="csrf-token" content="')[1].split('"')[0]
+
+
+def data_of(client: httpx.Client, item_id: int) -> dict:
+    """The JSON data the item page hands its script."""
+    page = client.get(f"/item/{item_id}").text
+    return json.loads(page.split('id="fg-data">')[1].split("</script>")[0])
 
 
 def current(client: httpx.Client) -> int:
@@ -283,6 +289,73 @@ def test_an_answer_can_be_changed_and_every_version_is_kept(live):
     with live.store.connect() as conn:
         assert db.task(conn, me, item_id)["edited"] == second
         assert conn.execute("SELECT COUNT(*) FROM submissions WHERE annotator_id = ?", (me,)).fetchone()[0] == 2
+
+
+def test_a_change_racing_past_the_revision_cap_is_a_clear_400(live, monkeypatch):
+    """Another post takes the last allowed change between the app's check and its UPDATE: the database refuses
+    this one, and the page is told why (not "changed in another tab")."""
+    client, _ = client_for(live, "racer")
+    item_id = give(live, "racer", "tea")
+    csrf = csrf_of(client)
+    first = PAIRS[4]["rejected"].replace("boiling water", "water at 80 °C")
+    assert client.post("/api/answer", json={"item_id": item_id, "action": "submit", "text": first,
+                                            "csrf": csrf}).status_code == 200
+    record = db.record_answer
+
+    def other_tab_first(conn, annotator_id, *args):
+        with live.store.connect() as other, db.write(other):
+            other.execute("UPDATE tasks SET revisions = ? WHERE annotator_id = ? AND item_id = ?",
+                          (MAX_REVISIONS, annotator_id, item_id))
+        return record(conn, annotator_id, *args)
+
+    monkeypatch.setattr(db, "record_answer", other_tab_first)
+    r = client.post("/api/answer", json={"item_id": item_id, "action": "submit", "text": first + " Enjoy.",
+                                         "csrf": csrf})
+    assert r.status_code == 400 and f"at most {MAX_REVISIONS} times" in r.json()["error"]
+    with live.store.connect() as conn:
+        me = conn.execute("SELECT annotator_id FROM annotators WHERE name = 'racer'").fetchone()[0]
+        assert db.task(conn, me, item_id)["edited"] == first
+
+
+def test_a_draft_posted_from_before_an_answer_is_refused(live):
+    """A draft in flight when the answer lands (or posted by another tab) must not come back when the item is
+    reopened; a page opened after the answer still saves drafts of a revision."""
+    client, _ = client_for(live, "late-draft")
+    item_id = give(live, "late-draft", "paris")
+    csrf = csrf_of(client)
+    edited = PAIRS[3]["rejected"].replace("Lyon", "Paris")
+    opened = data_of(client, item_id)
+    draft = {"item_id": item_id, "text": edited, "version": opened["version"], "csrf": csrf}
+    assert client.post("/api/draft", json=draft).status_code == 200
+    assert client.post("/api/answer", json={"item_id": item_id, "action": "submit", "text": edited,
+                                            "csrf": csrf}).status_code == 200
+    r = client.post("/api/draft", json=dict(draft, text=edited + " Late."))
+    assert r.status_code == 409 and r.json()["error"] == "this item changed in another tab: reload the page"
+    reopened = data_of(client, item_id)
+    assert not reopened["server_draft"] and reopened["start_text"] == edited
+    assert reopened["version"] != opened["version"]
+    revising = dict(draft, text=edited + " Revised.", version=reopened["version"])
+    assert client.post("/api/draft", json=revising).status_code == 200
+    assert data_of(client, item_id)["start_text"] == edited + " Revised."
+    r = client.post("/api/draft", json=dict(revising, version="1"))
+    assert r.status_code == 400 and r.json()["field"] == "version"
+
+
+def test_two_databases_at_one_origin_have_different_draft_keys(tmp_path):
+    """The page keeps unsent drafts in localStorage, one per origin: a pending draft of one database must not
+    be restored into the same annotator and item ids of another one served later at the same address."""
+    keys = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        server = start_live(tmp_path / name, PAIRS)
+        try:
+            client, _ = client_for(server, "same-name")
+            keys.append(data_of(client, current(client))["draft_key"])
+            client.close()
+        finally:
+            server.stop()
+    assert keys[0].endswith(":2:1") and keys[1].endswith(":2:1")  # annotator 2 (after the admin), item 1
+    assert keys[0] != keys[1]
 
 
 def test_two_annotators_submitting_at_once_lose_nothing(live):

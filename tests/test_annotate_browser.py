@@ -281,6 +281,46 @@ def test_past_the_limit_the_page_warns_and_asks_twice(browser, live):
     ctx.close()
 
 
+
+def test_a_tab_left_open_over_an_answer_brings_back_no_stale_draft(browser, live):
+    """One tab answers; the other, opened before that answer, is edited after it: the server stores no draft and
+    says so, and reopening the item shows the answer. A page opened after the answer saves a revision's draft."""
+    token = live.add("two-tabs")
+    item_id = give(live, "two-tabs", "everest")
+    ctx = browser.new_context()
+    stale = login(ctx, live, token)
+    assert stale.url.endswith(f"/item/{item_id}")
+    fresh = ctx.new_page()
+    fresh.goto(stale.url)
+    fresh.wait_for_function("window.FG && window.FG.ready")
+    select_in_textarea(fresh, "9,849")
+    fresh.keyboard.type("8,849")
+    fresh.wait_for_timeout(150)
+    submit(fresh, live)
+    answered = PAIRS[1]["rejected"].replace("9,849", "8,849")
+    assert task_of(live, "two-tabs", "everest")["edited"] == answered
+
+    stale.click("#edit")
+    stale.keyboard.press("Control+End")
+    stale.keyboard.type(" Late.")
+    stale.wait_for_selector("#save-status:has-text('reload the page')")
+    with live.store.connect() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM drafts WHERE item_id = ? AND annotator_id = ?",
+                            (item_id, task_of(live, "two-tabs", "everest")["annotator_id"])).fetchone()[0] == 0
+    stale.reload()
+    stale.wait_for_function("window.FG && window.FG.ready")
+    assert stale.input_value("#edit") == answered and "estored" not in stale.text_content("#save-status")
+
+    stale.click("#edit")
+    stale.keyboard.press("Control+End")
+    stale.keyboard.type(" Revised.")
+    wait_saved(stale)
+    with live.store.connect() as conn:
+        assert db.draft(conn, task_of(live, "two-tabs", "everest")["annotator_id"], item_id)["text"] == \
+            answered + " Revised."
+    ctx.close()
+
+
 # ---------------------------------------------------------------- the page's edit ratio == Python's
 
 VOCAB = ["the", "The", "cat", "sat", "on", "mat", "a", "a", "a", "café", "naïve", "Straße", "中文", "日本語",

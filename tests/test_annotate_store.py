@@ -247,3 +247,71 @@ def test_the_admin_plot_draws_names_holding_dollar_signs(store):
             assert answer(conn, who, current_item(conn, who, 2, 0))
         report = admin_report(conn, overlap=2, max_edit_ratio=0.75)
     assert plot_png(report)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def revise(conn, annotator_id: int, item_id: int, text: str) -> bool:
+    """Change an answered task's answer, as the app posts a revision."""
+    t = db.task(conn, annotator_id, item_id)
+    a = build_answer({"action": "submit", "text": text}, original=t["rejected"], prefill=None,
+                     error_types=["inaccurate"], guidelines_version="v", wall_s=10)
+    return db.record_answer(conn, annotator_id, item_id, a, ("open", "submit", "nothing", "flag"))
+
+
+def test_the_revision_cap_is_enforced_by_the_update_itself(store):
+    """Two posts (two tabs, two servers) can both pass the app's check on a row read earlier: the UPDATE
+    must refuse the one past the cap, with a clear error, and write nothing."""
+    ids = names(store, "a")
+    with store.connect() as conn:
+        item_id = current_item(conn, ids["a"], 1, 0)
+        assert answer(conn, ids["a"], item_id)
+        with db.write(conn):
+            conn.execute("UPDATE tasks SET revisions = ? WHERE annotator_id = ? AND item_id = ?",
+                         (db.MAX_REVISIONS - 1, ids["a"], item_id))
+        checked = db.task(conn, ids["a"], item_id)  # what both racing posts read before writing
+        assert checked["revisions"] < db.MAX_REVISIONS
+        assert revise(conn, ids["a"], item_id, "good answer number 0 here, first tab")
+        with pytest.raises(db.RevisionLimitError, match=f"at most {db.MAX_REVISIONS} times"):
+            revise(conn, ids["a"], item_id, "good answer number 0 here, second tab")
+        t = db.task(conn, ids["a"], item_id)
+        assert t["revisions"] == db.MAX_REVISIONS and t["edited"].endswith("first tab")
+        assert conn.execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 2
+        assert not answer(conn, ids["a"], item_id)  # a status no longer allowed is still just stale
+
+
+def test_a_draft_from_before_an_answer_is_not_stored(store):
+    """A draft posted from a page opened before the answer (in flight, another tab) must not outlive it;
+    a draft of a revision, from a page opened after the answer, is stored."""
+    ids = names(store, "a")
+    with store.connect() as conn:
+        item_id = current_item(conn, ids["a"], 1, 0)
+        opened = db.task_version(db.task(conn, ids["a"], item_id))
+        assert opened == 0
+        assert db.save_draft(conn, ids["a"], item_id, "early draft", [], None, 1.0, opened) is not None
+        assert answer(conn, ids["a"], item_id)
+        assert db.save_draft(conn, ids["a"], item_id, "late draft", [], None, 2.0, opened) is None
+        assert db.draft(conn, ids["a"], item_id) is None
+        reopened = db.task_version(db.task(conn, ids["a"], item_id))
+        assert reopened == 1
+        assert db.save_draft(conn, ids["a"], item_id, "revision draft", [], None, 3.0, reopened) is not None
+        assert db.draft(conn, ids["a"], item_id)["text"] == "revision draft"
+        assert revise(conn, ids["a"], item_id, "good answer number 0 here, revised")
+        assert db.task_version(db.task(conn, ids["a"], item_id)) == 2  # every answer moves it on, revisions too
+        assert db.save_draft(conn, ids["a"], item_id, "late again", [], None, 4.0, reopened) is None
+        assert db.draft(conn, ids["a"], item_id) is None
+
+
+def test_each_database_has_a_random_id_kept_across_openings(store, tmp_path):
+    """Pages key their unsent drafts by it: two databases served one after the other at one origin must differ."""
+    with store.connect() as conn:
+        first = db.get_meta(conn, "db_id")
+    assert first
+    with db.Store(tmp_path / "a.sqlite").connect() as conn:
+        assert db.get_meta(conn, "db_id") == first
+    with db.Store(tmp_path / "b.sqlite", create=True).connect() as conn:
+        assert db.get_meta(conn, "db_id") not in (None, first)
+    with store.connect() as conn, db.write(conn):  # a database made before the id existed
+        conn.execute("DELETE FROM meta WHERE key = 'db_id'")
+    with db.Store(tmp_path / "a.sqlite").connect() as conn:
+        given = db.get_meta(conn, "db_id")
+    with db.Store(tmp_path / "a.sqlite").connect() as conn:
+        assert given and db.get_meta(conn, "db_id") == given

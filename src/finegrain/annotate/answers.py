@@ -19,7 +19,6 @@ from .store import ANSWERS, Answer
 MAX_TEXT = 200_000  # characters of an edit
 MAX_NOTE = 2_000
 MAX_SPANS = 200
-MAX_REVISIONS = 50  # changes of one answer: the submissions log keeps every version, so it is bounded
 FLAG_REASONS = ("unsafe", "unreadable", "other")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

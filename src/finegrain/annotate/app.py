@@ -11,6 +11,8 @@ as JSON data and is put into the page with ``textContent``, never as HTML):
 
 API (JSON POSTs, each checked for the login cookie, the CSRF token and the Origin):
 ``/api/draft`` (autosave), ``/api/answer`` (submit / nothing / skip / flag), ``/logout``.
+A draft carries the task's version the page was opened at: one posted from before an answer
+(in flight, another tab) is refused with 409 instead of outliving the answer.
 
 Every page and API call checks the login cookie; only ``/static`` (the same CSS and JavaScript
 for everybody) and the login page are served without it. A missing or wrong token gets 403.
@@ -35,7 +37,7 @@ from starlette.staticfiles import StaticFiles
 from . import auth
 from . import report as reports
 from . import store as db
-from .answers import FLAG_REASONS, MAX_NOTE, MAX_REVISIONS, AnswerError, build_answer, parse_seconds, parse_spans, parse_text
+from .answers import FLAG_REASONS, MAX_NOTE, AnswerError, build_answer, parse_seconds, parse_spans, parse_text
 from .config import AppSettings
 from .queue import current_item, remaining_pairs
 from .wordclass import char_classes
@@ -84,6 +86,14 @@ def item_id_of(body: dict) -> int:
     return value
 
 
+def version_of(body: dict) -> int | None:
+    """The task version a draft was written at (see :func:`.store.task_version`); None from a page without one."""
+    value = body.get("version")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63):
+        raise AnswerError("version must be a non-negative integer: reload the page", "version")
+    return value
+
+
 def cookie_name(request: Request) -> str:
     """One cookie per port: browsers share cookies between ports of a host."""
     return f"finegrain_annotate_{request.url.port or (443 if request.url.scheme == 'https' else 80)}"
@@ -98,6 +108,7 @@ class AnnotateApp:
                                undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         with store.connect() as conn:
             self.secret_key = db.get_meta(conn, "secret_key")
+            self.db_id = db.get_meta(conn, "db_id")  # in the pages' localStorage keys: databases share an origin
         self.classes = char_classes()
 
     # ------------------------------------------------------------ helpers
@@ -238,7 +249,8 @@ class AnnotateApp:
         remaining = remaining_pairs(conn, who.annotator_id, self.settings.overlap)
         data = {"item_id": item_id, "original": t["rejected"], "start_text": text, "start_spans": spans,
                 "prefill": t["prefill"], "active_s": active, "status": t["status"], "note": note,
-                "draft_key": f"{who.annotator_id}:{item_id}", "server_draft": d is not None,
+                "draft_key": f"{self.db_id}:{who.annotator_id}:{item_id}", "server_draft": d is not None,
+                "version": db.task_version(t),
                 "max_edit_ratio": self.settings.max_edit_ratio, "error_types": self.settings.error_types,
                 "word_class": self.classes["word"], "space_class": self.classes["space"]}
         return {"t": t, "data": data, "prefill_meta": prefill_meta, "n_done": n_done, "remaining": remaining,
@@ -288,19 +300,23 @@ class AnnotateApp:
         def save(conn):
             t = db.task(conn, who.annotator_id, item_id_of(body))
             if t is None or t["status"] == "skip":
-                return None
+                return "missing"
             text = parse_text(body.get("text"), original=t["rejected"])
             spans = parse_spans(body.get("spans"), t["rejected"], self.settings.error_types)
             note = parse_text(body.get("note") or "", "note")[:MAX_NOTE]
             active = parse_seconds(body.get("active_s"), time.time() - t["assigned_at"])
-            return db.save_draft(conn, who.annotator_id, t["item_id"], text, spans, note, active)
+            saved_at = db.save_draft(conn, who.annotator_id, t["item_id"], text, spans, note, active,
+                                     version_of(body))
+            return "stale" if saved_at is None else saved_at
         try:
-            saved_at = await self.db_call(save)
+            outcome = await self.db_call(save)
         except AnswerError as e:
             return JSONResponse({"error": str(e), "field": e.field}, status_code=400)
-        if saved_at is None:
+        if outcome == "missing":
             return self.not_found(request, who, api=True)
-        return JSONResponse({"saved_at": saved_at})
+        if outcome == "stale":
+            return JSONResponse({"error": "this item changed in another tab: reload the page"}, status_code=409)
+        return JSONResponse({"saved_at": outcome})
 
     async def answer(self, request: Request) -> Response:
         who, body, error = await self.post_guard(request)
@@ -313,15 +329,16 @@ class AnnotateApp:
                 return "missing"
             if body.get("action") == "skip" and t["status"] != "open":
                 raise AnswerError("an answered item cannot be skipped (answer it again instead)", "action")
-            if t["status"] != "open" and t["revisions"] >= MAX_REVISIONS:
-                raise AnswerError(f"an answer can be changed at most {MAX_REVISIONS} times, and this one "
-                                  "was: the last version stands", "action")
             answer = build_answer(body, original=t["rejected"], prefill=t["prefill"],
                                   error_types=self.settings.error_types,
                                   guidelines_version=self.settings.guidelines.version,
                                   wall_s=time.time() - t["assigned_at"])
             allowed = ("open",) if answer.action == "skip" else ("open", "submit", "nothing", "flag")
-            return "ok" if db.record_answer(conn, who.annotator_id, t["item_id"], answer, allowed) else "stale"
+            try:
+                recorded = db.record_answer(conn, who.annotator_id, t["item_id"], answer, allowed)
+            except db.RevisionLimitError as e:  # the cap is checked in the UPDATE itself: racing posts cannot pass it
+                raise AnswerError(str(e), "action") from e
+            return "ok" if recorded else "stale"
         try:
             outcome = await self.db_call(record)
         except AnswerError as e:

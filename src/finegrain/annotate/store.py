@@ -12,7 +12,8 @@ file at once (the server, ``add-annotator``, ``export``).
 
 Tables:
 
-- ``meta``: key/value settings (schema version, the CSRF key, the login-link base URL, ...);
+- ``meta``: key/value settings (schema version, the CSRF key, the database's random id, the login-link
+  base URL, ...);
 - ``items``: the pairs and screening items, in queue order (``item_id``), with their pre-edits;
 - ``annotators``: names, sha256 hashes of the login tokens, the admin flag;
 - ``tasks``: one row per (annotator, item) the annotator was given, with its ``status``
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sqlite3
 import time
 import unicodedata
@@ -40,6 +42,7 @@ SCHEMA_VERSION = "1"
 BUSY_TIMEOUT_MS = 15000
 STATUSES = ("open", "submit", "nothing", "skip", "flag")
 ANSWERS = ("submit", "nothing", "skip", "flag")
+MAX_REVISIONS = 50  # changes of one answer: the submissions log keeps every version, so it is bounded
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -164,6 +167,8 @@ class Store:
                     elif version != SCHEMA_VERSION:
                         raise ConfigError(f"{self.path}: annotation database schema {version}, this finegrain "
                                           f"reads {SCHEMA_VERSION}")
+                    if get_meta(conn, "db_id") is None:  # databases made before it existed get one on first open
+                        set_meta(conn, "db_id", secrets.token_hex(8))
         except sqlite3.OperationalError as e:
             raise InputError(f"cannot open the database ({e})", path=self.path) from e
         except sqlite3.DatabaseError as e:
@@ -341,11 +346,30 @@ def draft(conn: sqlite3.Connection, annotator_id: int, item_id: int) -> sqlite3.
                         (annotator_id, item_id)).fetchone()
 
 
+def task_version(t: sqlite3.Row) -> int:
+    """How many answers task ``t`` was given (one more at every answer): a page carries the version it was
+    opened at, so a draft posted from before an answer is told apart from one written after it."""
+    return t["revisions"] + (t["status"] != "open")
+
+
+_VERSION = "revisions + (status != 'open')"  # :func:`task_version` in SQL
+
+
 def save_draft(conn: sqlite3.Connection, annotator_id: int, item_id: int, text: str, spans: list,
-               note: str | None, active_s: float) -> float:
-    """Upsert the draft of a task (one small transaction); returns its time stamp."""
+               note: str | None, active_s: float, version: int | None = None) -> float | None:
+    """Upsert the draft of a task (one small transaction); returns its time stamp.
+
+    With ``version`` (the task's :func:`task_version` when the page was opened), stores nothing and returns
+    None when the task was answered since: a draft arriving after the answer (in flight, another tab)
+    must not outlive it.
+    """
     now = time.time()
     with write(conn):
+        if version is not None:
+            row = conn.execute(f"SELECT {_VERSION} FROM tasks WHERE annotator_id = ? AND item_id = ?",
+                               (annotator_id, item_id)).fetchone()
+            if row is None or row[0] != version:
+                return None
         conn.execute("INSERT INTO drafts (annotator_id, item_id, text, spans, note, active_s, updated_at) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (annotator_id, item_id) DO UPDATE SET "
                      "text = excluded.text, spans = excluded.spans, note = excluded.note, "
@@ -369,12 +393,17 @@ class Answer:
     guidelines_version: str
 
 
+class RevisionLimitError(ValueError):
+    """An answer already changed ``max_revisions`` times: :func:`record_answer` refused another change."""
+
+
 def record_answer(conn: sqlite3.Connection, annotator_id: int, item_id: int, answer: Answer,
-                  allowed: tuple[str, ...]) -> bool:
+                  allowed: tuple[str, ...], max_revisions: int = MAX_REVISIONS) -> bool:
     """Store ``answer`` in ONE transaction: the task row, the submissions log, the draft removed.
 
     Returns False (and writes nothing) when the task's status is not in ``allowed`` any more, e.g.
-    the same answer posted twice from two tabs.
+    the same answer posted twice from two tabs. The revision cap is in the UPDATE itself, so two
+    posts racing past a check made before it cannot both land: the loser gets RevisionLimitError.
     """
     now = time.time()
     spans = json.dumps(answer.spans)
@@ -384,10 +413,16 @@ def record_answer(conn: sqlite3.Connection, annotator_id: int, item_id: int, ans
             f"UPDATE tasks SET status = ?, answered_at = ?, edited = ?, spans = ?, note = ?, flag_reason = ?, "
             f"active_s = ?, edit_ratio = ?, stats = ?, guidelines_version = ?, "
             f"revisions = revisions + (CASE WHEN status = 'open' THEN 0 ELSE 1 END) "
-            f"WHERE annotator_id = ? AND item_id = ? AND status IN ({','.join('?' * len(allowed))})",
+            f"WHERE annotator_id = ? AND item_id = ? AND status IN ({','.join('?' * len(allowed))}) "
+            f"AND (status = 'open' OR revisions < ?)",
             (answer.action, now, answer.edited, spans, answer.note, answer.flag_reason, answer.active_s,
-             answer.edit_ratio, stats, answer.guidelines_version, annotator_id, item_id, *allowed))
+             answer.edit_ratio, stats, answer.guidelines_version, annotator_id, item_id, *allowed, max_revisions))
         if cur.rowcount != 1:
+            row = conn.execute("SELECT status, revisions FROM tasks WHERE annotator_id = ? AND item_id = ?",
+                               (annotator_id, item_id)).fetchone()
+            if row is not None and row["status"] in allowed and row["revisions"] >= max_revisions:
+                raise RevisionLimitError(f"an answer can be changed at most {max_revisions} times, and this one "
+                                         "was: the last version stands")
             return False
         conn.execute("INSERT INTO submissions (annotator_id, item_id, action, edited, spans, note, flag_reason, "
                      "active_s, edit_ratio, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -402,6 +437,7 @@ def annotator_tasks(conn: sqlite3.Connection, annotator_id: int) -> list[sqlite3
                         "USING (item_id) WHERE t.annotator_id = ? ORDER BY t.seq", (annotator_id,)).fetchall()
 
 
-__all__ = ["ANSWERS", "Annotator", "Answer", "STATUSES", "Store", "add_annotator", "annotator_for_session",
-           "annotator_for_token", "annotator_tasks", "check_name", "close_session", "draft", "ensure_admin", "get_meta",
-           "item", "open_session", "record_answer", "save_draft", "set_meta", "settings", "sync_items", "task", "write"]
+__all__ = ["ANSWERS", "Annotator", "Answer", "MAX_REVISIONS", "RevisionLimitError", "STATUSES", "Store",
+           "add_annotator", "annotator_for_session", "annotator_for_token", "annotator_tasks", "check_name",
+           "close_session", "draft", "ensure_admin", "get_meta", "item", "open_session", "record_answer", "save_draft",
+           "set_meta", "settings", "sync_items", "task", "task_version", "write"]

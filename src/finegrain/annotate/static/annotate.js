@@ -3,7 +3,9 @@
  * Model and user text only ever reaches the page through textContent and text nodes (never
  * innerHTML), so a response holding <script> or onerror= shows as text.
  * Drafts: every change is kept in localStorage at once and posted to the server (debounced);
- * on load a draft the server never acknowledged wins over the server's copy.
+ * on load a draft the server never acknowledged wins over the server's copy. A draft carries the
+ * task's version the page was opened at: the server refuses (409) one from before an answer, and
+ * a local one from before an answer is not restored (the answer wins).
  */
 (function () {
   "use strict";
@@ -19,7 +21,7 @@
   let spans = data.start_spans.map(function (s) { return s.slice(); });  // [start, end, type], code points
   let activeS = data.active_s || 0;
   let lastInput = Date.now(), lastTick = performance.now();
-  let saveTimer = null, dirty = false, inFlight = false, busy = false, overLimitConfirmed = false;
+  let saveTimer = null, dirty = false, inFlight = false, busy = false, answered = false, overLimitConfirmed = false;
   let current = null;  // the latest edit stats
 
   /* ------------------------------------------------------------ code points <-> UTF-16 */
@@ -138,9 +140,11 @@
 
   /* ------------------------------------------------------------ drafts */
   function draftRecord(pending) {
-    return { text: box.value, spans: spans, note: note.value, active_s: activeS, pending: pending, t: Date.now() };
+    return { text: box.value, spans: spans, note: note.value, active_s: activeS, pending: pending,
+             version: data.version, t: Date.now() };
   }
   function keepLocally(pending) {
+    if (answered) return;  // the answer is stored: a draft kept now would outlive it
     try { localStorage.setItem(localKey, JSON.stringify(draftRecord(pending))); } catch (e) { /* storage full or off */ }
   }
   function setStatus(text, cls) { statusEl.textContent = text; statusEl.className = "muted " + (cls || ""); }
@@ -160,15 +164,18 @@
                         body: JSON.stringify(body) });
   }
 
-  function saveDraft() {
+  function saveDraft() {  // never while an answer is being posted (busy): the answer drops the draft
     if (inFlight || busy) { clearTimeout(saveTimer); saveTimer = setTimeout(saveDraft, SAVE_DELAY_MS); return; }
     if (!dirty) return;
     dirty = false;
     inFlight = true;
     const record = draftRecord(false);
     post("/api/draft", { item_id: data.item_id, text: record.text, spans: record.spans, note: record.note,
-                         active_s: activeS })
+                         active_s: activeS, version: data.version })
       .then(function (r) {
+        if (r.status === 409) {  // answered since this page was opened: nothing stored, retrying cannot help
+          return r.json().then(function (body) { if (!busy) setStatus("Not saved: " + body.error, "unsaved"); });
+        }
         if (!r.ok) throw new Error("HTTP " + r.status);
         if (!dirty) keepLocally(false);
         setStatus("Draft saved " + new Date().toLocaleTimeString(), "saved");
@@ -187,7 +194,8 @@
     let text = data.start_text, noteText = data.note || "";
     let local = null;
     try { local = JSON.parse(localStorage.getItem(localKey) || "null"); } catch (e) { local = null; }
-    if (local && local.pending && typeof local.text === "string") {  // the server never got it
+    if (local && local.pending && typeof local.text === "string" && local.version === data.version) {
+      // the server never got it, and the task was not answered since it was written
       text = local.text;
       spans = Array.isArray(local.spans) ? local.spans : spans;
       noteText = typeof local.note === "string" ? local.note : noteText;
@@ -227,6 +235,7 @@
       .then(function (r) {
         return r.json().then(function (body) {
           if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
+          answered = true;
           try { localStorage.removeItem(localKey); } catch (e) { /* ignore */ }
           location.assign(body.next || "/");
         });

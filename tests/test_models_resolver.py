@@ -189,3 +189,46 @@ def test_a_directory_of_pickled_weights_only_is_refused_in_one_line_and_never_un
                                        "(pytorch_model.bin), which finegrain never loads")
         assert "\n" not in str(e.value)
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_save_interrupted_between_its_renames_is_named_by_loaders_and_put_back_by_the_next_save(
+        tmp_path, tiny_tokenizer):
+    """A crash after save_checkpoint moved NAME to .NAME.old and before .NAME.tmp took its place left no NAME:
+    the model seemed lost. Loaders say in one line where it is; the next save puts .NAME.old back first, so a
+    save that fails in turn leaves the previous model in NAME."""
+    from conftest import make_tiny_model
+
+    from finegrain.errors import InputError
+    from finegrain.models import read_meta, save_checkpoint
+    from finegrain.rm.model import reward_model_kind
+
+    model = make_tiny_model(tiny_tokenizer, "causal", n_positions=32)
+    name = tmp_path / "final"
+    save_checkpoint(name, model, tiny_tokenizer, {"v": 1})
+    name.rename(tmp_path / ".final.old")  # the crash state
+    for load in (load_tokenizer, lambda p: load_model(p, "causal"), reward_model_kind):
+        with pytest.raises(InputError) as e:
+            load(str(name))
+        assert str(e.value) == f"{name}: not found, but an interrupted save left .final.old: rename it to final"
+    save_checkpoint(tmp_path / ".final.tmp", model, tiny_tokenizer, {"v": 2})  # the new one, complete
+    with pytest.raises(InputError, match=r"the previous model in \.final\.old and the new one in \.final\.tmp: "
+                                         "rename one of them to final$"):
+        load_tokenizer(str(name))
+    (tmp_path / ".final.old").rename(tmp_path / "kept")
+    with pytest.raises(InputError, match=r"not found, but an interrupted save left a complete \.final\.tmp: rename"):
+        load_tokenizer(str(name))
+    (tmp_path / ".final.tmp" / "finegrain.json").unlink()  # a .tmp cut before its finegrain.json is no model
+    with pytest.raises(ConfigError, match="cannot load a tokenizer from"):
+        load_tokenizer(str(name))
+    (tmp_path / "kept").rename(tmp_path / ".final.old")
+
+    class FailingSave:
+        def save_pretrained(self, *args, **kwargs):
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        save_checkpoint(name, FailingSave(), tiny_tokenizer, {"v": 3})
+    assert read_meta(name) == {"v": 1} and not (tmp_path / ".final.old").exists()
+    assert load_tokenizer(str(name)).get_vocab() == tiny_tokenizer.get_vocab()
+    save_checkpoint(name, model, tiny_tokenizer, {"v": 4})
+    assert read_meta(name) == {"v": 4} and sorted(p.name for p in tmp_path.iterdir()) == ["final"]

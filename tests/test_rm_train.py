@@ -191,6 +191,18 @@ def test_resume_refuses_other_data(data_dir, base_model, tmp_path):
                                      eval_fraction=0.3))
 
 
+def test_resume_refuses_pairs_fixed_under_the_same_ids(data_dir, base_model, tmp_path):
+    """The fingerprint covers what training reads, not the ids only: an edit fixed under its id is other data."""
+    rows = [json.loads(x) for x in (data_dir / "train.jsonl").read_text().splitlines()]
+    rows[3] = dict(rows[3], edited=rows[3]["edited"] + " Fixed.")
+    write_jsonl(tmp_path / "fixed.jsonl", rows)
+    out = tmp_path / "rm"
+    train_reward_model(train_cfg(data_dir, base_model, out, epochs=0.4, save_every=1))
+    fixed = dict(epochs=0.4, save_every=1, resume=True, data=str(tmp_path / "fixed.jsonl"))
+    with pytest.raises(ConfigError, match=r"the training pairs \(ids or texts\) differ from that run's"):
+        train_reward_model(train_cfg(data_dir, base_model, out, **fixed))
+
+
 def test_bert_backbone_token_and_sequence(tmp_path, data_dir):
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast

@@ -201,3 +201,33 @@ def test_a_forced_progress_bar_in_a_log_is_not_a_line_per_step(tmp_path, monkeyp
     seconds = time.monotonic() - start
     # the first draw, one a second at most, the last (a draw per step would be 42 unless 40 steps took 40 s)
     assert 2 <= len(draws) <= seconds + 3 and "40/40" in draws[-1] and "loss=" in draws[-1], (len(draws), seconds)
+
+
+def test_sft_resume_refuses_records_changed_under_the_same_ids_and_resumes_on_the_same(tmp_path, tiny_tokenizer,
+                                                                                       capsys):
+    """The data fingerprint covers what training reads (ids, templated prompts, responses), not the ids only: a
+    response fixed under its id, or another --template, is other data, and resuming over it would mix two runs."""
+    from conftest import make_tiny_model
+
+    from finegrain.models import save_checkpoint
+
+    save_checkpoint(tmp_path / "base", make_tiny_model(tiny_tokenizer, "causal", n_positions=64), tiny_tokenizer, {})
+    rows = [{"id": f"r{i}", "prompt": d["prompt"], "response": d["response"]}
+            for i, d in enumerate(make_demonstrations(16, seed=0))]
+    write_jsonl(tmp_path / "sft.jsonl", rows)
+    rows[5] = dict(rows[5], response=rows[5]["response"] + " Fixed.")
+    write_jsonl(tmp_path / "fixed.jsonl", rows)
+    argv = lambda data, out, *more: ["sft", "--data", str(tmp_path / data), "--model", str(tmp_path / "base"),  # noqa: E731
+                                     "--output", str(tmp_path / out), "--epochs", "1", "--batch-size", "4",
+                                     "--save-every", "2", "--eval-fraction", "0", "--log-with", "none", *more]
+    assert main(argv("sft.jsonl", "a")) == 0  # 4 steps, a checkpoint after step 2
+    for data, more in (("fixed.jsonl", ()), ("sft.jsonl", ("--template", "Q: {prompt}\nA: "))):
+        shutil.rmtree(tmp_path / "b", ignore_errors=True)
+        shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+        capsys.readouterr()
+        assert main(argv(data, "b", "--resume", *more)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "step-00000002: the training records (ids or texts), the --template or " \
+                                          "the tokenizer differ from that run's" in err, err
+    assert main(argv("sft.jsonl", "b", "--resume")) == 0  # the same data resumes after step 2
+    assert [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [3, 4]

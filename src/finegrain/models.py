@@ -6,7 +6,8 @@
   is off unless asked for.
 - Tokenizers without a pad token get one (EOS, else UNK/SEP) without growing the vocabulary.
 - Checkpoints are ``save_pretrained`` directories plus ``finegrain.json``, written to a
-  temporary directory and renamed into place, so a crash never leaves half a checkpoint.
+  temporary directory and renamed into place, so a crash never leaves half a checkpoint (one between
+  the renames leaves ``.NAME.old``: the next save puts it back, and loaders say so, :func:`interrupted_save`).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def resolve_model(name: str) -> ResolvedModel:
     directory wins over a hub name in transformers.
     """
     key = name.lower()
+    if not os.path.isdir(name) and (why := interrupted_save(name)):
+        raise InputError(why, path=name)
     if key not in _SHORT_NAMES or os.path.isdir(name):
         return ResolvedModel(str(name))
     package, how, kwargs, install = _SHORT_NAMES[key]
@@ -62,6 +65,28 @@ def resolve_model(name: str) -> ResolvedModel:
     if "gguf_file" in kwargs and importlib.util.find_spec("gguf") is None:
         raise ConfigError(f"model {name!r} is a GGUF file and needs the package gguf: {install}")
     return ResolvedModel(str(path), dict(kwargs))
+
+
+def interrupted_save(name: str | os.PathLike) -> str | None:
+    """Where the model of a missing directory ``name`` is when an interrupted :func:`save_checkpoint` left it
+    beside it, and what to do, in one line; None when nothing was left (or ``name`` is no path).
+
+    A crash between that save's two renames leaves the previous model in ``.NAME.old`` and the new
+    one in ``.NAME.tmp`` (complete once its ``finegrain.json`` is written): no ``NAME`` to load.
+    """
+    path = Path(name)
+    if path.name in ("", ".", ".."):
+        return None
+    old, tmp = (path.with_name(f".{path.name}.{end}") for end in ("old", "tmp"))
+    has_old, has_tmp = old.is_dir(), (tmp / META_FILE).is_file()
+    if has_old and has_tmp:
+        return (f"not found, but an interrupted save left the previous model in {old.name} and the new one in "
+                f"{tmp.name}: rename one of them to {path.name}")
+    if has_old:
+        return f"not found, but an interrupted save left {old.name}: rename it to {path.name}"
+    if has_tmp:
+        return f"not found, but an interrupted save left a complete {tmp.name}: rename it to {path.name}"
+    return None
 
 
 def weights_fingerprint(name: str) -> str:
@@ -395,9 +420,17 @@ def quiet_transformers() -> None:
 
 def save_checkpoint(out_dir: str | os.PathLike, model, tokenizer, meta: dict[str, Any] | None = None,
                     extra_files: dict[str, Any] | None = None) -> Path:
-    """Save model (safetensors), tokenizer and ``finegrain.json`` into ``out_dir`` atomically."""
+    """Save model (safetensors), tokenizer and ``finegrain.json`` into ``out_dir`` atomically.
+
+    Written into ``.NAME.tmp`` (``finegrain.json`` last: without it the copy is incomplete), the previous
+    ``NAME`` moved to ``.NAME.old``, then ``.NAME.tmp`` renamed to ``NAME``: a crash between the two renames
+    leaves no ``NAME``, so a save first puts such a ``.NAME.old`` back (and loaders name it, :func:`interrupted_save`).
+    """
     quiet_transformers()
     out = Path(out_dir)
+    old = out.with_name(f".{out.name}.old")
+    if not out.exists() and old.is_dir():
+        old.rename(out)  # a crash between the two renames of an earlier save: the previous model is still whole
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -405,12 +438,11 @@ def save_checkpoint(out_dir: str | os.PathLike, model, tokenizer, meta: dict[str
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-        json.dump(meta or {}, f, indent=2, default=str)
     for name, obj in (extra_files or {}).items():
         with open(tmp / name, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, default=str)
-    old = out.with_name(f".{out.name}.old")
+    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+        json.dump(meta or {}, f, indent=2, default=str)
     if out.exists():
         if old.exists():
             shutil.rmtree(old)

@@ -21,8 +21,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..models import clamp_max_length, load_model, load_tokenizer, read_meta
+from ..errors import ConfigError, InputError
+from ..models import clamp_max_length, interrupted_save, load_model, load_tokenizer, read_meta
 from ..tokens import is_encoder_style, right_pad
 from .inputs import RMExample, build_rm_example, check_view
 from .scorer import response_scores, rm_forward
@@ -110,8 +110,11 @@ def kind_of_checkpoint(path: str) -> Kind | None:
 
 
 def reward_model_kind(path: str) -> Kind:
-    """The kind of the reward model saved in directory ``path``; a :class:`ConfigError` when it is none."""
+    """The kind of the reward model saved in directory ``path``; a :class:`ConfigError` when it is none (an
+    :class:`InputError` saying where it is when an interrupted save left it beside ``path``)."""
     if not Path(path).is_dir():
+        if why := interrupted_save(path):
+            raise InputError(why, path=path)
         raise ConfigError(f"reward model directory not found: {path}")
     kind = kind_of_checkpoint(path)
     if kind is None:

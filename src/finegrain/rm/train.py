@@ -10,6 +10,7 @@ checkpoints), and the final checkpoint. Works unchanged under ``accelerate launc
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -111,7 +112,10 @@ class RMData:
     n_dropped_truncated: int = 0  # of n_dropped_unchanged: identical only because the edit lies beyond max_length
 
     def fingerprint(self) -> str:
-        return fingerprint(f.id for f in self.train)
+        """Hash of what training reads, in order: each pair's id, token ids and changed-token marks (ids alone
+        would let a resume carry on over texts fixed under the same ids)."""
+        return fingerprint(json.dumps([f.id, f.better.input_ids, f.worse.input_ids, f.u1_better, f.u1_worse])
+                           for f in self.train)
 
 
 def prepare_data(cfg: TrainRMConfig, tokenizer) -> RMData:
@@ -348,7 +352,8 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     model = build_model(cfg, tok, accelerator.device.type)
     loop = SupervisedLoop(cfg, output, accelerator, model, len(data.train), lr=cfg.learning_rate)
     start = loop.resume({"data_fingerprint": data.fingerprint()},
-                        "the training pairs differ from that run's (same --data, --eval-fraction and --seed needed)")
+                        "the training pairs (ids or texts) differ from that run's (same --data, --eval-fraction and --seed "
+                        "needed)")
     model, pad_id = loop.model, tok.pad_token_id
     best = BestKeeper(output, cfg.best_metric, resume=cfg.resume and start > 0,
                       main_process=accelerator.is_main_process)

@@ -9,6 +9,7 @@ the final checkpoint.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -83,7 +84,14 @@ def prepare_data(cfg: SFTConfig, records: Sequence[SFTRecord], n_skipped: int, t
     enc = lambda rs: [build_sft_example(tok, r.prompt, r.response, max_length=max_length, template=cfg.template)  # noqa: E731
                       for r in rs]
     train, ev = enc(train_r), enc(eval_r)
-    return SFTData(train, ev, n_skipped, sum(e.truncated for e in train + ev), fingerprint(r.id for r in train_r))
+    return SFTData(train, ev, n_skipped, sum(e.truncated for e in train + ev), data_fingerprint(cfg, train_r, tok))
+
+
+def data_fingerprint(cfg: SFTConfig, records: Sequence[SFTRecord], tok) -> str:
+    """Hash of what training reads, in order: each record's id, templated prompt and response (ids alone
+    would let a resume carry on over texts fixed under the same ids)."""
+    return fingerprint(json.dumps([r.id, format_prompt(tok, r.prompt, cfg.template), r.response])
+                       for r in records)
 
 
 def vocab_fingerprint(tok) -> str:
@@ -132,8 +140,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     data = prepare_data(cfg, records, n_skipped, tok, max_length)
     loop = SupervisedLoop(cfg, output, accelerator, model, len(data.train))
     loop.resume({"data_fingerprint": data.fingerprint, "tokenizer": vocab_fingerprint(tok)},
-                "the training records or the tokenizer differ from that run's (same --data, --eval-fraction, "
-                "--seed and model needed)")
+                "the training records (ids or texts), the --template or the tokenizer differ from that run's "
+                "(same --data, --template, --eval-fraction, --seed and model needed)")
     pad_id, world = tok.pad_token_id, accelerator.num_processes
     tokens, first_loss = [0], []
 

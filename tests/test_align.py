@@ -5,7 +5,7 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
-from finegrain.rm.align import align_tokens, spans_to_token_mask
+from finegrain.rm.align import align_tokens, later_copies, spans_to_token_mask
 from finegrain.rm.inputs import build_rm_example
 
 EOS = 0
@@ -185,3 +185,44 @@ def test_coincidence_example_and_two_close_fixes():
     # two one-token fixes one token apart: the token between them stays unchanged
     al = align_tokens([1, 2, 3, 4, EOS], [1, 7, 3, 8, EOS])
     assert marked(al.changed_original) == [1, 3]
+
+
+@given(distinct, st.data())
+def test_a_deleted_copy_of_a_repeated_block_is_the_later_one(a, data):
+    """difflib deletes the first of two adjacent copies; the later one is the repeat (a causal RM sees it as one)."""
+    p = data.draw(st.integers(0, len(a) - 1))
+    q = data.draw(st.integers(p + 1, len(a)))
+    copies = data.draw(st.integers(2, 3))
+    block = a[p:q]
+    original = a[:p] + block * copies + a[q:]
+    al = align_tokens(original + [EOS], a + [EOS])
+    assert marked(al.changed_original) == list(range(p + len(block), p + copies * len(block)))  # all but the first
+    assert marked(al.changed_edited) == [q]  # the edited token after the deletion (q == len(a): EOS)
+    inserted = align_tokens(a + [EOS], original + [EOS])  # and an inserted copy is the later one too
+    assert marked(inserted.changed_edited) == list(range(p + len(block), p + copies * len(block)))
+
+
+def test_a_deletion_is_moved_only_onto_an_identical_copy():
+    the, cat, dot, dog = 1, 2, 3, 4
+    al = align_tokens([the, cat, dot, the, dog, dot, EOS], [the, dog, dot, EOS])  # "the cat . the dog ."
+    assert marked(al.changed_original) == [0, 1, 2]  # the first sentence, not "cat . the"
+    al = align_tokens([the, cat, the, cat, EOS], [the, cat, EOS])
+    assert marked(al.changed_original) == [2, 3] and marked(al.changed_edited) == [2]
+
+
+@given(ids, ids)
+def test_moving_onto_later_copies_keeps_a_valid_alignment_of_the_same_size(a, b):
+    import difflib
+
+    raw = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    moved = later_copies(raw, a, b)
+    assert [op for op in moved if op[2] > op[1] or op[4] > op[3]] == moved  # no empty blocks
+    assert [(op[1], op[3]) for op in moved][:1] == [(0, 0)][:len(moved)]
+    for prev, op in zip(moved, moved[1:]):
+        assert (prev[2], prev[4]) == (op[1], op[3])  # contiguous on both sides
+    for tag, i1, i2, j1, j2 in moved:
+        if tag == "equal":
+            assert a[i1:i2] == b[j1:j2]
+    size = lambda ops, tag: sum(max(op[2] - op[1], op[4] - op[3]) for op in ops if op[0] == tag)  # noqa: E731
+    assert all(size(moved, t) == size(raw, t) for t in ("delete", "insert", "replace", "equal"))
+    assert later_copies(moved, a, b) == moved  # already on the later copies

@@ -7,6 +7,11 @@ side marks the single token at the divergence point: the token that FOLLOWS the 
 end with their closing token (EOS/SEP, see ``rm/inputs.py``), so that token always exists for an
 edit at the very end; if a caller passes ids without a closing token, the last token stands in.
 
+Repeats: deleting one of two adjacent copies ("A A B" -> "A B") can be aligned either way, and the
+diff takes the first copy. The later copy is the repeat, and the only one a causal reward model can
+tell is one (at the first it has not seen the second), so a pure deletion or insertion that repeats
+right after itself is moved onto its later copy (``later_copies``; the deleted words stay the same).
+
 Coincidental matches: when an edit rewrites a stretch (an unsafe sentence replaced by a good
 one), the diff matches the few common tokens inside it ("the", ".") and would call them
 unchanged. An unchanged run strictly shorter than the changes on both sides of it is absorbed
@@ -58,6 +63,44 @@ def _mark(marks: list[bool], lo: int, hi: int) -> None:
 Opcode = tuple[str, int, int, int, int]
 
 
+def _period(block: Sequence[int]) -> int:
+    """The smallest p with block[i] == block[i + p] for all i: shifting the block by p keeps its content."""
+    return next(p for p in range(1, len(block) + 1) if all(block[i] == block[i + p] for i in range(len(block) - p)))
+
+
+def later_copies(opcodes: Sequence[Opcode], a: Sequence[int], b: Sequence[int]) -> list[Opcode]:
+    """Move each pure deletion (of ``a``) and insertion (into ``b``) onto the later copy while the same
+    tokens follow it, by whole periods of the block, so that it removes (adds) the same tokens; the equal
+    block after it keeps at least one token (the closing one stays unchanged).
+
+    >>> later_copies([("delete", 0, 2, 0, 0), ("equal", 2, 5, 0, 3)], [7, 8, 7, 8, 0], [7, 8, 0])
+    [('equal', 0, 2, 0, 2), ('delete', 2, 4, 2, 2), ('equal', 4, 5, 2, 3)]
+    >>> later_copies([("delete", 0, 2, 0, 0), ("equal", 2, 5, 0, 3)], [7, 8, 7, 9, 0], [7, 9, 0])[0]
+    ('delete', 0, 2, 0, 0)
+    """
+    out: list[Opcode] = []
+    ops = [tuple(op) for op in opcodes]
+    for k, op in enumerate(ops):
+        nxt = ops[k + 1] if k + 1 < len(ops) else None
+        if op[0] in ("delete", "insert") and nxt is not None and nxt[0] == "equal":
+            seq, lo, hi = (a, op[1], op[2]) if op[0] == "delete" else (b, op[3], op[4])
+            p, s = _period(seq[lo:hi]), 0
+            while nxt[2] - nxt[1] - s - p >= 1 and seq[hi + s:hi + s + p] == seq[lo + s:lo + s + p]:
+                s += p
+            if s:
+                tag, i1, i2, j1, j2 = op
+                if out and out[-1][0] == "equal":
+                    prev = out.pop()
+                    out.append(("equal", prev[1], i1 + s, prev[3], j1 + s))
+                else:
+                    out.append(("equal", i1, i1 + s, j1, j1 + s))
+                out.append((tag, i1 + s, i2 + s, j1 + s, j2 + s))
+                ops[k + 1] = ("equal", nxt[1] + s, nxt[2], nxt[3] + s, nxt[4])
+                continue
+        out.append(op)
+    return out  # type: ignore[return-value]
+
+
 def absorb_coincidences(opcodes: Sequence[Opcode]) -> list[Opcode]:
     """Merge every equal block shorter than the changed blocks on both of its sides into one ``replace``.
 
@@ -94,7 +137,7 @@ def align_tokens(original_ids: Sequence[int], edited_ids: Sequence[int]) -> Toke
     """
     a, b = list(original_ids), list(edited_ids)
     matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    opcodes = absorb_coincidences(matcher.get_opcodes())
+    opcodes = absorb_coincidences(later_copies(matcher.get_opcodes(), a, b))
     changed_a, changed_b = [False] * len(a), [False] * len(b)
     for tag, i1, i2, j1, j2 in opcodes:
         if tag == "equal":

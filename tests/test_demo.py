@@ -349,3 +349,107 @@ def test_the_sft_reference_samples_from_a_stream_no_ppo_run_shares():
         runs = {generation_seed(f"run-s{k}", demo_seed * 100 + k, j) for k in range(3) for j in range(3)}
         assert not reference & runs, demo_seed
     assert generation_seed("baseline-kl0.2-s0", 0) == 10_000  # PPO runs keep their streams
+
+
+def test_one_seed_aggregate_is_strict_json():
+    """--quick and --smoke run one PPO seed: the gold reward's SE over seeds was NaN, written into metrics.json
+    as the bare token NaN (not JSON: jq and JSON.parse refuse the file). None instead; the report shows no SE."""
+    from finegrain.sandbox.demo import aggregate
+    from finegrain.sandbox.report import pm
+
+    one = aggregate([{"eval": {"win_rate": 0.6, "se": 0.03, "gold": {"gold_reward": 1.5, "flaw_rate": 0.5}}}])
+    json.dumps(one, allow_nan=False)
+    assert one["gold_reward_se"] is None and pm(one["gold_reward"], one["gold_reward_se"]) == "1.500"
+
+
+def test_demo_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "run"):
+        assert main(["demo", "--smoke", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("finegrain demo: error: ") and "--out cannot be written" in err and str(blocker) in err
+
+
+def test_a_second_demo_in_the_same_out_is_refused(tmp_path, capsys):
+    """Two demos in one --out delete and rewrite each other's stages: the second stops before any stage."""
+    from finegrain.io import exclusive_lock
+
+    out = tmp_path / "run"
+    with exclusive_lock(out / ".lock", str(out)):
+        assert main(["demo", "--smoke", "--out", str(out)]) == 2
+    assert "in use by" in capsys.readouterr().err and not (out / "stages").exists()
+
+
+def test_odd_n_embd_is_refused_before_any_stage_naming_a_demo_option(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["demo", "--smoke", "--out", str(out), "--n-embd", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--n-embd must be even" in err and "--n-head" not in err and not out.exists()
+
+
+def test_a_reused_ppo_run_evaluates_the_policy_in_its_own_out(tmp_path):
+    """A stage record holds the path of the directory the run was made in: after `mv runs/demo runs/old` a resume
+    of runs/old (e.g. with --sweep) evaluated runs/demo's policy, whatever run is there now."""
+    from finegrain.config import build_config
+    from finegrain.io import write_json
+    from finegrain.sandbox.config import DemoConfig
+    from finegrain.sandbox.demo import Stages, _keys, ppo_run, run_key, run_name
+
+    out = tmp_path / "moved"
+    cfg = build_config(DemoConfig, {"out": str(out), "smoke": True})
+    keys = _keys(cfg)
+    name = run_name("baseline", "seq_pref", 0.2, "mean", 0)
+    key = run_key(keys, "seq_pref", "sequence", 0.2, "mean", 0)
+    write_json(out / "stages" / f"ppo_{name}.json", {"key": key, "elapsed_s": 1.0, "result": {
+        "final_policy": str(tmp_path / "demo" / "ppo" / name / "final"), "wall_s": 1.0, "s_per_step": 1.0,
+        "curve": {}}})
+    st = Stages(out)
+    got_name, _, ppo = ppo_run(cfg, out, st, keys, "baseline", "seq_pref", 0.2, "mean", 0)
+    assert st.n_reused == 1 and got_name == name
+    assert ppo["final_policy"] == str(out / "ppo" / name / "final")
+
+
+def test_command_line_remakes_the_run():
+    """The report's Command named only the preset, seed, sweeps and KL options: a run with --ppo-steps 2 --noise 0.1
+    was shown as the default run's command."""
+    import shlex
+
+    from finegrain.cli import build_parser
+    from finegrain.config import build_config, config_from_args, to_dict
+    from finegrain.sandbox.config import DemoConfig
+    from finegrain.sandbox.report import command_line
+
+    cfg = build_config(DemoConfig, {"out": "runs/my demo", "smoke": True, "seed": 3, "sweep": True, "ppo_steps": 2,
+                                    "noise": 0.1, "edit_seq_kl_coef": 0.2, "ppo_lr": 3e-5})
+    cmd = command_line(to_dict(cfg))
+    assert "--sweep --edit-seq-kl-coef 0.2" in cmd and "--token-kl-coef" not in cmd  # defaults stay out
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["finegrain", "demo"]
+    again = config_from_args(DemoConfig, build_parser("demo").parse_args(argv[1:]))
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_win_rate_order_does_not_order_equal_win_rates(quick_run):
+    from finegrain.sandbox.report import findings
+
+    m = json.loads((quick_run / "metrics.json").read_text())
+    for k, wr in (("baseline", 0.55), ("edit_seq", 0.55), ("edit_token", 0.6)):
+        m["systems"][k]["win_rate"] = wr
+    line = next(x for x in findings(m) if x.startswith("Win-rate order"))
+    assert line.startswith("Win-rate order measured: edit_token > baseline = edit_seq (paper:")
+    assert "NOT the paper's order (equal win rates)." in line
+    for k, wr in (("baseline", 0.5), ("edit_seq", 0.55), ("edit_token", 0.6)):
+        m["systems"][k]["win_rate"] = wr
+    line = next(x for x in findings(m) if x.startswith("Win-rate order"))
+    assert "edit_token > edit_seq > baseline (paper" in line and line.endswith("the same order as the paper.")
+
+
+def test_table_1_gives_the_kl_coefficient_as_set(quick_run):
+    """KL coefficients were rounded to two decimals: --token-kl-coef 0.001 was shown as 0.00."""
+    from finegrain.sandbox.report import tables
+
+    m = json.loads((quick_run / "metrics.json").read_text())
+    m["systems"]["edit_token"]["kl_coef"] = 0.001
+    _, header, rows = tables(m)[0]
+    assert [r[1] for r in rows if r[0] == m["systems"]["edit_token"]["label"]] == ["0.001"]

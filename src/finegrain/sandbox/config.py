@@ -133,6 +133,8 @@ class DemoConfig:
         if self.sweep and self.size("n_eval_prompts") >= 432:
             raise ConfigError("--sweep needs --n-eval-prompts < 432 (validation prompts are the sandbox prompts not used "
                               "for evaluation)")
+        if self.n_embd % 2:  # said here: sft's own message names --n-head, which the demo does not have (it uses 2)
+            raise ConfigError("--n-embd must be even: the demo's models have 2 attention heads")
         if self.threads < 1:
             raise ConfigError("--threads must be >= 1")
         if self.size("ppo_batch_size") > 1 and self.size("ppo_batch_size") % 2:  # known before any stage runs

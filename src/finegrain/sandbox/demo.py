@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import build_config, to_dict
-from ..io import read_json, write_json, write_jsonl, iter_records
+from ..io import check_output_dir, exclusive_lock, iter_records, read_json, write_json, write_jsonl
 from . import backends as _backends  # noqa: F401  registers backend "sandbox" (no installed entry point needed)
 from .annotators import Annotator, calibrate_temperature
 from .config import BACKBONE_SUFFIXES, TOKEN_LOSS_VARIANTS, DemoConfig
@@ -515,22 +515,28 @@ def ppo_run(cfg: DemoConfig, out: Path, st: Stages, keys: dict, sysname: str, rm
     key, run_dir = run_key(keys, rm, mode, kl, scale, seed), out / "ppo" / name
     ppo = st.run(f"ppo_{name}", key, lambda: stage_ppo(cfg, out, run_dir, rm, mode, seed, kl=kl, scale=scale),
                  [run_dir])
-    return name, key, ppo
+    # the recorded path names the directory the run was made in: a run moved or copied since would evaluate
+    # that directory's policy (or fail when it is gone), not its own
+    return name, key, dict(ppo, final_policy=str(run_dir / "final"))
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run (or resume) the whole demo in ``cfg.out``; returns the metrics also written to metrics.json.
 
-    Runs on ``cfg.threads`` torch threads and gives the caller its own thread count back.
+    Runs on ``cfg.threads`` torch threads and gives the caller its own thread count back. Holds a lock on
+    ``cfg.out`` meanwhile: a second demo there would delete and rewrite the stages this one is running.
     """
     import torch
 
+    out = Path(cfg.out)
+    check_output_dir(out, what="--out")  # a file there: one error line, not mkdir's traceback
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _run_demo(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    with exclusive_lock(out / ".lock", str(out)):
+        torch.set_num_threads(cfg.threads)
+        try:
+            return _run_demo(cfg)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _run_demo(cfg: DemoConfig) -> dict:
@@ -586,14 +592,17 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
 
 def aggregate(runs: list[dict]) -> dict[str, float]:
-    """Win rate and gold reward over seeds: mean, and SE = std over seeds / sqrt(k) (k > 1) or the judge's SE (k = 1)."""
+    """Win rate and gold reward over seeds: mean, and SE = std over seeds / sqrt(k) (k > 1) or the judge's SE (k = 1).
+
+    The gold reward of one seed has no SE: None, not NaN (metrics.json must stay JSON).
+    """
     wr = [r["eval"]["win_rate"] for r in runs]
     gold = [r["eval"]["gold"]["gold_reward"] for r in runs]
     k = len(runs)
 
-    def se(xs: list[float]) -> float:
+    def se(xs: list[float]) -> float | None:
         if k < 2:
-            return float("nan")
+            return None
         mu = sum(xs) / k
         return math.sqrt(sum((x - mu) ** 2 for x in xs) / (k - 1) / k)
 

@@ -34,6 +34,11 @@ def fmt(x: Any, nd: int = 3, pct: bool = False) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.{nd}f}"
 
 
+def kl_text(kl: Any) -> str:
+    """A KL coefficient as given (``--token-kl-coef 0.025`` is 0.025, not 0.03 rounded to two decimals)."""
+    return "n/a" if kl is None else f"{kl:g}"
+
+
 def pm(x: Any, se: Any, pct: bool = False, nd: int = 3) -> str:
     if se is None or (isinstance(se, float) and not math.isfinite(se)):
         return fmt(x, nd, pct)
@@ -89,11 +94,11 @@ def findings(m: dict) -> list[str]:
     """Plain statements of how the measured numbers compare with the paper's claims."""
     s, rm = m["systems"], m["rm"]
     out = []
-    b, e, t = (s[k]["win_rate"] for k in ("baseline", "edit_seq", "edit_token"))
-    order = sorted(s, key=lambda k: -s[k]["win_rate"])
+    order, tied = win_rate_order(s)
     paper_order = ["edit_token", "edit_seq", "baseline"]
-    out.append(f"Win-rate order measured: {' > '.join(order)} (paper: {' > '.join(paper_order)}); "
-               + ("the same order as the paper." if order == paper_order else "NOT the paper's order."))
+    out.append(f"Win-rate order measured: {order} (paper: {' > '.join(paper_order)}); "
+               + ("the same order as the paper." if order == " > ".join(paper_order) else
+                  "NOT the paper's order (equal win rates)." if tied else "NOT the paper's order."))
     for other in ("baseline", "edit_seq"):
         out.append(difference_line(s, other))
     tok = token_rm_name(m)
@@ -135,6 +140,16 @@ def findings(m: dict) -> list[str]:
     else:
         out.append("Token-level PPO never reached the baseline's final gold reward, so it was not faster.")
     return out
+
+
+def win_rate_order(s: dict) -> tuple[str, bool]:
+    """("a > b = c", any ties?): systems by win rate, best first; equal win rates are joined by '=', not put in
+    an order (their dict order) that was never measured."""
+    order = sorted(s, key=lambda k: -s[k]["win_rate"])
+    text = order[0]
+    for prev, k in zip(order, order[1:]):
+        text += (" = " if s[k]["win_rate"] == s[prev]["win_rate"] else " > ") + k
+    return text, " = " in text
 
 
 def localisation_findings(m: dict) -> list[str]:
@@ -295,7 +310,7 @@ def tables(m: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out = []
     rows = []
     for k, v in m["systems"].items():
-        rows.append([v["label"], fmt(v.get("kl_coef"), 2), pm(v["win_rate"], win_rate_se(v), pct=True),
+        rows.append([v["label"], kl_text(v.get("kl_coef")), pm(v["win_rate"], win_rate_se(v), pct=True),
                      pm(v["gold_reward"], v.get("gold_reward_se")), fmt(v["flaw_rate"], pct=True),
                      PAPER_TABLE1[k]])
     sft = m["eval_sft"]["gold"]
@@ -333,7 +348,7 @@ def tables(m: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                                                                "paper (8 x A100)"], rows))
     if m.get("sweep"):
         sw = m["sweep"]
-        rows = [[r["system"], r["reward_model"], fmt(r["kl_coef"], 2), r["scale"] or "—",
+        rows = [[r["system"], r["reward_model"], kl_text(r["kl_coef"]), r["scale"] or "—",
                  pm(r["val_win_rate"], r["val_se"], pct=True), fmt(r["val_gold_reward"]), fmt(r["val_flaw_rate"], pct=True),
                  fmt(r["final_kl"], 1), sweep_mark(r, sw)] for r in sw["rows"]]
         out.append(("Sweep (PPO seed 0; validation prompts, disjoint from the evaluation prompts)",
@@ -397,13 +412,20 @@ SMOKE_NOTE = ("A --smoke run checks that every stage runs and writes its files; 
               "conclusion. Run `finegrain demo --quick` (or the full preset) for results.")
 
 def command_line(cfg: dict) -> str:
-    """The demo command of this run (the options that select what the tables show)."""
+    """The demo command of this run: its preset, seed and sweeps, then every other option that differs from its
+    default (sizes and environment too: a command without them would make another run)."""
+    import shlex
+    from dataclasses import fields
+
     from .config import DemoConfig
 
     defaults = DemoConfig()
+    first = ("out", "quick", "smoke", "seed", "sweep", "rm_sweep")
     names = ("baseline_kl_coef", "edit_seq_kl_coef", "token_kl_coef", "token_reward_scale", "token_rm")
-    extra = "".join(f" --{k.replace('_', '-')} {cfg[k]}" for k in names if cfg.get(k) != getattr(defaults, k))
-    return (f"finegrain demo --out {cfg['out']}" + (" --quick" if cfg["quick"] else "")
+    names += tuple(f.name for f in fields(DemoConfig) if f.name not in first + names)
+    extra = "".join(f" --{k.replace('_', '-')}" + ("" if cfg[k] is True else f" {shlex.quote(str(cfg[k]))}")
+                    for k in names if k in cfg and cfg[k] != getattr(defaults, k))
+    return (f"finegrain demo --out {shlex.quote(str(cfg['out']))}" + (" --quick" if cfg["quick"] else "")
             + (" --smoke" if cfg.get("smoke") else "") + f" --seed {cfg['seed']}"
             + (" --sweep" if cfg.get("sweep") else "") + (" --rm-sweep" if cfg.get("rm_sweep") else "") + extra)
 

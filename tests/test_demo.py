@@ -127,6 +127,19 @@ def test_stages_rerun_after_an_interruption_and_follow_the_evaluation_options(tm
         assert other["eval"] != base["eval"] and other["val"] != base["val"], option
 
 
+def test_a_stage_record_that_is_no_object_is_one_error_naming_it(tmp_path):
+    """A marker holding JSON that is not a stage record (edited by hand, another tool) crashed with AttributeError."""
+    from finegrain.errors import InputError
+    from finegrain.sandbox.demo import Stages
+
+    (tmp_path / "stages").mkdir()
+    for bad in ([1, 2], {"key": {"k": 1}}):
+        (tmp_path / "stages" / "s.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError, match="not a stage record") as e:
+            Stages(tmp_path).run("s", {"k": 1}, lambda: {"r": 1})
+        assert str(tmp_path / "stages" / "s.json") in str(e.value)
+
+
 @pytest.mark.slow
 def test_demo_sweep_tunes_every_system_on_validation_prompts(quick_run, tmp_path, monkeypatch, capsys):
     """A shrunken sweep (2 KL values, 2 PPO steps) on a copy of the quick run: same grid and rule for all systems."""

@@ -10,7 +10,9 @@ pairs whose gold rewards differ. AlpacaFarm measured about 25% disagreement betw
 annotators, hence the default 0.25. Because that fraction depends on how far apart the two
 responses of a pair are, T is calibrated by bisection on a reference set of pairs of the
 domain's demonstrations (:func:`reference_deltas`; the demo calibrates on its own pairs
-instead and records the T it used). Ties in gold reward are labelled by a fair coin.
+instead and records the T it used). Ties in gold reward are labelled by a fair coin when T > 0
+(sigmoid(0) = 1/2); at T = 0 (NOISE 0) they stay ties: the judge scores half a win, and the demo's
+pair labelling keeps sample a as chosen (a draw independent of b, so no side is favoured).
 
 Every random draw is keyed by (seed, item id, texts), so a label never depends on the order
 or concurrency in which pairs are annotated.

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import build_config, to_dict
+from ..errors import InputError
 from ..io import check_output_dir, exclusive_lock, iter_records, read_json, write_json, write_jsonl
 from . import backends as _backends  # noqa: F401  registers backend "sandbox" (no installed entry point needed)
 from .annotators import Annotator, calibrate_temperature
@@ -131,6 +132,9 @@ class Stages:
         key = dict(key)
         if marker.exists():
             rec = read_json(marker)
+            if not isinstance(rec, dict) or not isinstance(rec.get("result"), dict):
+                raise InputError("not a stage record (a JSON object with a result): delete it to run the stage "
+                                 "again", path=marker)
             if rec.get("key") == key:
                 say(f"{name}: reusing the completed stage in {self.out}")
                 self.n_reused += 1
@@ -181,7 +185,6 @@ def flaw_kinds(prompts: list[str], responses: list[str]) -> dict[str, int]:
 def valid_text(text: str) -> bool:
     """Usable as a response in a pairs file (non-empty, no control characters: the pair loader's rule)."""
     from ..data.loaders import check_text
-    from ..errors import InputError
 
     try:
         check_text(text, "response")

@@ -91,13 +91,25 @@ def fit_exponent(sizes: Sequence[float], times: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
+def fit_sizes(rows: list[dict[str, Any]], model: str, axis: str) -> list[int]:
+    """The sizes of ``model``'s ``axis`` sweep that every system with a row on it measured: a point one system
+    failed at is left out of both fits, so the two exponents (and their gap) span the same range."""
+    by_system = [{r[axis] for r in rows if (r["model"], r["system"]) == (model, system) and on_sweep(r, axis)}
+                 for system in ("finegrain", "trl")]
+    by_system = [s for s in by_system if s]
+    return sorted(set.intersection(*by_system)) if by_system else []
+
+
 def exponents(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """{"<model>_<axis>_<system>": exponent} from measured rows (point fields + system + step_s)."""
+    """{"<model>_<axis>_<system>": exponent} from measured rows (point fields + system + step_s), each
+    system fitted on the sizes both measured (:func:`fit_sizes`)."""
     out: dict[str, float] = {}
     for model in sorted({r["model"] for r in rows}):
         for axis in ("length", "batch"):
+            sizes = fit_sizes(rows, model, axis)
             for system in ("finegrain", "trl"):
-                sel = [r for r in rows if (r["model"], r["system"]) == (model, system) and on_sweep(r, axis)]
+                sel = [r for r in rows if (r["model"], r["system"]) == (model, system) and on_sweep(r, axis)
+                       and r[axis] in sizes]
                 if sel:
                     out[f"{model}_{axis}_{system}"] = fit_exponent([r[axis] for r in sel],
                                                                    [r["step_s"] for r in sel])

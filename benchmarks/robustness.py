@@ -67,7 +67,8 @@ def robustness_summary(full: Sequence[dict[str, Any]], quick: Sequence[dict[str,
             out[f"robust_token_minus_{tag}_{name}"] = (
                 mu, f"mean ± SE over demo seeds {seeds}: {mu:+.3f} ± {se:.3f}"
                     + (" (win-rate points)" if scale != 1 else "") + f"; per seed {[round(x, 3) for x in d]}; "
-                    + ("beyond" if abs(mu) > 2 * se else "within") + " two standard errors")
+                    + ("no standard error from one seed" if se != se else
+                       ("beyond" if abs(mu) > 2 * se else "within") + " two standard errors"))
     gaps = [100 * (token_rm(m)["accuracy"] - m["rm"]["seq_pref"]["accuracy"]) for m in full]
     mu, se = mean_se(gaps)
     out["robust_rm_accuracy_gap"] = (mu, f"token RM minus baseline sequence RM, accuracy points: {mu:+.1f} ± {se:.1f}; "
@@ -78,6 +79,8 @@ def robustness_summary(full: Sequence[dict[str, Any]], quick: Sequence[dict[str,
         mu, se = mean_se(aucs)
         out["robust_response_auroc"] = (mu, f"token RM, per-response AUROC vs gold flawed tokens: {mu:.3f} ± {se:.3f}; "
                                             f"per seed {[round(x, 3) for x in aucs]}")
+    else:
+        out["robust_response_auroc"] = (math.nan, "no full demo's token RM reported a per-response AUROC")
     try:
         conv = convergence_summary(full)
         out["robust_convergence_step_ratio"] = (conv["median"], conv["note"])
@@ -87,6 +90,8 @@ def robustness_summary(full: Sequence[dict[str, Any]], quick: Sequence[dict[str,
         rose = [gold_rose(m) for m in quick]
         out["newcomer_gold_rose"] = (sum(rose), f"--quick runs where every system's last-step gold reward beats step 1: "
                                                 f"{sum(rose)} of {len(rose)} (seeds {[m['config']['seed'] for m in quick]})")
+    else:
+        out["newcomer_gold_rose"] = (math.nan, "no --quick demo finished")
     return out
 
 

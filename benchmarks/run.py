@@ -464,10 +464,11 @@ def bench_curves(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str
     for model in ("tiny", "smollm2"):
         for axis in ("length", "batch"):
             fg, trl = ex.get(f"{model}_{axis}_finegrain", math.nan), ex.get(f"{model}_{axis}_trl", math.nan)
-            sizes = sorted({r[axis] for r in rows if r["model"] == model and curves.on_sweep(r, axis)})
+            sizes = curves.fit_sizes(rows, model, axis)  # the sizes both systems measured
             out[f"curve_{model}_{axis}_exponent_gap"] = (
                 trl - fg, f"step time ~ {axis}^k over {axis} {sizes}: k finegrain {fg:.3f}, TRL {trl:.3f}; "
-                          "TRL's minus finegrain's (>= 0: finegrain grows no faster)")
+                          "TRL's minus finegrain's (>= 0: finegrain grows no faster)"
+                          + (f"; {len(failures)} trial(s) failed (logged), left out of both fits" if failures else ""))
     return out
 
 

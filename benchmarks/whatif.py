@@ -113,6 +113,16 @@ class Switches:
             yield self.loop_opt if "unfused_adamw" in parts else self.base_opt
 
 
+def planned_steps(rounds: int, n_variants: int) -> int:
+    """PPO steps the run takes: one warm-up step per variant, then one per variant per round. The config's
+    ``steps`` must cover them all: the linear learning-rate schedule reaches 0 at ``steps`` and goes negative after.
+
+    >>> planned_steps(6, 9)
+    63
+    """
+    return (rounds + 1) * n_variants
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default=DEFAULT)
@@ -139,7 +149,7 @@ def main() -> int:
     if not (assets / "spec.json").exists():
         (build_real_assets if a.real else build_assets)(assets, response_length=a.response_length)
     variants = ["base"] + [v for v in a.variants.split(",") if v]
-    steps = a.rounds * len(variants) + 2
+    steps = planned_steps(a.rounds, len(variants))
     values = ppo_config_values(
         assets, str(a.workdir / "run"), reward_mode="sequence", steps=steps, batch_size=a.batch_size,
         response_length=a.response_length, ppo_epochs=a.ppo_epochs, num_minibatches=a.num_minibatches, seed=0,

@@ -6,8 +6,9 @@ are the ones that make the two sides do the same work on a CPU:
   in fp32 without checkpointing here, and both settings change speed, not the algorithm);
 - ``stop_token=None`` so every response is exactly ``response_length`` tokens (TRL's default);
 - ``num_sample_generations=0`` and ``report_to="none"`` (no debugging samples, no trackers);
-- one minibatch = ``per_device_train_batch_size * gradient_accumulation_steps`` rows, which is
-  TRL's own definition of its PPO batch.
+- the rollout batch is ``per_device_train_batch_size * gradient_accumulation_steps`` rows (TRL's
+  definition), here ``batch_size * 1``, split into ``num_mini_batches`` minibatches of one optimizer
+  step each, as finegrain's (accumulating over the minibatches would make one step per epoch).
 Step times come from a ``TrainerCallback.on_step_end`` clock: one PPO step = one rollout batch
 (generation, reference/value/reward passes, GAE) plus all its PPO epochs.
 """
@@ -99,14 +100,13 @@ def run_ppo(assets: Path, *, steps: int, batch_size: int, response_length: int, 
         ref = AutoModelForCausalLM.from_pretrained(policy_dir, **attn, **frozen)
     value = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1, **attn)
     reward = AutoModelForSequenceClassification.from_pretrained(assets / "rm_seq", num_labels=1, **attn, **frozen)
-    mini = batch_size // num_minibatches
     if matched:
         _match_finegrain_bf16()
     if bf16:
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     with tempfile.TemporaryDirectory() as tmp:
         args = PPOConfig(
-            output_dir=tmp, per_device_train_batch_size=mini, gradient_accumulation_steps=num_minibatches,
+            output_dir=tmp, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
             num_mini_batches=num_minibatches, num_ppo_epochs=ppo_epochs, response_length=response_length,
             total_episodes=batch_size * steps, local_rollout_forward_batch_size=batch_size,
             temperature=temperature, kl_coef=kl_coef, learning_rate=learning_rate, stop_token=None,

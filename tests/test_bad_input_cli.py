@@ -221,7 +221,7 @@ CORPUS: list[Case] = [
          {"human.jsonl": b'{"id": "p0", "edited": "An edit."}\n{"id": "p99", "edited": "Lost work."}\n'}),
     Case("an empty human-edits file", "edit --backend file --model {t}/human.jsonl --data {w}/pairs.jsonl "
          "--output {o}/edited.jsonl", "human.jsonl: no human edits (the file is empty)", {"human.jsonl": b"\n"}),
-    Case("edit --cache that is not SQLite", "edit --backend sandbox --model oracle --data {w}/pairs.jsonl "
+    Case("edit --cache that is not SQLite", "edit --backend hf --model {w}/policy --data {w}/pairs.jsonl "
          "--output {t}/new/edited.jsonl --cache {t}/answers.jsonl", "answers.jsonl: cannot use it as the answer cache "
          "(file is not a database)", {"answers.jsonl": b'{"id": "p0", "text": "an answer, not a SQLite file"}\n'}),
     # 4. an output directory holding another run's checkpoints, without --resume

@@ -143,6 +143,34 @@ def test_backend_options_seed_of_the_readme_runs_winrate_with_the_sandbox_judge(
         "got 0.5")
 
 
+def test_the_sandbox_and_file_backends_which_are_not_cached_leave_no_cache_file(tmp_path, capsys):
+    """They are not cacheable, yet an empty OUTPUT_BASE.cache.sqlite was made and named as the cache in the summary."""
+    import random
+
+    from finegrain.sandbox.domain import make_prompts, parse_prompt, sample_response
+
+    rng = random.Random(0)
+    prompts = list(dict.fromkeys(make_prompts(30, 0)))[:4]
+    answers = [(sample_response(parse_prompt(p), rng), sample_response(parse_prompt(p), rng)) for p in prompts]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "prompt": p, "chosen": a, "rejected": b})
+                                                  + "\n" for i, (p, (a, b)) in enumerate(zip(prompts, answers))))
+    (tmp_path / "human.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "edited": a + " Fixed."}) + "\n"
+                                                  for i, (a, _) in enumerate(answers)))
+    for backend, model in (("sandbox", "oracle"), ("file", str(tmp_path / "human.jsonl"))):
+        assert main(["edit", "--backend", backend, "--model", model, "--data", str(tmp_path / "pairs.jsonl"),
+                     "--output", str(tmp_path / f"{backend}.jsonl")]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["cache"] is None
+        assert json.loads((tmp_path / f"{backend}.summary.json").read_text())["cache"] is None
+    (tmp_path / "o.json").write_text(json.dumps([{"instruction": p, "output": a, "generator": "mine"}
+                                                 for p, (a, _) in zip(prompts, answers)]))
+    (tmp_path / "r.json").write_text(json.dumps([{"instruction": p, "output": b}
+                                                 for p, (_, b) in zip(prompts, answers)]))
+    assert main(["winrate", "--outputs", str(tmp_path / "o.json"), "--reference", str(tmp_path / "r.json"),
+                 "--judge", "sandbox", "--output", str(tmp_path / "w.json")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "w.json").read_text())["cache"] is None
+    assert list(tmp_path.glob("*.sqlite*")) == []
+
+
 @pytest.mark.parametrize("text, words", [
     ("backend_options: 5\n", "field 'backend_options': expected a mapping of KEY: VALUE, got int 5"),
     ("backend_options: [seed, 1]\n", "field 'backend_options': expected a mapping of KEY: VALUE, got list ['seed', 1]"),

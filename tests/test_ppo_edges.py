@@ -237,16 +237,20 @@ def test_a_resume_with_options_that_change_its_steps_is_refused_and_one_that_ext
     for change, message in ((dict(kl_coef=0.5), "--kl-coef is 0.5 here but was 0.01 in that run"),
                             (dict(batch_size=8, num_minibatches=4), "--batch-size is 8 here but was 4"),
                             (dict(lr_schedule="linear"), "--lr-schedule is 'linear' here but was 'constant'")):
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message) as other:
             train_ppo(toy_config(ws, tmp_path / "out", resume=True, **dict(kw, **change)))
+        assert "more --steps" not in str(other.value)
     # more steps at a constant rate, and other saving and sampling intervals: the same run, continued
     more = train_ppo(toy_config(ws, tmp_path / "out", resume=True, **dict(kw, steps=3, save_every=3, sample_every=1)))
     assert more["resumed_from"] == 2 and more["steps"] == 3
     # under the linear schedule the rate decays over --steps: more of them would be another schedule
     linear = dict(kw, lr_schedule="linear")
     train_ppo(toy_config(ws, tmp_path / "linear", **linear))
-    with pytest.raises(ConfigError, match="--steps is 3 here but was 2 in that run"):
+    with pytest.raises(ConfigError, match="--steps is 3 here but was 2 in that run") as refused:
         train_ppo(toy_config(ws, tmp_path / "linear", resume=True, **dict(linear, steps=3)))
+    # ... and the refusal says which runs can be extended (only for --steps)
+    assert "a run made with --lr-schedule constant can be resumed with more --steps" in str(refused.value)
+    assert "\n" not in str(refused.value)
 
 
 def test_an_accelerator_passed_in_must_accumulate_as_grad_accum_says(tmp_path):
@@ -396,3 +400,36 @@ def test_an_adaptive_kl_coefficient_that_starts_at_zero_is_refused():
         build_config(PPOConfig, dict(base, kl_coef=0.0))
     assert build_config(PPOConfig, dict(base, kl_coef=0.1)).initial_kl_coef() == 0.1
     assert build_config(PPOConfig, dict(base, kl_coef=0.0, adaptive_kl=False)).initial_kl_coef() == 0.0
+
+
+def test_a_run_shorter_than_sample_every_writes_samples_at_its_last_step(tmp_path):
+    """samples.jsonl stayed empty for a run of fewer steps than --sample-every (default 10); the last step writes
+    samples too, once (a last step on the interval is not written twice), and --sample-every 0 still writes none."""
+    import json
+
+    from finegrain.ppo.train import train_ppo
+    from test_ppo_train import make_workspace, toy_config
+
+    ws = make_workspace(tmp_path)
+    kw = dict(batch_size=4, ppo_epochs=1, num_minibatches=1, save_every=10, num_samples=2)
+    for name, steps, every, want in (("short", 2, 10, [2, 2]), ("on", 2, 2, [2, 2]), ("off", 1, 0, [])):
+        train_ppo(toy_config(ws, tmp_path / name, steps=steps, sample_every=every, **kw))
+        rows = (tmp_path / name / "samples.jsonl").read_text().splitlines() \
+            if (tmp_path / name / "samples.jsonl").exists() else []
+        assert [json.loads(x)["step"] for x in rows] == want, name
+
+
+def test_resume_without_a_checkpoint_says_so_and_starts_at_step_0(tmp_path, caplog):
+    """ppo --resume on an output with no checkpoint trained from step 0 without a word: one warning line says it."""
+    import logging
+
+    from finegrain.ppo.train import train_ppo
+    from test_ppo_train import make_workspace, toy_config
+
+    ws = make_workspace(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="finegrain.training"):
+        summary = train_ppo(toy_config(ws, tmp_path / "out", resume=True, steps=1, batch_size=4, ppo_epochs=1,
+                                       num_minibatches=1, sample_every=0))
+    assert summary["resumed_from"] == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "finegrain.training"] == [
+        f"--resume: no checkpoint in {tmp_path / 'out' / 'checkpoints'}; starting from step 0"]

@@ -117,6 +117,27 @@ def test_cli_errors_are_one_line_exit_2(trained, files, tmp_path, capsys):
         assert message in err and "\n" not in err and "Traceback" not in err, err
 
 
+def test_eval_rm_skip_invalid_counts_the_rejected_and_unchanged_pairs_and_names_the_rejects(trained, files,
+                                                                                              tmp_path, capsys):
+    """--skip-invalid wrote a rejects file that the summary neither counted nor named, nor the pairs dropped
+    because the edit changed nothing: both are counted (as train-rm names them) and the file named."""
+    rows = synthetic_pairs(6, seed=3, prefix="s")
+    rows[1] = dict(rows[1], edited=rows[1]["rejected"])  # an edit that changed nothing
+    data = tmp_path / "mixed.jsonl"
+    write_jsonl(data, rows + [{"prompt": "p", "rejected": "a", "edited": 3}])  # an invalid record
+    out = tmp_path / "res.json"
+    capsys.readouterr()
+    assert cli("eval-rm", "--model", trained, "--data", data, "--output", out, "--skip-invalid") == 0
+    res = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == res
+    assert (res["n_pairs"], res["n_rejected"], res["n_dropped_unchanged"]) == (5, 1, 1)
+    assert res["rejects"] == str(tmp_path / "mixed.rejects.jsonl")
+    assert len(Path(res["rejects"]).read_text().splitlines()) == 1
+    assert cli("eval-rm", "--model", trained, "--data", files / "heldout.jsonl", "--output", out) == 0
+    res = json.loads(out.read_text())
+    assert (res["n_rejected"], res["n_dropped_unchanged"], res["rejects"]) == (0, 0, None)
+
+
 def test_reward_model_api(trained):
     rm = RewardModel.load(str(trained))
     rows = synthetic_pairs(5, seed=7)

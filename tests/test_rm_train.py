@@ -392,6 +392,23 @@ def test_max_length_above_the_position_limit_is_clamped_with_one_warning(data_di
                  "--output", str(tmp_path / "e2.json"), "--max-length", "5000"]) == 0
 
 
+def test_defaults_not_given_are_recorded_as_used_and_cut_to_the_model_without_a_warning(data_dir, base_model,
+                                                                                         tmp_path, caplog):
+    """Without --lr and --max-length the summary and finegrain.json said "lr": null, and every run warned that
+    "--max-length 1024 is above the 64 positions" though the user never gave it."""
+    import logging
+
+    cfg = build_config(TrainRMConfig, dict(data=str(data_dir / "train.jsonl"), model=str(base_model),
+                                           output=str(tmp_path / "rm"), eval_fraction=0.0, epochs=0.25,
+                                           save_every=0, log_with="none"))  # neither --lr nor --max-length
+    with caplog.at_level(logging.WARNING):
+        summary = train_reward_model(cfg)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    saved = json.loads((tmp_path / "rm" / "finegrain.json").read_text())
+    assert summary["lr"] == saved["lr"] == saved["config"]["lr"] == 1e-5  # the default of a pretrained start
+    assert summary["max_length"] == saved["config"]["max_length"] == 64  # the tiny GPT-2's positions
+
+
 def test_a_from_scratch_size_given_with_pretrained_weights_is_refused_not_ignored(data_dir, base_model, tmp_path):
     from finegrain.errors import ConfigError
 

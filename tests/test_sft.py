@@ -231,3 +231,42 @@ def test_sft_resume_refuses_records_changed_under_the_same_ids_and_resumes_on_th
                                           "the tokenizer differ from that run's" in err, err
     assert main(argv("sft.jsonl", "b", "--resume")) == 0  # the same data resumes after step 2
     assert [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [3, 4]
+
+
+def test_resume_without_a_checkpoint_says_so_and_trains_from_step_0(tmp_path, caplog):
+    """--resume on an output with no checkpoint trained from step 0 without a word (a mistyped --output went
+    unnoticed): one warning line (stderr) says it, and the run goes on."""
+    import logging
+
+    data = _demos(tmp_path, n=8)
+    out = tmp_path / "fresh"
+    with caplog.at_level(logging.WARNING, logger="finegrain.training"):
+        assert main(["sft", "--data", str(data), "--output", str(out), "--from-scratch", "--vocab-size", "300",
+                     "--n-embd", "16", "--batch-size", "4", "--log-with", "none", "--resume"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "finegrain.training"]
+    assert said == [f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0"]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_the_default_max_length_is_cut_to_the_models_positions_without_a_warning(tmp_path, tiny_tokenizer, caplog):
+    """Every sft of a model with fewer than 512 positions warned "--max-length 512 is above ..." though the user
+    never gave it; a --max-length the user gives above them still warns."""
+    import logging
+
+    from conftest import make_tiny_model
+
+    from finegrain.models import save_checkpoint
+
+    save_checkpoint(tmp_path / "base", make_tiny_model(tiny_tokenizer, "causal", n_positions=64), tiny_tokenizer, {})
+    rows = [{"prompt": d["prompt"], "response": d["response"]} for d in make_demonstrations(4, seed=0)]
+    write_jsonl(tmp_path / "sft.jsonl", rows)
+    values = {"data": str(tmp_path / "sft.jsonl"), "model": str(tmp_path / "base"), "batch_size": 4,
+              "log_with": "none"}
+    for name, more, warned in (("default", {}, []), ("given", {"max_length": 100},
+                                                     [f"--max-length 100 is above the 64 positions of "
+                                                      f"{tmp_path / 'base'}; using 64"])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="finegrain.models"):
+            out = train_sft(build_config(SFTConfig, dict(values, output=str(tmp_path / name), **more)))
+        assert out["max_length"] == 64
+        assert [r.getMessage() for r in caplog.records if r.name == "finegrain.models"] == warned, name

@@ -72,4 +72,8 @@ def test_show_rewards_command(tmp_path, capsys):
     capsys.readouterr()
     assert main(["show-rewards", "--model", str(tmp_path / "sequence"), "--data", str(tmp_path / "pairs.jsonl"),
                  "--output", str(page)]) == 2
-    assert "needs a token reward model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs a token reward model" in err
+    from finegrain.rm.losses import loss_names  # every token loss is named, not two of them
+
+    assert f"(train one with --loss {', '.join(loss_names(kind='token'))})" in err and "token_label" in err, err

@@ -279,11 +279,13 @@ _OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "longforme
 
 
 def clamp_max_length(requested: int, name: str, trust_remote_code: bool = False, *, flag: str = "--max-length",
-                     config=None) -> int:
-    """``requested``, or the model's position limit with one warning line when the request is above it."""
+                     config=None, warn: bool = True) -> int:
+    """``requested``, or the model's position limit when the request is above it: with one warning line when
+    the user asked for more (``warn``), silently for a default the user never set."""
     limit = context_length(config if config is not None else load_config(name, trust_remote_code))
     if limit is not None and requested > limit:
-        logger.warning("%s %d is above the %d positions of %s; using %d", flag, requested, limit, name, limit)
+        if warn:
+            logger.warning("%s %d is above the %d positions of %s; using %d", flag, requested, limit, name, limit)
         return limit
     return requested
 

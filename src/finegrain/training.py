@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -70,6 +71,8 @@ import torch
 
 from . import speed
 from .errors import ConfigError, FinegrainError, InputError, TrainingError
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -150,14 +153,17 @@ def save_training_state(output: str | Path, step: int, accelerator, state: dict[
 
 def resume_training_state(output: str | Path, accelerator, *, expect: dict[str, Any], differs: str, scheduler=None,
                           restore: Callable[[dict], None] | None = None) -> dict[str, Any] | None:
-    """Restore the newest checkpoint of ``output`` into the prepared objects; its state.json, or None if none.
+    """Restore the newest checkpoint of ``output`` into the prepared objects; its state.json, or None if none
+    (said in one warning line).
 
     ``restore(state)`` takes the trainer's own running state back (an :class:`InputError` it
     raises is reported against state.json). Afterwards each ``expect`` item (a data fingerprint)
     must equal the checkpoint's, else a :class:`ConfigError` says ``differs``.
     """
     found = checkpoint_dirs(output)
-    if not found:
+    if not found:  # said, not silent: a mistyped --output would otherwise train again from the start unnoticed
+        if accelerator.is_main_process:
+            logger.warning("--resume: no checkpoint in %s; starting from step 0", Path(output) / CHECKPOINTS)
         return None
     state = load_training_state(found[-1], accelerator, scheduler=scheduler, restore=restore)
     if any(state.get(k) != v for k, v in expect.items()):
@@ -523,17 +529,21 @@ def save_model_into(output: Path, model, tokenizer, meta: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def refuse_changed_options(saved: Any, options: dict[str, Any], ckpt: Path) -> None:
+def refuse_changed_options(saved: Any, options: dict[str, Any], ckpt: Path, hints: dict[str, str] | None = None
+                           ) -> None:
     """Refuse a resume whose ``options`` differ from those checkpoint ``ckpt`` recorded (``saved``, the
     ``options`` entry of its state.json; a checkpoint that recorded none is not checked): the resumed
-    steps would take other data or update otherwise than the run they continue."""
+    steps would take other data or update otherwise than the run they continue. ``hints`` adds a trainer's
+    word on an option to its refusal (ppo: a constant-rate run can take more --steps)."""
     if not isinstance(saved, dict):
         return
     for name, value in json.loads(json.dumps(options)).items():  # as state.json holds them (tuples as lists)
         if name in saved and saved[name] != value:
             what = "the number of processes" if name == "processes" else f"--{name.replace('_', '-')}"
+            hint = f" ({hints[name]})" if hints and name in hints else ""
             raise ConfigError(f"cannot resume from {ckpt}: {what} is {value!r} here but was {saved[name]!r} in "
-                              "that run; resume with the options it was saved with, or start again without --resume")
+                              "that run; resume with the options it was saved with, or start again without "
+                              f"--resume{hint}")
 
 
 # ---------------------------------------------------------------- the supervised loop (sft, train-rm)

@@ -91,7 +91,7 @@ def edit_pairs(cfg: EditConfig) -> dict[str, Any]:
 
 def _edit_and_write(cfg: EditConfig, report, pairs, backend, price, t0: float, started: str) -> dict[str, Any]:
     """Ask for every edit (through the cache), apply the guards, write the three outputs; the summary."""
-    cache_path = resolve_cache_path(cfg.cache, cfg.output)
+    cache_path = resolve_cache_path(cfg.cache, cfg.output, backend)
     jobs = _jobs(pairs, backend)
     outcomes = run_cached(jobs, backend.edit, kind="edit", backend=backend, result_cls=EditResult,
                           cache_path=cache_path, policy=cfg.retry_policy(), seed=cfg.seed, desc=f"edit ({cfg.backend})")

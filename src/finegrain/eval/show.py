@@ -198,8 +198,10 @@ def show_rewards(cfg: ShowRewardsConfig) -> dict:
     items = load_comparisons(cfg.data, cfg.pairs, skip_invalid=cfg.skip_invalid)[: cfg.n]
     rm = RewardModel.load(cfg.model, trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_length)
     if rm.kind != "token":
+        from ..rm.losses import loss_names  # every token loss, as declared: the hint never falls behind them
+
         raise ConfigError(f"{cfg.model} is a sequence reward model; show-rewards needs a token reward model "
-                          "(train one with --loss token_edit or token_mean)")
+                          f"(train one with --loss {', '.join(loss_names(kind='token'))})")
     centre = rm.meta.get("flaw_threshold")
     page = token_reward_html(_views(rm, items, cfg.batch_size, cfg.mark_changed), title=f"Per-token rewards of {cfg.model}",
                              centre=centre, centre_label="the flaw threshold train-rm chose on its training pairs")

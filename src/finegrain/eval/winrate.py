@@ -259,7 +259,7 @@ def winrate(cfg: WinrateConfig) -> dict[str, Any]:
     requests = [judge_request(ex) for ex in examples]
     jobs = [make_job("judge", backend, ex.id, r, r.instruction, r.output_1, r.output_2)
             for ex, r in zip(examples, requests)]
-    cache_path = resolve_cache_path(cfg.cache, cfg.output)
+    cache_path = resolve_cache_path(cfg.cache, cfg.output, backend)
     price = cfg.price(cfg.judge, judge_model)
     outcomes = run_cached(jobs, backend.judge, kind="judge", backend=backend, result_cls=JudgeResult,
                           cache_path=cache_path, policy=cfg.retry_policy(), seed=cfg.seed, desc=f"judge ({cfg.judge})")

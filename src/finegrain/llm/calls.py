@@ -30,7 +30,8 @@ class LLMCallConfig:
     api_key_env: str | None = opt(None, "environment variable holding the API key (default ANTHROPIC_API_KEY or "
                                         "OPENAI_API_KEY); keys are never read from flags or files")
     cache: str | None = opt(None, "SQLite cache of answers (default: OUTPUT_BASE.cache.sqlite beside the output; "
-                                  "'none' disables); share one file between runs to never pay twice")
+                                  "'none' disables; the file and sandbox backends, free to ask again, have none); "
+                                  "share one file between runs to never pay twice")
     concurrency: int = opt(8, "requests in flight at once")
     requests_per_minute: float = opt(0.0, "cap on request starts per minute (0 = no cap)")
     timeout: float = opt(120.0, "seconds per request attempt (0 = no limit)")
@@ -93,7 +94,11 @@ def output_base(path: str) -> str:
     return re.sub(r"(\.jsonl|\.json|\.parquet)?(\.gz)?$", "", path)
 
 
-def resolve_cache_path(cache: str | None, output: str) -> str | None:
+def resolve_cache_path(cache: str | None, output: str, backend: Any = None) -> str | None:
+    """The answer cache's path: ``--cache``, else beside ``output``; None for 'none' or for a ``backend`` that is
+    not ``cacheable`` (a file or the sandbox: an empty cache file would only mislead)."""
+    if backend is not None and not getattr(backend, "cacheable", True):
+        return None
     if cache is None:
         return output_base(output) + ".cache.sqlite"
     return None if cache.lower() in ("", "none", "off") else cache

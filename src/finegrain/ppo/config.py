@@ -121,7 +121,8 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     # --- bookkeeping
     save_every: int = opt(50, "checkpoint every N steps (and at the end)", ge=1)
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", ge=1)
-    sample_every: int = opt(10, "write sample generations to samples.jsonl every N steps (0: never)", ge=0)
+    sample_every: int = opt(10, "write sample generations to samples.jsonl every N steps and at the last (0: never)",
+                            ge=0)
     num_samples: int = opt(4, "generations written per sampling", ge=0)
 
     def validate(self) -> None:

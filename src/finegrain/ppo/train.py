@@ -8,7 +8,7 @@ Output directory::
 
     config.json            the full resolved config (written at the start)
     metrics.jsonl          one JSON object per step (see :func:`step_metrics`)
-    samples.jsonl          sample generations every --sample-every steps
+    samples.jsonl          sample generations every --sample-every steps and at the last
     checkpoints/step-N/    resumable checkpoints, the format of every trainer (:mod:`finegrain.training`):
                            weights (policy and value model), optimizer, RNG, state.json with the step,
                            the prompts' fingerprint, KL controller and reward statistics
@@ -162,6 +162,11 @@ def resumed_options(cfg: PPOConfig, processes: int) -> dict:
     under the linear learning-rate schedule (which decays over them; a constant rate lets a run be extended)."""
     free = _FREE_ON_RESUME | ({"steps"} if cfg.lr_schedule != "linear" else set())
     return {"processes": processes, **{k: v for k, v in to_dict(cfg).items() if k not in free}}
+
+
+RESUME_HINTS = {"steps": "a run made with --lr-schedule constant can be resumed with more --steps; this one "
+                         "decays its rate over the --steps it was started with"}
+"""What a refused resume adds about an option (:func:`finegrain.training.refuse_changed_options`)."""
 
 
 def running_state(e: Engine, steps_done: int) -> dict:
@@ -453,7 +458,7 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
                                       differs="the prompts differ from that run's (same --prompts, "
                                               "--prompt-field, --prompt-template and policy tokenizer needed)")
         if state is not None:
-            refuse_changed_options(state.get("options"), options, checkpoint_dirs(out)[-1])
+            refuse_changed_options(state.get("options"), options, checkpoint_dirs(out)[-1], RESUME_HINTS)
     start = state["step"] if state is not None else 0
     main = acc.is_main_process
     resume_at = start + 1 if cfg.resume else None
@@ -470,7 +475,8 @@ def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerato
         check_finite(step + 1, line, ("reward", "loss"))
         metrics.log(line)
         acc.log({k: v for k, v in line.items() if k != "step"}, step=step + 1)
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+        # and at the last step, so that a run shorter than --sample-every has samples too
+        if cfg.sample_every and ((step + 1) % cfg.sample_every == 0 or step + 1 == cfg.steps):
             for row in sample_records(step + 1, r, cfg.num_samples):
                 samples.log(row)
         bar.set_postfix(reward=f"{line['reward']:.3f}", kl=f"{line['kl']:.3f}", refresh=False)  # drawn by update(),

@@ -7,6 +7,8 @@ from ..config import ModelOptions, PrecisionOptions, TrainingOptions, opt
 from ..errors import ConfigError
 from .losses import LOSSES, loss_names
 
+DEFAULT_MAX_LENGTH = 1024
+"""train-rm's ``--max-length`` when none is given (cut to a loaded model's positions without a warning)."""
 U0_LABELS = {"good": 1.0, "neutral": 0.5, "none": None}
 """``--u0-label``: the target P(good) of unchanged tokens in the per-token label term (None: unlabelled)."""
 
@@ -27,6 +29,9 @@ class TrainRMConfig(TrainingOptions):
     eval_fraction: float = opt(0.05, "fraction of --data held out for evaluation when --eval-data is not given "
                                      "(by pair id, deterministic given --seed; 0 = no evaluation)")
     batch_size: int = opt(8, "pairs per micro-batch per process")
+    max_length: int | None = opt(None, "maximum tokens per (prompt, response); the prompt is cut from the left "
+                                       f"first (default: {DEFAULT_MAX_LENGTH}, or the model's positions when fewer)",
+                                 ge=2)
     lr: float | None = opt(None, "peak learning rate (default: 1e-5 for a pretrained backbone, 1e-3 for a model "
                                  "built --from-scratch, which needs far larger steps)")
     eval_every: int = opt(50, "evaluate every N optimizer steps (0 = only at the end)", ge=0)
@@ -93,7 +98,8 @@ class EvalRMConfig(ModelOptions, PrecisionOptions):
     pairs: str = opt("edit", "preference: chosen > rejected; edit: edited > rejected", choices=["preference", "edit"])
     batch_size: int = opt(16, "responses per forward pass")
     max_length: int | None = opt(None, "maximum tokens per input (default: the value the model was trained with)")
-    skip_invalid: bool = opt(False, "skip invalid records instead of stopping")
+    skip_invalid: bool = opt(False, "skip invalid records (listed in DATA.rejects.jsonl beside a local file) "
+                                    "instead of stopping")
     flaw_threshold: float | None = opt(None, "token RMs: tokens with a reward below this are called flawed for the "
                                              "span and token precision/recall (default: the threshold train-rm "
                                              "chose on the RM's own training-side pairs, in its finegrain.json)")

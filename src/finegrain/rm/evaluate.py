@@ -195,11 +195,11 @@ def warn_if_seen_in_training(data: str, meta: dict) -> str | None:
 
 def evaluate_reward_model(cfg: EvalRMConfig) -> dict:
     """Accuracy (and token AUROC) of ``cfg.model`` on ``cfg.data``; written to ``cfg.output`` as JSON."""
-    from .data import load_comparisons
+    from .data import load_comparisons_report
     from .model import RewardModel
     from ..models import load_dtype
 
-    items = load_comparisons(cfg.data, cfg.pairs, skip_invalid=cfg.skip_invalid)
+    items, report = load_comparisons_report(cfg.data, cfg.pairs, skip_invalid=cfg.skip_invalid)
     rm = RewardModel.load(cfg.model, dtype=load_dtype(cfg.dtype, cfg.model, cfg.trust_remote_code),
                           trust_remote_code=cfg.trust_remote_code,
                           max_length=cfg.max_length)
@@ -215,7 +215,10 @@ def evaluate_reward_model(cfg: EvalRMConfig) -> dict:
     result: dict = {"accuracy": acc, "accuracy_se": math.sqrt(acc * (1 - acc) / n), "n_pairs": n,
                     "ties": int((margins == 0).sum()), "mean_margin": float(margins.mean()),
                     "n_truncated": sum(b.truncated or w.truncated for b, w in zip(better, worse)),
-                    "kind": rm.kind, "model": cfg.model, "data": cfg.data, "pairs": cfg.pairs}
+                    "kind": rm.kind, "model": cfg.model, "data": cfg.data, "pairs": cfg.pairs,
+                    # what n_pairs leaves out, as train-rm and edit count it: a reader sees the figures' coverage
+                    "n_rejected": report.n_rejected, "n_dropped_unchanged": report.n_unchanged,
+                    "rejects": report.rejects_path}
     if r_worse is not None and r_better is not None:
         source, labels = flawed_token_labels(items, better, worse, cfg.pairs, rm.tokenizer)
         use = [i for i, lab in enumerate(labels) if lab is not None]

@@ -30,7 +30,7 @@ from ..speed import keep_freed_memory
 from ..tracking import resolve_log_with
 from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, refuse_stale_checkpoints,
                         save_model_into)
-from .config import U0_LABELS, TrainRMConfig
+from .config import DEFAULT_MAX_LENGTH, U0_LABELS, TrainRMConfig
 from .data import PairBatch, PairFeatures, collate_pairs, featurize, load_comparisons_report, split_by_id
 from .losses import LOSSES, edit_token_labels, loss_names, mean_reward, token_label_loss, u0_consistency
 from .inputs import check_view
@@ -307,7 +307,8 @@ def final_meta(cfg: TrainRMConfig, data: RMData, steps: int, last: dict, max_len
             "n_eval": len(data.eval), "n_dropped_unchanged": data.n_dropped_unchanged,
             "n_dropped_unchanged_eval": data.n_dropped_unchanged_eval,
             "n_dropped_truncated": data.n_dropped_truncated, "n_rejected": data.n_rejected,
-            "steps": steps, **{k: v for k, v in last.items() if k.startswith("eval_")}, "config": to_dict(cfg)}
+            "steps": steps, "lr": cfg.learning_rate, **{k: v for k, v in last.items() if k.startswith("eval_")},
+            "config": to_dict(cfg)}
 
 
 def warn_if_still_improving(curve: list[dict], cfg: TrainRMConfig) -> bool:
@@ -343,8 +344,13 @@ def train_reward_model(cfg: TrainRMConfig) -> dict:
     refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output))
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     check_view(tok, cfg.token_view)
-    if not cfg.from_scratch:  # a new model is built with --max-length positions
-        cfg = dataclasses.replace(cfg, max_length=clamp_max_length(cfg.max_length, cfg.model, cfg.trust_remote_code))
+    # the values used, not None, in the summary, finegrain.json and checkpoints: the default learning rate of this
+    # start, and --max-length (a new model is built with that many positions; a loaded one's limit caps it, said
+    # only when --max-length was given)
+    max_length = cfg.max_length if cfg.max_length is not None else DEFAULT_MAX_LENGTH
+    if not cfg.from_scratch:
+        max_length = clamp_max_length(max_length, cfg.model, cfg.trust_remote_code, warn=cfg.max_length is not None)
+    cfg = dataclasses.replace(cfg, lr=cfg.learning_rate, max_length=max_length)
     data = prepare_data(cfg, tok)                       # bad data fails before any model is loaded
     accelerator = Accelerator(log_with=resolve_log_with(cfg.log_with) or None, project_dir=str(output),
                               mixed_precision=cfg.mixed_precision)

@@ -11,6 +11,10 @@ from ..errors import ConfigError
 SCRATCH_SIZES = ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions")  # options of --from-scratch only
 
 
+DEFAULT_MAX_LENGTH = 512
+"""sft's ``--max-length`` when none is given (cut to the model's positions without a warning)."""
+
+
 @dataclass(kw_only=True)
 class SFTConfig(TrainingOptions):
     """Supervised fine-tuning of a causal LM on prompt/response data (loss on response tokens only)."""
@@ -28,7 +32,8 @@ class SFTConfig(TrainingOptions):
     n_positions: int = opt(256, "with --from-scratch: maximum positions")
     batch_size: int = opt(8, "records per micro-batch per process")
     lr: float = opt(2e-5, "peak learning rate")
-    max_length: int = opt(512, "maximum tokens per record; the prompt is cut from the left first")
+    max_length: int | None = opt(None, "maximum tokens per record; the prompt is cut from the left first (default: "
+                                       f"{DEFAULT_MAX_LENGTH}, or the model's positions when fewer)", ge=2)
     eval_fraction: float = opt(0.0, "fraction of records held out (by content hash) to report eval_loss")
     save_every: int = opt(0, "write a resumable checkpoint every N optimizer steps (0 = never)")
 

@@ -9,6 +9,7 @@ the final checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..speed import keep_freed_memory
 from ..training import (SupervisedLoop, SupervisedStage, checkpoint_dirs, fingerprint, held_out,
                         refuse_stale_checkpoints, save_model_into)
 from ..tracking import MetricsLog, resolve_log_with
-from .config import SFTConfig
+from .config import DEFAULT_MAX_LENGTH, SFTConfig
 from .data import IGNORE_INDEX, SFTBatch, SFTExample, SFTRecord, build_sft_example, collate_sft, load_sft_records
 
 
@@ -99,12 +100,13 @@ def vocab_fingerprint(tok) -> str:
     return fingerprint([repr(sorted(tok.get_vocab().items()))])
 
 
-def model_max_length(cfg: SFTConfig, model) -> int:
+def model_max_length(cfg: SFTConfig, model, *, given: bool = True) -> int:
     """--max-length, capped by the model's position limit when it has one (one warning line for a loaded
-    model; a model built --from-scratch has the --n-positions it was asked for)."""
+    model when the user gave the option, ``given``; a model built --from-scratch has the --n-positions it was
+    asked for)."""
     if cfg.from_scratch:
         return min(cfg.max_length, cfg.n_positions)
-    return clamp_max_length(cfg.max_length, cfg.model, config=model.config)
+    return clamp_max_length(cfg.max_length, cfg.model, config=model.config, warn=given)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -128,6 +130,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     """Fine-tune (or train from scratch) a causal LM as ``cfg`` says; return a summary."""
     from accelerate import Accelerator
 
+    given = cfg.max_length is not None  # (the default is cut to the model's positions without a warning)
+    cfg = dataclasses.replace(cfg, max_length=cfg.max_length if given else DEFAULT_MAX_LENGTH)
     output = Path(cfg.output)
     refuse_stale_checkpoints(output, cfg.resume, checkpoint_dirs(output))
     rejects = output / "rejects.jsonl" if cfg.skip_invalid else None  # bad data fails first
@@ -136,7 +140,7 @@ def train_sft(cfg: SFTConfig) -> dict:
                               mixed_precision=cfg.mixed_precision)
     keep_freed_memory(accelerator.device.type)
     model, tok = build_policy(cfg, records, accelerator.device.type)
-    max_length = model_max_length(cfg, model)
+    max_length = model_max_length(cfg, model, given=given)
     data = prepare_data(cfg, records, n_skipped, tok, max_length)
     loop = SupervisedLoop(cfg, output, accelerator, model, len(data.train))
     loop.resume({"data_fingerprint": data.fingerprint, "tokenizer": vocab_fingerprint(tok)},

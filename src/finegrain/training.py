@@ -58,6 +58,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import time
 import warnings
@@ -134,7 +135,8 @@ def save_training_state(output: str | Path, step: int, accelerator, state: dict[
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)  # weights, optimizer, scaler (sharded where they are)
+    with _quiet_tied_weights():
+        accelerator.save_state(str(tmp), safe_serialization=True)  # weights, optimizer, scaler (sharded where they are)
     (tmp / f"{RNG_STATE_NAME}_{rank}.pkl").unlink(missing_ok=True)  # pickled NumPy state: ours replaces it
     torch.save(rng_state(), tmp / RNG_FILE.format(rank=rank))
     if accelerator.is_main_process and scheduler is not None:
@@ -267,6 +269,28 @@ def _reason(error: Exception) -> str:
         return "the file ends too early (truncated)"
     first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:200]
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" warning when every name in it is an LM
+    head, which transformers ties to the input embedding (GPT-2, SmolLM2) and loading ties again (the resume
+    tests check the resumed run step for step): noise at every checkpoint. Other shared tensors still warn."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        names = re.findall(r"'([^']+)'", msg)
+        return not ("Removed shared tensor" in msg and names
+                    and all(n == "lm_head.weight" or n.endswith(".lm_head.weight") for n in names))
+
+
+@contextlib.contextmanager
+def _quiet_tied_weights():
+    log, note = logging.getLogger("accelerate.utils.other"), _TiedWeightsNote()
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
 
 
 @contextlib.contextmanager

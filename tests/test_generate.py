@@ -167,6 +167,21 @@ def test_hf_editor_backend_batches_a_local_model(tmp_path, tiny_dir, tiny_tokeni
     assert edit_pairs(bf16)["n_requests"] == 5
 
 
+def test_hf_backend_batches_sample_with_seeds_of_their_own(tiny_dir, monkeypatch):
+    """Every batch was sampled with seed 0: at temperature > 0 each batch position drew the same random stream."""
+    import finegrain.generation as generation
+    from finegrain.llm.local import HFChatClient
+
+    seeds, real = [], generation.sample
+    monkeypatch.setattr(generation, "sample", lambda *a, **kw: seeds.append(kw["generator_seed"]) or real(*a, **kw))
+    client = HFChatClient(tiny_dir, max_tokens=4, temperature=1.0, batch_size=2)
+    first = client._generate(["Task 1", "Task 2"])
+    client._generate(["Task 3", "Task 4"])
+    again = client._generate(["Task 1", "Task 2"])
+    assert seeds[0] != seeds[1] and seeds[2] == seeds[0]  # other batches draw apart; the same batch again the same
+    assert [c.text for c in again] == [c.text for c in first]
+
+
 def test_hf_judge_backend_runs_and_a_run_with_nothing_judged_writes_nothing(tmp_path, tiny_tokenizer):
     from finegrain.eval.winrate import WinrateConfig, winrate
 

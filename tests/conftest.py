@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import shutil
 import sys
@@ -15,6 +16,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FINEGRAIN_PROGRESS", "0")
 
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench_run():
+    """benchmarks/run.py as a module (its directory on sys.path while a test module uses it)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("run")
+    finally:
+        sys.path.remove(str(BENCH))
 
 def _declared_entry_points_missing_from_install() -> None:
     """Make the entry points that pyproject.toml declares visible when the installed metadata predates them.

@@ -4,22 +4,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def bench_run():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("run")
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _step_s(model: str, length: int, batch: int, system: str) -> float:

@@ -401,8 +401,13 @@ def batch_seed(seed: int, start: int) -> int:
     ``--seed 16`` at batch 16) drew every batch but one with another run's random stream, coupling samples that
     were meant to be independent (two candidate responses per prompt, say).
     """
-    digest = hashlib.blake2b(f"finegrain-generate:{seed}:{start}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.manual_seed takes it
+    return hashed_seed(f"finegrain-generate:{seed}:{start}")
+
+
+def hashed_seed(text: str) -> int:
+    """A 63-bit seed (any torch.manual_seed takes it) hashed from ``text``: equal texts, equal seeds."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], *, template: str | None = None, batch_size: int = 8,

@@ -91,10 +91,9 @@ def texts_seed(texts: Sequence[str]) -> int:
     >>> texts_seed(["a", "b"]) == texts_seed(["a", "b"]) != texts_seed(["a", "c"])
     True
     """
-    import hashlib
+    from ..generation import hashed_seed
 
-    digest = hashlib.blake2b("\x1f".join(texts).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.manual_seed takes it
+    return hashed_seed("\x1f".join(texts))
 
 
 class HFChatClient:

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from finegrain.ppo import core
 
@@ -86,6 +88,51 @@ def test_scale_token_rewards():
     # mean: divided by T = 4 RM positions (3 tokens + closing token): [.5, 1, 1.5], sum 3 = Eq. 1 mean of (2,4,6,0)
     assert torch.allclose(core.scale_token_rewards(r, m, "mean", t([4])), t([[0.5, 1.0, 1.5]]))
     assert torch.allclose(core.scale_token_rewards(r, m, "mean"), t([[2 / 3, 4 / 3, 2.0]]))
+
+
+def test_scale_token_rewards_prefix_by_hand():
+    # prefix means of (2, 4, 6): 2, 3, 4 -> steps 2, 1, 1 (sum 4 = Eq. 1's mean); padding gets 0
+    r, m = t([[2.0, 4.0, 6.0, 9.0], [-1.0, 3.0, 0.0, 0.0]]), t([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert torch.allclose(core.scale_token_rewards(r, m, "prefix"), t([[2.0, 1.0, 1.0, 0.0], [-1.0, 2.0, 0.0, 0.0]]))
+    # T = 4 RM positions for 3 policy tokens: c = 3 / 4 -> 1.5, 0.75, 0.75 (sum 3 = (2 + 4 + 6 + 0) / 4)
+    got = core.scale_token_rewards(r[:1], m[:1], "prefix", t([4]))
+    assert torch.allclose(got, t([[1.5, 0.75, 0.75, 0.0]]))
+    with pytest.raises(ValueError, match="raw, mean or prefix"):
+        core.scale_token_rewards(r, m, "median")
+
+
+def test_prefix_credits_a_longer_answer_with_its_effect_on_the_mean():
+    """The return from token t (gamma = lam = 1, V = 0) is what tokens t.. do to Eq. 1's mean under ``prefix``;
+    under ``mean`` it leaves out that a longer answer divides the earlier tokens' rewards by a larger T."""
+    zero = torch.zeros(1, 4)
+    long_r, long_m = t([[4.0, 4.0, 1.0, 1.0]]), t([[1, 1, 1, 1]])    # two more tokens of reward 1
+    short_r, short_m = t([[4.0, 4.0, 0.0, 0.0]]), t([[1, 1, 0, 0]])  # stops after two tokens
+    # Eq. 1: the long answer's mean is 10 / 4 = 2.5, the short one's 8 / 2 = 4: going on costs 1.5
+    for scale, cont, stop in (("prefix", 2.5 - 4.0, 0.0), ("mean", 2 / 4, 0.0)):
+        ret_long, _ = core.gae(core.scale_token_rewards(long_r, long_m, scale), zero, long_m, 1.0, 1.0)
+        ret_short, _ = core.gae(core.scale_token_rewards(short_r, short_m, scale), zero, short_m, 1.0, 1.0)
+        # the decision point is token 3: what the answer earns from there on, going on against stopping
+        assert ret_long[0, 2].item() == pytest.approx(cont) and ret_short[0, 2].item() == pytest.approx(stop)
+    # prefix: tokens 3-4 get (1 - 4) / 3 = -1 and (1 - 3) / 4 = -0.5, summing to -1.5 = 2.5 - 4;
+    # mean: they get 1 / 4 each, +0.5, though the answer's Eq. 1 falls by 1.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=1, max_size=12), st.integers(0, 4), st.integers(0, 3))
+def test_prefix_rewards_sum_to_eq1_and_see_no_later_token(rs, pad, extra):
+    """Summed, they are Eq. 1's mean over n_scored positions; token t's reward ignores every token after it."""
+    n = len(rs)
+    r = torch.tensor([rs + [7.0] * pad], dtype=torch.float64)
+    m = torch.tensor([[1.0] * n + [0.0] * pad], dtype=torch.float64)
+    n_scored = torch.tensor([n + extra])
+    got = core.scale_token_rewards(r, m, "prefix", n_scored)
+    assert math.isclose(float(got.sum()), sum(rs) / (n + extra), abs_tol=1e-9)
+    assert float(got[0, n:].abs().sum()) == 0.0
+    for k in range(n):  # change every token after k: rewards up to k stay
+        r2 = r.clone()
+        r2[0, k + 1:n] += 3.0
+        again = core.scale_token_rewards(r2, m, "prefix", n_scored)
+        assert torch.allclose(again[0, :k + 1], got[0, :k + 1])
 
 
 def test_gae_by_hand():

@@ -352,9 +352,10 @@ def test_resume_restores_the_kl_controller_reward_statistics_and_optimizer(tmp_p
         train_ppo(toy_config(dict(ws, prompts=str(other)), crashed, resume=True, **dict(kw, steps=4)))
 
 
-def test_cross_tokenizer_run_keeps_each_responses_eq1_reward(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("scale", ["mean", "prefix"])
+def test_cross_tokenizer_run_keeps_each_responses_eq1_reward(tmp_path, tiny_tokenizer, scale):
     """Policy (word-level) and RM (byte-level BPE) tokenise differently: with --token-reward-scale mean
-    the per-token rewards of every sampled response sum to the RM's Eq. 1 score of that response."""
+    or prefix the per-token rewards of every sampled response sum to the RM's Eq. 1 score of that response."""
     from conftest import make_tiny_model
 
     from finegrain.ppo.train import train_ppo
@@ -363,7 +364,7 @@ def test_cross_tokenizer_run_keeps_each_responses_eq1_reward(tmp_path, tiny_toke
     save_checkpoint(tmp_path / "bpe_rm", make_tiny_model(tiny_tokenizer, "token", seed=9), tiny_tokenizer,
                     {"kind": "token"})
     cfg = toy_config(ws, tmp_path / "out", reward_model=str(tmp_path / "bpe_rm"), cross_tokenizer=True, steps=2,
-                     sample_every=1, num_samples=8, token_reward_scale="mean", kl_coef=0.0)
+                     sample_every=1, num_samples=8, token_reward_scale=scale, kl_coef=0.0)
     train_ppo(cfg)
     samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 16

@@ -80,7 +80,9 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     target_kl: float = opt(6.0, "target summed KL per response for --adaptive-kl (Ziegler et al.: 6)", gt=0)
     kl_horizon: int = opt(10000, "horizon of the adaptive KL controller, in rollouts (Ziegler et al.: 10000)", ge=1)
     token_reward_scale: str = opt("mean", "token mode: raw = r_t as the RM gives it; mean = r_t / T so a response's "
-                                  "rewards sum to Eq. 1", choices=["raw", "mean"])
+                                  "rewards sum to Eq. 1; prefix = the change token t makes to the mean reward of the "
+                                  "tokens so far (also sums to Eq. 1, and each reward depends on the tokens up to t "
+                                  "only)", choices=["raw", "mean", "prefix"])
     reward_clip: float | None = opt(None, "clip RM scores and token rewards to [-c, c] (null: no clipping)", gt=0)
     reward_norm: bool = opt(False, "standardise RM rewards by running mean/std statistics (over all steps)")
     whiten_rewards: bool = opt(False, "whiten the per-token rewards of each step (scale only) before GAE")

@@ -121,20 +121,34 @@ def assemble_rewards(kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, *, sc
 
 def scale_token_rewards(token_rewards: torch.Tensor, mask: torch.Tensor, scale: str,
                         n_scored: torch.Tensor | None = None) -> torch.Tensor:
-    """``raw``: r_t as is; ``mean``: r_t / T, so that a response's rewards sum to Eq. 1's mean.
+    """Per-token PPO rewards from the RM's r_t (B, T); ``mask`` marks each row's response tokens (a prefix).
+
+    ``raw``: r_t as is. ``mean``: r_t / T, so that a response's rewards sum to Eq. 1's mean.
+    ``prefix``: the change token t makes to the mean of the rewards so far, c (mu_t - mu_{t-1}) with
+    mu_t = (r_1 + ... + r_t) / t and mu_0 = 0. These also sum to Eq. 1's mean (they telescope to
+    c mu_T), but each depends on the tokens up to t only: under ``mean`` the 1/T of every earlier
+    token is set by where the response ends, which no advantage after those tokens sees, so
+    writing one more sentence is credited its r_t / T and not its effect on the mean (a bias
+    towards longer answers whenever r_t > 0).
 
     ``n_scored`` (B,) is T as the reward model counted it (response tokens + closing token);
-    defaults to the number of policy tokens.
+    defaults to the number of policy tokens. ``prefix``'s c = policy tokens / ``n_scored`` (1 when
+    the two count alike) makes its sum Eq. 1's mean exactly.
     """
     if scale == "raw":
         return token_rewards * mask
+    n_policy = mask.sum(-1).to(token_rewards.dtype)
+    n = (n_scored.to(token_rewards.dtype) if n_scored is not None else n_policy).clamp(min=1.0)
     if scale == "mean":
-        n = (n_scored if n_scored is not None else mask.sum(-1)).to(token_rewards.dtype).clamp(min=1.0)
         return token_rewards * mask / n.unsqueeze(1)
-    raise ValueError(f"unknown token reward scale {scale!r} (raw or mean)")
+    if scale == "prefix":
+        x = token_rewards * mask
+        mu = x.cumsum(-1) / mask.cumsum(-1).clamp(min=1.0)
+        step = torch.diff(mu, dim=-1, prepend=torch.zeros_like(mu[:, :1]))
+        return step * mask * (n_policy / n).unsqueeze(1)
+    raise ValueError(f"unknown token reward scale {scale!r} (raw, mean or prefix)")
 
 
-# ----------------------------------------------------------------------------- advantages
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over right-padded responses.

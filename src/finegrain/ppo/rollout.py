@@ -327,7 +327,7 @@ def reward_statistic(rm: RewardOutput, s: RewardSettings) -> torch.Tensor:
     ``token_reward_scale``, the sum of r_t for ``raw`` and Eq. 1's mean (r_t / T summed) for ``mean``,
     so that dividing every r_t by the moments' std gives responses' totals a std of 1 at either scale.
     """
-    if s.mode == "sequence" or s.token_reward_scale == "mean":
+    if s.mode == "sequence" or s.token_reward_scale in ("mean", "prefix"):
         return rm.scores
     return rm.token_rewards.sum(-1)
 

@@ -99,8 +99,10 @@ class DemoConfig:
     token_kl_coef: float = opt(0.5, "PPO KL coefficient of the token-reward system. Sweep (RM token_mean_label, "
                                     "reward scale mean): 18.7/46.2/63.1/60.1/59.3/56.1 -> 0.5 (re-runs: "
                                     "18.2/43.2/61.9/60.4/62.1/57.3, 18.2/44.2/58.3/61.4/65.2/58.1)", ge=0)
-    token_reward_scale: str = opt("mean", "token-reward PPO: raw r_t, or r_t / T so a response's rewards sum to Eq. 1 "
-                                  "(the sweep: raw rewards pay for length and are exploited)", choices=["raw", "mean"])
+    token_reward_scale: str = opt("mean", "token-reward PPO: raw r_t, r_t / T so a response's rewards sum to Eq. 1 "
+                                  "(the sweep: raw rewards pay for length and are exploited), or prefix, the change "
+                                  "each token makes to the mean reward so far (also sums to Eq. 1)",
+                                  choices=["raw", "mean", "prefix"])
     token_rm: str = opt("token_mean_label", "token RM variant of the token-reward system (loss, plus -echo or -encoder for "
                                        "the backbone): the pick of `--rm-sweep`, see the README", choices=TOKEN_RMS)
     rm_sweep: bool = opt(False, "train every RM variant (backbone x loss, equal data and epochs), score each on the "

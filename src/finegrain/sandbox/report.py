@@ -370,7 +370,8 @@ def settings_line(m: dict) -> str:
             f"({m['sizes']['ppo_seeds']} seed(s) each), lr {c['ppo_lr']}; KL coefficient of the baseline "
             f"{c['baseline_kl_coef']}, of the edit-data sequence system {c['edit_seq_kl_coef']}; token-reward system: "
             f"RM {c.get('token_rm', 'token_edit')}, reward scale "
-            f"{c['token_reward_scale']} (raw = r_t, mean = r_t / T), KL coefficient {c['token_kl_coef']} "
+            f"{c['token_reward_scale']} (raw = r_t, mean = r_t / T, prefix = the change to the mean so far), "
+            f"KL coefficient {c['token_kl_coef']} "
             + ("(the demo defaults: each system's pick of an earlier sweep; this run's picks, if swept, in Findings)."
                if uses_default_kl(c) else "(not all the demo defaults; see Findings)."))
 

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 # win rate picked 0.5, the noise-free gold reward 1.0, with half the reward hacking): 1.0, the more
 # conservative of the two, is the default (README, Results).
 DEFAULT_KL_COEF = {"sequence": 0.05, "token": 1.0}
+TOKEN_REWARD_SCALES = ["raw", "mean", "prefix"]  # --token-reward-scale of ppo and demo (core.scale_token_rewards)
 # --value-lr's default with --value-init shared, as a multiple of --lr: the value group is then one zero-initialised
 # linear head. At --lr it learnt too slowly in the sandbox (quick demo of seed 11, PPO seeds 0-2: explained
 # variance 0.07-0.29 against 0.73-0.84 with a separate value model, and less gold reward); at 100 x --lr it reached
@@ -82,7 +83,7 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
     token_reward_scale: str = opt("mean", "token mode: raw = r_t as the RM gives it; mean = r_t / T so a response's "
                                   "rewards sum to Eq. 1; prefix = the change token t makes to the mean reward of the "
                                   "tokens so far (also sums to Eq. 1, and each reward depends on the tokens up to t "
-                                  "only)", choices=["raw", "mean", "prefix"])
+                                  "only)", choices=TOKEN_REWARD_SCALES)
     reward_clip: float | None = opt(None, "clip RM scores and token rewards to [-c, c] (null: no clipping)", gt=0)
     reward_norm: bool = opt(False, "standardise RM rewards by running mean/std statistics (over all steps)")
     whiten_rewards: bool = opt(False, "whiten the per-token rewards of each step (scale only) before GAE")

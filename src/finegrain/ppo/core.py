@@ -149,6 +149,7 @@ def scale_token_rewards(token_rewards: torch.Tensor, mask: torch.Tensor, scale: 
     raise ValueError(f"unknown token reward scale {scale!r} (raw, mean or prefix)")
 
 
+# ----------------------------------------------------------------------------- advantages
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over right-padded responses.

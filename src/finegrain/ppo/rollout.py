@@ -324,8 +324,8 @@ def reward_statistic(rm: RewardOutput, s: RewardSettings) -> torch.Tensor:
     """(B,) what ``--reward-norm``'s running moments track: each response's reward as PPO will see it.
 
     Sequence mode: the RM's score. Token mode: the response's total token reward at the chosen
-    ``token_reward_scale``, the sum of r_t for ``raw`` and Eq. 1's mean (r_t / T summed) for ``mean``,
-    so that dividing every r_t by the moments' std gives responses' totals a std of 1 at either scale.
+    ``token_reward_scale``, the sum of r_t for ``raw`` and Eq. 1's mean for ``mean`` and ``prefix`` (their
+    rewards sum to it), so that dividing every r_t by the moments' std gives responses' totals a std of 1.
     """
     if s.mode == "sequence" or s.token_reward_scale in ("mean", "prefix"):
         return rm.scores

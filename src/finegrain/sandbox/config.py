@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 from ..config import opt
 from ..errors import ConfigError
+from ..ppo.config import TOKEN_REWARD_SCALES
 
 TOKEN_LOSS_VARIANTS = ("token_edit", "token_mean", "token_edit_u0", "token_label", "token_mean_label")
 BACKBONE_SUFFIXES = {"policy": "", "echo": "-echo", "encoder": "-encoder"}
@@ -102,7 +103,7 @@ class DemoConfig:
     token_reward_scale: str = opt("mean", "token-reward PPO: raw r_t, r_t / T so a response's rewards sum to Eq. 1 "
                                   "(the sweep: raw rewards pay for length and are exploited), or prefix, the change "
                                   "each token makes to the mean reward so far (also sums to Eq. 1)",
-                                  choices=["raw", "mean", "prefix"])
+                                  choices=TOKEN_REWARD_SCALES)
     token_rm: str = opt("token_mean_label", "token RM variant of the token-reward system (loss, plus -echo or -encoder for "
                                        "the backbone): the pick of `--rm-sweep`, see the README", choices=TOKEN_RMS)
     rm_sweep: bool = opt(False, "train every RM variant (backbone x loss, equal data and epochs), score each on the "

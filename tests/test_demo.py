@@ -197,6 +197,8 @@ def test_sweep_points_share_one_grid_and_names_are_settings():
     assert run_name("baseline", "seq_pref", 0.5, "mean", 2) == "baseline-kl0.5-s2"
     assert run_name("edit_token", "token_mean", 0.05, "raw", 0) == "edit_token-kl0.05-raw-token_mean-s0"
     assert run_name("edit_token", "token_label", 1.0, "mean", 1) == "edit_token-kl1-token_label-s1"
+    assert run_name("edit_token", "token_label", 1.0, "prefix", 1, 8.0) == "edit_token-kl1-prefix-token_label-seq8-s1"
+    assert run_name("edit_seq", "seq_edit", 2.0, "mean", 0, 8.0) == "edit_seq-kl2-s0"  # token runs only
     # full preset: 300 of the 432 sandbox prompts evaluate, the other 132 validate, 3 samples each (>= 300)
     eval_prompts = make_prompts(300, 4, unique=True)
     val, passes = validation_prompts(cfg, eval_prompts)
@@ -466,3 +468,31 @@ def test_table_1_gives_the_kl_coefficient_as_set(quick_run):
     m["systems"]["edit_token"]["kl_coef"] = 0.001
     _, header, rows = tables(m)[0]
     assert [r[1] for r in rows if r[0] == m["systems"]["edit_token"]["label"]] == ["0.001"]
+
+
+@pytest.mark.slow  # quick_run runs `demo --smoke`, like the other tests that use it
+def test_token_sequence_coef_reruns_only_the_token_system_with_the_edit_sequence_rm(quick_run, tmp_path, capsys):
+    """--token-sequence-coef: the token system's PPO gets seq_edit as ppo's --sequence-reward-model (a run and a
+    name of its own); every other stage is reused, the other systems keep their runs, and the report says so."""
+    import shutil
+
+    from finegrain.config import build_config
+    from finegrain.sandbox.config import DemoConfig
+    from finegrain.sandbox.demo import ppo_config
+
+    out = tmp_path / "run"
+    shutil.copytree(quick_run, out)
+    capsys.readouterr()
+    assert main(["demo", "--smoke", "--out", str(out), "--seed", "0", "--token-sequence-coef", "2"]) == 0
+    err = capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    name = m["systems"]["edit_token"]["runs"][0]["name"]
+    assert name.endswith("-seq2-s0") and f"ppo_{name}: running" in err and "sft: reusing" in err
+    assert f"ppo_{m['systems']['edit_seq']['runs'][0]['name']}: reusing" in err
+    rows = [json.loads(x) for x in (out / "ppo" / name / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("sequence_score" in r for r in rows)
+    assert "plus seq_edit's standardised score x 2.0 at the last token" in (out / "report.md").read_text()
+    assert "--token-sequence-coef 2.0" in (out / "report.md").read_text()
+    cfg = build_config(DemoConfig, {"out": str(out), "token_sequence_coef": 2.0})
+    seq = ppo_config(cfg, out, "seq_edit", "sequence", 0, tmp_path / "x", kl=2.0, scale="mean")
+    assert seq.sequence_reward_model is None  # the sequence systems are untouched

@@ -116,6 +116,28 @@ def test_token_rewards_by_hand_with_clip_mean_scale_and_missing_eos_penalty():
                                                [1 / 6 - 0.2, -2 / 3 - 0.25 - 1.0, 0.0]]))
 
 
+def test_a_whole_response_term_joins_the_token_rewards_at_the_last_token():
+    """--sequence-reward-model: its standardised score x coef (``whole``, here [.8, -1.2]) is added at each
+    response's last token, beside the missing-EOS penalty; the token rewards of the test above are unchanged.
+    rewards [[1/3 - .05, -.1, 2/3 - .15 + .8], [1/6 - .2, -2/3 - .25 - 1 - 1.2, 0]]; gamma = lambda = 1 and
+    V = 0, so the advantages are the rewards to go."""
+    from finegrain.ppo.rollout import RewardSettings, process_rewards
+
+    r = _hand_rollout([True, False])
+    tr = t([[1.0, 0.0, 5.0], [0.5, -4.0, 9.0]])
+    s = RewardSettings("token", "k1", "mean", 2.0, 1.0, False, 1.0, 1.0, False)
+    got = process_rewards(r, RewardOutput(t([2.0, -0.5]), tr, t([3, 3])), 0.5, s, whole=t([0.8, -1.2]))
+    torch.testing.assert_close(got.token_rewards, t([[1 / 3, 0.0, 2 / 3], [1 / 6, -2 / 3, 0.0]]))
+    rewards = t([[1 / 3 - 0.05, -0.1, 2 / 3 - 0.15 + 0.8], [1 / 6 - 0.2, -2 / 3 - 0.25 - 1.0 - 1.2, 0.0]])
+    torch.testing.assert_close(got.rewards, rewards)
+    torch.testing.assert_close(got.advantages, rewards.flip(1).cumsum(1).flip(1))
+    # in sequence mode it adds to the RM's score in the same place
+    seq = process_rewards(r, RewardOutput(t([2.0, -0.5]), None, t([3, 3])), 0.5,
+                          RewardSettings("sequence", "k1", "raw", None, None, False, 1.0, 1.0, False),
+                          whole=t([0.8, -1.2]))
+    torch.testing.assert_close(seq.rewards, t([[-0.05, -0.1, -0.15 + 2.0 + 0.8], [-0.2, -0.25 - 0.5 - 1.2, 0.0]]))
+
+
 def test_adaptive_kl_controller_clips_the_error_below_too():
     ctl = core.AdaptiveKLController(0.2, target=6.0, horizon=1000)
     ctl.update(0.0, 50)  # error = clip(0 / 6 - 1, +-.2) = -.2 -> .2 * (1 - .2 * 50 / 1000) = .198

@@ -321,21 +321,24 @@ def test_sigkill_then_resume_gives_same_steps_and_metrics(tmp_path):
 
 def test_resume_restores_the_kl_controller_reward_statistics_and_optimizer(tmp_path):
     """Resumed from its step-1 checkpoint (the format every trainer writes), a run's steps 2 and 3 are the
-    uninterrupted run's: the adaptive KL coefficient, the running reward moments, the optimizer state, the
+    uninterrupted run's: the adaptive KL coefficient, the running moments of both reward models (--reward-norm's
+    and --sequence-reward-model's), the optimizer state, the
     accumulation phase and the RNG come back. A resume over other prompts is refused."""
     import shutil
 
     from finegrain.ppo.train import train_ppo
 
     ws = make_workspace(tmp_path)
+    save_checkpoint(tmp_path / "seq_rm", tiny(word_tokenizer(), "sequence", 3), word_tokenizer(), {"kind": "sequence"})
     kw = dict(steps=3, batch_size=4, grad_accum=2, adaptive_kl=True, reward_norm=True, save_every=1,
-              keep_checkpoints=3, lr_schedule="linear")
+              keep_checkpoints=3, lr_schedule="linear", sequence_reward_model=str(tmp_path / "seq_rm"))
     full = tmp_path / "full"
     train_ppo(toy_config(ws, full, **kw))
     ckpt = full / "checkpoints" / "step-00000001"
     assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.bin", "rng_0.pt", "state.json"]
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 1 and state["reward_moments"]["count"] > 0 and state["kl_controller"]["value"] > 0
+    assert state["sequence_moments"]["count"] == 4  # --sequence-reward-model's: one step of 4 scores
     crashed = tmp_path / "crashed"
     shutil.copytree(ckpt, crashed / "checkpoints" / ckpt.name)
     ref = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
@@ -344,7 +347,8 @@ def test_resume_restores_the_kl_controller_reward_statistics_and_optimizer(tmp_p
     rows = [json.loads(x) for x in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [1, 2, 3] and rows[1]["kl_coef"] != rows[0]["kl_coef"]
     for a, b in zip(rows[1:], ref[1:]):
-        for key in ("kl_coef", "reward", "kl", "policy_loss", "value_loss", "response_length"):
+        for key in ("kl_coef", "reward", "sequence_score", "total_reward", "kl", "policy_loss", "value_loss",
+                    "response_length"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"prompt": f"say few x {i}"}) + "\n" for i in range(16)))
@@ -388,6 +392,41 @@ def test_sequence_rm_run_with_value_model_from_the_rm(tmp_path):
     # initialised from the RM's backbone, then trained one step with lr 1e-3: still close to it
     w_rm, w_v = rm.transformer.wte.weight, value.transformer.wte.weight
     assert (w_rm - w_v).abs().max() < 0.05 and not torch.equal(w_rm, w_v)
+
+
+def test_a_sequence_reward_model_adds_its_standardised_score_at_the_last_token(tmp_path, monkeypatch):
+    """--sequence-reward-model beside a token RM: each step adds coef x (s - mean) / std of the second RM's
+    scores s, with the running mean and std of every score so far (step 2's over both steps' 16), to the
+    token rewards; the scores reach metrics.jsonl and samples.jsonl. A coef without the model is refused."""
+    import finegrain.ppo.train as train
+
+    tok = word_tokenizer()
+    ws = make_workspace(tmp_path)
+    save_checkpoint(tmp_path / "seq_rm", tiny(tok, "sequence", 3), tok, {"kind": "sequence"})
+    seen = []
+    real = train.process_rewards
+
+    def spy(r, rm, kl_coef, s, moments=None, whole=None):
+        seen.append((r.sequence_scores.clone(), whole.clone()))
+        return real(r, rm, kl_coef, s, moments, whole)
+
+    monkeypatch.setattr(train, "process_rewards", spy)
+    cfg = toy_config(ws, tmp_path / "out", steps=2, sample_every=1, num_samples=8,
+                     sequence_reward_model=str(tmp_path / "seq_rm"), sequence_reward_coef=0.5)
+    train.train_ppo(cfg)
+    assert len(seen) == 2
+    so_far = torch.cat([seen[0][0], seen[1][0]]).double()
+    for step, (scores, whole) in enumerate(seen):
+        pool = so_far[: 8 * (step + 1)]
+        mean, std = pool.mean(), pool.var(unbiased=False).sqrt()
+        assert scores.std() > 0  # a random RM: the scores differ, so the term is not a constant
+        torch.testing.assert_close(whole.double(), 0.5 * (scores.double() - mean) / std, atol=1e-5, rtol=1e-5)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [round(m["sequence_score"], 5) for m in rows] == [round(float(sc.mean()), 5) for sc, _ in seen]
+    samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [x["sequence_score"] for x in samples[:8]] == pytest.approx(seen[0][0].tolist(), abs=1e-6)
+    with pytest.raises(ConfigError, match="--sequence-reward-coef 2.0 weighs --sequence-reward-model's score"):
+        toy_config(ws, tmp_path / "other", sequence_reward_coef=2.0)
 
 
 def test_bf16_autocast_matches_fp32_first_step(tmp_path):

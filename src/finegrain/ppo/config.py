@@ -84,6 +84,13 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
                                   "rewards sum to Eq. 1; prefix = the change token t makes to the mean reward of the "
                                   "tokens so far (also sums to Eq. 1, and each reward depends on the tokens up to t "
                                   "only)", choices=TOKEN_REWARD_SCALES)
+    sequence_reward_model: str | None = opt(None, "a second reward model judging each whole response (its score: a "
+                                            "sequence RM's, or a token RM's Eq. 1 mean); standardised by its running "
+                                            "mean and std, x --sequence-reward-coef, it is added at the last token on "
+                                            "top of --reward-model's rewards: token rewards for what the edits fixed, "
+                                            "this score for what no token carries (length, coverage)")
+    sequence_reward_coef: float = opt(1.0, "weight of --sequence-reward-model's standardised score (with "
+                                      "--reward-norm the token rewards' totals have std 1 too)", ge=0)
     reward_clip: float | None = opt(None, "clip RM scores and token rewards to [-c, c] (null: no clipping)", gt=0)
     reward_norm: bool = opt(False, "standardise RM rewards by running mean/std statistics (over all steps)")
     whiten_rewards: bool = opt(False, "whiten the per-token rewards of each step (scale only) before GAE")
@@ -135,6 +142,9 @@ class PPOConfig(TrainerModelOptions, TrainerPrecisionOptions, LoggingOptions):
         if self.param_dtype == "bf16" and self.mixed_precision != "bf16":
             raise ConfigError(f"--param-dtype bf16 runs under bf16 autocast: add --mixed-precision bf16 (not "
                               f"{self.mixed_precision!r})")
+        if self.sequence_reward_model is None and self.sequence_reward_coef != 1.0:
+            raise ConfigError(f"--sequence-reward-coef {self.sequence_reward_coef} weighs --sequence-reward-model's "
+                              "score, and none is given: add --sequence-reward-model DIR")
         if self.adaptive_kl and self.initial_kl_coef() == 0:
             raise ConfigError("--adaptive-kl multiplies beta towards --target-kl, so a --kl-coef of 0 never moves; "
                               "give a positive initial --kl-coef")

@@ -195,6 +195,7 @@ class Rollout:
     values:              (B, Lr) V(s_t) of the value model before the update
     entropy:             (B, Lr) entropy of pi_old at each response position
     scores:              (B,) RM score (sequence RM score or a token RM's Eq. 1 mean), before any processing
+    sequence_scores:     (B,) --sequence-reward-model's score, before any processing (None without one)
     token_rewards:       (B, Lr) RM rewards on policy tokens after normalising/clipping/scaling (token mode;
                          None in sequence mode)
     kl:                  (B, Lr) per-token KL estimate
@@ -218,6 +219,7 @@ class Rollout:
     values: torch.Tensor
     entropy: torch.Tensor
     scores: torch.Tensor
+    sequence_scores: torch.Tensor | None = None
     token_rewards: torch.Tensor | None = None
     kl: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
@@ -333,18 +335,20 @@ def reward_statistic(rm: RewardOutput, s: RewardSettings) -> torch.Tensor:
 
 
 def process_rewards(r: Rollout, rm: RewardOutput, kl_coef: float, s: RewardSettings,
-                    moments: "core.RunningMoments | None" = None) -> Rollout:
+                    moments: "core.RunningMoments | None" = None, whole: torch.Tensor | None = None) -> Rollout:
     """Fill kl, token_rewards, rewards, non_score_rewards, advantages and returns of ``r``.
 
-    Order: RM output -> running normalisation (optional) -> clip -> token scale -> + (-beta KL)
-    and the missing-EOS penalty (:func:`core.assemble_rewards`) -> reward whitening (optional)
-    -> GAE -> advantage whitening.
+    Order: RM output -> running normalisation (optional) -> clip -> token scale -> + (-beta KL),
+    the missing-EOS penalty and ``whole`` (B,) at the last token (:func:`core.assemble_rewards`;
+    ``whole``: --sequence-reward-coef x the standardised score of --sequence-reward-model) ->
+    reward whitening (optional) -> GAE -> advantage whitening.
     """
     mask = r.response_mask.float()
     kl = core.kl_estimate(r.logprobs, r.ref_logprobs, s.kl_estimator) * mask
-    bonus = None
+    bonus = None if whole is None else whole.float()
     if s.missing_eos_penalty:
-        bonus = torch.where(r.ended, 0.0, -float(s.missing_eos_penalty)).float()
+        penalty = torch.where(r.ended, 0.0, -float(s.missing_eos_penalty)).float()
+        bonus = penalty if bonus is None else bonus + penalty
     if s.mode == "sequence":
         score = moments.normalise(rm.scores) if moments is not None else rm.scores
         if s.reward_clip is not None:
@@ -411,6 +415,8 @@ def rollout_stats(r: Rollout) -> dict[str, float]:
     }
     if r.token_rewards is not None:
         out["token_reward_sum"] = (r.token_rewards * mask).sum(-1).mean().item()
+    if r.sequence_scores is not None:
+        out["sequence_score"] = r.sequence_scores.mean().item()
     return out
 
 
@@ -419,7 +425,8 @@ def sample_records(step: int, r: Rollout, n: int) -> list[dict]:
     rows = []
     for i in range(min(n, len(r.prompts))):
         m = r.response_mask[i].bool()
-        rows.append({"step": step, "prompt": r.prompts[i], "response": r.texts[i], "score": float(r.scores[i]),
+        extra = {} if r.sequence_scores is None else {"sequence_score": float(r.sequence_scores[i])}
+        rows.append({"step": step, "prompt": r.prompts[i], "response": r.texts[i], "score": float(r.scores[i]), **extra,
                      "ended": bool(r.ended[i]), "length": int(m.sum()),
                      "token_rewards": [round(float(x), 4) for x in r.token_rewards[i][m]]
                      if r.token_rewards is not None else None})
@@ -427,9 +434,10 @@ def sample_records(step: int, r: Rollout, n: int) -> list[dict]:
 
 
 def make_rollout(prompts: Sequence[str], query_ids: Sequence[Sequence[int]], gen, fwd: dict[str, torch.Tensor],
-                 rm: RewardOutput) -> Rollout:
+                 rm: RewardOutput, sequence_scores: torch.Tensor | None = None) -> Rollout:
     """Assemble a :class:`Rollout` from the outputs of generation, the forward passes and the RM."""
     return Rollout(prompts=list(prompts), texts=list(gen.texts), query_ids=gen.query_ids, query_mask=gen.query_mask,
                    response_ids=gen.response_ids, response_mask=gen.response_mask, ended=gen.ended,
                    logprobs=fwd["logprobs"], ref_logprobs=fwd["ref_logprobs"], values=fwd["values"],
-                   entropy=fwd["entropy"], scores=rm.scores.float())
+                   entropy=fwd["entropy"], scores=rm.scores.float(),
+                   sequence_scores=None if sequence_scores is None else sequence_scores.float())

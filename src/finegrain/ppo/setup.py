@@ -22,6 +22,26 @@ from .rewards import tokenizers_match
 
 
 @dataclass
+class RewardModelInputs:
+    """What the pre-flight established about a reward model (nothing heavy is loaded yet).
+
+    path:           its directory
+    tokenizer:      its tokenizer
+    kind:           "token" or "sequence"
+    max_length:     its input length when scoring
+    same_tokenizer: it shares the policy's tokenizer (no offset mapping)
+    view:           how a token RM reads a response (``causal`` or ``echo``, from its finegrain.json)
+    """
+
+    path: str
+    tokenizer: object
+    kind: str
+    max_length: int
+    same_tokenizer: bool
+    view: str = "causal"
+
+
+@dataclass
 class RunInputs:
     """What the pre-flight established (nothing heavy is loaded yet).
 
@@ -33,6 +53,7 @@ class RunInputs:
     rm_max_length: RM input length used for scoring
     same_tokenizer: RM and policy share their tokenizer (no offset mapping)
     rm_view:       how the token RM reads a response (``causal`` or ``echo``, from its finegrain.json)
+    sequence_rm:   --sequence-reward-model's inputs, or None
     """
 
     prompts: list[str]
@@ -43,6 +64,7 @@ class RunInputs:
     rm_max_length: int
     same_tokenizer: bool
     rm_view: str = "causal"
+    sequence_rm: RewardModelInputs | None = None
 
 
 def model_context_length(name_or_path: str, trust_remote_code: bool = False) -> int | None:
@@ -76,19 +98,15 @@ def preflight(cfg: PPOConfig) -> RunInputs:
     if tok.eos_token_id is None:
         raise ConfigError(f"the policy tokenizer of {cfg.policy!r} has no EOS token, so responses could never end; "
                           "set tokenizer.eos_token and save it with the policy")
-    rm_tok = load_tokenizer(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
-    same = tokenizers_match(tok, rm_tok)
-    if not same and not cfg.cross_tokenizer:
-        raise ConfigError("the reward model's tokenizer differs from the policy's (vocabulary, EOS or pair layout); "
-                          "pass --cross-tokenizer to decode responses, re-tokenise them for the RM and map token "
-                          "rewards back by character offsets")
-    if not same and cfg.value_init == "reward":
+    rm = reward_model_inputs(cfg, cfg.reward_model, tok, "--reward-model")
+    if not rm.same_tokenizer and cfg.value_init == "reward":
         raise ConfigError("--value-init reward needs the RM to share the policy's tokenizer (the value model reads "
                           "policy tokens); use --value-init policy with --cross-tokenizer")
-    if not same and cfg.reward_mode == "token" and not getattr(rm_tok, "is_fast", False):
+    if not rm.same_tokenizer and cfg.reward_mode == "token" and not getattr(rm.tokenizer, "is_fast", False):
         raise ConfigError("--cross-tokenizer with token rewards needs a fast (Rust) RM tokenizer for character offsets")
-    rm_view = read_meta(cfg.reward_model).get("token_view", "causal") if rm_kind == "token" else "causal"
-    check_view(rm_tok, rm_view)
+    seq = None
+    if cfg.sequence_reward_model is not None:
+        seq = reward_model_inputs(cfg, cfg.sequence_reward_model, tok, "--sequence-reward-model")
     if cfg.value_init == "reward" and is_encoder_model(load_config(cfg.reward_model, cfg.trust_remote_code)):
         raise ConfigError(f"--value-init reward: {cfg.reward_model} is an encoder, whose outputs at token t see the "
                           "tokens after t; a value model must not see the future; use --value-init policy")
@@ -110,25 +128,41 @@ def preflight(cfg: PPOConfig) -> RunInputs:
                              f"--max-new-tokens {cfg.max_new_tokens} (context {ctx}, --max-prompt-length "
                              f"{cfg.max_prompt_length})", path=cfg.prompts, record=f"prompt {i + 1}",
                              field=cfg.prompt_field)
-    copies = 2 if rm_view == "echo" else 1  # the echo view reads the response twice
+    return RunInputs(prompts, [list(q) for q in query_ids], tok, rm.tokenizer, rm.kind, rm.max_length,
+                     rm.same_tokenizer, rm.view, seq)
+
+
+def reward_model_inputs(cfg: PPOConfig, path: str, tok, flag: str) -> RewardModelInputs:
+    """A reward model's tokenizer, kind, view and input length, checked against the policy's tokenizer ``tok``."""
+    kind = reward_model_kind(path)
+    rm_tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    same = tokenizers_match(tok, rm_tok)
+    if not same and not cfg.cross_tokenizer:
+        raise ConfigError(f"the tokenizer of {flag} {path} differs from the policy's (vocabulary, EOS or pair "
+                          "layout); pass --cross-tokenizer to decode responses, re-tokenise them for the RM and map "
+                          "token rewards back by character offsets")
+    view = read_meta(path).get("token_view", "causal") if kind == "token" else "causal"
+    check_view(rm_tok, view)
+    copies = 2 if view == "echo" else 1  # the echo view reads the response twice
     if cfg.rm_max_length:
-        rm_max = clamp_max_length(cfg.rm_max_length, cfg.reward_model, cfg.trust_remote_code, flag="--rm-max-length")
+        rm_max = clamp_max_length(cfg.rm_max_length, path, cfg.trust_remote_code, flag="--rm-max-length")
     else:  # the default needs no warning: the response keeps priority, the prompt is cut from its left
-        rm_ctx = model_context_length(cfg.reward_model, cfg.trust_remote_code)
+        rm_ctx = model_context_length(path, cfg.trust_remote_code)
         rm_max = cfg.max_prompt_length + copies * (cfg.max_new_tokens + 1)
         rm_max = min(rm_max, rm_ctx) if rm_ctx is not None else rm_max
-    return RunInputs(prompts, [list(q) for q in query_ids], tok, rm_tok, rm_kind, rm_max, same, rm_view)
+    return RewardModelInputs(path, rm_tok, kind, rm_max, same, view)
 
 
 @dataclass
 class LoadedModels:
     """policy (maybe a peft model), value model (None with ``--value-init shared``), reference policy (None with
-    LoRA), reward model."""
+    LoRA), reward model, --sequence-reward-model (or None)."""
 
     policy: object
     value_model: object | None
     ref_policy: object | None
     reward_model: object
+    sequence_reward_model: object | None = None
 
 
 def load_models(cfg: PPOConfig, run: RunInputs, device_type: str = "cpu") -> LoadedModels:
@@ -150,11 +184,16 @@ def load_models(cfg: PPOConfig, run: RunInputs, device_type: str = "cpu") -> Loa
     else:
         ref = load_model(cfg.policy, "causal", tokenizer=run.tokenizer, **kw)
         ref.requires_grad_(False)
-    reward_model.requires_grad_(False)
-    for m in (policy, value_model, ref, reward_model):
+    seq_rm = None
+    if run.sequence_rm is not None:
+        seq_rm = load_model(run.sequence_rm.path, run.sequence_rm.kind, tokenizer=run.sequence_rm.tokenizer, **kw)
+    for m in (policy, value_model, ref, reward_model, seq_rm):
         if m is not None:
             m.eval()  # dropout off (Huang et al.); gradients still flow
-    return LoadedModels(policy, value_model, ref, reward_model)
+    for m in (reward_model, seq_rm):
+        if m is not None:
+            m.requires_grad_(False)
+    return LoadedModels(policy, value_model, ref, reward_model, seq_rm)
 
 
 def _value_source(cfg: PPOConfig) -> str:

@@ -151,9 +151,10 @@ def ppo_update(accelerator, model, optimizer, rollout: Rollout, cfg: PPOConfig, 
 # ----------------------------------------------------------------------------- checkpoints
 # what a resumed run may change: where things are and go (the prompts are checked by their fingerprint), how
 # often it saves, samples and logs, and the speed switches; every other option decides the steps it continues
-_FREE_ON_RESUME = frozenset({"policy", "reward_model", "prompts", "output", "prompt_field", "prompt_template",
-                             "resume", "save_every", "keep_checkpoints", "sample_every", "num_samples", "log_with",
-                             "forward_batch_size", "attn_implementation", "trust_remote_code"})
+_FREE_ON_RESUME = frozenset({"policy", "reward_model", "sequence_reward_model", "prompts", "output", "prompt_field",
+                             "prompt_template", "resume", "save_every", "keep_checkpoints", "sample_every",
+                             "num_samples", "log_with", "forward_batch_size", "attn_implementation",
+                             "trust_remote_code"})
 
 
 def resumed_options(cfg: PPOConfig, processes: int) -> dict:
@@ -174,7 +175,8 @@ def running_state(e: Engine, steps_done: int) -> dict:
     (:func:`finegrain.training.save_training_state`)."""
     return {"data_position": steps_done * e.cfg.batch_size * e.accelerator.num_processes,
             "kl_controller": e.kl_ctl.state_dict(),
-            "reward_moments": e.moments.state_dict() if e.moments is not None else None}
+            "reward_moments": e.moments.state_dict() if e.moments is not None else None,
+            "sequence_moments": e.sequence_moments.state_dict() if e.sequence_moments is not None else None}
 
 
 def restore_running_state(e: Engine, state: dict) -> None:
@@ -183,6 +185,8 @@ def restore_running_state(e: Engine, state: dict) -> None:
         e.kl_ctl.load_state_dict(state["kl_controller"])
         if e.moments is not None and state.get("reward_moments"):
             e.moments.load_state_dict(state["reward_moments"])
+        if e.sequence_moments is not None:  # (a run with --sequence-reward-model saves them from its first checkpoint)
+            e.sequence_moments.load_state_dict(state["sequence_moments"])
     except (KeyError, TypeError, ValueError) as err:
         what = f"{type(err).__name__}: {err}"
         raise InputError(f"holds no valid KL-controller or reward statistics ({what})") from err
@@ -275,6 +279,8 @@ class Engine:
     moments: core.RunningMoments | None
     settings: RewardSettings
     lora_base_lowered: bool = False  # the LoRA policy's frozen base layers are stored in the autocast dtype
+    sequence_scorer: RewardScorer | None = None   # --sequence-reward-model
+    sequence_moments: core.RunningMoments | None = None  # its scores' running mean and std
 
 
 def reduce_mean(accelerator, stats: dict[str, float]) -> dict[str, float]:
@@ -319,9 +325,17 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float], Attac
                                              gen.response_mask, cfg.temperature, acc.device)
             fwd.update(own)
         rm = e.scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts)
+        seq = None
+        if e.sequence_scorer is not None:
+            seq = e.sequence_scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts).scores
     if e.moments is not None:  # running statistics over every process's rewards
         e.moments.update(acc.gather(reward_statistic(rm, e.settings).to(acc.device)).cpu())
-    r = process_rewards(make_rollout(prompts, queries, gen, fwd, rm), rm, e.kl_ctl.value, e.settings, e.moments)
+    whole = None
+    if seq is not None:
+        e.sequence_moments.update(acc.gather(seq.to(acc.device)).cpu())
+        whole = cfg.sequence_reward_coef * e.sequence_moments.normalise(seq)
+    r = process_rewards(make_rollout(prompts, queries, gen, fwd, rm, seq), rm, e.kl_ctl.value, e.settings, e.moments,
+                        whole)
     t2 = time.perf_counter()
     return r.tensors_out_of_inference_mode(), {"time_generate": t1 - t0, "time_score": t2 - t1}, attached
 
@@ -382,7 +396,8 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
             raise ConfigError(f"--param-dtype bf16 is not for {accelerator.distributed_type.value}, which keeps fp32 "
                               "master weights of its own: use its mixed precision (FSDP's param_dtype, DeepSpeed's "
                               "bf16) with --param-dtype fp32")
-        for m in (models.policy, models.value_model, models.ref_policy, models.reward_model):
+        for m in (models.policy, models.value_model, models.ref_policy, models.reward_model,
+                  models.sequence_reward_model):
             if m is not None:
                 hold_parameters_in(m, torch.bfloat16)
         lora_lowered = cfg.use_lora
@@ -396,7 +411,7 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
         # frozen weights in the autocast dtype (speed.lower_frozen_weights); a sharded (FSDP/DeepSpeed) policy
         # keeps one dtype, its engine casts for itself
         low = accelerator.mixed_precision
-        for frozen in (models.ref_policy, models.reward_model):
+        for frozen in (models.ref_policy, models.reward_model, models.sequence_reward_model):
             if frozen is not None:
                 lower_frozen_weights(frozen, low)
         lora_lowered = cfg.use_lora and not sharded and lower_frozen_weights(models.policy, low) > 0
@@ -418,16 +433,23 @@ def build_engine(cfg: PPOConfig, run: RunInputs, models: LoadedModels, accelerat
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.minibatch_size() // cfg.grad_accum
         model, optimizer = accelerator.prepare(model, optimizer)
     ref = models.ref_policy.to(accelerator.device) if models.ref_policy is not None else None
+    stop_ids = stop_token_ids(run.tokenizer, models.policy)
     scorer = RewardScorer(models.reward_model.to(accelerator.device), run.rm_tokenizer, run.rm_kind, run.tokenizer,
                           max_length=run.rm_max_length, template=cfg.prompt_template,
-                          batch_size=cfg.forward_batch_size, view=run.rm_view,
-                          stop_ids=stop_token_ids(run.tokenizer, models.policy))
+                          batch_size=cfg.forward_batch_size, view=run.rm_view, stop_ids=stop_ids)
+    seq_scorer = None
+    if models.sequence_reward_model is not None:
+        srm = run.sequence_rm
+        seq_scorer = RewardScorer(models.sequence_reward_model.to(accelerator.device), srm.tokenizer, srm.kind,
+                                  run.tokenizer, max_length=srm.max_length, template=cfg.prompt_template,
+                                  batch_size=cfg.forward_batch_size, view=srm.view, stop_ids=stop_ids)
     kl_ctl = (core.AdaptiveKLController(cfg.initial_kl_coef(), cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.initial_kl_coef()))
     settings = RewardSettings(cfg.reward_mode, cfg.kl_estimator, cfg.token_reward_scale, cfg.reward_clip,
                               cfg.missing_eos_penalty, cfg.whiten_rewards, cfg.gamma, cfg.lam, cfg.whiten_advantages)
     return Engine(cfg, run, accelerator, model, optimizer, ref, scorer, kl_ctl,
-                  core.RunningMoments() if cfg.reward_norm else None, settings, lora_lowered)
+                  core.RunningMoments() if cfg.reward_norm else None, settings, lora_lowered, seq_scorer,
+                  core.RunningMoments() if seq_scorer is not None else None)
 
 
 def train_ppo(cfg: PPOConfig, *, on_rollout: OnRollout | None = None, accelerator=None,

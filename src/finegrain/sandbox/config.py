@@ -104,6 +104,10 @@ class DemoConfig:
                                   "(the sweep: raw rewards pay for length and are exploited), or prefix, the change "
                                   "each token makes to the mean reward so far (also sums to Eq. 1)",
                                   choices=TOKEN_REWARD_SCALES)
+    token_sequence_coef: float = opt(0.0, "token-reward PPO plus the edit-data sequence RM (seq_edit): its score, "
+                                          "standardised, x this at each response's last token (ppo's "
+                                          "--sequence-reward-coef); 0: token rewards alone, the paper's method",
+                                     ge=0)
     token_rm: str = opt("token_mean_label", "token RM variant of the token-reward system (loss, plus -echo or -encoder for "
                                        "the backbone): the pick of `--rm-sweep`, see the README", choices=TOKEN_RMS)
     rm_sweep: bool = opt(False, "train every RM variant (backbone x loss, equal data and epochs), score each on the "

@@ -360,12 +360,19 @@ def ppo_config(cfg: DemoConfig, out: Path, rm: str, mode: str, seed: int, run_di
         "policy": str(out / "sft" / "policy"), "reward_model": str(out / "rm" / rm), "reward_mode": mode,
         "prompts": str(out / "ppo" / "prompts.jsonl"), "output": str(run_dir), "steps": cfg.size("ppo_steps"),
         "seed": seed, "batch_size": bs, "num_minibatches": 2, "ppo_epochs": 4, "forward_batch_size": bs,
-        "lr": cfg.ppo_lr, "kl_coef": kl, "token_reward_scale": scale,
+        "lr": cfg.ppo_lr, "kl_coef": kl, "token_reward_scale": scale, **sequence_term(cfg, out, mode),
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.eval_temperature, "save_every": cfg.size("ppo_steps"),
         "sample_every": max(1, cfg.size("ppo_steps") // 4), "num_samples": 2, "log_with": "none",
         "missing_eos_penalty": 1.0,
         # a value model must not see the future: an encoder RM cannot initialise it
         "value_init": "policy" if RM_VARIANTS[rm].backbone == "encoder" else "reward"})
+
+
+def sequence_term(cfg: DemoConfig, out: Path, mode: str) -> dict:
+    """PPO options adding seq_edit's standardised score to the token system's rewards (--token-sequence-coef)."""
+    if mode != "token" or not cfg.token_sequence_coef:
+        return {}
+    return {"sequence_reward_model": str(out / "rm" / "seq_edit"), "sequence_reward_coef": cfg.token_sequence_coef}
 
 
 def gold_on_rollout(step: int, prompts: list[str], responses: list[str]) -> dict[str, float]:
@@ -496,17 +503,21 @@ def system_setting(cfg: DemoConfig, sysname: str) -> tuple[str, str, float, str]
     return rm, mode, getattr(cfg, f"{sysname}_kl_coef"), "mean"  # the scale is unused by sequence rewards
 
 
-def run_name(sysname: str, rm: str, kl: float, scale: str, k: int) -> str:
+def run_name(sysname: str, rm: str, kl: float, scale: str, k: int, seq_coef: float = 0.0) -> str:
     """Name (stage and directory) of one PPO run, from its settings: the main table and the sweep share equal runs."""
-    extra = "" if SYSTEMS[sysname][1] != "token" else ("" if scale == "mean" else f"-{scale}") + f"-{rm}"
+    extra = ""
+    if SYSTEMS[sysname][1] == "token":
+        extra = ("" if scale == "mean" else f"-{scale}") + f"-{rm}" + (f"-seq{seq_coef:g}" if seq_coef else "")
     return f"{sysname}-kl{kl:g}{extra}-s{k}"
 
 
-def run_key(keys: dict, rm: str, mode: str, kl: float, scale: str, seed: int) -> dict:
+def run_key(keys: dict, rm: str, mode: str, kl: float, scale: str, seed: int, seq_coef: float = 0.0) -> dict:
     """Options one PPO run depends on (for reuse decisions)."""
     key = {**keys["ppo"], "kl": kl, "seed": seed}
     if mode == "token":
         key.update(rm_name=rm, scale=scale)
+        if seq_coef:  # (absent when 0, so the runs made before the option keep their keys)
+            key["sequence_coef"] = seq_coef
     return key
 
 
@@ -514,8 +525,8 @@ def ppo_run(cfg: DemoConfig, out: Path, st: Stages, keys: dict, sysname: str, rm
             k: int) -> tuple[str, dict, dict]:
     """Run (or reuse) PPO seed ``k`` of a system with the given settings; (name, key, PPO result)."""
     mode, seed = SYSTEMS[sysname][1], cfg.seed * 100 + k
-    name = run_name(sysname, rm, kl, scale, k)
-    key, run_dir = run_key(keys, rm, mode, kl, scale, seed), out / "ppo" / name
+    name = run_name(sysname, rm, kl, scale, k, cfg.token_sequence_coef)
+    key, run_dir = run_key(keys, rm, mode, kl, scale, seed, cfg.token_sequence_coef), out / "ppo" / name
     ppo = st.run(f"ppo_{name}", key, lambda: stage_ppo(cfg, out, run_dir, rm, mode, seed, kl=kl, scale=scale),
                  [run_dir])
     # the recorded path names the directory the run was made in: a run moved or copied since would evaluate

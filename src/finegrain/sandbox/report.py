@@ -371,7 +371,9 @@ def settings_line(m: dict) -> str:
             f"{c['baseline_kl_coef']}, of the edit-data sequence system {c['edit_seq_kl_coef']}; token-reward system: "
             f"RM {c.get('token_rm', 'token_edit')}, reward scale "
             f"{c['token_reward_scale']} (raw = r_t, mean = r_t / T, prefix = the change to the mean so far), "
-            f"KL coefficient {c['token_kl_coef']} "
+            f"KL coefficient {c['token_kl_coef']}"
+            + (f", plus seq_edit's standardised score x {c['token_sequence_coef']} at the last token "
+               if c.get("token_sequence_coef") else " ")
             + ("(the demo defaults: each system's pick of an earlier sweep; this run's picks, if swept, in Findings)."
                if uses_default_kl(c) else "(not all the demo defaults; see Findings)."))
 
@@ -422,7 +424,8 @@ def command_line(cfg: dict) -> str:
 
     defaults = DemoConfig()
     first = ("out", "quick", "smoke", "seed", "sweep", "rm_sweep")
-    names = ("baseline_kl_coef", "edit_seq_kl_coef", "token_kl_coef", "token_reward_scale", "token_rm")
+    names = ("baseline_kl_coef", "edit_seq_kl_coef", "token_kl_coef", "token_reward_scale", "token_sequence_coef",
+             "token_rm")
     names += tuple(f.name for f in fields(DemoConfig) if f.name not in first + names)
     extra = "".join(f" --{k.replace('_', '-')}" + ("" if cfg[k] is True else f" {shlex.quote(str(cfg[k]))}")
                     for k in names if k in cfg and cfg[k] != getattr(defaults, k))

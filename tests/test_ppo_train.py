@@ -245,6 +245,39 @@ def test_refuses_vocab_mismatch_without_cross_tokenizer(tmp_path):
     with pytest.raises(ConfigError, match="--value-init policy"):
         train_ppo(toy_config(ws, tmp_path / "out", reward_model=str(tmp_path / "rm2"), cross_tokenizer=True,
                              value_init="reward"))
+    # the second RM is checked the same way, named by its flag
+    with pytest.raises(ConfigError, match="tokenizer of --sequence-reward-model .*rm2 differs"):
+        train_ppo(toy_config(ws, tmp_path / "out", sequence_reward_model=str(tmp_path / "rm2")))
+
+
+def test_refuses_a_slow_tokenizer_for_a_cross_tokenizer_token_rm_in_either_mode(tmp_path, monkeypatch):
+    """A token RM's r_t are mapped onto policy tokens by character offsets, which only fast tokenizers give:
+    refused before any weight loads, as --reward-model (also in sequence mode) and as --sequence-reward-model."""
+    import finegrain.ppo.setup as setup
+    from finegrain.ppo.train import train_ppo
+
+    class Slow:  # the RM's tokenizer, reporting no offsets
+        is_fast = False
+
+        def __init__(self, tok):
+            self._tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+    ws = make_workspace(tmp_path)
+    other = word_tokenizer(WORDS + ["extra"])
+    save_checkpoint(tmp_path / "rm2", hand_token_rm(other), other, {"kind": "token"})
+    real = setup.load_tokenizer
+    monkeypatch.setattr(setup, "load_tokenizer", lambda path, **kw: Slow(real(path, **kw)) if "rm2" in str(path)
+                        else real(path, **kw))
+    kw = dict(cross_tokenizer=True, value_init="policy")
+    for over in ({"reward_model": str(tmp_path / "rm2")},
+                 {"reward_model": str(tmp_path / "rm2"), "reward_mode": "sequence"},
+                 {"sequence_reward_model": str(tmp_path / "rm2")}):
+        flag = "--sequence-reward-model" if "sequence_reward_model" in over else "--reward-model"
+        with pytest.raises(ConfigError, match=f"a token RM \\({flag} .*rm2\\) needs a fast"):
+            train_ppo(toy_config(ws, tmp_path / "out", **kw, **over))
 
 
 def test_refuses_policy_without_eos(tmp_path):

@@ -102,8 +102,6 @@ def preflight(cfg: PPOConfig) -> RunInputs:
     if not rm.same_tokenizer and cfg.value_init == "reward":
         raise ConfigError("--value-init reward needs the RM to share the policy's tokenizer (the value model reads "
                           "policy tokens); use --value-init policy with --cross-tokenizer")
-    if not rm.same_tokenizer and cfg.reward_mode == "token" and not getattr(rm.tokenizer, "is_fast", False):
-        raise ConfigError("--cross-tokenizer with token rewards needs a fast (Rust) RM tokenizer for character offsets")
     seq = None
     if cfg.sequence_reward_model is not None:
         seq = reward_model_inputs(cfg, cfg.sequence_reward_model, tok, "--sequence-reward-model")
@@ -141,6 +139,9 @@ def reward_model_inputs(cfg: PPOConfig, path: str, tok, flag: str) -> RewardMode
         raise ConfigError(f"the tokenizer of {flag} {path} differs from the policy's (vocabulary, EOS or pair "
                           "layout); pass --cross-tokenizer to decode responses, re-tokenise them for the RM and map "
                           "token rewards back by character offsets")
+    if not same and kind == "token" and not getattr(rm_tok, "is_fast", False):  # (its r_t are mapped in any mode)
+        raise ConfigError(f"--cross-tokenizer with a token RM ({flag} {path}) needs a fast (Rust) tokenizer for "
+                          "character offsets")
     view = read_meta(path).get("token_view", "causal") if kind == "token" else "causal"
     check_view(rm_tok, view)
     copies = 2 if view == "echo" else 1  # the echo view reads the response twice

@@ -488,6 +488,7 @@ def test_token_sequence_coef_reruns_only_the_token_system_with_the_edit_sequence
     m = json.loads((out / "metrics.json").read_text())
     name = m["systems"]["edit_token"]["runs"][0]["name"]
     assert name.endswith("-seq2-s0") and f"ppo_{name}: running" in err and "sft: reusing" in err
+    assert m["systems"]["edit_token"]["label"].endswith("(edit data + token RM + seq_edit x 2 at the end)")
     assert f"ppo_{m['systems']['edit_seq']['runs'][0]['name']}: reusing" in err
     rows = [json.loads(x) for x in (out / "ppo" / name / "metrics.jsonl").read_text().splitlines()]
     assert rows and all("sequence_score" in r for r in rows)

@@ -387,6 +387,9 @@ def test_resume_restores_the_kl_controller_reward_statistics_and_optimizer(tmp_p
     other.write_text("".join(json.dumps({"prompt": f"say few x {i}"}) + "\n" for i in range(16)))
     with pytest.raises(ConfigError, match="cannot resume from .*the prompts differ"):
         train_ppo(toy_config(dict(ws, prompts=str(other)), crashed, resume=True, **dict(kw, steps=4)))
+    # the second RM may move, not go: its statistics are part of the run
+    with pytest.raises(ConfigError, match="--sequence-reward-model is False here but was True"):
+        train_ppo(toy_config(ws, crashed, resume=True, **dict(kw, sequence_reward_model=None)))
 
 
 @pytest.mark.parametrize("scale", ["mean", "prefix"])

@@ -162,7 +162,9 @@ def resumed_options(cfg: PPOConfig, processes: int) -> dict:
     :func:`finegrain.training.refuse_changed_options`): all but :data:`_FREE_ON_RESUME`, and ``--steps`` only
     under the linear learning-rate schedule (which decays over them; a constant rate lets a run be extended)."""
     free = _FREE_ON_RESUME | ({"steps"} if cfg.lr_schedule != "linear" else set())
-    return {"processes": processes, **{k: v for k, v in to_dict(cfg).items() if k not in free}}
+    # a second RM's directory may move like the first's, but a run must keep or lack it (and its statistics)
+    return {"processes": processes, **{k: v for k, v in to_dict(cfg).items() if k not in free},
+            "sequence_reward_model": cfg.sequence_reward_model is not None}
 
 
 RESUME_HINTS = {"steps": "a run made with --lr-schedule constant can be resumed with more --steps; this one "

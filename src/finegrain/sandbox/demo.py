@@ -589,6 +589,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
             ev = st.run(f"eval_{name}", {**key, **keys["eval"]},
                         lambda: stage_eval(cfg, out, name, ppo["final_policy"], key["seed"]))
             runs.append({"name": name, "seed": key["seed"], "ppo": ppo, "eval": ev})
+        if mode == "token" and cfg.token_sequence_coef:
+            label = label[:-1] + f" + seq_edit x {cfg.token_sequence_coef:g} at the end)"
         m["systems"][sysname] = {"label": label, "reward_model": rm, "reward_mode": mode, "kl_coef": kl,
                                  "scale": scale if mode == "token" else None, "runs": runs, **aggregate(runs)}
     if cfg.sweep:

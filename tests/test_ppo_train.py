@@ -413,6 +413,28 @@ def test_cross_tokenizer_run_keeps_each_responses_eq1_reward(tmp_path, tiny_toke
         assert sum(s["token_rewards"]) == pytest.approx(s["score"], abs=2e-3)
 
 
+def test_a_cross_tokenizer_sequence_reward_model_scores_the_decoded_response(tmp_path, tiny_tokenizer):
+    """--sequence-reward-model with another tokenizer (--cross-tokenizer; the token RM shares the policy's): each
+    sample's sequence_score is what the RM's own scoring API gives its prompt and decoded response."""
+    from conftest import make_tiny_model
+
+    from finegrain.ppo.train import train_ppo
+    from finegrain.rm.model import RewardModel
+
+    ws = make_workspace(tmp_path)
+    seq_rm = make_tiny_model(tiny_tokenizer, "sequence", seed=5)
+    save_checkpoint(tmp_path / "bpe_seq", seq_rm, tiny_tokenizer, {"kind": "sequence"})
+    cfg = toy_config(ws, tmp_path / "out", sequence_reward_model=str(tmp_path / "bpe_seq"), cross_tokenizer=True,
+                     steps=1, sample_every=1, num_samples=8)
+    train_ppo(cfg)
+    samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    rm = RewardModel(seq_rm.eval(), tiny_tokenizer, "sequence", template=cfg.prompt_template,
+                     max_length=cfg.max_prompt_length + cfg.max_new_tokens + 1)
+    expected = rm.score([x["prompt"] for x in samples], [x["response"] for x in samples])
+    assert len(samples) == 8 and len(set(expected)) > 1
+    assert [x["sequence_score"] for x in samples] == pytest.approx(expected, abs=1e-4)
+
+
 def test_sequence_rm_run_with_value_model_from_the_rm(tmp_path):
     """A sequence RM in sequence mode; the value model takes the RM's backbone (its head is new)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification

@@ -64,9 +64,16 @@ def _free_port() -> int:
 @pytest.mark.parametrize("num_minibatches,value_init,extra", [
     (2, "policy", {}), (1, "policy", {}), (1, "shared", {}),
     (1, "policy", {"mixed_precision": "bf16", "param_dtype": "bf16", "grad_accum": 2}),
-    (1, "policy", {"mixed_precision": "bf16"})])
+    (1, "policy", {"mixed_precision": "bf16"}), (1, "policy", {"sequence_reward_model": "seq_rm"})])
 def test_two_processes_stay_in_sync(tmp_path, num_minibatches, value_init, extra):
     ws = make_workspace(tmp_path)
+    if "sequence_reward_model" in extra:  # a second RM: its running statistics are over both ranks' scores
+        from finegrain.models import save_checkpoint
+        from test_ppo_train import tiny, word_tokenizer
+
+        save_checkpoint(tmp_path / "seq_rm", tiny(word_tokenizer(), "sequence", 3), word_tokenizer(),
+                        {"kind": "sequence"})
+        extra = dict(extra, sequence_reward_model=str(tmp_path / "seq_rm"))
     out = tmp_path / "out"
     cfg = dict(ws, output=str(out), reward_mode="token", steps=2, batch_size=4, num_minibatches=num_minibatches,
                ppo_epochs=1 if num_minibatches == 2 else 2,
@@ -96,3 +103,6 @@ def test_two_processes_stay_in_sync(tmp_path, num_minibatches, value_init, extra
     assert [m["step"] for m in rows] == [1, 2]  # rank 0 only: no duplicated lines
     assert rows[0]["response_tokens"] > 0
     assert (out / "checkpoints" / "step-00000002" / "rng_1.pt").exists()  # each rank's RNG state
+    if "sequence_reward_model" in extra:  # 2 steps x 4 rollouts x 2 ranks: the scores were gathered
+        state = json.loads((out / "checkpoints" / "step-00000002" / "state.json").read_text())
+        assert state["sequence_moments"]["count"] == 16 and "sequence_score" in rows[0]

@@ -187,6 +187,12 @@ class RewardScorer:
             out.append(rm_example_from_ids(list(q), body, eos, self.rm.max_length, self.rm.view))
         return out
 
+    def response_scores(self, prompts: Sequence[str], query_ids: Sequence[Sequence[int]], response_ids: torch.Tensor,
+                        response_mask: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Scores (B,) alone (--sequence-reward-model): a token RM's r_t are not mapped onto policy tokens."""
+        exs = self.examples(prompts, query_ids, response_ids, response_mask, texts)
+        return response_scores(self.rm.rewards(exs, self.batch_size))
+
     def score(self, prompts: Sequence[str], query_ids: Sequence[Sequence[int]], response_ids: torch.Tensor,
               response_mask: torch.Tensor, texts: Sequence[str]) -> RewardOutput:
         """Scores (B,) and, for a token RM, r_t mapped onto the policy tokens (B, T)."""

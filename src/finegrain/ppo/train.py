@@ -329,7 +329,7 @@ def rollout_step(e: Engine, step: int) -> tuple[Rollout, dict[str, float], Attac
         rm = e.scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts)
         seq = None
         if e.sequence_scorer is not None:
-            seq = e.sequence_scorer.score(prompts, queries, gen.response_ids, gen.response_mask, gen.texts).scores
+            seq = e.sequence_scorer.response_scores(prompts, queries, gen.response_ids, gen.response_mask, gen.texts)
     if e.moments is not None:  # running statistics over every process's rewards
         e.moments.update(acc.gather(reward_statistic(rm, e.settings).to(acc.device)).cpu())
     whole = None

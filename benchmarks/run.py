@@ -301,7 +301,8 @@ TRL_MATCHED = "trl_matched"
 # arm suffix -> (switches off, the fine-tuning kinds the path acts in)
 BEFORE_AFTER = {"no_frozen_low_precision": ({"frozen_low_precision": False}, ("full", "lora")),
                 "no_merged_lora_sampling": ({"merge_lora_sampling": False}, ("lora",)),
-                "no_heap_large_blocks": ({"heap_large_blocks": False}, ("full", "lora"))}
+                "no_heap_large_blocks": ({"heap_large_blocks": False}, ("full", "lora")),
+                "no_sdpa_sampling": ({"sdpa_sampling": False}, ("full", "lora"))}
 
 
 def bench_real(s: Settings, assets: Path, logs: Path, state: dict) -> dict[str, tuple[float, str]]:

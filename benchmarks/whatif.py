@@ -42,6 +42,8 @@ attention kernel, a per-run option, switched with transformers' ``set_attn_imple
 - ``unpacked``: a bf16 policy samples through its plain weights, which oneDNN reorders in every product,
   instead of weights packed once per sampling call (``packed_sampling_weights=False``; CPUs with oneDNN's
   bf16 kernels).
+- ``eager_sampling``: a policy whose eager attention ``auto`` chose (bf16 on a CPU) samples through it too,
+  instead of through SDPA (``sdpa_sampling=False``).
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ SWITCHES = {"gelu_new": {"fuse_gelu": False}, "full_logits": {"logits_to_keep": 
             "inference_mode": {"no_grad_sampling": False}, "rollout_forward": {"reuse_rollout_forward": False},
             "untrimmed": {"trim_minibatches": False}, "lora_unmerged": {"merge_lora_sampling": False},
             "strided_head": {"contiguous_head_input": False},
-            "dynamic_cache": {"preallocated_kv_cache": False}, "unpacked": {"packed_sampling_weights": False}}
+            "dynamic_cache": {"preallocated_kv_cache": False}, "unpacked": {"packed_sampling_weights": False},
+            "eager_sampling": {"sdpa_sampling": False}}
 VARIANTS = {"sdpa"} | set(SWITCHES)
 
 

@@ -86,7 +86,8 @@ def test_real_arms_pair_every_finegrain_arm_with_trl_in_the_same_setting(bench_r
     assert with_before["fg_lora_bf16_no_merged_lora_sampling"][1]["speed"] == {"merge_lora_sampling": False}
     assert "fg_full_bf16_no_merged_lora_sampling" not in with_before  # a path for LoRA only
     assert with_before["fg_full_bf16_no_heap_large_blocks"][1]["speed"] == {"heap_large_blocks": False}
-    assert len(with_before) == 8 + 5  # the bf16 finegrain arms, each without the paths that act in it
+    assert with_before["fg_lora_bf16_no_sdpa_sampling"][1]["speed"] == {"sdpa_sampling": False}
+    assert len(with_before) == 8 + 7  # the bf16 finegrain arms, each without the paths that act in it
     one = bench_run.real_arms(bench_run.REAL, before_after=("no_merged_lora_sampling",), which=("full_bf16", "lora_bf16"))
     assert sorted(one) == ["fg_full_bf16", "fg_lora_bf16", "fg_lora_bf16_no_merged_lora_sampling", "trl_full_bf16",
                            "trl_lora_bf16"]
@@ -102,7 +103,7 @@ def test_real_arms_pair_every_finegrain_arm_with_trl_in_the_same_setting(bench_r
                                                          **option)
     some = bench_run.real_arms(bench_run.REAL, before_after=True, which=("lora_bf16",))
     assert sorted(some) == ["fg_lora_bf16", "fg_lora_bf16_no_frozen_low_precision", "fg_lora_bf16_no_heap_large_blocks",
-                            "fg_lora_bf16_no_merged_lora_sampling", "trl_lora_bf16"]
+                            "fg_lora_bf16_no_merged_lora_sampling", "fg_lora_bf16_no_sdpa_sampling", "trl_lora_bf16"]
 
 
 def test_policy_with_length_forces_the_response_length_without_copying_weights(bench_run, tmp_path):

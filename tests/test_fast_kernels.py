@@ -11,7 +11,7 @@ import transformers
 
 from finegrain.models import (EAGER_ATTENTION_BUDGET, RECOMPUTED_EAGER, eager_attention_bytes, load_model,
                               pick_attention, register_attention, save_checkpoint)
-from finegrain.speed import fuse_gelu
+from finegrain.speed import SDPA_SAMPLING, fuse_gelu
 from finegrain.ppo.rollout import PolicyAndValue, causal_logits, forward_response, policy_logprobs
 
 from conftest import make_tiny_model
@@ -225,10 +225,18 @@ def test_ppo_under_bf16_on_cpu_loads_eager_attention(tmp_path):
     models = load_models(cfg, preflight(cfg), "cpu")
     for m in (models.policy, models.value_model, models.ref_policy, models.reward_model):
         assert m.config._attn_implementation == "eager"
+    # auto's eager is for the training forwards: the policy alone may sample through SDPA (speed.sdpa_sampling)
+    assert getattr(models.policy, SDPA_SAMPLING, False)
+    assert not any(getattr(m, SDPA_SAMPLING, False) for m in (models.value_model, models.ref_policy,
+                                                               models.reward_model))
+    cfg = toy_config(ws, tmp_path / "out", mixed_precision="bf16", attn_implementation="eager")
+    policy = load_models(cfg, preflight(cfg), "cpu").policy
+    assert policy.config._attn_implementation == "eager" and not getattr(policy, SDPA_SAMPLING, False)  # asked for
     cfg = toy_config(ws, tmp_path / "out", mixed_precision="bf16", attn_implementation="sdpa")
     assert load_models(cfg, preflight(cfg), "cpu").policy.config._attn_implementation == "sdpa"
     cfg = toy_config(ws, tmp_path / "out")
-    assert load_models(cfg, preflight(cfg), "cpu").policy.config._attn_implementation != "eager"
+    policy = load_models(cfg, preflight(cfg), "cpu").policy
+    assert policy.config._attn_implementation != "eager" and not getattr(policy, SDPA_SAMPLING, False)
 
 
 def test_ppo_auto_attention_weighs_eager_memory_over_the_longest_prompt_and_response(tmp_path, monkeypatch):

@@ -437,3 +437,91 @@ def test_sample_draws_the_same_tokens_through_packed_weights(tiny_tokenizer, mak
             plain = sample(model, tiny_tokenizer, prompts, **kw)
     assert packed == [(len(_linear_layers(model)), 3), (0, 3)]
     assert torch.equal(fast.response_ids, plain.response_ids) and fast.texts == plain.texts
+
+
+# ----------------------------------------------------------------------------- SDPA sampling
+def _tiny_gemma2():
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=64)
+    assert cfg.attn_logit_softcapping is not None  # Gemma 2 soft-caps its attention logits, which SDPA refuses
+    return transformers.Gemma2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_sdpa_sampling_switches_only_a_marked_model_and_restores_its_attention(tiny_tokenizer, make):
+    from finegrain.models import RECOMPUTED_EAGER, register_attention
+
+    register_attention()
+    for own in ("eager", RECOMPUTED_EAGER):
+        model = _plain_model(tiny_tokenizer, make)
+        model.set_attn_implementation(own)
+        with speed.sdpa_sampling(model) as switched:  # not marked: what the user asked for stays
+            assert not switched and model.config._attn_implementation == own
+        assert speed.allow_sdpa_sampling(model)
+        layers = [m.config for m in model.modules() if hasattr(m, "config") and m is not model]
+        with speed.sdpa_sampling(model) as switched:
+            assert switched and model.config._attn_implementation == "sdpa"
+            assert layers and all(c._attn_implementation == "sdpa" for c in layers)
+        assert model.config._attn_implementation == own and all(c._attn_implementation == own for c in layers)
+        with pytest.raises(RuntimeError), speed.sdpa_sampling(model):
+            raise RuntimeError
+        assert model.config._attn_implementation == own
+        with speed.overrides(sdpa_sampling=False), speed.sdpa_sampling(model) as switched:
+            assert not switched and model.config._attn_implementation == own
+    sdpa = _plain_model(tiny_tokenizer, make)
+    sdpa.set_attn_implementation("sdpa")
+    assert not speed.allow_sdpa_sampling(sdpa)  # nothing to switch
+
+
+def test_sdpa_sampling_leaves_soft_capped_attention_and_peft_models_reach_their_base():
+    from peft import LoraConfig, get_peft_model
+
+    from test_fast_kernels import _tiny_llama
+
+    gemma = _tiny_gemma2()
+    gemma.set_attn_implementation("eager")
+    assert not speed.allow_sdpa_sampling(gemma)
+    with speed.sdpa_sampling(gemma) as switched:
+        assert not switched and gemma.config._attn_implementation == "eager"
+    base = _tiny_llama()
+    base.set_attn_implementation("eager")
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert speed.allow_sdpa_sampling(lora) and getattr(base, speed.SDPA_SAMPLING)
+    with speed.sdpa_sampling(lora) as switched:
+        assert switched and base.config._attn_implementation == "sdpa"
+    assert base.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("make", ["gpt2", "llama"])
+def test_sample_attends_through_sdpa_when_allowed_with_the_same_tokens_in_fp32(tiny_tokenizer, make):
+    from finegrain.generation import sample
+
+    model = _plain_model(tiny_tokenizer, make)
+    model.set_attn_implementation("eager")
+    prompts = [[41, 7, 250], [12, 99, 3, 180], [5, 6]]  # left-padded to different lengths: a real mask
+    kw = dict(max_new_tokens=12, temperature=1.0, generator_seed=5)
+    real = torch.nn.functional.scaled_dot_product_attention
+    calls = [0]
+
+    def spy(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        plain = sample(model, tiny_tokenizer, prompts, **kw)
+        assert calls[0] == 0  # eager, as loaded
+        speed.allow_sdpa_sampling(model)
+        fast = sample(model, tiny_tokenizer, prompts, **kw)
+        layers = model.config.num_hidden_layers
+        assert calls[0] >= layers * fast.response_ids.shape[1]  # every layer of the prefill and of each step
+        assert model.config._attn_implementation == "eager"  # the training forwards keep their kernel
+        calls[0] = 0
+        with speed.overrides(sdpa_sampling=False):
+            off = sample(model, tiny_tokenizer, prompts, **kw)
+        assert calls[0] == 0
+    # fp32: the two kernels agree to ~1e-7, so the same draws (in bf16 they round apart: other draws)
+    assert torch.equal(fast.response_ids, plain.response_ids) and fast.texts == plain.texts
+    assert torch.equal(off.response_ids, plain.response_ids)

@@ -347,8 +347,9 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     ``generate``, ``"auto"`` the loop whenever :func:`loop_unsupported` finds nothing against it.
     Unset, it is the speed switch ``decoder`` (:func:`finegrain.speed.decoder`: the environment's
     ``FINEGRAIN_DECODER``, else ``"auto"``). A peft LoRA model samples with its updates merged
-    into its weights (:func:`finegrain.speed.merged_lora`; switch ``merge_lora_sampling``), and a bf16
-    one on a CPU through weights packed for oneDNN (:func:`finegrain.speed.packed_linear_weights`).
+    into its weights (:func:`finegrain.speed.merged_lora`; switch ``merge_lora_sampling``), a bf16
+    one on a CPU through weights packed for oneDNN (:func:`finegrain.speed.packed_linear_weights`), and a
+    policy whose eager attention ``auto`` chose through SDPA (:func:`finegrain.speed.sdpa_sampling`).
     """
     decoder = speed.decoder(decoder)
     eos = tokenizer.eos_token_id
@@ -369,8 +370,10 @@ def sample(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tok
     if decoder == "loop" and why_not:
         raise ConfigError(f"finegrain's decoding loop cannot run this model: {why_not}")
     # a LoRA policy samples through merged weights (switch merge_lora_sampling); bf16 products through weights
-    # packed for oneDNN once per call (switch packed_sampling_weights)
-    with speed.merged_lora(unwrapped), speed.packed_linear_weights(unwrapped, rows=q_ids.shape[0]):
+    # packed for oneDNN once per call (switch packed_sampling_weights); attention through SDPA where auto chose
+    # eager for the training forwards (switch sdpa_sampling)
+    with speed.merged_lora(unwrapped), speed.packed_linear_weights(unwrapped, rows=q_ids.shape[0]), \
+            speed.sdpa_sampling(unwrapped):
         if why_not is None:
             gen_config = getattr(unwrapped, "generation_config", None)
             resp = _decode_loop(unwrapped, q_ids, q_mask, max_new_tokens=max_new_tokens, eos=stops, pad=pad,

@@ -12,7 +12,8 @@ looks wrong.
 - The paths live here or are reached from here: :func:`fuse_gelu`, :func:`contiguous_head_input` /
   :func:`apply_model_switches` (every model load), :func:`keeps_logits` (PPO's forwards), :func:`reuses_rollout_forward`
   (PPO's update), :func:`lower_frozen_weights` (PPO's frozen models under autocast),
-  :func:`decoder`, :func:`sampling_grad_mode`, :func:`merged_lora` and :func:`packed_linear_weights` (sampling),
+  :func:`decoder`, :func:`sampling_grad_mode`, :func:`merged_lora`, :func:`packed_linear_weights` and
+  :func:`sdpa_sampling` (sampling),
   :func:`keep_freed_memory` (the three trainers); ``fused_adamw`` is read by
   :func:`finegrain.training.make_adamw`, ``trim_minibatches`` by :func:`finegrain.ppo.train.ppo_update`.
 
@@ -94,6 +95,14 @@ class SpeedOptions:
                             reorders a plain weight in every call, which dominates decoding a few rows, where
                             each weight is read for a handful of products. The same kernel on the same numbers
                             (the same tokens, tested); off: the plain weights
+    sdpa_sampling:          a policy whose attention finegrain chose as eager for its training forwards
+                            (``--attn-implementation auto`` under bf16 or fp16 autocast on a CPU) samples
+                            through SDPA (:func:`sdpa_sampling`): decoding one query per row, SDPA reads the
+                            cached keys and values as they are (grouped ones without repeating them) where
+                            eager runs two batched matmuls, a mask add and a softmax over copies. The same
+                            attention up to rounding (in bf16 other draws from the same distribution); the
+                            log-probs PPO trains on come from the eager forward that scores the rollout.
+                            Off: sampling through eager attention too
     """
 
     fuse_gelu: bool = True
@@ -110,6 +119,7 @@ class SpeedOptions:
     contiguous_head_input: bool = True
     preallocated_kv_cache: bool = True
     packed_sampling_weights: bool = True
+    sdpa_sampling: bool = True
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SpeedOptions)}
@@ -551,6 +561,52 @@ def packed_linear_weights(model, rows: int) -> Iterator[int]:
     finally:
         for layer in swapped:
             del layer.forward
+
+
+SDPA_SAMPLING = "_finegrain_sdpa_sampling"
+"""The attribute :func:`allow_sdpa_sampling` sets on a model whose eager attention was finegrain's own pick."""
+
+
+def allow_sdpa_sampling(model) -> bool:
+    """Mark ``model`` (a causal LM loaded with the attention ``auto`` picked) to sample through SDPA.
+
+    Only where that pick was not SDPA already (``auto`` picks eager, or its recomputing variant, for bf16
+    and fp16 autocast on a CPU) and transformers can switch the model's attention while it lives
+    (``set_attn_implementation``; its attention through transformers' attention interface), to SDPA (the
+    class supports it; no attention-logit soft-capping, which SDPA refuses). Returns whether it marked the
+    model. An attention the user asked for is left alone: callers mark only what ``auto`` chose.
+    """
+    base = base_model(model)
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    can = (config is not None and getattr(config, "_attn_implementation", None) not in (None, "sdpa")
+           and hasattr(base, "set_attn_implementation") and getattr(base, "_supports_sdpa", False)
+           and getattr(text, "attn_logit_softcapping", None) is None
+           and getattr(type(base), "_can_set_attn_implementation", lambda: False)())
+    if can:
+        setattr(base, SDPA_SAMPLING, True)
+    return bool(can)
+
+
+@contextlib.contextmanager
+def sdpa_sampling(model) -> Iterator[bool]:
+    """Inside the block, a model :func:`allow_sdpa_sampling` marked attends through SDPA; its own attention
+    comes back on exit, also when the block raises. Yields whether it switched (not with switch
+    ``sdpa_sampling`` off). For sampling: a decoding step attends one query per row to the cached keys,
+    which SDPA reads in place; eager attention (finegrain's pick for bf16 training forwards on a CPU)
+    runs two batched matmuls over copies of them (SmolLM2-135M, 8 rows: decoding 1.14x faster;
+    benchmarks/RESULTS.md).
+    """
+    base = base_model(model)
+    switch = options().sdpa_sampling and getattr(base, SDPA_SAMPLING, False)
+    own = base.config._attn_implementation if switch else None
+    if switch:
+        base.set_attn_implementation("sdpa")
+    try:
+        yield bool(switch)
+    finally:
+        if switch:
+            base.set_attn_implementation(own)
 
 
 # ----------------------------------------------------------------------------- memory

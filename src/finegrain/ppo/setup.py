@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError, InputError
 from ..io import iter_records
 from ..models import clamp_max_length, is_encoder_model, load_config, load_tokenizer, missing_head, read_meta
+from .. import speed
 from ..rm.inputs import check_view
 from ..rm.model import reward_model_kind
 from ..tokens import encode_prompts, format_prompt
@@ -176,6 +177,8 @@ def load_models(cfg: PPOConfig, run: RunInputs, device_type: str = "cpu") -> Loa
 
     kw = _load_kwargs(cfg, device_type, longest_prompt=max(map(len, run.query_ids), default=0))
     policy = load_model(cfg.policy, "causal", tokenizer=run.tokenizer, **kw)
+    if cfg.attn_implementation == "auto":  # eager for the training forwards; sampling is faster through SDPA
+        speed.allow_sdpa_sampling(policy)
     value_model = None if cfg.value_init == "shared" else load_model(_value_source(cfg), "token",
                                                                       tokenizer=run.tokenizer, **kw)
     reward_model = load_model(cfg.reward_model, run.rm_kind, tokenizer=run.rm_tokenizer, **kw)

@@ -373,7 +373,8 @@ class TrainerModelOptions(ModelOptions):
     attn_implementation: str = opt("auto", "attention kernel: auto = eager under bf16/fp16 autocast on a CPU "
                                            "(faster there; in ppo eager_recompute once eager's length^2 memory would "
                                            "pass 256 MiB: the same numbers, the probabilities recomputed in the "
-                                           "backward pass), else transformers' default (SDPA)",
+                                           "backward pass; ppo's sampling still through SDPA), else "
+                                           "transformers' default (SDPA)",
                                    choices=list(ATTENTION_IMPLEMENTATIONS))
 
 

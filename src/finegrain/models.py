@@ -235,6 +235,8 @@ def pick_attention(requested: str, mixed_precision: str, device_type: str, eager
     numbers with the probabilities recomputed in the backward pass (on the tiny GPT-2 at 256
     response tokens: the step time of eager, 0.26 GB less memory; SDPA would use less still but
     take 1.3x the time, slower than TRL). Everywhere else it keeps SDPA, the right choice on GPUs.
+    PPO's policy still samples through SDPA, faster at one query per row
+    (:func:`finegrain.speed.sdpa_sampling`).
     """
     if requested != "auto":
         return requested

@@ -594,7 +594,7 @@ def sdpa_sampling(model) -> Iterator[bool]:
     comes back on exit, also when the block raises. Yields whether it switched (not with switch
     ``sdpa_sampling`` off). For sampling: a decoding step attends one query per row to the cached keys,
     which SDPA reads in place; eager attention (finegrain's pick for bf16 training forwards on a CPU)
-    runs two batched matmuls over copies of them (SmolLM2-135M, 8 rows: decoding 1.14x faster;
+    runs two batched matmuls over copies of them (SmolLM2-135M, 8 rows: sampling 1.12x faster;
     benchmarks/RESULTS.md).
     """
     base = base_model(model)

@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     ap.add_argument("--ppo-epochs", type=int, default=4)
+    ap.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: bf16 weights with fp32 masters (with --mixed-precision bf16)")
     ap.add_argument("--real", action="store_true",
                     help="SmolLM2-135M-Instruct (scripts/install_models.sh) as policy, reference, value and reward "
                          "model; give --batch-size 8 --ppo-epochs 1 for run.py's real-arm sizes")
@@ -66,6 +68,8 @@ def main() -> int:
                                response_length=a.response_length, ppo_epochs=a.ppo_epochs, num_minibatches=1,
                                seed=0, learning_rate=1e-5, temperature=1.0, kl_coef=0.05)
     values["mixed_precision"] = a.mixed_precision
+    if a.param_dtype != "fp32":
+        values["param_dtype"] = a.param_dtype
     if a.use_lora:
         values.update(REAL_LORA, use_lora=True, lora_target_modules=list(REAL_LORA["lora_target_modules"]))
     cfg = build_config(PPOConfig, values)
